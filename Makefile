@@ -1,0 +1,28 @@
+# ragtop: the README's commands. Every target sets itself up first.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-all lint serve bench clean
+
+install: $(STAMP)
+
+# Reinstall only when the package definition changes (a second `make install` is a no-op).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check ragtop tests
+
+test: install lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

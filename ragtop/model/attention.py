@@ -1,0 +1,168 @@
+"""Attention variants: one class per variant, sharing projections and the KV-cache write.
+
+Shapes: B batch, S new tokens, L keys (cache capacity or S), H query heads, G = H / Hkv
+query heads per key/value head, Dh head dim.
+
+Visibility: query s of sequence b sits at position p = offset[b] + s and sees key j iff
+j <= p. Keys at or beyond a sequence's written length are never visible to it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+# Rows of queries scored at once by top-k attention: bounds the score matrix to
+# B x H x Q_CHUNK x L floats, so long inputs never materialise an L x L matrix per head.
+Q_CHUNK = 512
+
+
+@dataclass
+class AttnContext:
+    """What every layer of one forward pass shares."""
+
+    cos: Tensor  # [B, S, Dh]
+    sin: Tensor  # [B, S, Dh]
+    positions: Tensor  # [B, S] absolute position of each new token
+    visible: Tensor  # [B, 1, S, L] bool: key j visible to query s
+    write_at: Tensor | None  # [B] cache slot of the first new token (None: no cache)
+    causal: bool  # True when there is no cache: visible is the plain causal mask
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, heads, S, Dh]; cos/sin: [B, S, Dh] (Hugging Face's rotate-half convention)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask of each row's k largest entries; ties go to the lower index.
+
+    Entries equal to -inf may be included when a row has fewer than k finite entries:
+    callers AND the result with their visibility mask.
+    """
+    k = min(k, scores.shape[-1])
+    thresh = scores.topk(k, dim=-1).values[..., -1:]
+    above = scores > thresh
+    tied = scores == thresh
+    room = k - above.sum(-1, keepdim=True)
+    return above | (tied & (tied.cumsum(-1) <= room))
+
+
+class Attention(nn.Module):
+    """Projections, rotary embedding and KV-cache write; subclasses define `attend`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, ctx: AttnContext, cache: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B,H,S,Dh]
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B,Hkv,S,Dh]
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        if cache is not None:
+            k, v = write_cache(cache, k, v, ctx.write_at)  # [B,Hkv,L,Dh], updated in place
+        out = self.attend(q, k, v, ctx)  # [B,H,S,Dh]
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
+        raise NotImplementedError
+
+    def expand_kv(self, t: Tensor) -> Tensor:
+        """[B, Hkv, L, Dh] -> [B, H, L, Dh] (grouped-query attention)."""
+        g = self.n_heads // self.n_kv_heads
+        return t if g == 1 else t.repeat_interleave(g, dim=1)
+
+
+def write_cache(cache: tuple[Tensor, Tensor], k: Tensor, v: Tensor, write_at: Tensor) -> tuple[Tensor, Tensor]:
+    """Write the new keys/values of each sequence at its own offset; returns the full buffers."""
+    keys, values = cache  # [B, Hkv, L, Dh]
+    B, Hkv, S, Dh = k.shape
+    idx = (write_at[:, None] + torch.arange(S, device=k.device))  # [B, S]
+    idx = idx[:, None, :, None].expand(B, Hkv, S, Dh)
+    keys.scatter_(2, idx, k)
+    values.scatter_(2, idx, v)
+    return keys, values
+
+
+class DenseAttention(Attention):
+    """Softmax attention over every visible key."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
+        k, v = self.expand_kv(k), self.expand_kv(v)
+        if ctx.causal:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.visible, scale=self.scale)
+
+
+class TopKAttention(Attention):
+    """Each query attends to its `topk` highest-scoring visible keys (exact selection).
+
+    Optional block selection (`block_size`, `block_budget`): keys are grouped in blocks of
+    `block_size`; each block keeps the element-wise min and max of its keys, which give an
+    upper bound of q.k over the block: sum_d max(q_d * kmin_d, q_d * kmax_d). Each query
+    keeps its own block plus the `block_budget` earlier blocks with the largest bound (ties:
+    lower block), then runs exact top-k over the visible keys of the chosen blocks. A
+    budget covering every block is exactly `TopKAttention` without blocks.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        a = cfg.attention
+        self.topk, self.block_size, self.block_budget = a.topk, a.block_size, a.block_budget
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
+        k, v = self.expand_kv(k), self.expand_kv(v)  # [B,H,L,Dh]
+        allowed = ctx.visible  # [B,1,S,L]
+        if self.block_size is not None:
+            allowed = allowed & self.block_selection(q, k, ctx)
+        outs = []
+        for s0 in range(0, q.shape[2], Q_CHUNK):  # bounded score memory for long inputs
+            qc, ac = q[:, :, s0 : s0 + Q_CHUNK], allowed[:, :, s0 : s0 + Q_CHUNK]
+            scores = (qc @ k.transpose(-1, -2)) * self.scale  # [B,H,c,L]
+            scores = scores.masked_fill(~ac, float("-inf"))
+            keep = topk_mask(scores, self.topk) & ac
+            outs.append(torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1) @ v)
+        return torch.cat(outs, dim=2)
+
+    def block_selection(self, q: Tensor, k: Tensor, ctx: AttnContext) -> Tensor:
+        """[B,H,S,L] bool: keys in blocks chosen by each query's upper bound."""
+        bs, L = self.block_size, k.shape[2]
+        nb = -(-L // bs)
+        written = ctx.visible.any(dim=2)  # [B,1,L]: keys some query of this call can see
+        pad = nb * bs - L
+        kb = F.pad(k, (0, 0, 0, pad)).view(*k.shape[:2], nb, bs, k.shape[-1])  # [B,H,nb,bs,Dh]
+        valid = F.pad(written, (0, pad)).view(written.shape[0], 1, nb, bs, 1)
+        kmin = torch.where(valid, kb, torch.inf).amin(3)  # [B,H,nb,Dh]
+        kmax = torch.where(valid, kb, -torch.inf).amax(3)
+        any_valid = valid.any(3)  # [B,1,nb,1]
+        kmin, kmax = kmin.where(any_valid, 0.0), kmax.where(any_valid, 0.0)
+        bound = q.clamp(min=0) @ kmax.transpose(-1, -2) + q.clamp(max=0) @ kmin.transpose(-1, -2)  # [B,H,S,nb]
+        block = torch.arange(nb, device=q.device)
+        pos = ctx.positions[:, None, :, None]  # [B,1,S,1]
+        own = block == pos // bs
+        earlier = (block * bs <= pos) & ~own
+        bound = bound.masked_fill(~earlier, float("-inf"))
+        chosen = (topk_mask(bound, self.block_budget) & earlier) | own  # [B,H,S,nb]
+        return chosen.repeat_interleave(bs, dim=-1)[..., :L]
+
+
+def make_attention(cfg: ModelConfig) -> Attention:
+    return {"dense": DenseAttention, "topk": TopKAttention}[cfg.attention.kind](cfg)
