@@ -1,0 +1,47 @@
+"""ragtop's custom ONNX operators: domain, names and version, defined once.
+
+Every custom node in an exported file has a model-local FunctionProto with the same
+(domain, name) whose body is standard ONNX ops, so stock onnxruntime runs the body and a
+session that registered the plugin library (plugins/onnxruntime) runs the native kernel.
+
+ragtop::TopKAttention (version 1) -- attention over a preallocated, shared KV cache
+    inputs
+      0 query        [B, S, H*Dh]      float, rotary already applied
+      1 key          [B, S, Hkv*Dh]    float, rotary already applied (the new tokens only)
+      2 value        [B, S, Hkv*Dh]    float
+      3 past_key     [B, Hkv, C, Dh]   float, C = cache capacity
+      4 past_value   [B, Hkv, C, Dh]   float
+      5 past_lengths [B]               int64: tokens already cached for each sequence
+    outputs
+      0 output       [B, S, H*Dh]
+      1 present_key  [B, Hkv, C, Dh]   past_key with the new keys written at
+                                       [past_lengths[b], past_lengths[b] + S)
+      2 present_value[B, Hkv, C, Dh]
+    attributes
+      num_heads, num_kv_heads: int
+      topk: int      keys kept per query (>= visible keys: exactly dense)
+      scale: float   softmax scale (1/sqrt(Dh))
+      block_size: int    0 = exact selection; > 0 = block selection (see TopKAttention in
+      block_budget: int  ragtop/model/attention.py, whose semantics the kernel reproduces)
+    semantics
+      query s of sequence b sits at p = past_lengths[b] + s and sees keys j <= p; it keeps
+      its `topk` highest-scoring visible keys (ties -> lower j) and takes the softmax over
+      them. When present_* is bound to the same memory as past_*, a kernel writes only
+      the new positions.
+
+ragtop::RaggedEmbedding (version 1) -- frequency-tiered embedding lookup
+    inputs
+      0 input_ids [B, S] int64
+      1 tier_of   [V] int64     tier of each token id
+      2 row_of    [V] int64     row of each token id inside its tier's table
+      then for each tier i: table_i [n_i, d_i], proj_i [D, d_i] (Linear weight)
+    outputs
+      0 embeddings [B, S, D] = proj_i @ table_i[row_of[id]] for id's tier i
+    attributes
+      num_tiers: int
+"""
+
+DOMAIN = "ragtop"
+OPSET_VERSION = 1
+TOPK_ATTENTION = "TopKAttention"
+RAGGED_EMBEDDING = "RaggedEmbedding"
