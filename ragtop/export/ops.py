@@ -12,11 +12,17 @@ ragtop::TopKAttention (version 1) -- attention over a preallocated, shared KV ca
       3 past_key     [B, Hkv, C, Dh]   float, C = cache capacity
       4 past_value   [B, Hkv, C, Dh]   float
       5 past_lengths [B]               int64: tokens already cached for each sequence
+      block selection only (block_size > 0):
+      6 past_key_min [B, Hkv, C/bs, Dh] element-wise min of each block's written keys
+      7 past_key_max [B, Hkv, C/bs, Dh] element-wise max (C a multiple of bs)
     outputs
       0 output       [B, S, H*Dh]
       1 present_key  [B, Hkv, C, Dh]   past_key with the new keys written at
                                        [past_lengths[b], past_lengths[b] + S)
       2 present_value[B, Hkv, C, Dh]
+      block selection only:
+      3 present_key_min, 4 present_key_max   the summaries updated for the new keys (a block
+                                       whose first key is new starts afresh from it)
     attributes
       num_heads, num_kv_heads: int
       topk: int      keys kept per query (>= visible keys: exactly dense)
@@ -27,7 +33,8 @@ ragtop::TopKAttention (version 1) -- attention over a preallocated, shared KV ca
       query s of sequence b sits at p = past_lengths[b] + s and sees keys j <= p; it keeps
       its `topk` highest-scoring visible keys (ties -> lower j) and takes the softmax over
       them. When present_* is bound to the same memory as past_*, a kernel writes only
-      the new positions.
+      the new positions (and, with blocks, only the touched summaries). A model uses one
+      mode in every layer, so its file carries one TopKAttention function of that arity.
 
 ragtop::RaggedEmbedding (version 1) -- frequency-tiered embedding lookup
     inputs
