@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import RagtopError
@@ -100,7 +100,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> Checkpoin
         raise RagtopError(f"{path} is not a ragtop checkpoint: {WEIGHTS} is missing")
     try:
         state = load_file(str(w))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise RagtopError(f"corrupt weights file {w}: {e}") from None
     model = Transformer(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)

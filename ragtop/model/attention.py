@@ -20,7 +20,7 @@ from .config import ModelConfig
 
 # Rows of queries scored at once by top-k attention: bounds the score matrix to
 # B x H x Q_CHUNK x L floats, so long inputs never materialise an L x L matrix per head.
-Q_CHUNK = 512
+Q_CHUNK = 128
 
 
 @dataclass
@@ -57,6 +57,25 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
     tied = scores == thresh
     room = k - above.sum(-1, keepdim=True)
     return above | (tied & (tied.cumsum(-1) <= room))
+
+
+def select_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Softmax weights and key indices of each row's top-k scores ([.., L] -> 2 x [.., k']).
+
+    Ties at the k-th place go to the lower key index (as `topk_mask`). torch.topk gives no
+    such promise, so rows whose k-th score ties with a score left out are re-selected
+    exactly; that only happens with exactly equal finite scores. Rows with fewer than k
+    visible keys pad with -inf scores, whose weight is 0.
+    """
+    k = min(k, scores.shape[-1])
+    vals, idx = scores.topk(k, dim=-1)
+    kth = vals[..., -1:]
+    straddle = torch.isfinite(kth) & ((scores == kth).sum(-1, keepdim=True) > (vals == kth).sum(-1, keepdim=True))
+    if bool(straddle.any()):
+        keep = topk_mask(scores, k)  # exactly k True per row, in key order
+        idx = torch.where(straddle, keep.nonzero()[:, -1].view(*scores.shape[:-1], k), idx)
+        vals = scores.gather(-1, idx)
+    return torch.softmax(vals, dim=-1), idx
 
 
 class Attention(nn.Module):
@@ -130,16 +149,19 @@ class TopKAttention(Attention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
         k, v = self.expand_kv(k), self.expand_kv(v)  # [B,H,L,Dh]
-        allowed = ctx.visible  # [B,1,S,L]
+        allowed = ctx.visible  # [B|1, 1|H, S, L]
         if self.block_size is not None:
             allowed = allowed & self.block_selection(q, k, ctx)
         outs = []
         for s0 in range(0, q.shape[2], Q_CHUNK):  # bounded score memory for long inputs
             qc, ac = q[:, :, s0 : s0 + Q_CHUNK], allowed[:, :, s0 : s0 + Q_CHUNK]
-            scores = (qc @ k.transpose(-1, -2)) * self.scale  # [B,H,c,L]
+            end = int(ctx.positions[:, s0 : s0 + Q_CHUNK].max()) + 1  # no query here sees keys >= end
+            kc, vc, ac = k[:, :, :end], v[:, :, :end], ac[..., :end]
+            scores = (qc * self.scale) @ kc.transpose(-1, -2)  # [B,H,c,end]
             scores = scores.masked_fill(~ac, float("-inf"))
-            keep = topk_mask(scores, self.topk) & ac
-            outs.append(torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1) @ v)
+            weights, idx = select_topk(scores, self.topk)  # [B,H,c,k]
+            probs = torch.zeros_like(scores).scatter(-1, idx, weights)  # softmax over kept keys
+            outs.append(probs @ vc)
         return torch.cat(outs, dim=2)
 
     def block_selection(self, q: Tensor, k: Tensor, ctx: AttnContext) -> Tensor:

@@ -79,7 +79,7 @@ class RaggedEmbedding(nn.Module):
         for i, (table, proj) in enumerate(zip(self.tables, self.projs, strict=True)):
             in_tier = tier == i
             r = torch.where(in_tier, row, 0)  # any valid row; masked out below
-            out = out + torch.where(in_tier[..., None], proj(table[r]), 0.0)
+            out = out + torch.where(in_tier[..., None], proj(nn.functional.embedding(r, table)), 0.0)
         return out
 
     def logits(self, h: Tensor) -> Tensor:

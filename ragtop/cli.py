@@ -1,0 +1,142 @@
+"""The `ragtop` command line: parse arguments into typed configs, call one function.
+
+Every user-facing problem is raised as RagtopError and printed as one line,
+`ragtop: error: ...`, with exit code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import RagtopError
+
+
+def default_data_dir() -> Path:
+    """Where the corpus and tokenizers are cached ($RAGTOP_DATA_DIR, else ~/.cache/ragtop)."""
+    return Path(os.environ.get("RAGTOP_DATA_DIR") or Path.home() / ".cache" / "ragtop")
+
+
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+# -- train ----------------------------------------------------------------------------
+def add_train(sub) -> None:
+    from .train.trainer import PRESETS
+
+    p = sub.add_parser("train", help="train a model on the default corpus (State of the Union speeches)")
+    p.add_argument("--preset", default="tiny", help=f"model size: {' | '.join(PRESETS)} (default tiny)")
+    p.add_argument("--attention", choices=["dense", "topk"], default="dense")
+    p.add_argument("--topk", type=int, default=None, help="keys kept per query (with --attention topk)")
+    p.add_argument("--embedding", choices=["uniform", "ragged"], default="uniform")
+    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: the preset's)")
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=positive_int, default=200)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder (resumed if it holds a run)")
+    p.add_argument("--data-dir", type=Path, default=None, help="corpus cache (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_train)
+
+
+def run_train(a: argparse.Namespace) -> int:
+    from .train.trainer import TrainConfig, train
+
+    tc = TrainConfig(preset=a.preset, attention=a.attention, topk=a.topk, embedding=a.embedding,
+                     steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, eval_every=a.eval_every)
+    tc.resolved()  # validate before fetching anything
+    out = train(tc, a.out, a.data_dir or default_data_dir(), progress=not a.no_progress)
+    print(f"checkpoint written to {out}")
+    return 0
+
+
+# -- eval -----------------------------------------------------------------------------
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="held-out (or a text file's) perplexity and bits per byte")
+    p.add_argument("checkpoint", type=Path, nargs="+", help="one or more checkpoint folders")
+    p.add_argument("--text", type=Path, default=None, help="score this UTF-8 file instead of the held-out speeches")
+    p.add_argument("--context", type=positive_int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="stop after the document that reaches this many tokens")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(a: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .train.corpus import load_sotu, split_by_year
+    from .train.evaluate import evaluate_texts
+
+    if a.text is not None:
+        try:
+            texts, source = [a.text.read_text(encoding="utf-8")], str(a.text)
+        except (OSError, UnicodeDecodeError) as e:
+            raise RagtopError(f"cannot read --text {a.text}: {e}") from None
+    else:
+        texts, source = None, "held-out speeches"
+    torch.set_grad_enabled(False)
+    if not a.json:
+        print(f"{'checkpoint':<40} {'context':>7} {'tokens':>9} {'ppl':>9} {'bits/byte':>9}  ({source})")
+    for path in a.checkpoint:
+        ckpt = load_checkpoint(path)
+        if texts is None:
+            texts = [d.text for d in split_by_year(load_sotu(a.data_dir or default_data_dir()))[1]]
+        bos = ckpt.generation.get("bos_token_id", 0)
+        r = evaluate_texts(ckpt.model, ckpt.tokenizer(), texts, bos, a.context, a.max_tokens)
+        if a.json:
+            print(json.dumps({"checkpoint": str(path), "source": source, **r.as_dict(),
+                              "parameters": ckpt.model.parameter_counts()}))
+        else:
+            print(f"{str(path):<40} {r.context:>7} {r.tokens:>9} {r.perplexity:>9.3f} {r.bits_per_byte:>9.4f}")
+    return 0
+
+
+# -- entry points ---------------------------------------------------------------------
+COMMANDS: list[Callable] = [add_train, add_eval]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ragtop", description="Top-k sparse attention and ragged embeddings: train, import, export, serve.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except RagtopError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(argv, build_parser())
+
+
+def export_model_main(argv: Sequence[str] | None = None) -> int:
+    """`export-model CKPT OUT_DIR ...`: the same as `ragtop export`."""
+    return main(["export", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

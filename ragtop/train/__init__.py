@@ -1,0 +1,1 @@
+"""Corpus, tokenizer, frequency tiers, trainer and held-out evaluation."""

@@ -1,0 +1,53 @@
+"""DESIGN.md's import rules: model imports nothing else from ragtop; train/convert/export/
+runtime may import model; server uses only runtime's public API; nothing imports server,
+loadtests or tests."""
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "ragtop"
+
+
+def ragtop_imports(path: Path) -> set[str]:
+    """Top-level ragtop subpackages/modules imported by a file (relative imports resolved)."""
+    rel = path.relative_to(PKG.parent).with_suffix("").parts  # ('ragtop', 'model', 'attention')
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(rel[: len(rel) - node.level])
+                mod = ".".join(base + ([node.module] if node.module else []))
+                names = [mod] if node.module else [f"{mod}.{a.name}" for a in node.names]
+            else:
+                names = [node.module or ""]
+        else:
+            continue
+        for n in names:
+            parts = n.split(".")
+            if parts[0] in ("loadtests", "tests"):
+                found.add(parts[0])
+            elif parts[0] == "ragtop" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def test_import_rules():
+    allowed = {
+        "model": set(),
+        "train": {"model", "errors", "checkpoint", "train"},
+        "convert": {"model", "errors", "checkpoint", "train", "convert"},
+        "export": {"model", "errors", "checkpoint", "train", "export", "runtime"},
+        "runtime": {"model", "errors", "checkpoint", "export", "runtime"},
+        "server": {"runtime", "errors", "server"},
+    }
+    violations = []
+    for f in PKG.rglob("*.py"):
+        sub = f.relative_to(PKG).parts[0]
+        imported = ragtop_imports(f) - {sub}
+        if "server" in imported or "loadtests" in imported or "tests" in imported:
+            violations.append(f"{f}: imports {imported & {'server', 'loadtests', 'tests'}}")
+        if sub in allowed and not imported <= allowed[sub]:
+            violations.append(f"{f}: {sub} may not import {sorted(imported - allowed[sub])}")
+    assert not violations, "\n".join(violations)
