@@ -105,8 +105,21 @@ def run_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- study / analyze (logic in ragtop/study) ------------------------------------------
+def add_study(sub) -> None:
+    from .study.cli import add_study as add
+
+    add(sub)
+
+
+def add_analyze(sub) -> None:
+    from .study.cli import add_analyze as add
+
+    add(sub)
+
+
 # -- entry points ---------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_train, add_eval]
+COMMANDS: list[Callable] = [add_train, add_eval, add_study, add_analyze]
 
 
 def build_parser() -> argparse.ArgumentParser:
