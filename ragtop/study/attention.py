@@ -46,11 +46,14 @@ def run_attention_study(
     score_tokens: int = 16384,
     block: tuple[int, int] | None = BLOCK,
     corpus_tokens: int | None = None,
+    drop_in: Sequence[int] | None = None,
     log: Callable[[str], None] = print,
+    checkpoint: Callable[[dict], None] | None = None,
 ) -> dict:
+    """Train every arm for every seed; `checkpoint(report)` after each arm."""
     if setup not in ATTENTION_SETUPS:
         raise RagtopError(f"unknown setup {setup!r}: choose from {', '.join(ATTENTION_SETUPS)}")
-    if any(k < 1 for k in topks):
+    if any(k < 1 for k in [*topks, *(drop_in or [])]):
         raise RagtopError(f"--topk values must be >= 1, got {list(topks)}")
     t_start = time.perf_counter()
     s = ATTENTION_SETUPS[setup]
@@ -71,30 +74,38 @@ def run_attention_study(
         runs = []
         for seed in seeds:
             r = train_and_score(cfg, None, corpus, data.heldout_stream, budget, seed, score_tokens)
-            runs.append(r)
+            state = r.pop("state_dict")
             if name == "dense":
-                dense_states[seed] = r.pop("state_dict")
-            else:
-                r.pop("state_dict")
+                dense_states[seed] = state
+            runs.append(r)
         report["arms"][name] = _arm(cfg, runs)
         log(_line(name, report["arms"][name]))
-    for k in topks:  # the dense models with top-k swapped in, no retraining
-        cfg = base.with_attention(AttentionConfig("topk", topk=k))
-        runs = []
-        for seed in seeds:
-            m = build_model(cfg, None, seed)
-            m.load_state_dict(dense_states[seed])
-            with torch.no_grad():
-                runs.append({"seed": seed, "heldout_loss": stream_loss(m, data.heldout_stream, budget.context, score_tokens),
-                             "train_loss": stream_loss(m, corpus, budget.context, score_tokens),
-                             "params": m.parameter_counts(), "seconds": 0.0})
-        name = f"dense->topk{k}"
-        report["arms"][name] = _arm(cfg, runs)
-        log(_line(name, report["arms"][name]))
+        if name == "dense":  # the dense models with top-k swapped in, no retraining
+            for k in (topks if drop_in is None else drop_in):
+                report["arms"][f"dense->topk{k}"] = _drop_in(base, k, dense_states, data.heldout_stream, corpus,
+                                                             budget.context, score_tokens)
+                log(_line(f"dense->topk{k}", report["arms"][f"dense->topk{k}"]))
+        if checkpoint is not None:
+            checkpoint({**report, "seconds": round(time.perf_counter() - t_start, 1), "complete": False,
+                        "params_match": len({a["params"]["total"] for a in report["arms"].values()}) == 1})
     totals = {a["params"]["total"] for a in report["arms"].values()}
     report["params_match"] = len(totals) == 1
     report["seconds"] = round(time.perf_counter() - t_start, 1)
+    report["complete"] = True
     return report
+
+
+def _drop_in(base: ModelConfig, k: int, states: dict, heldout, corpus, context: int, score_tokens: int) -> dict:
+    cfg = base.with_attention(AttentionConfig("topk", topk=k))
+    runs = []
+    for seed, state in states.items():
+        m = build_model(cfg, None, seed)
+        m.load_state_dict(state)
+        with torch.no_grad():
+            runs.append({"seed": seed, "heldout_loss": stream_loss(m, heldout, context, score_tokens),
+                         "train_loss": stream_loss(m, corpus, context, score_tokens),
+                         "params": m.parameter_counts(), "seconds": 0.0})
+    return _arm(cfg, runs)
 
 
 def _arm(cfg: ModelConfig, runs: list[dict]) -> dict:

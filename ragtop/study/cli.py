@@ -71,7 +71,9 @@ def add_study(sub) -> None:
 
     t = ss.add_parser("attention", help="dense vs top-k attention quality at matched parameters")
     t.add_argument("--setup", default="v512-d64", help=f"{' | '.join(ATTENTION_SETUPS)}")
-    t.add_argument("--topk", type=int, nargs="+", default=[4, 16, 32])
+    t.add_argument("--topk", type=int, nargs="+", default=[4, 16, 32], help="k of the trained top-k arms")
+    t.add_argument("--drop-in-topk", type=int, nargs="*", default=None,
+                   help="k values to swap into the dense models without retraining (default: --topk)")
     t.add_argument("--score-tokens", type=int, default=16384)
     _budget_args(t, 300, 16, 128)
     t.set_defaults(func=run_attention)
@@ -100,8 +102,7 @@ def run_embeddings(a) -> int:
 
     torch.set_num_threads(a.threads)
     report = run_embedding_study(_data_dir(a), a.setups, a.sizes, a.seeds, _budget(a), a.score_tokens,
-                                 checkpoint=lambda r: a.out.parent.mkdir(parents=True, exist_ok=True)
-                                 or a.out.write_text(json.dumps(r, indent=1) + "\n"))
+                                 checkpoint=lambda r: _write(r, a.out))
     _write(report, a.out)
     return 0
 
@@ -112,7 +113,9 @@ def run_attention(a) -> int:
     from .attention import run_attention_study
 
     torch.set_num_threads(a.threads)
-    report = run_attention_study(_data_dir(a), a.setup, a.topk, a.seeds, _budget(a), a.score_tokens)
+    report = run_attention_study(_data_dir(a), a.setup, a.topk, a.seeds, _budget(a), a.score_tokens,
+                                 drop_in=a.drop_in_topk,
+                                 checkpoint=lambda r: _write(r, a.out))
     _write(report, a.out)
     return 0
 

@@ -52,22 +52,28 @@ def _setup_table(name: str, s: dict) -> list[str]:
            f"{'' if s['complete'] else ' (INCOMPLETE: still running or stopped)'}.\n"]
     st = s["setup"]
     out.append(f"\n**{name}** (vocab {st['vocab_size']}, width {st['d_model']}, {st['n_layers']} layer(s), d_ff {st['d_ff']})\n")
-    out.append("| corpus | epochs | arm | params total / non-emb | held-out loss | train loss | gap |")
+    out.append("| corpus | epochs | arm | params total / non-emb / emb | held-out loss | train loss | gap |")
     out.append("|---|---:|---|---:|---:|---:|---:|")
     for row in s["rows"]:
         for arm, a in row["arms"].items():
             gap = a["heldout_loss"]["mean"] - a["train_loss"]["mean"]
-            out.append(f"| {_size(row)} | {a['epochs']:.3g} | {ARM_LABEL[arm]} | {a['params']['total']:,} / "
-                       f"{a['params']['non_embedding']:,} | {_ms(a['heldout_loss'])} | {_ms(a['train_loss'])} | {gap:+.2f} |")
+            p = a["params"]
+            out.append(f"| {_size(row)} | {a['epochs']:.3g} | {ARM_LABEL[arm]} | {p['total']:,} / "
+                       f"{p['non_embedding']:,} / {p['embedding'] + p['head']:,} | {_ms(a['heldout_loss'])} | {_ms(a['train_loss'])} | {gap:+.2f} |")
     out.append("")
-    out.append("| corpus | held-out: tiered same body − standard | tiered same total − standard | standard train/held-out ratio |")
-    out.append("|---|---:|---:|---:|")
+    out.append("| corpus | tiers (sizes × widths) | emb params tiered / standard | held-out: tiered same body − standard "
+               "| tiered same total − standard | train: tiered same body − standard |")
+    out.append("|---|---|---:|---:|---:|---:|")
     for row in s["rows"]:
         a = row["arms"]
         std = a["standard"]["heldout_loss"]["mean"]
-        out.append(f"| {_size(row)} | {a['tiered_same_body']['heldout_loss']['mean'] - std:+.3f} | "
+        t = row["tiers"]
+        emb = [a[x]["params"]["embedding"] + a[x]["params"]["head"] for x in ("tiered_same_body", "standard")]
+        out.append(f"| {_size(row)} | {'+'.join(map(str, t['sizes']))} × {'/'.join(map(str, t['widths']))} | "
+                   f"{emb[0]:,} / {emb[1]:,} = {emb[0] / emb[1]:.3f}× | "
+                   f"{a['tiered_same_body']['heldout_loss']['mean'] - std:+.3f} | "
                    f"{a['tiered_same_total']['heldout_loss']['mean'] - std:+.3f} | "
-                   f"{a['standard']['train_loss']['mean'] / std:.2f} |")
+                   f"{a['tiered_same_body']['train_loss']['mean'] - a['standard']['train_loss']['mean']:+.3f} |")
     out.append("")
     return out
 
