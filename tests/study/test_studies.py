@@ -111,3 +111,12 @@ def test_cli_errors(capsys):
     assert "unknown setup 'nope'" in capsys.readouterr().err
     assert main(["study", "report", "--doc", "/nonexistent.md"]) == 2
     assert "markdown file not found" in capsys.readouterr().err
+
+
+def test_layout_search_finds_a_known_layout():
+    from ragtop.study.layouts import layouts
+
+    # 14 tokens x 8 (no projection) + 6 tokens x 4 + a 4 -> 8 projection
+    found = layouts(20, 8, 14 * 8 + 6 * 4 + 4 * 8)
+    assert ((8, 4), False, False, (14, 6)) in found
+    assert all(sum(f[3]) == 20 for f in found)
