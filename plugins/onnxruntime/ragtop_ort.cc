@@ -1,0 +1,563 @@
+// ragtop's ONNX Runtime custom-op library: ragtop::TopKAttention and ragtop::RaggedEmbedding.
+//
+// The contract (inputs, outputs, attributes, semantics) is ragtop/export/ops.py; the
+// reference semantics are TopKAttention / RaggedEmbedding in ragtop/model/. This file
+// reproduces them exactly (up to float summation order):
+//
+//   * query s of sequence b sits at p = past_lengths[b] + s and sees keys j <= p;
+//   * it keeps its `topk` highest-scoring visible keys, ties going to the lower key index,
+//     and takes the softmax over them;
+//   * block selection (block_size > 0): each query keeps its own block plus the
+//     `block_budget` earlier blocks with the largest upper bound
+//     sum_d max(q_d * kmin_d, q_d * kmax_d) (ties: lower block), then runs exact top-k
+//     over the visible keys of the chosen blocks.
+//
+// Performance notes (see docs/kernels.md):
+//   * the KV cache is updated in place when present_* is bound to the same memory as
+//     past_* (IO binding); otherwise past is copied to present first;
+//   * no score matrix is ever materialised: each query row keeps a k-entry min-heap while
+//     the keys stream past, so selection is O(L) compares + O(k log k log L) heap work,
+//     not a sort;
+//   * work items are (sequence, KV head, query chunk); the query heads sharing a KV head
+//     (GQA) are scored in the same pass over the keys, so each key row is read once;
+//   * items run on onnxruntime's intra-op thread pool (KernelContext_ParallelFor): the
+//     library starts no threads of its own and links against nothing but libc/libstdc++;
+//   * the hot loops are plain C++ loops compiled twice (target_clones: x86-64-v3 = AVX2
+//     + FMA, and the baseline), picked at load time by the CPU, so the .so loads on any
+//     x86-64 machine and uses AVX2 where present.
+//
+// Built without linking libonnxruntime: ORT_API_MANUAL_INIT + the OrtApiBase handed to
+// RegisterCustomOps. The API version is checked there, with a clear error.
+
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_lite_custom_op.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(RAGTOP_NO_CLONES)
+#define RAGTOP_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define RAGTOP_HOT
+#endif
+
+namespace ragtop {
+
+using Ort::Custom::Tensor;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------
+// Small numeric helpers. `omp simd reduction` (compiled with -fopenmp-simd: no OpenMP
+// runtime is linked) lets the compiler keep 8 partial sums in one vector register.
+
+static inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// Upper bound of q.k over a block with element-wise key bounds [lo, hi].
+static inline float block_bound(const float* __restrict q, const float* __restrict lo,
+                                const float* __restrict hi, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < n; ++d) s += std::max(q[d] * lo[d], q[d] * hi[d]);
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------
+// TopKHeap: the k best (score, index) pairs seen so far, "best" meaning higher score and,
+// among equal scores, lower index. Storage is borrowed (per-thread scratch).
+//
+// Candidates are pushed in increasing index order, so once the heap is full a newcomer
+// beats the worst entry exactly when its score is strictly greater: `thr` is that score,
+// and the caller's hot loop tests `score > thr` before calling push (almost always false
+// after the first few hundred keys).
+struct TopKHeap {
+  float* s = nullptr;
+  int32_t* j = nullptr;
+  int32_t n = 0, k = 0;
+  float thr = kNegInf;  // -inf while not full
+
+  void reset(float* sbuf, int32_t* jbuf, int32_t cap) {
+    s = sbuf, j = jbuf, n = 0, k = cap, thr = kNegInf;
+  }
+  // a is worse than b (lower score, or equal score and higher index)
+  static bool worse(float as, int32_t aj, float bs, int32_t bj) {
+    return as < bs || (as == bs && aj > bj);
+  }
+  void push(float sc, int32_t idx) {
+    if (n < k) {  // fill phase: sift up
+      int32_t c = n++;
+      while (c > 0) {
+        int32_t p = (c - 1) / 2;
+        if (!worse(sc, idx, s[p], j[p])) break;
+        s[c] = s[p], j[c] = j[p], c = p;
+      }
+      s[c] = sc, j[c] = idx;
+      if (n == k) thr = s[0];
+      return;
+    }
+    if (!(sc > s[0])) return;  // see the class comment: strict > is the tie rule
+    int32_t c = 0;             // replace the root, sift down
+    for (;;) {
+      int32_t l = 2 * c + 1, r = l + 1, m = c;
+      float ms = sc;
+      int32_t mj = idx;
+      if (l < n && worse(s[l], j[l], ms, mj)) m = l, ms = s[l], mj = j[l];
+      if (r < n && worse(s[r], j[r], ms, mj)) m = r;
+      if (m == c) break;
+      s[c] = s[m], j[c] = j[m], c = m;
+    }
+    s[c] = sc, j[c] = idx;
+    thr = s[0];
+  }
+};
+
+// Softmax over the heap's entries, weighted sum of their value rows -> out[Dh].
+static inline void softmax_gather(const TopKHeap& h, const float* __restrict vrows, int64_t Dh,
+                                  float* __restrict out) {
+  std::fill(out, out + Dh, 0.f);
+  if (h.n == 0) return;
+  float m = kNegInf;
+  for (int32_t i = 0; i < h.n; ++i) m = std::max(m, h.s[i]);
+  float total = 0.f;
+  for (int32_t i = 0; i < h.n; ++i) {
+    const float w = std::exp(h.s[i] - m);
+    total += w;
+    const float* __restrict v = vrows + static_cast<int64_t>(h.j[i]) * Dh;
+#pragma omp simd
+    for (int64_t d = 0; d < Dh; ++d) out[d] += w * v[d];
+  }
+  const float inv = 1.f / total;
+#pragma omp simd
+  for (int64_t d = 0; d < Dh; ++d) out[d] *= inv;
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention problem description, shared by every work item of one Compute call.
+struct AttnProblem {
+  int64_t B, S, H, Hkv, G, Dh, C;
+  int64_t topk, bs, budget, nb;  // nb = C / bs (block mode)
+  float scale;
+  const float* q;        // [B, S, H*Dh]
+  const int64_t* lens;   // [B]
+  const float* kc;       // present_key   [B, Hkv, C, Dh] (already holds the new keys)
+  const float* vc;       // present_value [B, Hkv, C, Dh]
+  const float* kmin;     // present_key_min [B, Hkv, nb, Dh] (block mode, updated)
+  const float* kmax;
+  float* out;            // [B, S, H*Dh]
+};
+
+// One work item: sequence b, KV head kvh, query heads [h0, h0+nh) of that KV head's group,
+// queries [s0, s1).
+struct AttnItem {
+  int64_t b, kvh, h0, nh, s0, s1;
+};
+
+// Per-thread scratch (heaps), reused across calls.
+struct Scratch {
+  std::vector<float> s;
+  std::vector<int32_t> j;
+  std::vector<TopKHeap> heaps;
+  std::vector<float> bs_s;  // block heap
+  std::vector<int32_t> bs_j;
+  std::vector<int32_t> blocks;
+  std::vector<float> q;  // scaled query rows
+};
+static Scratch& scratch() {
+  thread_local Scratch sc;
+  return sc;
+}
+
+// Exact mode: every visible key of the sequence is scored.
+//
+// Rows are (query s, head h) pairs in s-major order. Keys stream in index order; key j is
+// visible to the rows whose position p = len + s >= j, a suffix of the row list, so the
+// loop over rows starts at the first such row. Each key row (Dh floats) is loaded once
+// and scored against all rows of the item (the GQA heads and the chunk's queries) while
+// it sits in L1.
+RAGTOP_HOT static void attend_exact(const AttnProblem& P, const AttnItem& it) {
+  const int64_t len = P.lens[it.b], Dh = P.Dh;
+  const int64_t ns = it.s1 - it.s0, R = ns * it.nh;
+  const int64_t pmax = len + it.s1 - 1;
+  const int64_t kcap = std::min<int64_t>(P.topk, pmax + 1);
+  const float* keys = P.kc + (it.b * P.Hkv + it.kvh) * P.C * Dh;
+  const float* vals = P.vc + (it.b * P.Hkv + it.kvh) * P.C * Dh;
+
+  Scratch& sc = scratch();
+  sc.s.resize(R * kcap), sc.j.resize(R * kcap), sc.heaps.resize(R);
+  // the item's query rows, pre-multiplied by the softmax scale (as the reference does)
+  sc.q.resize(R * Dh);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t s = it.s0 + r / it.nh, h = it.h0 + r % it.nh;
+    const float* src = P.q + ((it.b * P.S + s) * P.H + h) * Dh;
+    for (int64_t d = 0; d < Dh; ++d) sc.q[r * Dh + d] = src[d] * P.scale;
+    const int64_t k = std::min<int64_t>(P.topk, len + s + 1);
+    sc.heaps[r].reset(sc.s.data() + r * kcap, sc.j.data() + r * kcap, static_cast<int32_t>(k));
+  }
+  TopKHeap* heaps = sc.heaps.data();
+  const float* qs = sc.q.data();
+
+  for (int64_t j = 0; j <= pmax; ++j) {
+    const float* kj = keys + j * Dh;
+    // first row that sees key j: query s with len + s >= j
+    const int64_t sfirst = std::max<int64_t>(0, j - len - it.s0);
+    for (int64_t r = sfirst * it.nh; r < R; ++r) {  // hot loop: one dot per (row, key)
+      const float score = dot(qs + r * Dh, kj, Dh);
+      if (score > heaps[r].thr || heaps[r].n < heaps[r].k) heaps[r].push(score, static_cast<int32_t>(j));
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t s = it.s0 + r / it.nh, h = it.h0 + r % it.nh;
+    softmax_gather(heaps[r], vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh);
+  }
+}
+
+// Block mode: per row, rank the earlier blocks by their upper bound (reads only the
+// block summaries), keep `budget` of them plus the own block, then exact top-k over the
+// keys of the chosen blocks in increasing key order.
+RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
+  const int64_t len = P.lens[it.b], Dh = P.Dh, bs = P.bs;
+  const int64_t bh = it.b * P.Hkv + it.kvh;
+  const float* keys = P.kc + bh * P.C * Dh;
+  const float* vals = P.vc + bh * P.C * Dh;
+  const float* lo = P.kmin + bh * P.nb * Dh;
+  const float* hi = P.kmax + bh * P.nb * Dh;
+
+  Scratch& sc = scratch();
+  const int64_t kcap = std::min<int64_t>(P.topk, (P.budget + 1) * bs);
+  sc.s.resize(kcap), sc.j.resize(kcap);
+  sc.bs_s.resize(P.budget), sc.bs_j.resize(P.budget), sc.blocks.resize(P.budget + 1), sc.q.resize(Dh);
+  TopKHeap keyheap, blockheap;
+
+  for (int64_t s = it.s0; s < it.s1; ++s) {
+    const int64_t p = len + s, own = p / bs;
+    for (int64_t h = it.h0; h < it.h0 + it.nh; ++h) {
+      const float* q = P.q + ((it.b * P.S + s) * P.H + h) * Dh;
+      float* qs = sc.q.data();  // scaled copy for the key scores (the bound uses q as is)
+      for (int64_t d = 0; d < Dh; ++d) qs[d] = q[d] * P.scale;
+      // 1. candidate blocks: the budget earlier blocks with the largest bound
+      blockheap.reset(sc.bs_s.data(), sc.bs_j.data(), static_cast<int32_t>(std::min(P.budget, own)));
+      for (int64_t blk = 0; blk < own; ++blk) {  // hot loop over the summaries
+        const float ub = block_bound(q, lo + blk * Dh, hi + blk * Dh, Dh);
+        if (ub > blockheap.thr || blockheap.n < blockheap.k) blockheap.push(ub, static_cast<int32_t>(blk));
+      }
+      int32_t* blocks = sc.blocks.data();
+      std::copy(blockheap.j, blockheap.j + blockheap.n, blocks);
+      std::sort(blocks, blocks + blockheap.n);  // key order, for the tie rule below
+      int64_t nblk = blockheap.n;
+      blocks[nblk++] = static_cast<int32_t>(own);
+      // 2. exact top-k over the visible keys of the chosen blocks
+      const int64_t nkeys = (nblk - 1) * bs + (p - own * bs + 1);
+      keyheap.reset(sc.s.data(), sc.j.data(), static_cast<int32_t>(std::min<int64_t>(P.topk, nkeys)));
+      for (int64_t bi = 0; bi < nblk; ++bi) {
+        const int64_t j0 = blocks[bi] * bs, j1 = std::min((blocks[bi] + 1) * bs, p + 1);
+        for (int64_t j = j0; j < j1; ++j) {  // hot loop: one dot per candidate key
+          const float score = dot(qs, keys + j * Dh, Dh);
+          if (score > keyheap.thr || keyheap.n < keyheap.k) keyheap.push(score, static_cast<int32_t>(j));
+        }
+      }
+      softmax_gather(keyheap, vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Running `fn(i)` for i in [0, n) on onnxruntime's intra-op pool.
+template <typename F>
+static void parallel_for(OrtKernelContext* ctx, size_t n, F&& fn) {
+  if (n == 0) return;
+  if (n == 1) return fn(size_t{0});
+  struct Thunk {
+    F* f;
+    static void call(void* self, size_t i) { (*static_cast<Thunk*>(self)->f)(i); }
+  } thunk{&fn};
+  Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(ctx, &Thunk::call, n, 0, &thunk));
+}
+
+static int64_t attr_int(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t dflt, bool required) {
+  int64_t v = dflt;
+  OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, &v);
+  if (st) {
+    api->ReleaseStatus(st);
+    if (required) ORT_CXX_API_THROW(std::string("ragtop::TopKAttention: missing attribute ") + name, ORT_INVALID_ARGUMENT);
+    return dflt;
+  }
+  return v;
+}
+
+static std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+#define RAGTOP_CHECK(cond, msg)                                                        \
+  do {                                                                                 \
+    if (!(cond)) return Ort::Status((std::string("ragtop::") + (msg)).c_str(), ORT_INVALID_ARGUMENT); \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------
+struct TopKAttentionKernel {
+  int64_t num_heads, num_kv_heads, topk, block_size, block_budget;
+  float scale;
+
+  TopKAttentionKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    num_heads = attr_int(api, info, "num_heads", 0, true);
+    num_kv_heads = attr_int(api, info, "num_kv_heads", 0, true);
+    topk = attr_int(api, info, "topk", 0, true);
+    block_size = attr_int(api, info, "block_size", 0, false);
+    block_budget = attr_int(api, info, "block_budget", 0, false);
+    OrtStatus* st = api->KernelInfoGetAttribute_float(info, "scale", &scale);
+    if (st) {
+      api->ReleaseStatus(st);
+      ORT_CXX_API_THROW("ragtop::TopKAttention: missing attribute scale", ORT_INVALID_ARGUMENT);
+    }
+    if (num_heads < 1 || num_kv_heads < 1 || num_heads % num_kv_heads)
+      ORT_CXX_API_THROW("ragtop::TopKAttention: num_heads must be a positive multiple of num_kv_heads", ORT_INVALID_ARGUMENT);
+    if (topk < 1) ORT_CXX_API_THROW("ragtop::TopKAttention: topk must be >= 1", ORT_INVALID_ARGUMENT);
+    if (block_size < 0 || (block_size > 0 && block_budget < 1))
+      ORT_CXX_API_THROW("ragtop::TopKAttention: block_size > 0 needs block_budget >= 1", ORT_INVALID_ARGUMENT);
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& query, const Tensor<float>& key,
+                      const Tensor<float>& value, const Tensor<float>& past_key,
+                      const Tensor<float>& past_value, const Tensor<int64_t>& past_lengths,
+                      std::optional<const Tensor<float>*> past_key_min,
+                      std::optional<const Tensor<float>*> past_key_max, Tensor<float>& output,
+                      Tensor<float>& present_key, Tensor<float>& present_value,
+                      std::optional<Tensor<float>*> present_key_min,
+                      std::optional<Tensor<float>*> present_key_max) {
+    try {
+      return run(ctx, query, key, value, past_key, past_value, past_lengths, past_key_min, past_key_max,
+                 output, present_key, present_value, present_key_min, present_key_max);
+    } catch (const std::exception& e) {
+      return Ort::Status(e);
+    }
+  }
+
+  Ort::Status run(OrtKernelContext* ctx, const Tensor<float>& query, const Tensor<float>& key,
+                  const Tensor<float>& value, const Tensor<float>& past_key,
+                  const Tensor<float>& past_value, const Tensor<int64_t>& past_lengths,
+                  std::optional<const Tensor<float>*> past_key_min,
+                  std::optional<const Tensor<float>*> past_key_max, Tensor<float>& output,
+                  Tensor<float>& present_key, Tensor<float>& present_value,
+                  std::optional<Tensor<float>*> present_key_min,
+                  std::optional<Tensor<float>*> present_key_max) const {
+    const auto& qs = query.Shape();
+    const auto& cs = past_key.Shape();
+    RAGTOP_CHECK(qs.size() == 3 && cs.size() == 4, "TopKAttention: query must be [B,S,H*Dh] and past_key [B,Hkv,C,Dh], got " +
+                                                        shape_str(qs) + " and " + shape_str(cs));
+    AttnProblem P{};
+    P.B = qs[0], P.S = qs[1], P.H = num_heads, P.Hkv = num_kv_heads, P.G = num_heads / num_kv_heads;
+    P.Dh = cs[3], P.C = cs[2], P.topk = topk, P.bs = block_size, P.budget = block_budget, P.scale = scale;
+    RAGTOP_CHECK(qs[2] == P.H * P.Dh, "TopKAttention: query last dim " + std::to_string(qs[2]) + " != num_heads * head_dim = " +
+                                          std::to_string(P.H * P.Dh));
+    RAGTOP_CHECK(cs[0] == P.B && cs[1] == P.Hkv, "TopKAttention: past_key " + shape_str(cs) + " does not match batch " +
+                                                     std::to_string(P.B) + " and num_kv_heads " + std::to_string(P.Hkv));
+    const std::vector<int64_t> kvs{P.B, P.S, P.Hkv * P.Dh};
+    RAGTOP_CHECK(key.Shape() == kvs && value.Shape() == kvs, "TopKAttention: key/value must be " + shape_str(kvs));
+    RAGTOP_CHECK(past_value.Shape() == cs, "TopKAttention: past_value must have past_key's shape " + shape_str(cs));
+    RAGTOP_CHECK(past_lengths.Shape() == std::vector<int64_t>{P.B}, "TopKAttention: past_lengths must be [B]");
+    const int64_t* lens = past_lengths.Data();
+    for (int64_t b = 0; b < P.B; ++b)
+      RAGTOP_CHECK(lens[b] >= 0 && lens[b] + P.S <= P.C, "TopKAttention: sequence " + std::to_string(b) + " holds " +
+                                                             std::to_string(lens[b]) + " tokens; + " + std::to_string(P.S) +
+                                                             " new exceeds the cache capacity " + std::to_string(P.C));
+    const bool blocks = block_size > 0;
+    std::vector<int64_t> sum_shape;
+    if (blocks) {
+      RAGTOP_CHECK(P.C % P.bs == 0, "TopKAttention: cache capacity " + std::to_string(P.C) + " is not a multiple of block_size " +
+                                        std::to_string(P.bs));
+      P.nb = P.C / P.bs;
+      sum_shape = {P.B, P.Hkv, P.nb, P.Dh};
+      RAGTOP_CHECK(past_key_min && past_key_max && present_key_min && present_key_max,
+                   "TopKAttention: block_size > 0 needs inputs past_key_min/max and outputs present_key_min/max");
+      RAGTOP_CHECK((*past_key_min)->Shape() == sum_shape && (*past_key_max)->Shape() == sum_shape,
+                   "TopKAttention: past_key_min/max must be " + shape_str(sum_shape));
+    }
+
+    // Outputs. With IO binding, present_* may be the very buffers of past_*: then only the
+    // new positions are written. Otherwise copy past -> present first.
+    float* out = output.Allocate(qs);
+    float* kc = present_key.Allocate(cs);
+    float* vc = present_value.Allocate(cs);
+    const size_t cache_bytes = static_cast<size_t>(P.B * P.Hkv * P.C * P.Dh) * sizeof(float);
+    if (kc != past_key.Data()) std::memcpy(kc, past_key.Data(), cache_bytes);
+    if (vc != past_value.Data()) std::memcpy(vc, past_value.Data(), cache_bytes);
+    float *lo = nullptr, *hi = nullptr;
+    if (blocks) {
+      lo = (*present_key_min)->Allocate(sum_shape);
+      hi = (*present_key_max)->Allocate(sum_shape);
+      const size_t sum_bytes = static_cast<size_t>(P.B * P.Hkv * P.nb * P.Dh) * sizeof(float);
+      if (lo != (*past_key_min)->Data()) std::memcpy(lo, (*past_key_min)->Data(), sum_bytes);
+      if (hi != (*past_key_max)->Data()) std::memcpy(hi, (*past_key_max)->Data(), sum_bytes);
+    }
+    P.q = query.Data(), P.lens = lens, P.kc = kc, P.vc = vc, P.kmin = lo, P.kmax = hi, P.out = out;
+    if (P.S == 0) return Ort::Status(nullptr);
+
+    // 1. Append the new keys/values (and fold them into the block summaries), one
+    //    (sequence, KV head) per item; positions within an item are in order.
+    const float* knew = key.Data();
+    const float* vnew = value.Data();
+    parallel_for(ctx, static_cast<size_t>(P.B * P.Hkv), [&](size_t i) {
+      const int64_t b = static_cast<int64_t>(i) / P.Hkv, h = static_cast<int64_t>(i) % P.Hkv;
+      for (int64_t s = 0; s < P.S; ++s) {
+        const int64_t pos = lens[b] + s;
+        const float* ksrc = knew + ((b * P.S + s) * P.Hkv + h) * P.Dh;
+        float* kdst = kc + ((b * P.Hkv + h) * P.C + pos) * P.Dh;
+        std::memcpy(kdst, ksrc, P.Dh * sizeof(float));
+        std::memcpy(vc + ((b * P.Hkv + h) * P.C + pos) * P.Dh, vnew + ((b * P.S + s) * P.Hkv + h) * P.Dh,
+                    P.Dh * sizeof(float));
+        if (blocks) {
+          float* l = lo + ((b * P.Hkv + h) * P.nb + pos / P.bs) * P.Dh;
+          float* u = hi + ((b * P.Hkv + h) * P.nb + pos / P.bs) * P.Dh;
+          if (pos % P.bs == 0) {  // a block whose first key is new starts afresh
+            std::memcpy(l, ksrc, P.Dh * sizeof(float));
+            std::memcpy(u, ksrc, P.Dh * sizeof(float));
+          } else {
+            for (int64_t d = 0; d < P.Dh; ++d) l[d] = std::min(l[d], ksrc[d]), u[d] = std::max(u[d], ksrc[d]);
+          }
+        }
+      }
+    });
+
+    // 2. Attention. Items: (sequence, KV head, head group, query chunk). Prefill chunks
+    //    hold up to 32 queries (bounded scratch: rows x k heap entries); when there are too
+    //    few items to keep the pool busy (decode with few KV heads), the GQA group is split
+    //    into single heads.
+    const int64_t kmax_entries = std::min<int64_t>(P.topk, P.C);
+    int64_t qc = std::clamp<int64_t>((int64_t{1} << 22) / std::max<int64_t>(1, P.G * kmax_entries), 1, 32);
+    if (blocks) qc = 16;
+    const int64_t nchunks = (P.S + qc - 1) / qc;
+    const int64_t hw = std::max<int64_t>(2, std::thread::hardware_concurrency());
+    const int64_t nh = (P.B * P.Hkv * nchunks < 2 * hw) ? 1 : P.G;
+    const int64_t groups = P.G / nh;
+    const int64_t total = P.B * P.Hkv * groups * nchunks;
+    parallel_for(ctx, static_cast<size_t>(total), [&](size_t i) {
+      int64_t r = static_cast<int64_t>(i);
+      // the last chunks (longest causal spans) first, for load balance
+      const int64_t c = nchunks - 1 - r % nchunks;
+      r /= nchunks;
+      const int64_t g = r % groups;
+      r /= groups;
+      const int64_t kvh = r % P.Hkv, b = r / P.Hkv;
+      AttnItem it{b, kvh, kvh * P.G + g * nh, nh, c * qc, std::min(P.S, (c + 1) * qc)};
+      if (blocks)
+        attend_blocks(P, it);
+      else
+        attend_exact(P, it);
+    });
+    return Ort::Status(nullptr);
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// RaggedEmbedding: out[b, s] = proj_i @ table_i[row_of[id]] for the tier i of id.
+RAGTOP_HOT static void embed_token(const float* __restrict row, const float* __restrict proj, int64_t D, int64_t d,
+                                   float* __restrict out) {
+  for (int64_t o = 0; o < D; ++o) out[o] = dot(proj + o * d, row, d);  // proj: [D, d]
+}
+
+struct RaggedEmbeddingKernel {
+  int64_t num_tiers;
+
+  RaggedEmbeddingKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    num_tiers = attr_int(api, info, "num_tiers", 0, true);
+    if (num_tiers < 1) ORT_CXX_API_THROW("ragtop::RaggedEmbedding: num_tiers must be >= 1", ORT_INVALID_ARGUMENT);
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<int64_t>& input_ids, const Tensor<int64_t>& tier_of,
+                      const Tensor<int64_t>& row_of, const Ort::Custom::Variadic& weights, Tensor<float>& output) {
+    try {
+      RAGTOP_CHECK(weights.Size() == static_cast<size_t>(2 * num_tiers),
+                   "RaggedEmbedding: expected " + std::to_string(2 * num_tiers) + " weight inputs (table, proj per tier), got " +
+                       std::to_string(weights.Size()));
+      const int64_t V = tier_of.NumberOfElement();
+      RAGTOP_CHECK(row_of.NumberOfElement() == V, "RaggedEmbedding: tier_of and row_of must have the same length");
+      std::vector<const float*> tables(num_tiers), projs(num_tiers);
+      std::vector<int64_t> rows(num_tiers), widths(num_tiers);
+      int64_t D = -1;
+      for (int64_t i = 0; i < num_tiers; ++i) {
+        const auto* tp = dynamic_cast<const Tensor<float>*>(weights[2 * i].get());
+        const auto* pp = dynamic_cast<const Tensor<float>*>(weights[2 * i + 1].get());
+        RAGTOP_CHECK(tp && pp, "RaggedEmbedding: tables and projections must be float");
+        const auto& t = *tp;
+        const auto& p = *pp;
+        const auto ts = t.Shape(), ps = p.Shape();
+        RAGTOP_CHECK(ts.size() == 2 && ps.size() == 2 && ps[1] == ts[1] && (D < 0 || ps[0] == D),
+                     "RaggedEmbedding: tier " + std::to_string(i) + " table " + shape_str(ts) + " / proj " + shape_str(ps) +
+                         " must be [n_i, d_i] / [D, d_i]");
+        D = ps[0];
+        tables[i] = t.Data(), projs[i] = p.Data();
+        rows[i] = ts[0], widths[i] = ts[1];
+      }
+      const auto& ids_shape = input_ids.Shape();
+      std::vector<int64_t> out_shape(ids_shape);
+      out_shape.push_back(D);
+      float* out = output.Allocate(out_shape);
+      const int64_t n = input_ids.NumberOfElement();
+      const int64_t* ids = input_ids.Data();
+      const int64_t* tier = tier_of.Data();
+      const int64_t* row = row_of.Data();
+      for (int64_t t = 0; t < n; ++t) {  // validate before any thread starts
+        const int64_t id = ids[t];
+        RAGTOP_CHECK(id >= 0 && id < V, "RaggedEmbedding: token id " + std::to_string(id) + " out of range [0, " +
+                                            std::to_string(V) + ")");
+        RAGTOP_CHECK(tier[id] >= 0 && tier[id] < num_tiers && row[id] >= 0 && row[id] < rows[tier[id]],
+                     "RaggedEmbedding: token " + std::to_string(id) + " has an invalid tier/row");
+      }
+      parallel_for(ctx, static_cast<size_t>(n), [&](size_t t) {
+        const int64_t id = ids[t], i = tier[id];
+        embed_token(tables[i] + row[id] * widths[i], projs[i], D, widths[i], out + static_cast<int64_t>(t) * D);
+      });
+      return Ort::Status(nullptr);
+    } catch (const std::exception& e) {
+      return Ort::Status(e);
+    }
+  }
+};
+
+}  // namespace ragtop
+
+// ---------------------------------------------------------------------------------------
+// Entry point: SessionOptions.register_custom_ops_library(path) calls this.
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (!api) {  // older runtime: report through the oldest API every runtime has
+    const OrtApi* v1 = api_base->GetApi(1);
+    const std::string msg = std::string("ragtop plugin needs onnxruntime C API version >= ") + std::to_string(ORT_API_VERSION) +
+                            " (onnxruntime >= 1." + std::to_string(ORT_API_VERSION) + "); this onnxruntime is " +
+                            api_base->GetVersionString();
+    return v1 ? v1->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
+  }
+  Ort::InitApi(api);
+  static std::mutex mu;
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> attn, embed;
+  static std::unique_ptr<Ort::CustomOpDomain> domain;
+  try {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!domain) {  // one domain object, alive as long as the library, shared by sessions
+      attn.reset(Ort::Custom::CreateLiteCustomOp<ragtop::TopKAttentionKernel>("TopKAttention", "CPUExecutionProvider", 1));
+      embed.reset(Ort::Custom::CreateLiteCustomOp<ragtop::RaggedEmbeddingKernel>("RaggedEmbedding", "CPUExecutionProvider", 1));
+      domain = std::make_unique<Ort::CustomOpDomain>("ragtop");
+      domain->Add(attn.get());
+      domain->Add(embed.get());
+    }
+    Ort::UnownedSessionOptions(options).Add(*domain);
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, (std::string("ragtop plugin: ") + e.what()).c_str());
+  }
+  return nullptr;
+}
