@@ -43,6 +43,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(RAGTOP_NO_CLONES)
 #define RAGTOP_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
@@ -73,6 +77,63 @@ static inline float block_bound(const float* __restrict q, const float* __restri
   for (int64_t d = 0; d < n; ++d) s += std::max(q[d] * lo[d], q[d] * hi[d]);
   return s;
 }
+
+// ---------------------------------------------------------------------------------------
+// Score tiles: out[r * n + i] = q_r . k_i for R query rows and n (<= kTile) consecutive key
+// rows. This is where exact top-k spends its time. The AVX2 version scores 8 keys at once
+// for one row: 8 vector accumulators over d (one FMA per 8 floats, no horizontal sum in the
+// loop), then one 8-way horizontal reduction (hadd + lane permute) gives the 8 scores in
+// one register. The key tile (n x Dh floats) stays in L1 across the rows. Picked once at
+// load time from the CPU's features, so the library runs on any x86-64.
+constexpr int64_t kTile = 64;
+using ScoreTileFn = void (*)(const float* q, int64_t R, const float* k, int64_t n, int64_t Dh, float* out);
+
+static void score_tile_generic(const float* q, int64_t R, const float* k, int64_t n, int64_t Dh, float* out) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < n; ++i) out[r * n + i] = dot(q + r * Dh, k + i * Dh, Dh);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx2,fma"))) static void score_tile_avx2(const float* q, int64_t R, const float* k, int64_t n,
+                                                                 int64_t Dh, float* out) {
+  if (Dh % 8) return score_tile_generic(q, R, k, n, Dh, out);
+  const int64_t n8 = n - n % 8;
+  for (int64_t r = 0; r < R; ++r) {
+    const float* qr = q + r * Dh;
+    float* o = out + r * n;
+    for (int64_t i = 0; i < n8; i += 8) {  // hot loop: 8 keys x Dh
+      const float* k0 = k + i * Dh;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+      for (int64_t d = 0; d < Dh; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(qr + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 0 * Dh + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 1 * Dh + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * Dh + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * Dh + d), a3);
+        a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 4 * Dh + d), a4);
+        a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 5 * Dh + d), a5);
+        a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 6 * Dh + d), a6);
+        a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 7 * Dh + d), a7);
+      }
+      // 8 accumulators -> [sum a0, ..., sum a7]
+      const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
+      const __m256 h45 = _mm256_hadd_ps(a4, a5), h67 = _mm256_hadd_ps(a6, a7);
+      const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+      const __m256 lo = _mm256_permute2f128_ps(h0123, h4567, 0x20);
+      const __m256 hi = _mm256_permute2f128_ps(h0123, h4567, 0x31);
+      _mm256_storeu_ps(o + i, _mm256_add_ps(lo, hi));
+    }
+    for (int64_t i = n8; i < n; ++i) o[i] = dot(qr, k + i * Dh, Dh);
+  }
+}
+static ScoreTileFn pick_score_tile() {
+  __builtin_cpu_init();
+  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? score_tile_avx2 : score_tile_generic;
+}
+#else
+static ScoreTileFn pick_score_tile() { return score_tile_generic; }
+#endif
+static const ScoreTileFn score_tile = pick_score_tile();
 
 // ---------------------------------------------------------------------------------------
 // TopKHeap: the k best (score, index) pairs seen so far, "best" meaning higher score and,
@@ -172,7 +233,8 @@ struct Scratch {
   std::vector<float> bs_s;  // block heap
   std::vector<int32_t> bs_j;
   std::vector<int32_t> blocks;
-  std::vector<float> q;  // scaled query rows
+  std::vector<float> q;     // scaled query rows
+  std::vector<float> tile;  // scores of one key tile
 };
 static Scratch& scratch() {
   thread_local Scratch sc;
@@ -186,7 +248,7 @@ static Scratch& scratch() {
 // loop over rows starts at the first such row. Each key row (Dh floats) is loaded once
 // and scored against all rows of the item (the GQA heads and the chunk's queries) while
 // it sits in L1.
-RAGTOP_HOT static void attend_exact(const AttnProblem& P, const AttnItem& it) {
+static void attend_exact(const AttnProblem& P, const AttnItem& it) {
   const int64_t len = P.lens[it.b], Dh = P.Dh;
   const int64_t ns = it.s1 - it.s0, R = ns * it.nh;
   const int64_t pmax = len + it.s1 - 1;
@@ -207,14 +269,21 @@ RAGTOP_HOT static void attend_exact(const AttnProblem& P, const AttnItem& it) {
   }
   TopKHeap* heaps = sc.heaps.data();
   const float* qs = sc.q.data();
+  sc.tile.resize(R * kTile);
+  float* tile = sc.tile.data();
 
-  for (int64_t j = 0; j <= pmax; ++j) {
-    const float* kj = keys + j * Dh;
-    // first row that sees key j: query s with len + s >= j
-    const int64_t sfirst = std::max<int64_t>(0, j - len - it.s0);
-    for (int64_t r = sfirst * it.nh; r < R; ++r) {  // hot loop: one dot per (row, key)
-      const float score = dot(qs + r * Dh, kj, Dh);
-      if (score > heaps[r].thr || heaps[r].n < heaps[r].k) heaps[r].push(score, static_cast<int32_t>(j));
+  for (int64_t j0 = 0; j0 <= pmax; j0 += kTile) {
+    const int64_t n = std::min(kTile, pmax + 1 - j0);
+    // rows that see at least key j0: query s with len + s >= j0 (a suffix of the rows)
+    const int64_t r0 = std::max<int64_t>(0, j0 - len - it.s0) * it.nh;
+    score_tile(qs + r0 * Dh, R - r0, keys + j0 * Dh, n, Dh, tile);
+    for (int64_t r = r0; r < R; ++r) {  // selection: one compare per score, rare pushes
+      const int64_t p = len + it.s0 + r / it.nh;
+      const int64_t m = std::min(n, p + 1 - j0);  // keys of the tile this row sees
+      const float* t = tile + (r - r0) * n;
+      TopKHeap& hp = heaps[r];
+      for (int64_t i = 0; i < m; ++i)
+        if (t[i] > hp.thr || hp.n < hp.k) hp.push(t[i], static_cast<int32_t>(j0 + i));
     }
   }
   for (int64_t r = 0; r < R; ++r) {
@@ -238,6 +307,8 @@ RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
   const int64_t kcap = std::min<int64_t>(P.topk, (P.budget + 1) * bs);
   sc.s.resize(kcap), sc.j.resize(kcap);
   sc.bs_s.resize(P.budget), sc.bs_j.resize(P.budget), sc.blocks.resize(P.budget + 1), sc.q.resize(Dh);
+  sc.tile.resize(kTile);
+  float* tile = sc.tile.data();
   TopKHeap keyheap, blockheap;
 
   for (int64_t s = it.s0; s < it.s1; ++s) {
@@ -262,9 +333,11 @@ RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
       keyheap.reset(sc.s.data(), sc.j.data(), static_cast<int32_t>(std::min<int64_t>(P.topk, nkeys)));
       for (int64_t bi = 0; bi < nblk; ++bi) {
         const int64_t j0 = blocks[bi] * bs, j1 = std::min((blocks[bi] + 1) * bs, p + 1);
-        for (int64_t j = j0; j < j1; ++j) {  // hot loop: one dot per candidate key
-          const float score = dot(qs, keys + j * Dh, Dh);
-          if (score > keyheap.thr || keyheap.n < keyheap.k) keyheap.push(score, static_cast<int32_t>(j));
+        for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
+          const int64_t n = std::min(kTile, j1 - t0);
+          score_tile(qs, 1, keys + t0 * Dh, n, Dh, tile);
+          for (int64_t i = 0; i < n; ++i)
+            if (tile[i] > keyheap.thr || keyheap.n < keyheap.k) keyheap.push(tile[i], static_cast<int32_t>(t0 + i));
         }
       }
       softmax_gather(keyheap, vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh);

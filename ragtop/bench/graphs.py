@@ -7,6 +7,7 @@ fallback path), and com.microsoft GroupQueryAttention (the dense baseline).
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -67,3 +68,104 @@ def ragged_embedding_model(tables, projs, tier_of, row_of) -> bytes:
         {ops.DOMAIN: ops.OPSET_VERSION},
         inits,
     )
+
+
+def fallback_attention_model(num_heads: int, num_kv_heads: int, head_dim: int, topk: int, capacity: int) -> bytes:
+    """Exact top-k attention over a shared cache in standard ONNX ops (the fallback path).
+
+    Same inputs/outputs as the custom node in exact mode: the new keys/values are scattered
+    into the cache at past_lengths (in place when present is bound to past's buffer), the
+    GQA heads of a KV head are scored in one MatMul, invisible keys masked with -inf, TopK
+    keeps k per row (ties: lower index, as ONNX specifies), the softmax over the kept scores
+    is scattered back to a [.., C] row and multiplied with V.
+    """
+    H, Hkv, Dh, C = num_heads, num_kv_heads, head_dim, capacity
+    G, k = H // Hkv, min(topk, capacity)
+    cache = ["B", Hkv, C, Dh]
+    inputs = [
+        helper.make_tensor_value_info("query", F, ["B", "S", H * Dh]),
+        helper.make_tensor_value_info("key", F, ["B", "S", Hkv * Dh]),
+        helper.make_tensor_value_info("value", F, ["B", "S", Hkv * Dh]),
+        helper.make_tensor_value_info("past_key", F, cache),
+        helper.make_tensor_value_info("past_value", F, cache),
+        helper.make_tensor_value_info("past_lengths", I64, ["B"]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("output", F, ["B", "S", H * Dh]),
+        helper.make_tensor_value_info("present_key", F, cache),
+        helper.make_tensor_value_info("present_value", F, cache),
+    ]
+    const = lambda name, arr: onnx.numpy_helper.from_array(arr, name)  # noqa: E731
+    inits = [
+        const("zero", np.array(0, np.int64)), const("one", np.array(1, np.int64)),
+        const("ax2", np.array([2], np.int64)), const("ax_last", np.array([-1], np.int64)),
+        const("keys_idx", np.arange(C, dtype=np.int64)),
+        const("kv_heads_shape", np.array([0, 0, Hkv, Dh], np.int64)),
+        const("q_heads_shape", np.array([0, 0, Hkv, G, Dh], np.int64)),
+        const("k", np.array([k], np.int64)), const("neg_inf", np.array(-np.inf, np.float32)),
+        const("zero_f", np.array(0.0, np.float32)), const("out_shape", np.array([0, 0, H * Dh], np.int64)),
+        const("ax_pos", np.array([1, 3], np.int64)), const("ax_mask", np.array([1, 2], np.int64)),
+    ]
+    n = helper.make_node
+    nodes = [
+        # positions [B,S] = past_lengths[:, None] + arange(S)
+        n("Shape", ["query"], ["q_shape"]),
+        n("Gather", ["q_shape", "one"], ["S"], axis=0),
+        n("Range", ["zero", "S", "one"], ["arange_s"]),
+        n("Unsqueeze", ["past_lengths", "ax_last"], ["lens_col"]),
+        n("Add", ["lens_col", "arange_s"], ["pos"]),  # [B,S]
+        # cache write: indices [B,Hkv,S,Dh]
+        n("Reshape", ["key", "kv_heads_shape"], ["k4"]), n("Transpose", ["k4"], ["k_new"], perm=[0, 2, 1, 3]),
+        n("Reshape", ["value", "kv_heads_shape"], ["v4"]), n("Transpose", ["v4"], ["v_new"], perm=[0, 2, 1, 3]),
+        n("Unsqueeze", ["pos", "ax_pos"], ["pos4"]),  # [B,1,S,1]
+        n("Shape", ["k_new"], ["kn_shape"]), n("Expand", ["pos4", "kn_shape"], ["widx"]),
+        n("ScatterElements", ["past_key", "widx", "k_new"], ["present_key"], axis=2),
+        n("ScatterElements", ["past_value", "widx", "v_new"], ["present_value"], axis=2),
+        # scores [B,Hkv,G,S,C]
+        n("Reshape", ["query", "q_heads_shape"], ["q5"]), n("Transpose", ["q5"], ["qh"], perm=[0, 2, 3, 1, 4]),
+        n("Constant", [], ["scale"], value=onnx.numpy_helper.from_array(np.array(Dh**-0.5, np.float32))),
+        n("Mul", ["qh", "scale"], ["qs"]),
+        n("Unsqueeze", ["present_key", "ax2"], ["k5"]),  # [B,Hkv,1,C,Dh]
+        n("Transpose", ["k5"], ["kT"], perm=[0, 1, 2, 4, 3]),
+        n("MatMul", ["qs", "kT"], ["scores"]),
+        # visibility: key j <= pos(s)  -> [B,1,1,S,C]
+        n("Unsqueeze", ["pos", "ax_last"], ["pos3"]),  # [B,S,1]
+        n("LessOrEqual", ["keys_idx", "pos3"], ["vis3"]),
+        n("Unsqueeze", ["vis3", "ax_mask"], ["vis"]),
+        n("Where", ["vis", "scores", "neg_inf"], ["masked"]),
+        n("TopK", ["masked", "k"], ["top_vals", "top_idx"], axis=-1, largest=1, sorted=1),
+        n("Softmax", ["top_vals"], ["w"], axis=-1),
+        n("Shape", ["scores"], ["scores_shape"]),
+        n("Expand", ["zero_f", "scores_shape"], ["zeros"]),
+        n("ScatterElements", ["zeros", "top_idx", "w"], ["probs"], axis=-1),
+        n("Unsqueeze", ["present_value", "ax2"], ["v5"]),
+        n("MatMul", ["probs", "v5"], ["o5"]),  # [B,Hkv,G,S,Dh]
+        n("Transpose", ["o5"], ["o_t"], perm=[0, 3, 1, 2, 4]),
+        n("Reshape", ["o_t", "out_shape"], ["output"]),
+    ]
+    return _model(nodes, inputs, outputs, {}, inits)
+
+
+def gqa_model(num_heads: int, num_kv_heads: int, head_dim: int) -> bytes:
+    """com.microsoft GroupQueryAttention (dense), for a past/present shared buffer."""
+    H, Hkv, Dh = num_heads, num_kv_heads, head_dim
+    cache = ["B", Hkv, "C", Dh]
+    inputs = [
+        helper.make_tensor_value_info("query", F, ["B", "S", H * Dh]),
+        helper.make_tensor_value_info("key", F, ["B", "S", Hkv * Dh]),
+        helper.make_tensor_value_info("value", F, ["B", "S", Hkv * Dh]),
+        helper.make_tensor_value_info("past_key", F, cache),
+        helper.make_tensor_value_info("past_value", F, cache),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("output", F, ["B", "S", H * Dh]),
+        helper.make_tensor_value_info("present_key", F, cache),
+        helper.make_tensor_value_info("present_value", F, cache),
+    ]
+    node = helper.make_node(
+        "GroupQueryAttention", [i.name for i in inputs], [o.name for o in outputs], domain="com.microsoft",
+        num_heads=H, kv_num_heads=Hkv, scale=Dh**-0.5,
+    )
+    return _model([node], inputs, outputs, {"com.microsoft": 1})

@@ -88,6 +88,7 @@ EXACT_CASES = [  # B, S, H, Hkv, Dh, C, lens, topk
     (2, 1, 6, 2, 8, 80, [0, 79], 5),  # decode, empty cache and a full one, GQA
     (1, 37, 4, 2, 16, 64, [0], 7),  # prefill from empty
     (3, 5, 3, 1, 8, 48, [10, 0, 31], 4),  # mixed lengths, chunked append
+    (2, 9, 4, 2, 12, 40, [7, 25], 6),  # head dim not a multiple of 8 (scalar tail path)
     (2, 70, 2, 2, 8, 128, [3, 50], 16),  # prefill longer than one query chunk
     (2, 3, 4, 2, 8, 32, [2, 20], 1000),  # k >= visible keys: exactly dense
 ]
