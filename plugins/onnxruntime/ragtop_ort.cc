@@ -15,9 +15,10 @@
 // Performance notes (see docs/kernels.md):
 //   * the KV cache is updated in place when present_* is bound to the same memory as
 //     past_* (IO binding); otherwise past is copied to present first;
-//   * no score matrix is ever materialised: each query row keeps a k-entry min-heap while
-//     the keys stream past, so selection is O(L) compares + O(k log k log L) heap work,
-//     not a sort;
+//   * no score matrix is ever materialised: keys stream past in tiles of 64, and each query
+//     row keeps a lazy top-k buffer (threshold compare + nth_element when 2k candidates
+//     have piled up), so selection is O(L) compares plus O(k) amortised work per accepted
+//     candidate, never a sort of L scores;
 //   * work items are (sequence, KV head, query chunk); the query heads sharing a KV head
 //     (GQA) are scored in the same pass over the keys, so each key row is read once;
 //   * items run on onnxruntime's intra-op thread pool (KernelContext_ParallelFor): the
@@ -136,66 +137,73 @@ static ScoreTileFn pick_score_tile() { return score_tile_generic; }
 static const ScoreTileFn score_tile = pick_score_tile();
 
 // ---------------------------------------------------------------------------------------
-// TopKHeap: the k best (score, index) pairs seen so far, "best" meaning higher score and,
-// among equal scores, lower index. Storage is borrowed (per-thread scratch).
+// TopK: the k best (score, index) pairs of a stream, "best" meaning higher score and, among
+// equal scores, lower index (the reference's tie rule).
 //
-// Candidates are pushed in increasing index order, so once the heap is full a newcomer
-// beats the worst entry exactly when its score is strictly greater: `thr` is that score,
-// and the caller's hot loop tests `score > thr` before calling push (almost always false
-// after the first few hundred keys).
-struct TopKHeap {
-  float* s = nullptr;
-  int32_t* j = nullptr;
-  int32_t n = 0, k = 0;
-  float thr = kNegInf;  // -inf while not full
+// A lazy selection buffer rather than a heap: candidates whose score beats the threshold
+// `thr` are appended (two stores); when the buffer holds `cap` (~2k) of them, nth_element
+// keeps the k best and `thr` becomes the k-th best score. Candidates arrive in increasing
+// index order, so a newcomer equal to `thr` loses to every kept entry with that score:
+// the strict `score > thr` test in the callers' hot loops is exactly the tie rule. Once the
+// threshold settles, almost every score fails that one compare; the rest cost O(1)
+// amortised (a heap's sift would cost O(log k) branchy steps per accepted candidate, which
+// dominated prefill where rows are short and acceptances frequent).
+struct Cand {
+  float s;
+  int32_t j;
+};
+static inline bool better(const Cand& a, const Cand& b) { return a.s > b.s || (a.s == b.s && a.j < b.j); }
 
-  void reset(float* sbuf, int32_t* jbuf, int32_t cap) {
-    s = sbuf, j = jbuf, n = 0, k = cap, thr = kNegInf;
-  }
-  // a is worse than b (lower score, or equal score and higher index)
-  static bool worse(float as, int32_t aj, float bs, int32_t bj) {
-    return as < bs || (as == bs && aj > bj);
+struct TopK {
+  Cand* c = nullptr;
+  int32_t n = 0, k = 0, cap = 0;
+  float thr = kNegInf;  // -inf until the first compaction
+
+  static int32_t capacity(int64_t k) { return static_cast<int32_t>(2 * k + 16); }
+  void reset(Cand* buf, int64_t kk) {
+    c = buf, n = 0, k = static_cast<int32_t>(kk), cap = capacity(kk), thr = kNegInf;
   }
   void push(float sc, int32_t idx) {
-    if (n < k) {  // fill phase: sift up
-      int32_t c = n++;
-      while (c > 0) {
-        int32_t p = (c - 1) / 2;
-        if (!worse(sc, idx, s[p], j[p])) break;
-        s[c] = s[p], j[c] = j[p], c = p;
-      }
-      s[c] = sc, j[c] = idx;
-      if (n == k) thr = s[0];
-      return;
-    }
-    if (!(sc > s[0])) return;  // see the class comment: strict > is the tie rule
-    int32_t c = 0;             // replace the root, sift down
-    for (;;) {
-      int32_t l = 2 * c + 1, r = l + 1, m = c;
-      float ms = sc;
-      int32_t mj = idx;
-      if (l < n && worse(s[l], j[l], ms, mj)) m = l, ms = s[l], mj = j[l];
-      if (r < n && worse(s[r], j[r], ms, mj)) m = r;
-      if (m == c) break;
-      s[c] = s[m], j[c] = j[m], c = m;
-    }
-    s[c] = sc, j[c] = idx;
-    thr = s[0];
+    c[n++] = Cand{sc, idx};
+    if (n == cap) compact();
+  }
+  void compact() {  // keep the k best, threshold = the k-th best score
+    if (n <= k) return;
+    std::nth_element(c, c + (k - 1), c + n, better);
+    thr = c[k - 1].s;
+    n = k;
   }
 };
 
-// Softmax over the heap's entries, weighted sum of their value rows -> out[Dh].
-static inline void softmax_gather(const TopKHeap& h, const float* __restrict vrows, int64_t Dh,
-                                  float* __restrict out) {
+// Offer scores t[0..m) of keys j0.. to a selection. Groups of 16 whose maximum does not
+// beat the threshold (the common case once it has settled) are skipped with one vector
+// max-reduction and one compare.
+static inline void select_scores(TopK& tk, const float* __restrict t, int64_t m, int64_t j0) {
+  int64_t i = 0;
+  for (; i + 16 <= m; i += 16) {
+    float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+    for (int64_t u = 0; u < 16; ++u) mx = std::max(mx, t[i + u]);
+    if (!(mx > tk.thr)) continue;
+    for (int64_t u = i; u < i + 16; ++u)
+      if (t[u] > tk.thr) tk.push(t[u], static_cast<int32_t>(j0 + u));
+  }
+  for (; i < m; ++i)
+    if (t[i] > tk.thr) tk.push(t[i], static_cast<int32_t>(j0 + i));
+}
+
+// Softmax over the kept entries, weighted sum of their value rows -> out[Dh].
+static inline void softmax_gather(TopK& t, const float* __restrict vrows, int64_t Dh, float* __restrict out) {
+  t.compact();
   std::fill(out, out + Dh, 0.f);
-  if (h.n == 0) return;
+  if (t.n == 0) return;
   float m = kNegInf;
-  for (int32_t i = 0; i < h.n; ++i) m = std::max(m, h.s[i]);
+  for (int32_t i = 0; i < t.n; ++i) m = std::max(m, t.c[i].s);
   float total = 0.f;
-  for (int32_t i = 0; i < h.n; ++i) {
-    const float w = std::exp(h.s[i] - m);
+  for (int32_t i = 0; i < t.n; ++i) {
+    const float w = std::exp(t.c[i].s - m);
     total += w;
-    const float* __restrict v = vrows + static_cast<int64_t>(h.j[i]) * Dh;
+    const float* __restrict v = vrows + static_cast<int64_t>(t.c[i].j) * Dh;
 #pragma omp simd
     for (int64_t d = 0; d < Dh; ++d) out[d] += w * v[d];
   }
@@ -225,13 +233,11 @@ struct AttnItem {
   int64_t b, kvh, h0, nh, s0, s1;
 };
 
-// Per-thread scratch (heaps), reused across calls.
+// Per-thread scratch (selection buffers), reused across calls.
 struct Scratch {
-  std::vector<float> s;
-  std::vector<int32_t> j;
-  std::vector<TopKHeap> heaps;
-  std::vector<float> bs_s;  // block heap
-  std::vector<int32_t> bs_j;
+  std::vector<Cand> cand;   // key candidates, one buffer per row
+  std::vector<TopK> rows;
+  std::vector<Cand> bcand;  // block candidates
   std::vector<int32_t> blocks;
   std::vector<float> q;     // scaled query rows
   std::vector<float> tile;  // scores of one key tile
@@ -257,7 +263,8 @@ static void attend_exact(const AttnProblem& P, const AttnItem& it) {
   const float* vals = P.vc + (it.b * P.Hkv + it.kvh) * P.C * Dh;
 
   Scratch& sc = scratch();
-  sc.s.resize(R * kcap), sc.j.resize(R * kcap), sc.heaps.resize(R);
+  const int64_t cap = TopK::capacity(kcap);
+  sc.cand.resize(R * cap), sc.rows.resize(R);
   // the item's query rows, pre-multiplied by the softmax scale (as the reference does)
   sc.q.resize(R * Dh);
   for (int64_t r = 0; r < R; ++r) {
@@ -265,9 +272,9 @@ static void attend_exact(const AttnProblem& P, const AttnItem& it) {
     const float* src = P.q + ((it.b * P.S + s) * P.H + h) * Dh;
     for (int64_t d = 0; d < Dh; ++d) sc.q[r * Dh + d] = src[d] * P.scale;
     const int64_t k = std::min<int64_t>(P.topk, len + s + 1);
-    sc.heaps[r].reset(sc.s.data() + r * kcap, sc.j.data() + r * kcap, static_cast<int32_t>(k));
+    sc.rows[r].reset(sc.cand.data() + r * cap, k);
   }
-  TopKHeap* heaps = sc.heaps.data();
+  TopK* sel = sc.rows.data();
   const float* qs = sc.q.data();
   sc.tile.resize(R * kTile);
   float* tile = sc.tile.data();
@@ -281,14 +288,12 @@ static void attend_exact(const AttnProblem& P, const AttnItem& it) {
       const int64_t p = len + it.s0 + r / it.nh;
       const int64_t m = std::min(n, p + 1 - j0);  // keys of the tile this row sees
       const float* t = tile + (r - r0) * n;
-      TopKHeap& hp = heaps[r];
-      for (int64_t i = 0; i < m; ++i)
-        if (t[i] > hp.thr || hp.n < hp.k) hp.push(t[i], static_cast<int32_t>(j0 + i));
+      select_scores(sel[r], t, m, j0);
     }
   }
   for (int64_t r = 0; r < R; ++r) {
     const int64_t s = it.s0 + r / it.nh, h = it.h0 + r % it.nh;
-    softmax_gather(heaps[r], vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh);
+    softmax_gather(sel[r], vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh);
   }
 }
 
@@ -305,11 +310,11 @@ RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
 
   Scratch& sc = scratch();
   const int64_t kcap = std::min<int64_t>(P.topk, (P.budget + 1) * bs);
-  sc.s.resize(kcap), sc.j.resize(kcap);
-  sc.bs_s.resize(P.budget), sc.bs_j.resize(P.budget), sc.blocks.resize(P.budget + 1), sc.q.resize(Dh);
+  sc.cand.resize(TopK::capacity(kcap)), sc.bcand.resize(TopK::capacity(P.budget));
+  sc.blocks.resize(P.budget + 1), sc.q.resize(Dh);
   sc.tile.resize(kTile);
   float* tile = sc.tile.data();
-  TopKHeap keyheap, blockheap;
+  TopK keysel, blocksel;
 
   for (int64_t s = it.s0; s < it.s1; ++s) {
     const int64_t p = len + s, own = p / bs;
@@ -318,29 +323,29 @@ RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
       float* qs = sc.q.data();  // scaled copy for the key scores (the bound uses q as is)
       for (int64_t d = 0; d < Dh; ++d) qs[d] = q[d] * P.scale;
       // 1. candidate blocks: the budget earlier blocks with the largest bound
-      blockheap.reset(sc.bs_s.data(), sc.bs_j.data(), static_cast<int32_t>(std::min(P.budget, own)));
+      blocksel.reset(sc.bcand.data(), std::min(P.budget, own));
       for (int64_t blk = 0; blk < own; ++blk) {  // hot loop over the summaries
         const float ub = block_bound(q, lo + blk * Dh, hi + blk * Dh, Dh);
-        if (ub > blockheap.thr || blockheap.n < blockheap.k) blockheap.push(ub, static_cast<int32_t>(blk));
+        if (ub > blocksel.thr) blocksel.push(ub, static_cast<int32_t>(blk));
       }
       int32_t* blocks = sc.blocks.data();
-      std::copy(blockheap.j, blockheap.j + blockheap.n, blocks);
-      std::sort(blocks, blocks + blockheap.n);  // key order, for the tie rule below
-      int64_t nblk = blockheap.n;
+      blocksel.compact();
+      for (int32_t i = 0; i < blocksel.n; ++i) blocks[i] = blocksel.c[i].j;
+      std::sort(blocks, blocks + blocksel.n);  // key order, for the tie rule below
+      int64_t nblk = blocksel.n;
       blocks[nblk++] = static_cast<int32_t>(own);
       // 2. exact top-k over the visible keys of the chosen blocks
       const int64_t nkeys = (nblk - 1) * bs + (p - own * bs + 1);
-      keyheap.reset(sc.s.data(), sc.j.data(), static_cast<int32_t>(std::min<int64_t>(P.topk, nkeys)));
+      keysel.reset(sc.cand.data(), std::min<int64_t>(P.topk, nkeys));
       for (int64_t bi = 0; bi < nblk; ++bi) {
         const int64_t j0 = blocks[bi] * bs, j1 = std::min((blocks[bi] + 1) * bs, p + 1);
         for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
           const int64_t n = std::min(kTile, j1 - t0);
           score_tile(qs, 1, keys + t0 * Dh, n, Dh, tile);
-          for (int64_t i = 0; i < n; ++i)
-            if (tile[i] > keyheap.thr || keyheap.n < keyheap.k) keyheap.push(tile[i], static_cast<int32_t>(t0 + i));
+          select_scores(keysel, tile, n, t0);
         }
       }
-      softmax_gather(keyheap, vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh);
+      softmax_gather(keysel, vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh);
     }
   }
 }
@@ -506,11 +511,11 @@ struct TopKAttentionKernel {
     });
 
     // 2. Attention. Items: (sequence, KV head, head group, query chunk). Prefill chunks
-    //    hold up to 32 queries (bounded scratch: rows x k heap entries); when there are too
+    //    hold up to 32 queries (bounded scratch: rows x 2k candidates); when there are too
     //    few items to keep the pool busy (decode with few KV heads), the GQA group is split
     //    into single heads.
     const int64_t kmax_entries = std::min<int64_t>(P.topk, P.C);
-    int64_t qc = std::clamp<int64_t>((int64_t{1} << 22) / std::max<int64_t>(1, P.G * kmax_entries), 1, 32);
+    int64_t qc = std::clamp<int64_t>((int64_t{1} << 21) / std::max<int64_t>(1, P.G * kmax_entries), 1, 32);
     if (blocks) qc = 16;
     const int64_t nchunks = (P.S + qc - 1) / qc;
     const int64_t hw = std::max<int64_t>(2, std::thread::hardware_concurrency());

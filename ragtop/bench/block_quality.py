@@ -1,0 +1,108 @@
+"""`ragtop bench block-quality CKPT`: what block selection costs in quality.
+
+The checkpoint's weights run with several attention variants on the held-out speeches:
+dense, exact top-k, and top-k with block selection at several block sizes and budgets
+(training-free: the weights are the same, only `AttentionConfig` changes). For each
+variant: held-out perplexity over full windows of `--context` tokens, and the agreement of
+its greedy next-token choice (argmax, teacher-forced at every position) with exact top-k's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--topk", type=int, default=32)
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--context", type=int, default=None, help="window length (default: the model's context)")
+    parser.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens scored per variant")
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--json", action="store_true")
+
+
+def _windows(ckpt, data_dir: Path, context: int, max_tokens: int) -> torch.Tensor:
+    from ragtop.train.corpus import load_sotu, split_by_year
+
+    tok = ckpt.tokenizer()
+    bos = ckpt.generation.get("bos_token_id", 0)
+    rows, total = [], 0
+    for doc in split_by_year(load_sotu(data_dir))[1]:
+        ids = torch.tensor([bos, *tok.encode(doc.text).ids], dtype=torch.long)
+        for s in range(0, ids.numel() - context, context):  # full windows (+1 target) only
+            rows.append(ids[s : s + context + 1])
+            total += context
+            if total >= max_tokens:
+                return torch.stack(rows)
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def _score(model, windows: torch.Tensor, batch: int = 4) -> tuple[float, torch.Tensor]:
+    """Mean NLL and the argmax prediction at every position."""
+    nll, preds = 0.0, []
+    for i in range(0, len(windows), batch):
+        w = windows[i : i + batch]
+        logits = model(w[:, :-1])
+        nll += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
+        preds.append(logits.argmax(-1))
+    return nll / (windows.shape[0] * (windows.shape[1] - 1)), torch.cat(preds)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ragtop.checkpoint import load_checkpoint
+    from ragtop.model import AttentionConfig, Transformer
+
+    torch.set_grad_enabled(False)
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = ckpt.config
+    context = args.context or cfg.max_seq_len
+    data_dir = args.data_dir or Path(os.environ.get("RAGTOP_DATA_DIR") or "data")
+    windows = _windows(ckpt, data_dir, context, args.max_tokens)
+    state = ckpt.model.state_dict()
+
+    variants = [("dense", AttentionConfig()), (f"top-{args.topk} exact", AttentionConfig("topk", topk=args.topk))]
+    for bs in args.block_sizes:
+        for budget in args.budgets:
+            if budget * bs < context:  # a budget covering the whole window is exact top-k
+                variants.append((f"top-{args.topk} bs={bs} budget={budget}",
+                                 AttentionConfig("topk", topk=args.topk, block_size=bs, block_budget=budget)))
+    results, ref = [], None
+    for name, att in variants:
+        model = Transformer(cfg.with_attention(att)).eval()
+        model.load_state_dict(state)
+        loss, preds = _score(model, windows)
+        if att.kind == "topk" and att.block_size is None:
+            ref = preds
+        agree = None if ref is None else float((preds == ref).float().mean())
+        keys = None if att.block_size is None else (att.block_budget + 1) * att.block_size
+        results.append({"variant": name, "perplexity": round(math.exp(loss), 3),
+                        "greedy_agreement_vs_exact": None if agree is None else round(agree, 4),
+                        "candidate_keys_per_query": keys})
+        if not args.json:
+            a = "-" if agree is None else f"{agree:.4f}"
+            print(f"{name:<32} ppl {math.exp(loss):9.3f}  agreement vs exact top-k {a}", flush=True)
+    report = {"checkpoint": str(args.checkpoint), "context": context, "tokens": int(windows.shape[0] * context),
+              "results": results}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ragtop bench block-quality", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
