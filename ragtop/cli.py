@@ -105,8 +105,22 @@ def run_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench ----------------------------------------------------------------------------
+def add_bench(sub) -> None:
+    from .bench import block_quality, ops
+
+    p = sub.add_parser("bench", help="micro-benchmarks measured on this machine")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    o = bench.add_parser("ops", help="one attention layer: plugin exact / block selection vs fallback vs dense")
+    ops.add_arguments(o)
+    o.set_defaults(func=ops.run)
+    q = bench.add_parser("block-quality", help="perplexity and greedy agreement of block selection vs exact top-k")
+    block_quality.add_arguments(q)
+    q.set_defaults(func=lambda a: block_quality.run(a, default_data_dir()))
+
+
 # -- entry points ---------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_train, add_eval]
+COMMANDS: list[Callable] = [add_train, add_eval, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

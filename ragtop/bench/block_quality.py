@@ -12,11 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true")
 
 
-def _windows(ckpt, data_dir: Path, context: int, max_tokens: int) -> torch.Tensor:
+def _windows(ckpt, data_dir: Path, context: int, max_tokens: int):
+    import torch
+
     from ragtop.train.corpus import load_sotu, split_by_year
 
     tok = ckpt.tokenizer()
@@ -46,9 +44,10 @@ def _windows(ckpt, data_dir: Path, context: int, max_tokens: int) -> torch.Tenso
     return torch.stack(rows)
 
 
-@torch.no_grad()
-def _score(model, windows: torch.Tensor, batch: int = 4) -> tuple[float, torch.Tensor]:
-    """Mean NLL and the argmax prediction at every position."""
+def _score(model, windows, batch: int = 4):
+    """Mean NLL and the argmax prediction at every position (no grad)."""
+    import torch
+    import torch.nn.functional as F
     nll, preds = 0.0, []
     for i in range(0, len(windows), batch):
         w = windows[i : i + batch]
@@ -58,7 +57,9 @@ def _score(model, windows: torch.Tensor, batch: int = 4) -> tuple[float, torch.T
     return nll / (windows.shape[0] * (windows.shape[1] - 1)), torch.cat(preds)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, default_data_dir: Path) -> int:
+    import torch
+
     from ragtop.checkpoint import load_checkpoint
     from ragtop.model import AttentionConfig, Transformer
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     cfg = ckpt.config
     context = args.context or cfg.max_seq_len
-    data_dir = args.data_dir or Path(os.environ.get("RAGTOP_DATA_DIR") or "data")
+    data_dir = args.data_dir or default_data_dir
     windows = _windows(ckpt, data_dir, context, args.max_tokens)
     state = ckpt.model.state_dict()
 
@@ -98,11 +99,3 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ragtop bench block-quality", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -70,8 +70,11 @@ def ragged_embedding_model(tables, projs, tier_of, row_of) -> bytes:
     )
 
 
-def fallback_attention_model(num_heads: int, num_kv_heads: int, head_dim: int, topk: int, capacity: int) -> bytes:
+def fallback_attention_model(num_heads: int, num_kv_heads: int, head_dim: int, topk: int | None,
+                             capacity: int) -> bytes:
     """Exact top-k attention over a shared cache in standard ONNX ops (the fallback path).
+
+    topk=None gives plain dense attention in the same ops (Softmax over all visible keys).
 
     Same inputs/outputs as the custom node in exact mode: the new keys/values are scattered
     into the cache at past_lengths (in place when present is bound to past's buffer), the
@@ -80,7 +83,7 @@ def fallback_attention_model(num_heads: int, num_kv_heads: int, head_dim: int, t
     is scattered back to a [.., C] row and multiplied with V.
     """
     H, Hkv, Dh, C = num_heads, num_kv_heads, head_dim, capacity
-    G, k = H // Hkv, min(topk, capacity)
+    G, k = H // Hkv, min(topk or capacity, capacity)
     cache = ["B", Hkv, C, Dh]
     inputs = [
         helper.make_tensor_value_info("query", F, ["B", "S", H * Dh]),
@@ -133,17 +136,25 @@ def fallback_attention_model(num_heads: int, num_kv_heads: int, head_dim: int, t
         n("LessOrEqual", ["keys_idx", "pos3"], ["vis3"]),
         n("Unsqueeze", ["vis3", "ax_mask"], ["vis"]),
         n("Where", ["vis", "scores", "neg_inf"], ["masked"]),
-        n("TopK", ["masked", "k"], ["top_vals", "top_idx"], axis=-1, largest=1, sorted=1),
-        n("Softmax", ["top_vals"], ["w"], axis=-1),
-        n("Shape", ["scores"], ["scores_shape"]),
-        n("Expand", ["zero_f", "scores_shape"], ["zeros"]),
-        n("ScatterElements", ["zeros", "top_idx", "w"], ["probs"], axis=-1),
+    ]
+    if topk is None:
+        nodes.append(n("Softmax", ["masked"], ["probs"], axis=-1))
+    else:
+        nodes += [
+            n("TopK", ["masked", "k"], ["top_vals", "top_idx"], axis=-1, largest=1, sorted=1),
+            n("Softmax", ["top_vals"], ["w"], axis=-1),
+            n("Shape", ["scores"], ["scores_shape"]),
+            n("Expand", ["zero_f", "scores_shape"], ["zeros"]),
+            n("ScatterElements", ["zeros", "top_idx", "w"], ["probs"], axis=-1),
+        ]
+    nodes += [
         n("Unsqueeze", ["present_value", "ax2"], ["v5"]),
         n("MatMul", ["probs", "v5"], ["o5"]),  # [B,Hkv,G,S,Dh]
         n("Transpose", ["o5"], ["o_t"], perm=[0, 3, 1, 2, 4]),
         n("Reshape", ["o_t", "out_shape"], ["output"]),
     ]
-    return _model(nodes, inputs, outputs, {}, inits)
+    used = {name for node in nodes for name in node.input}
+    return _model(nodes, inputs, outputs, {}, [i for i in inits if i.name in used])
 
 
 def gqa_model(num_heads: int, num_kv_heads: int, head_dim: int) -> bytes:
