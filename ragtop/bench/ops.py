@@ -4,7 +4,8 @@ Paths (all in onnxruntime on the CPU provider, KV cache preallocated and shared 
 past and present through IO binding, so no path pays for a cache copy):
 
   dense_gqa      com.microsoft GroupQueryAttention (onnxruntime's fused dense kernel)
-  dense_ops      dense attention in standard ops (MatMul, Where, Softmax, MatMul: MLAS GEMMs);
+  dense_ops      dense attention in standard ops (MatMul, Where, Softmax, MatMul: MLAS GEMMs),
+                 prefill in 512-token chunks like the fallback;
                  measured too because GroupQueryAttention's decode time jumps ~10x between
                  12k and 16k tokens on this machine (onnxruntime 1.32), see docs/kernels.md
   plugin_exact   ragtop::TopKAttention from the plugin library, exact top-k
@@ -121,6 +122,28 @@ def _summaries(keys: np.ndarray, length: int, bs: int) -> tuple[np.ndarray, np.n
     return lo, hi
 
 
+def _standard_ops(ort, model: bytes, args, kind: str, base: dict, lens, keys, vals, sets: int,
+                  seconds: float, reps: int, warm: int) -> float:
+    """Times a standard-op graph: one call for decode; prefill in FALLBACK_CHUNK-token calls
+    (one call would hold T x T scores per head: 2 GB at 8k tokens and 8 heads)."""
+    if kind == "decode":
+        r = _Runner(ort, model, args.threads, False, {**base, "past_lengths": lens},
+                    {"past_key": keys, "past_value": vals}, sets)
+        return _timeit(r, seconds, reps, warm)
+    r = _Runner(ort, model, args.threads, False, {}, {"past_key": keys, "past_value": vals})
+    S = base["query"].shape[1]
+    chunks = []
+    for s0 in range(0, S, FALLBACK_CHUNK):
+        feeds = {name: x[:, s0 : s0 + FALLBACK_CHUNK] for name, x in base.items()}
+        chunks.append(r.bind({**feeds, "past_lengths": np.array([s0], np.int64)}, r.shared[0]))
+
+    def run_all() -> None:
+        for io in chunks:
+            r.sess.run_with_iobinding(io)
+
+    return _timeit(run_all, 0.0, 2, 1)
+
+
 def _case(ort, shape: Shape, args, kind: str, length: int, rng: np.random.Generator) -> dict[str, float]:
     """Times every path for one case: decode at cache length `length`, or prefill of `length`."""
     from ragtop.bench.graphs import fallback_attention_model, gqa_model, topk_attention_model
@@ -149,10 +172,8 @@ def _case(ort, shape: Shape, args, kind: str, length: int, rng: np.random.Genera
     ms["dense_gqa"] = _timeit(gqa, seconds, reps, warm)
     del gqa
 
-    dense_ops = _Runner(ort, fallback_attention_model(H, Hkv, Dh, None, C), args.threads, False,
-                        {**base, "past_lengths": lens}, {"past_key": keys, "past_value": vals}, sets)
-    ms["dense_ops"] = _timeit(dense_ops, seconds, reps, warm)
-    del dense_ops
+    ms["dense_ops"] = _standard_ops(ort, fallback_attention_model(H, Hkv, Dh, None, C), args, kind, base, lens,
+                                    keys, vals, sets, seconds, reps, warm)
 
     exact = _Runner(ort, topk_attention_model(H, Hkv, Dh, args.topk), args.threads, True,
                     {**base, "past_lengths": lens}, {"past_key": keys, "past_value": vals}, sets)
@@ -166,24 +187,8 @@ def _case(ort, shape: Shape, args, kind: str, length: int, rng: np.random.Genera
     ms["plugin_block"] = _timeit(block, seconds, reps, warm)
     del block
 
-    fb_model = fallback_attention_model(H, Hkv, Dh, args.topk, C)
-    if kind == "decode":
-        fb = _Runner(ort, fb_model, args.threads, False, {**base, "past_lengths": lens},
-                     {"past_key": keys, "past_value": vals}, sets)
-        ms["fallback"] = _timeit(fb, seconds, reps, warm)
-    else:  # chunked prefill: successive calls append FALLBACK_CHUNK tokens each
-        fb = _Runner(ort, fb_model, args.threads, False, {}, {"past_key": keys, "past_value": vals})
-        chunks = []
-        for s0 in range(0, S, FALLBACK_CHUNK):
-            sl = slice(s0, s0 + FALLBACK_CHUNK)
-            feeds = dict(query=q[:, sl], key=k[:, sl], value=v[:, sl], past_lengths=np.array([s0], np.int64))
-            chunks.append(fb.bind(feeds, fb.shared[0]))
-
-        def run_all() -> None:
-            for io in chunks:
-                fb.sess.run_with_iobinding(io)
-
-        ms["fallback"] = _timeit(run_all, 0.0, 2, 1)
+    ms["fallback"] = _standard_ops(ort, fallback_attention_model(H, Hkv, Dh, args.topk, C), args, kind, base, lens,
+                                   keys, vals, sets, seconds, reps, warm)
     return ms
 
 
