@@ -4,7 +4,8 @@ The checkpoint's weights run with several attention variants on the held-out spe
 dense, exact top-k, and top-k with block selection at several block sizes and budgets
 (training-free: the weights are the same, only `AttentionConfig` changes). For each
 variant: held-out perplexity over full windows of `--context` tokens, and the agreement of
-its greedy next-token choice (argmax, teacher-forced at every position) with exact top-k's.
+its greedy next-token choice (argmax, teacher-forced at every position) with dense's and
+with exact top-k's.
 """
 
 from __future__ import annotations
@@ -77,21 +78,24 @@ def run(args: argparse.Namespace, default_data_dir: Path) -> int:
             if budget * bs < context:  # a budget covering the whole window is exact top-k
                 variants.append((f"top-{args.topk} bs={bs} budget={budget}",
                                  AttentionConfig("topk", topk=args.topk, block_size=bs, block_budget=budget)))
-    results, ref = [], None
+    results, ref = [], {}
     for name, att in variants:
         model = Transformer(cfg.with_attention(att)).eval()
         model.load_state_dict(state)
         loss, preds = _score(model, windows)
-        if att.kind == "topk" and att.block_size is None:
-            ref = preds
-        agree = None if ref is None else float((preds == ref).float().mean())
+        if att.kind == "dense":
+            ref["dense"] = preds
+        elif att.block_size is None:
+            ref["exact"] = preds
+        agree = {k: round(float((preds == r).float().mean()), 4) for k, r in ref.items()}
         keys = None if att.block_size is None else (att.block_budget + 1) * att.block_size
         results.append({"variant": name, "perplexity": round(math.exp(loss), 3),
-                        "greedy_agreement_vs_exact": None if agree is None else round(agree, 4),
+                        "greedy_agreement_vs_dense": agree.get("dense"),
+                        "greedy_agreement_vs_exact": agree.get("exact"),
                         "candidate_keys_per_query": keys})
         if not args.json:
-            a = "-" if agree is None else f"{agree:.4f}"
-            print(f"{name:<32} ppl {math.exp(loss):9.3f}  agreement vs exact top-k {a}", flush=True)
+            print(f"{name:<32} ppl {math.exp(loss):9.3f}  greedy agreement vs dense {agree.get('dense', '-')}"
+                  f"  vs exact top-k {agree.get('exact', '-')}", flush=True)
     report = {"checkpoint": str(args.checkpoint), "context": context, "tokens": int(windows.shape[0] * context),
               "results": results}
     if args.json:
