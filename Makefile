@@ -34,6 +34,10 @@ test: install lint
 test-all: install
 	$(BIN)/python -m pytest -q
 
+# One attention layer: plugin (exact / block selection) vs standard-op fallback vs dense.
+bench: install
+	$(BIN)/ragtop bench ops
+
 clean:
 	rm -rf $(VENV) build *.egg-info ragtop/_native
 
