@@ -105,6 +105,20 @@ def run_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench ----------------------------------------------------------------------------
+def add_bench(sub) -> None:
+    from .bench import block_quality, ops
+
+    p = sub.add_parser("bench", help="micro-benchmarks measured on this machine")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    o = bench.add_parser("ops", help="one attention layer: plugin exact / block selection vs fallback vs dense")
+    ops.add_arguments(o)
+    o.set_defaults(func=ops.run)
+    q = bench.add_parser("block-quality", help="perplexity and greedy agreement of block selection vs exact top-k")
+    block_quality.add_arguments(q)
+    q.set_defaults(func=lambda a: block_quality.run(a, default_data_dir()))
+
+
 # -- study / analyze (logic in ragtop/study) ------------------------------------------
 def add_study(sub) -> None:
     from .study.cli import add_study as add
@@ -119,7 +133,7 @@ def add_analyze(sub) -> None:
 
 
 # -- entry points ---------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_train, add_eval, add_study, add_analyze]
+COMMANDS: list[Callable] = [add_train, add_eval, add_bench, add_study, add_analyze]
 
 
 def build_parser() -> argparse.ArgumentParser:
