@@ -105,8 +105,18 @@ def run_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- export ---------------------------------------------------------------------------
+def add_export(sub) -> None:
+    from .export import commands
+
+    p = sub.add_parser("export", help="export a checkpoint to a validated ONNX folder (also `export-model`)",
+                       description=commands.__doc__.split("\n\n")[0])
+    commands.add_arguments(p)
+    p.set_defaults(func=commands.run)
+
+
 # -- entry points ---------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_train, add_eval]
+COMMANDS: list[Callable] = [add_train, add_eval, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

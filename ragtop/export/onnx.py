@@ -43,7 +43,6 @@ from ..model import RaggedEmbedding, Transformer
 from ..model.attention import apply_rotary
 from . import functions, ops
 
-MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 23, 18
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which model.onnx keeps them outside
 
 
