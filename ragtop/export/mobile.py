@@ -69,7 +69,8 @@ def quantize_int8(onnx_path: Path, out_path: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer's pre-processing advice
-    quantize_dynamic(str(onnx_path), str(out_path), weight_type=QuantType.QInt8)
+    external = onnx_path.with_name(onnx_path.name + ".data").exists()  # > 2 GB models
+    quantize_dynamic(str(onnx_path), str(out_path), weight_type=QuantType.QInt8, use_external_data_format=external)
     return out_path
 
 

@@ -102,3 +102,15 @@ def test_sequence_axis_is_not_fixed_by_decode(exported):
     runner = SharedCacheRunner(session(path), spec, batch=1, capacity=12)
     assert runner.step(np.arange(9)[None], last_only=False).shape == (1, 9, model.config.vocab_size)
     assert runner.step(np.array([[4]])).shape == (1, 1, model.config.vocab_size)
+
+
+def test_external_data(exported, tmp_path):
+    """Large models keep their weights in model.onnx.data; onnxruntime loads them from there."""
+    model, spec, path = exported("topk", "uniform", "custom")
+    out = tmp_path / "model.onnx"
+    save_model(onnx.load(str(path)), out, force_external=True)
+    assert (tmp_path / "model.onnx.data").stat().st_size > out.stat().st_size
+    runner = SharedCacheRunner(session(out), spec, batch=1, capacity=8)
+    with torch.no_grad():
+        want = model(torch.tensor([[1, 2, 3]]))[:, -1:]
+    torch.testing.assert_close(torch.from_numpy(runner.step(np.array([[1, 2, 3]]))), want, atol=ATOL, rtol=0)
