@@ -1,11 +1,12 @@
 """Validate an exported graph against PyTorch with a stock onnxruntime (no plugin).
 
-Cases (each compares logits and every present.* output, max abs difference):
-  prefill       B=1, empty cache, logits at every position (the evaluation path, against
-                the model's plain causal forward)
+Cases (each compares logits and every present.* output, max abs difference); L is long
+enough that top-k / block selection really drop keys (`selecting_length`):
+  prefill       B=1, L tokens, empty cache, logits at every position (the evaluation path,
+                against the model's plain causal forward)
   decode        one token on top of that prefill, last-position logits
-  mixed_batch   B=3, caches holding 0 / 3 / 9 tokens, 4 new tokens each
-  empty_batch   B=2, empty caches, last-position logits only
+  mixed_batch   B=3, caches holding 0 / 3 / L-1 tokens (junk beyond), 4 new tokens each
+  empty_batch   B=2, empty caches, up to 7 tokens, last-position logits only
 Then a greedy decode of `greedy_tokens` tokens through the cached path, the way the
 runtime drives it: one preallocated buffer per cache tensor, bound as both past and present
 (IO binding), must produce exactly PyTorch's tokens.
@@ -108,17 +109,28 @@ def compare_case(model: Transformer, sess: ort.InferenceSession, spec: ExportSpe
     return CaseResult(name, shape, diffs, all(v <= atol for v in diffs.values()))
 
 
+def selecting_length(spec: ExportSpec) -> int:
+    """A sequence length at which top-k (and block) selection really drop keys: more than
+    topk visible keys, more than block_budget + 1 blocks (bounded by the context limit)."""
+    need = 9 if spec.attention_mode == "dense" else spec.topk + 4
+    if spec.attention_mode == "block":
+        need = max(need, spec.block_size * (spec.block_budget + 2) + 1)
+    return max(2, min(need, spec.context_limit - 4))
+
+
 def run_cases(model: Transformer, sess: ort.InferenceSession, spec: ExportSpec, atol: float, seed: int = 0) -> list[CaseResult]:
     cfg, V = model.config, model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
-    C = round_capacity(16, spec)
+    long = selecting_length(spec)
+    S = max(2, min(7, long))
+    C = round_capacity(long + 4, spec)
     results = []
     # prefill from an empty cache, every position, against the plain causal forward
-    ids = torch.randint(0, V, (1, 7), generator=g)
+    ids = torch.randint(0, V, (1, long), generator=g)
     cache = KVCache.allocate(cfg, 1, C)
     with torch.no_grad():
         full = model(ids)
-    results.append(compare_case(model, sess, spec, "prefill", ids, cache, torch.arange(7)[None], atol, reference=full))
+    results.append(compare_case(model, sess, spec, "prefill", ids, cache, torch.arange(long)[None], atol, reference=full))
     # one decode step on top of it
     with torch.no_grad():
         model(ids, cache=cache)
@@ -128,13 +140,13 @@ def run_cases(model: Transformer, sess: ort.InferenceSession, spec: ExportSpec, 
     cache = KVCache.allocate(cfg, 3, C)
     for t in cache.keys + cache.values:
         t.normal_(generator=g)
-    cache.lengths = torch.tensor([0, 3, 9])
+    cache.lengths = torch.tensor([0, min(3, long - 1), long - 1])
     ids = torch.randint(0, V, (3, 4), generator=g)
     results.append(compare_case(model, sess, spec, "mixed_batch", ids, cache, torch.arange(4).repeat(3, 1), atol))
     # empty caches, batch of two, last position only
     cache = KVCache.allocate(cfg, 2, C)
-    ids = torch.randint(0, V, (2, 5), generator=g)
-    results.append(compare_case(model, sess, spec, "empty_batch", ids, cache, torch.full((2, 1), 4), atol))
+    ids = torch.randint(0, V, (2, S), generator=g)
+    results.append(compare_case(model, sess, spec, "empty_batch", ids, cache, torch.full((2, 1), S - 1), atol))
     return results
 
 
