@@ -208,7 +208,7 @@ def export_graph(model: Transformer, spec: ExportSpec, verbose: bool = False) ->
 
 
 def finish_model(proto: onnx.ModelProto, spec: ExportSpec) -> onnx.ModelProto:
-    """Attach the function bodies (custom) or inline them away (standard); name the dims."""
+    """Attach the function bodies (custom) or inline them away (standard); add metadata."""
     del proto.functions[:]  # the exporter adds none for our ops; start clean either way
     used = {(n.domain, n.op_type) for n in proto.graph.node}
     if (ops.DOMAIN, ops.TOPK_ATTENTION) in used:
