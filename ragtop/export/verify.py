@@ -172,14 +172,15 @@ class SharedCacheRunner:
         io.bind_cpu_input("past_lengths", self.lengths)
         keep = np.full((B, 1), S - 1) if last_only else np.tile(np.arange(S), (B, 1))
         io.bind_cpu_input("logits_indices", keep.astype(np.int64))
-        io.bind_output("logits")  # first bound output: copy_outputs_to_cpu()[0]
+        io.bind_output("logits")  # the first bound output
         for key, buf in self.buffers.items():
             i, kind = key.split(".")
             io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
             io.bind_ortvalue_output(f"present.{i}.{kind}", buf)
         self.sess.run_with_iobinding(io)
         self.lengths = self.lengths + S
-        return io.copy_outputs_to_cpu()[0]
+        # only the logits: copy_outputs_to_cpu() would also copy every cache buffer
+        return io.get_outputs()[0].numpy()
 
 
 def greedy_torch(model: Transformer, prompt: list[int], n: int, capacity: int) -> list[int]:
