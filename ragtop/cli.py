@@ -88,7 +88,6 @@ def run_eval(a: argparse.Namespace) -> int:
             raise RagtopError(f"cannot read --text {a.text}: {e}") from None
     else:
         texts, source = None, "held-out speeches"
-    torch.set_grad_enabled(False)
     if not a.json:
         print(f"{'checkpoint':<40} {'context':>7} {'tokens':>9} {'ppl':>9} {'bits/byte':>9}  ({source})")
     for path in a.checkpoint:
@@ -103,6 +102,16 @@ def run_eval(a: argparse.Namespace) -> int:
         else:
             print(f"{str(path):<40} {r.context:>7} {r.tokens:>9} {r.perplexity:>9.3f} {r.bits_per_byte:>9.4f}")
     return 0
+
+
+# -- export ---------------------------------------------------------------------------
+def add_export(sub) -> None:
+    from .export import commands
+
+    p = sub.add_parser("export", help="export a checkpoint to a validated ONNX folder (also `export-model`)",
+                       description=commands.__doc__.split("\n\n")[0])
+    commands.add_arguments(p)
+    p.set_defaults(func=commands.run)
 
 
 # -- bench ----------------------------------------------------------------------------
@@ -133,7 +142,7 @@ def add_analyze(sub) -> None:
 
 
 # -- entry points ---------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_train, add_eval, add_bench, add_study, add_analyze]
+COMMANDS: list[Callable] = [add_train, add_eval, add_export, add_bench, add_study, add_analyze]
 
 
 def build_parser() -> argparse.ArgumentParser:
