@@ -75,7 +75,6 @@ def add_eval(sub) -> None:
 
 
 def run_eval(a: argparse.Namespace) -> int:
-    import torch
 
     from .checkpoint import load_checkpoint
     from .train.corpus import load_sotu, split_by_year

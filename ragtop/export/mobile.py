@@ -28,6 +28,7 @@ import onnxruntime as ort
 from ..errors import RagtopError
 from ..runtime.plugin import plugin_library_path
 
+
 def find_plugin_library(explicit: Path | None = None) -> Path | None:
     """The ragtop onnxruntime plugin: `explicit` if given (must exist), else the library
     `make install` built into the package, else None."""
