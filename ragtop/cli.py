@@ -105,8 +105,15 @@ def run_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- import / convert / sweep (ragtop/convert/commands.py) --------------------------
+def add_convert_commands(sub) -> None:
+    from .convert.commands import add_parsers
+
+    add_parsers(sub, default_data_dir)
+
+
 # -- entry points ---------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_train, add_eval]
+COMMANDS: list[Callable] = [add_train, add_eval, add_convert_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
