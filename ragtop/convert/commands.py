@@ -76,7 +76,7 @@ def add_parsers(sub, default_data_dir: Callable[[], Path]) -> None:
     w.add_argument("--long-tokens", type=int, default=8192)
     w.add_argument("--long-passages", type=int, default=1)
     w.add_argument("--short-tokens", type=int, default=512)
-    w.add_argument("--short-passages", type=int, default=8)
+    w.add_argument("--short-passages", type=int, default=4)
     w.add_argument("--jsonl", type=Path, default=None, help="append one JSON line per variant here")
     w.add_argument("--markdown", type=Path, default=None, help="write the table here")
     w.add_argument("--data-dir", type=Path, default=None)

@@ -115,6 +115,11 @@ def field_value(reader, key: str, default: Any = None) -> Any:
     return f.parts[f.data[0]].tolist()[0]
 
 
+def float32_value(v: float) -> float:
+    """GGUF stores floats as float32: 1e-5 reads 9.99999974e-06; take the shortest decimal back."""
+    return float(str(np.float32(v)))
+
+
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation: [n_heads*Dh, in], GPT-J pairs -> rotate-half."""
     rows = w.shape[0]
@@ -151,8 +156,8 @@ def read_config(reader, path: Path) -> ModelConfig:
         n_kv_heads=int(n_kv),
         d_ff=int(need("feed_forward_length")),
         max_seq_len=int(need("context_length")),
-        rope_theta=float(field_value(reader, "llama.rope.freq_base", 10000.0)),
-        norm_eps=float(field_value(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float32_value(field_value(reader, "llama.rope.freq_base", 10000.0)),
+        norm_eps=float32_value(field_value(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in names,
         head_dim=head_dim if head_dim != d_model // n_heads else None,
     )

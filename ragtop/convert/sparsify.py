@@ -113,10 +113,14 @@ def svd_compress(rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Te
 
 
 def to_ragged(model: Transformer, tiers: Sequence[Sequence[int]], widths: Sequence[int]) -> Transformer:
-    """Replace the uniform embedding (and the tied head) by SVD-compressed frequency tiers."""
+    """Replace the uniform embedding (and the tied head) by SVD-compressed frequency tiers.
+
+    A width above min(tier size, d_model) adds nothing and is capped there.
+    """
     if isinstance(model.embed, RaggedEmbedding):
         raise RagtopError("the model already has ragged embeddings")
     dense = model.embed.weight.detach()  # [V, D]
+    widths = [min(w, len(ids), dense.shape[1]) for ids, w in zip(tiers, widths, strict=True)]  # rank bound
     cfg = model.config.with_embedding(EmbeddingConfig("ragged", tuple(len(t) for t in tiers), tuple(widths)))
     new = Transformer(cfg)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("embed.")}

@@ -39,7 +39,7 @@ from .sparsify import (
 )
 
 DEFAULT_TOPKS = (16, 32, 64, 128, 256)
-DEFAULT_TIER_SPECS = ("16384:576,*:288", "8192:576,16384:384,*:192", "4096:576,12288:288,*:96")
+DEFAULT_TIER_SPECS = ("16384:576,*:288", "8192:576,16384:384,*:192")
 DEFAULT_COMBINED = ((64, "16384:576,*:288"),)
 
 
@@ -116,7 +116,7 @@ def run_sweep(
     long_tokens: int = 8192,
     long_passages: int = 1,
     short_tokens: int = 512,
-    short_passages: int = 8,
+    short_passages: int = 4,
     out: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
