@@ -38,7 +38,7 @@ from .sparsify import (
     with_attention,
 )
 
-DEFAULT_TOPKS = (16, 32, 64, 128, 256)
+DEFAULT_TOPKS = (64, 16, 32, 128, 256)  # the first one is run first
 DEFAULT_TIER_SPECS = ("16384:576,*:288", "8192:576,16384:384,*:192")
 DEFAULT_COMBINED = ((64, "16384:576,*:288"),)
 
@@ -68,11 +68,17 @@ def default_variants(
     tier_specs: Sequence[str] = DEFAULT_TIER_SPECS,
     combined: Sequence[tuple[int, str]] = DEFAULT_COMBINED,
 ) -> list[Variant]:
+    """Dense, the first k, the tier specs, the combinations, then the other k values.
+
+    This order answers the default choice (dense vs top-k vs ragged vs both) first, so an
+    interrupted sweep is still useful; `markdown_table` sorts the rows back.
+    """
+    first, *rest = topks
     return (
-        [Variant()]
-        + [Variant(topk=k) for k in topks]
+        [Variant(), Variant(topk=first)]
         + [Variant(tiers=parse_tiers(s)) for s in tier_specs]
         + [Variant(topk=k, tiers=parse_tiers(s)) for k, s in combined]
+        + [Variant(topk=k) for k in rest]
     )
 
 
@@ -116,7 +122,7 @@ def run_sweep(
     long_tokens: int = 8192,
     long_passages: int = 1,
     short_tokens: int = 512,
-    short_passages: int = 4,
+    short_passages: int = 2,
     out: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
@@ -166,6 +172,7 @@ def format_row(row: dict) -> str:
 
 def markdown_table(rows: Sequence[dict]) -> str:
     """The sweep as a Markdown table, with each variant's change in perplexity vs dense."""
+    rows = sorted(rows, key=lambda r: (r["tiers"] is not None, r["topk"] is not None, r["topk"] or 0, -r["embedding_params"]))
     dense = next((r for r in rows if r["topk"] is None and r["tiers"] is None), rows[0])
     lines = [
         "| variant | embedding + head params | long ppl | long bits/byte | Δ long ppl | short ppl | short bits/byte | Δ short ppl |",
