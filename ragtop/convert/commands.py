@@ -73,6 +73,8 @@ def add_parsers(sub, default_data_dir: Callable[[], Path]) -> None:
     w.add_argument("--topks", type=_int_list, default=None, help="comma-separated k values, the first run first (default 64,16,32,128,256)")
     w.add_argument("--tiers", action="append", default=None, help="a tier spec to try (repeatable)")
     w.add_argument("--combined", action="append", default=None, help="K/SPEC: top-k plus ragged tiers (repeatable)")
+    w.add_argument("--no-dense", action="store_true", help="skip the dense row (e.g. when appending to an earlier sweep)")
+    w.add_argument("--no-ragged", action="store_true", help="top-k variants only")
     w.add_argument("--long-tokens", type=int, default=8192)
     w.add_argument("--long-passages", type=int, default=1)
     w.add_argument("--short-tokens", type=int, default=512)
@@ -185,7 +187,12 @@ def run_sweep_command(a: argparse.Namespace) -> int:
             combined = [(int(c.split("/", 1)[0]), c.split("/", 1)[1]) for c in a.combined]
         except (ValueError, IndexError):
             raise RagtopError(f"bad --combined {a.combined}: expected K/SPEC, e.g. 64/4096:576,*:96") from None
-    variants = default_variants(a.topks or DEFAULT_TOPKS, a.tiers or DEFAULT_TIER_SPECS, combined)
+    tier_specs = a.tiers or DEFAULT_TIER_SPECS
+    if a.no_ragged:
+        tier_specs, combined = (), ()
+    variants = default_variants(a.topks or DEFAULT_TOPKS, tier_specs, combined)
+    if a.no_dense:
+        variants = [v for v in variants if v.topk is not None or v.tiers is not None]
     data_dir = a.data_dir or a.default_data_dir()
     docs = load_sotu(data_dir)
     train, heldout = split_by_year(docs)

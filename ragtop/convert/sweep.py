@@ -188,3 +188,9 @@ def markdown_table(rows: Sequence[dict]) -> str:
             f"| {r['short']['perplexity']:.3f} | {r['short']['bits_per_byte']:.4f} | {delta('short')} |"
         )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m ragtop.convert.sweep ROWS.jsonl: the table of (appended) sweeps
+    import sys
+
+    print(markdown_table([json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]))
