@@ -168,3 +168,13 @@ def test_untied_output_head(tmp_path):
     imported = read_gguf(path)
     assert not imported.config.tie_embeddings
     assert_close(imported.state["lm_head.weight"], model.embed.weight.flip(0))
+
+
+def test_import_with_served_defaults(tiny, tmp_path):
+    from ragtop.convert import defaults
+
+    out = tmp_path / "served"
+    assert main(["import", "gguf", str(tiny[1]), "--out", str(out), "--served-defaults"]) == 0
+    cfg = load_checkpoint(out).config
+    assert (cfg.attention.kind, cfg.attention.topk) == (defaults.DEFAULT_ATTENTION, defaults.DEFAULT_TOPK)
+    assert cfg.embedding.kind == defaults.DEFAULT_EMBEDDING
