@@ -23,6 +23,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from ..errors import RagtopError
 
 CONTROL, USER_DEFINED = 3, 4
+BYTE_ALPHABET = frozenset(pre_tokenizers.ByteLevel.alphabet())
 
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -49,8 +50,7 @@ def pre_tokenizer_for(pre: str) -> pre_tokenizers.PreTokenizer:
 
 def byte_level_spelling(token: str) -> str:
     """Tokens are stored in GPT-2's byte alphabet; respell any that is not (llama.cpp does so)."""
-    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
-    if set(token) <= alphabet:
+    if set(token) <= BYTE_ALPHABET:
         return token
     table = {b: c for b, c in enumerate(_bytes_to_unicode())}
     return "".join(table[b] for b in token.encode("utf-8"))
