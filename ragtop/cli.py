@@ -88,7 +88,6 @@ def run_eval(a: argparse.Namespace) -> int:
             raise RagtopError(f"cannot read --text {a.text}: {e}") from None
     else:
         texts, source = None, "held-out speeches"
-    torch.set_grad_enabled(False)
     if not a.json:
         print(f"{'checkpoint':<40} {'context':>7} {'tokens':>9} {'ppl':>9} {'bits/byte':>9}  ({source})")
     for path in a.checkpoint:
@@ -106,6 +105,43 @@ def run_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- export ---------------------------------------------------------------------------
+def add_export(sub) -> None:
+    from .export import commands
+
+    p = sub.add_parser("export", help="export a checkpoint to a validated ONNX folder (also `export-model`)",
+                       description=commands.__doc__.split("\n\n")[0])
+    commands.add_arguments(p)
+    p.set_defaults(func=commands.run)
+
+
+# -- bench ----------------------------------------------------------------------------
+def add_bench(sub) -> None:
+    from .bench import block_quality, ops
+
+    p = sub.add_parser("bench", help="micro-benchmarks measured on this machine")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    o = bench.add_parser("ops", help="one attention layer: plugin exact / block selection vs fallback vs dense")
+    ops.add_arguments(o)
+    o.set_defaults(func=ops.run)
+    q = bench.add_parser("block-quality", help="perplexity and greedy agreement of block selection vs exact top-k")
+    block_quality.add_arguments(q)
+    q.set_defaults(func=lambda a: block_quality.run(a, default_data_dir()))
+
+
+# -- study / analyze (logic in ragtop/study) ------------------------------------------
+def add_study(sub) -> None:
+    from .study.cli import add_study as add
+
+    add(sub)
+
+
+def add_analyze(sub) -> None:
+    from .study.cli import add_analyze as add
+
+    add(sub)
+
+
 # -- import / convert / sweep (ragtop/convert/commands.py) --------------------------
 def add_convert_commands(sub) -> None:
     from .convert.commands import add_parsers
@@ -114,7 +150,7 @@ def add_convert_commands(sub) -> None:
 
 
 # -- entry points ---------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_train, add_eval, add_convert_commands]
+COMMANDS: list[Callable] = [add_train, add_eval, add_convert_commands, add_export, add_bench, add_study, add_analyze]
 
 
 def build_parser() -> argparse.ArgumentParser:

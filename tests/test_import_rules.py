@@ -41,6 +41,7 @@ def test_import_rules():
         "export": {"model", "errors", "checkpoint", "train", "export", "runtime"},
         "runtime": {"model", "errors", "checkpoint", "export", "runtime"},
         "server": {"runtime", "errors", "server"},
+        "study": {"model", "train", "errors", "study"},
     }
     violations = []
     for f in PKG.rglob("*.py"):

@@ -1,0 +1,239 @@
+"""`export-model CKPT OUT_DIR` / `ragtop export`: checkpoint -> validated ONNX folder.
+
+    OUT_DIR/model.onnx              (+ model.onnx.data when the weights exceed 1 GiB)
+            config.json, generation_config.json, tokenizer.json, tiers.json (when ragged)
+            genai_config.json       what a runtime needs (metadata.py, docs/export.md)
+            export_report.json      options, validation table, greedy tokens, sizes
+            model.ort, required_operators.config       --ort-format
+            ort-plugin/model.ort                       --ort-format with the plugin library
+            model.int8.onnx                            --quantize int8
+
+Exit codes: 0 exported (and validated), 1 exported but validation failed (see the report),
+2 bad input (RagtopError, one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..errors import RagtopError
+
+# onnx, onnxruntime and torch are imported in run(): building the CLI parser stays cheap
+MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 23, 18
+MARKERS = ("genai_config.json", "model.onnx", "export_report.json")  # what makes a folder an export
+VALIDATION_TEXT = "The State of the Union is strong, and the people of this nation"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=Path, help="checkpoint folder (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("out_dir", type=Path, help="output folder")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="weights, activations and KV cache")
+    p.add_argument("--ops", choices=["custom", "standard"], default="custom",
+                   help="custom: ragtop:: nodes with standard-op function bodies (default); standard: standard ops only")
+    p.add_argument("--max-context", type=int, default=None, help="context limit written to genai_config.json (default: the model's max_seq_len)")
+    p.add_argument("--atol", type=float, default=None, help="validation tolerance (default 1e-4 for fp32, 1e-2 for fp16)")
+    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch validation")
+    p.add_argument("--ort-format", action="store_true", help="also write model.ort and required_operators.config")
+    p.add_argument("--plugin-library", type=Path, default=None,
+                   help="ragtop onnxruntime plugin (.so) for the plugin .ort (default: the one `make install` built, if any)")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="also write model.int8.onnx (dynamic int8)")
+    p.add_argument("--eval-text", type=Path, default=None,
+                   help="UTF-8 text for the int8 top-1 agreement (default: held-out speeches if cached, else random ids)")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="tokens scored for the int8 agreement (default 2048)")
+    p.add_argument("--data-dir", type=Path, default=None, help="corpus cache (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+
+
+class Progress:
+    """One line per step with its duration, on stderr (stdout stays for the tables)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def check_args(a: argparse.Namespace) -> None:
+    if not MIN_OPSET <= a.opset <= MAX_OPSET:
+        raise RagtopError(f"unsupported --opset {a.opset}: choose {MIN_OPSET}..{MAX_OPSET}")
+    if a.max_context is not None and a.max_context < 1:
+        raise RagtopError(f"--max-context must be >= 1, got {a.max_context}")
+    if a.atol is not None and not a.atol > 0:
+        raise RagtopError(f"--atol must be > 0, got {a.atol}")
+    if a.quantize and a.dtype != "fp32":
+        raise RagtopError("--quantize int8 needs --dtype fp32")
+    if a.eval_tokens < 2:
+        raise RagtopError(f"--eval-tokens must be >= 2, got {a.eval_tokens}")
+    if a.eval_text is not None and not a.eval_text.is_file():
+        raise RagtopError(f"--eval-text not found: {a.eval_text}")
+    out: Path = a.out_dir
+    if out.exists() and not out.is_dir():
+        raise RagtopError(f"output path exists and is not a folder: {out}")
+    if out.is_dir() and any(out.iterdir()):
+        if not a.overwrite:
+            raise RagtopError(f"output folder {out} exists and is not empty (use --overwrite)")
+        if not any((out / m).exists() for m in MARKERS):
+            raise RagtopError(f"refusing to overwrite {out}: it does not look like an export folder")
+
+
+def prepare_out_dir(out: Path) -> None:
+    if out.is_dir():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def prompt_ids(tokenizer, vocab_size: int, bos: int | None) -> list[int]:
+    ids = tokenizer.encode(VALIDATION_TEXT).ids if tokenizer is not None else list(range(1, 12))
+    ids = ([bos] if bos is not None else []) + ids
+    return [i % vocab_size for i in ids][:24]
+
+
+def eval_ids(a: argparse.Namespace, tokenizer, vocab_size: int) -> tuple[list[int], str]:
+    """Token ids for the int8 agreement and where they come from."""
+    text, source = None, None
+    if a.eval_text is not None:
+        try:
+            text, source = a.eval_text.read_text(encoding="utf-8"), str(a.eval_text)
+        except (OSError, UnicodeDecodeError) as e:
+            raise RagtopError(f"cannot read --eval-text {a.eval_text}: {e}") from None
+    else:
+        from ..train.corpus import SOTU_DIRNAME, load_sotu, split_by_year
+
+        data_dir = a.data_dir or Path(os.environ.get("RAGTOP_DATA_DIR") or Path.home() / ".cache" / "ragtop")
+        if (data_dir / SOTU_DIRNAME / ".complete").is_file():  # never fetch from here
+            held_out = split_by_year(load_sotu(data_dir))[1]
+            text, source = "\n\n".join(d.text for d in held_out[:3]), "held-out State of the Union speeches"
+    if text is not None and tokenizer is not None:
+        return tokenizer.encode(text).ids[: a.eval_tokens], source
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return rng.integers(0, vocab_size, a.eval_tokens).tolist(), "uniform random token ids (no text/tokenizer)"
+
+
+def size_mb(*paths: Path) -> float:
+    return round(sum(p.stat().st_size for p in paths if p.exists()) / 1e6, 3)
+
+
+def run(a: argparse.Namespace) -> int:
+    check_args(a)
+    import onnx
+    import onnxruntime
+
+    from ..checkpoint import CONFIG, GENERATION, TIERS, TOKENIZER, load_checkpoint
+    from .metadata import genai_config
+    from .onnx import export_graph, make_spec, save_model
+    from .verify import session, validate
+
+    log = Progress()
+    log(f"loading checkpoint {a.checkpoint}")
+    ckpt = load_checkpoint(a.checkpoint)
+    cfg, model = ckpt.config, ckpt.model
+    context = a.max_context or cfg.max_seq_len
+    atol = a.atol if a.atol is not None else (1e-2 if a.dtype == "fp16" else 1e-4)
+    spec = make_spec(model, context, a.ops, a.dtype, a.opset)
+    log(f"exporting ({a.ops} ops, {spec.attention_mode} attention, "
+        f"{f'{spec.num_tiers}-tier ragged' if spec.num_tiers else 'uniform'} embedding, "
+        f"{a.dtype}, opset {a.opset})")
+    proto = export_graph(model, spec)
+    out: Path = a.out_dir
+    prepare_out_dir(out)
+    onnx_path = out / "model.onnx"
+    save_model(proto, onnx_path)
+    external = onnx_path.name + ".data" if (out / (onnx_path.name + ".data")).exists() else None
+    log("checking model.onnx (onnx.checker, full check)")
+    try:
+        onnx.checker.check_model(str(onnx_path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise RagtopError(f"exported model fails the ONNX checker: {str(e).splitlines()[0]}") from None
+
+    for name in (CONFIG, GENERATION, TOKENIZER, TIERS):
+        if (ckpt.path / name).is_file():
+            shutil.copy2(ckpt.path / name, out / name)
+    tokenizer = ckpt.tokenizer() if (ckpt.path / TOKENIZER).is_file() else None
+    if tokenizer is None:
+        log(f"warning: {ckpt.path} has no {TOKENIZER}; the export folder has none either")
+    (out / "genai_config.json").write_text(
+        json.dumps(genai_config(cfg, spec, ckpt.generation, onnx_path.name, external), indent=2) + "\n")
+
+    report: dict = {
+        "checkpoint": str(a.checkpoint), "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "func"},
+        "spec": {**spec.__dict__}, "files": {"model.onnx": size_mb(onnx_path, out / f"{onnx_path.name}.data")},
+    }
+    ok = True
+    ids = prompt_ids(tokenizer, cfg.vocab_size, ckpt.generation.get("bos_token_id"))
+    if not a.no_validate:
+        v = validate(model, session(onnx_path), spec, atol, ids, log=log)
+        print(f"validation of model.onnx (onnxruntime {onnxruntime.__version__}, no plugin, atol {atol:g})")
+        print(v.table())
+        report["validation"] = v.as_dict()
+        ok = v.passed
+
+    if a.ort_format:
+        ok &= export_ort(a, out, onnx_path, model, spec, atol, ids, report, log)
+    if a.quantize == "int8":
+        export_int8(a, out, onnx_path, spec, tokenizer, report, log)
+
+    (out / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {out}")
+    if not ok:
+        print(f"export-model: validation FAILED, see {out / 'export_report.json'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def export_ort(a, out: Path, onnx_path: Path, model, spec, atol: float, ids: list[int], report: dict, log) -> bool:
+    """model.ort (+ required_operators.config) without the plugin; ort-plugin/ with it."""
+    from . import mobile
+    from .verify import session, validate
+
+    log("converting to ORT format (functions inlined, no plugin)")
+    ort_file, config = mobile.convert_to_ort(onnx_path, out)
+    entry: dict = {"model.ort": size_mb(ort_file), "required_operators": config.name}
+    ok = True
+    if not a.no_validate:
+        v = validate(model, session(ort_file), spec, atol, ids, greedy_tokens=8)
+        print("validation of model.ort")
+        print(v.table())
+        entry["validation"] = v.as_dict()
+        ok = v.passed
+    plugin = mobile.find_plugin_library(a.plugin_library)
+    if plugin is None:
+        entry["plugin"] = "skipped: no plugin library given or built (plugins/onnxruntime/build/)"
+        log("no ragtop plugin library found: skipping the plugin .ort")
+    else:
+        log(f"converting to ORT format with the plugin {plugin}")
+        plugin_ort, _ = mobile.convert_to_ort(onnx_path, out / "ort-plugin", custom_op_library=plugin)
+        entry["plugin"] = {"library": str(plugin), "model.ort": size_mb(plugin_ort)}
+        if not a.no_validate:
+            v = validate(model, session(plugin_ort, custom_op_library=str(plugin)), spec, atol, ids, greedy_tokens=8)
+            print("validation of ort-plugin/model.ort (with the plugin)")
+            print(v.table())
+            entry["plugin"]["validation"] = v.as_dict()
+            ok &= v.passed
+    report["ort_format"] = entry
+    return ok
+
+
+def export_int8(a, out: Path, onnx_path: Path, spec, tokenizer, report: dict, log) -> None:
+    from . import mobile
+    from .verify import session
+
+    log("quantizing to int8 (onnxruntime quantize_dynamic)")
+    q_path = mobile.quantize_int8(onnx_path, out / "model.int8.onnx")
+    ids, source = eval_ids(a, tokenizer, spec.vocab_size)
+    log(f"int8 top-1 agreement with fp32 on {len(ids)} tokens ({source})")
+    agree = mobile.top1_agreement(session(onnx_path), session(q_path), spec, ids, min(spec.context_limit, 256), source)
+    fp32_mb = report["files"]["model.onnx"]
+    int8_mb = size_mb(q_path)
+    print(f"int8: model.int8.onnx {int8_mb} MB (fp32 {fp32_mb} MB), top-1 agreement {agree.top1_agreement:.4f} "
+          f"over {agree.tokens} tokens ({source})")
+    report["int8"] = {"model.int8.onnx": int8_mb, "fp32_mb": fp32_mb, **agree.__dict__}

@@ -1,0 +1,241 @@
+"""Checkpoint -> ONNX graph with a preallocated, shared KV cache.
+
+Graph interface (one graph for prefill and decode; names follow Hugging Face / Optimum):
+
+    inputs   input_ids                    [B, S]         int64
+             past_lengths                 [B]            int64  tokens cached per sequence
+             logits_indices               [B, K]         int64  positions (0..S-1) whose
+                                                                logits are computed
+             past_key_values.{i}.key      [B, Hkv, C, Dh] float  C = cache capacity
+             past_key_values.{i}.value    [B, Hkv, C, Dh]
+             past_key_values.{i}.key_min  [B, Hkv, C/bs, Dh]  block selection only
+             past_key_values.{i}.key_max  [B, Hkv, C/bs, Dh]  block selection only
+    outputs  logits                       [B, K, V]
+             present.{i}.key|value|key_min|key_max   same shapes as the past inputs
+
+Token s of sequence b sits at position past_lengths[b] + s (so there is no position_ids
+input) and is written into the cache there; bind present.* to the same buffers as
+past_key_values.* (IO binding) and nothing is copied. `logits_indices` chooses the logits:
+[[S-1]] (or each sequence's last real token) for serving, arange(S) for evaluation.
+
+`--ops custom` emits ragtop::TopKAttention and ragtop::RaggedEmbedding nodes with a
+standard-op FunctionProto each (functions.py); `--ops standard` inlines those functions, so
+the file holds standard ops only. ragtop/model stays free of export code: the module below
+reuses the model's submodules and only replaces the attention and embedding calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import onnx
+import onnx.inliner
+import torch
+from torch import Tensor, nn
+
+from ..errors import RagtopError
+from ..model import RaggedEmbedding, Transformer
+from ..model.attention import apply_rotary
+from . import functions, ops
+
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which model.onnx keeps them outside
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What the exported graph looks like; written into genai_config.json."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_limit: int
+    attention_mode: str  # dense | exact | block
+    topk: int  # keys kept per query (context_limit for dense models)
+    block_size: int  # 0 unless block selection
+    block_budget: int  # 0 unless block selection
+    num_tiers: int  # 0 for uniform embeddings
+    ops: str  # custom | standard
+    dtype: str  # fp32 | fp16
+    opset: int
+
+    @property
+    def cache_names(self) -> list[str]:
+        return ["key", "value"] + (["key_min", "key_max"] if self.attention_mode == "block" else [])
+
+    def input_names(self) -> list[str]:
+        past = [f"past_key_values.{i}.{n}" for i in range(self.n_layers) for n in self.cache_names]
+        return ["input_ids", "past_lengths", "logits_indices", *past]
+
+    def output_names(self) -> list[str]:
+        return ["logits", *(f"present.{i}.{n}" for i in range(self.n_layers) for n in self.cache_names)]
+
+
+def make_spec(model: Transformer, context_limit: int, ops_mode: str, dtype: str, opset: int) -> ExportSpec:
+    cfg = model.config
+    a = cfg.attention
+    mode = functions.attention_mode(a.topk if a.kind == "topk" else None, a.block_size, context_limit)
+    return ExportSpec(
+        n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size, context_limit=context_limit, attention_mode=mode,
+        topk=context_limit if mode == "dense" else int(a.topk),
+        block_size=int(a.block_size or 0) if mode == "block" else 0,
+        block_budget=int(a.block_budget or 0) if mode == "block" else 0,
+        num_tiers=model.embed.n_tiers if isinstance(model.embed, RaggedEmbedding) else 0,
+        ops=ops_mode, dtype=dtype, opset=opset,
+    )
+
+
+class ExportGraph(nn.Module):
+    """The exported computation: the model's own modules, with attention and the ragged
+    embedding lowered to ragtop custom ops while exporting (never run eagerly)."""
+
+    def __init__(self, model: Transformer, spec: ExportSpec) -> None:
+        super().__init__()
+        self.model, self.spec = model, spec
+        self.per_layer = len(spec.cache_names)
+
+    def forward(self, input_ids: Tensor, past_lengths: Tensor, logits_indices: Tensor, cache: list[Tensor]):
+        m = self.model
+        B, S = input_ids.shape
+        positions = past_lengths[:, None] + torch.arange(S, device=input_ids.device)  # [B,S]
+        x = self.embed(input_ids)  # [B,S,D]
+        cos, sin = m.rotary(positions)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        presents: list[Tensor] = []
+        for i, layer in enumerate(m.layers):
+            past = cache[i * self.per_layer : (i + 1) * self.per_layer]
+            out, present = self.attention(layer.attn, layer.attn_norm(x), cos, sin, past_lengths, past)
+            x = x + out
+            x = x + layer.mlp(layer.mlp_norm(x))
+            presents += present
+        # logits only where asked: [B,S,D] -> [B,K,D]
+        K = logits_indices.shape[1]
+        x = x.gather(1, logits_indices[:, :, None].expand(B, K, x.shape[-1]))
+        return m.logits(m.norm(x)), *presents
+
+    def embed(self, ids: Tensor) -> Tensor:
+        e = self.model.embed
+        if not isinstance(e, RaggedEmbedding):
+            return nn.functional.embedding(ids, e.weight)
+        inputs = [ids, e.tier_of, e.row_of]
+        for table, proj in zip(e.tables, e.projs, strict=True):
+            inputs += [table, proj.weight]
+        B, S = ids.shape
+        return torch.onnx.ops.symbolic(
+            f"{ops.DOMAIN}::{ops.RAGGED_EMBEDDING}", inputs, {"num_tiers": e.n_tiers},
+            dtype=e.tables[0].dtype, shape=[B, S, self.model.config.d_model],
+            version=ops.OPSET_VERSION,
+        )
+
+    def attention(self, attn, h: Tensor, cos: Tensor, sin: Tensor, past_lengths: Tensor, past: list[Tensor]):
+        spec = self.spec
+        B, S, _ = h.shape
+        H, Hkv, Dh = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        # rotary on [B,heads,S,Dh], then back to the op's [B,S,heads*Dh] layout
+        q = attn.q_proj(h).view(B, S, H, Dh).transpose(1, 2)
+        k = attn.k_proj(h).view(B, S, Hkv, Dh).transpose(1, 2)
+        q = apply_rotary(q, cos, sin).transpose(1, 2).reshape(B, S, H * Dh)
+        k = apply_rotary(k, cos, sin).transpose(1, 2).reshape(B, S, Hkv * Dh)
+        v = attn.v_proj(h)  # [B,S,Hkv*Dh]
+        attrs = {
+            "num_heads": H, "num_kv_heads": Hkv, "topk": spec.topk, "scale": float(attn.scale),
+            "block_size": spec.block_size, "block_budget": spec.block_budget,
+        }
+        outs = torch.onnx.ops.symbolic_multi_out(
+            f"{ops.DOMAIN}::{ops.TOPK_ATTENTION}", [q, k, v, past[0], past[1], past_lengths, *past[2:]], attrs,
+            dtypes=[q.dtype] * (1 + len(past)), shapes=[q.shape, *(p.shape for p in past)],
+            version=ops.OPSET_VERSION,
+        )
+        return attn.o_proj(outs[0]), list(outs[1:])
+
+
+def example_inputs(spec: ExportSpec, dtype: torch.dtype) -> tuple:
+    """Example inputs with every dynamic size distinct and >= 2 (a size-1 example would
+    fix that axis in the graph)."""
+    B, S = 2, 5  # and K = 3 logits per sequence
+    C = 8 * spec.block_size if spec.block_size else 17
+    cache = []
+    for _ in range(spec.n_layers):
+        cache += [torch.zeros(B, spec.n_kv_heads, C, spec.head_dim, dtype=dtype) for _ in range(2)]
+        if spec.block_size:
+            cache += [torch.zeros(B, spec.n_kv_heads, C // spec.block_size, spec.head_dim, dtype=dtype) for _ in range(2)]
+    ids = torch.zeros(B, S, dtype=torch.long)
+    return ids, torch.tensor([0, 3]), torch.tensor([[4, 3, 0], [1, 2, 4]]), cache
+
+
+def dynamic_shapes(spec: ExportSpec) -> tuple:
+    Dim = torch.export.Dim
+    batch, seq, keep = Dim("batch"), Dim("sequence"), Dim("num_logits")
+    cap = Dim("capacity")
+    cache = []
+    for _ in range(spec.n_layers):
+        cache += [{0: batch, 2: cap}, {0: batch, 2: cap}]
+        if spec.block_size:
+            blocks = Dim("cache_blocks")
+            cache += [{0: batch, 2: blocks}, {0: batch, 2: blocks}]
+    return {0: batch, 1: seq}, {0: batch}, {0: batch, 1: keep}, cache
+
+
+def export_graph(model: Transformer, spec: ExportSpec, verbose: bool = False) -> onnx.ModelProto:
+    """Trace the model with torch.onnx (dynamo) and return the finished ModelProto."""
+    dtype = torch.float16 if spec.dtype == "fp16" else torch.float32
+    if dtype != torch.float32:  # keep the caller's fp32 model for validation
+        model = copy.deepcopy(model).to(dtype)
+    graph = ExportGraph(model.eval(), spec)
+    args = example_inputs(spec, dtype)
+    # the exporter is chatty (and warns about things that do not concern this graph)
+    sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with sink, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                graph, args, dynamo=True, opset_version=spec.opset, input_names=spec.input_names(),
+                output_names=spec.output_names(), dynamic_shapes=dynamic_shapes(spec), verbose=False,
+                report=False, optimize=True,
+            )
+        except Exception as e:  # exporter errors are long; keep the first line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RagtopError(f"torch.onnx.export failed: {first}") from e
+    proto = program.model_proto
+    return finish_model(proto, spec)
+
+
+def finish_model(proto: onnx.ModelProto, spec: ExportSpec) -> onnx.ModelProto:
+    """Attach the function bodies (custom) or inline them away (standard); add metadata."""
+    del proto.functions[:]  # the exporter adds none for our ops; start clean either way
+    used = {(n.domain, n.op_type) for n in proto.graph.node}
+    if (ops.DOMAIN, ops.TOPK_ATTENTION) in used:
+        proto.functions.append(functions.topk_attention_function(spec.attention_mode, spec.opset))
+    if (ops.DOMAIN, ops.RAGGED_EMBEDDING) in used:
+        proto.functions.append(functions.ragged_embedding_function(spec.num_tiers, spec.opset))
+    if not any(o.domain == ops.DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION))
+    if spec.ops == "standard":
+        proto = onnx.inliner.inline_local_functions(proto)
+        keep = [o for o in proto.opset_import if o.domain != ops.DOMAIN]
+        del proto.opset_import[:]
+        proto.opset_import.extend(keep)
+    proto.producer_name, proto.producer_version = "ragtop", "0.1.0"
+    meta = {"ragtop.attention_mode": spec.attention_mode, "ragtop.ops": spec.ops,
+            "ragtop.context_limit": str(spec.context_limit)}
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    return proto
+
+
+def weight_bytes(proto: onnx.ModelProto) -> int:
+    return sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in proto.graph.initializer)
+
+
+def save_model(proto: onnx.ModelProto, path, force_external: bool = False) -> None:
+    """model.onnx, with weights in model.onnx.data when they exceed EXTERNAL_DATA_THRESHOLD."""
+    external = force_external or weight_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)

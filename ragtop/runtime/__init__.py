@@ -1,0 +1,1 @@
+"""ragtop's runtime: running exported models (ONNX Runtime sessions, the plugin library)."""
