@@ -93,7 +93,8 @@ def run_eval(a: argparse.Namespace) -> int:
         ckpt = load_checkpoint(path)
         if texts is None:
             texts = [d.text for d in split_by_year(load_sotu(a.data_dir or default_data_dir()))[1]]
-        bos = ckpt.generation.get("bos_token_id", 0)
+        gen = ckpt.generation  # imported models name their document separator (SmolLM2: <|endoftext|>)
+        bos = gen.get("document_separator_id", gen.get("bos_token_id", 0))
         r = evaluate_texts(ckpt.model, ckpt.tokenizer(), texts, bos, a.context, a.max_tokens)
         if a.json:
             print(json.dumps({"checkpoint": str(path), "source": source, **r.as_dict(),
@@ -140,8 +141,15 @@ def add_analyze(sub) -> None:
     add(sub)
 
 
+# -- import / convert / sweep (ragtop/convert/commands.py) --------------------------
+def add_convert_commands(sub) -> None:
+    from .convert.commands import add_parsers
+
+    add_parsers(sub, default_data_dir)
+
+
 # -- entry points ---------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_train, add_eval, add_export, add_bench, add_study, add_analyze]
+COMMANDS: list[Callable] = [add_train, add_eval, add_convert_commands, add_export, add_bench, add_study, add_analyze]
 
 
 def build_parser() -> argparse.ArgumentParser:

