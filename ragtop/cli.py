@@ -105,8 +105,62 @@ def run_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- generate / bench engine ------------------------------------------------------------
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="stream a completion of --prompt (exported folder or checkpoint)")
+    p.add_argument("model", type=Path, help="exported folder (model.onnx) or checkpoint (model.safetensors)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--runner", choices=["ort", "torch"], default=None, help="default: by the files in MODEL")
+    p.add_argument("--max-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(a: argparse.Namespace) -> int:
+    from .runtime.generate import generate
+    from .runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                            top_k=a.top_k, seed=a.seed, stop=tuple(a.stop))
+    generate(a.model, a.prompt, params, a.runner or "auto", threads=a.threads)
+    return 0
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    e = bench.add_parser("engine", help="decode tokens/s: OrtRunner, TorchRunner, transformers; 1/4/16 streams; prompt throughput")
+    e.add_argument("checkpoint", type=Path, help="a checkpoint (e.g. from `ragtop import smollm2 --out DIR`)")
+    e.add_argument("--onnx", type=Path, default=None, help="its exported folder (default: export it to a temporary folder)")
+    e.add_argument("--prompt-tokens", type=positive_int, default=64)
+    e.add_argument("--new-tokens", type=positive_int, default=64)
+    e.add_argument("--streams", default="1,4,16", help="concurrent streams to measure (default 1,4,16)")
+    e.add_argument("--long-prompt", type=positive_int, default=512, help="prompt length for prompt throughput")
+    e.add_argument("--threads", type=positive_int, default=None)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=run_bench_engine)
+
+
+def run_bench_engine(a: argparse.Namespace) -> int:
+    from .runtime.bench import BenchConfig, bench_engine, format_report
+
+    try:
+        streams = tuple(int(s) for s in a.streams.split(","))
+    except ValueError:
+        raise RagtopError(f"--streams must be comma-separated integers, got {a.streams!r}") from None
+    cfg = BenchConfig(a.checkpoint, a.onnx, a.prompt_tokens, a.new_tokens, streams, a.long_prompt, a.threads)
+    report = bench_engine(cfg, progress=None if a.json else lambda m: print(m, file=sys.stderr))
+    print(json.dumps(report, indent=2) if a.json else format_report(report))
+    return 0
+
+
 # -- entry points ---------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_train, add_eval]
+COMMANDS: list[Callable] = [add_train, add_eval, add_generate, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
