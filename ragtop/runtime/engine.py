@@ -6,8 +6,8 @@ the prefill chunks (runner) -> sample (sampling.py) -> detokenize and match stop
 the tokenizer only turns generated ids into text.
 
 Threading: `add_request` and `abort_request` may be called from any thread. A lock guards
-the scheduler's queues and is never held while the model runs, so callers (the event loop)
-wait at most for bookkeeping, not for a forward pass. Aborts are applied at the start of the
+the scheduler's state; the engine thread holds it to schedule and to sample, never while the
+model runs, so callers (the event loop) wait at most for bookkeeping, not for a forward pass. Aborts are applied at the start of the
 next step, which frees their slots.
 """
 
@@ -164,7 +164,8 @@ class LLMEngine:
             for rid in self._aborts:
                 group = self.scheduler.abort(rid)
                 if group is not None:
-                    outputs[rid] = [CompletionDelta(s.index, "", (), finish_reason="abort") for s in group.seqs]
+                    outputs[rid] = [CompletionDelta(s.index, "", (), finish_reason="abort")
+                                    for s in group.seqs if s.finish_reason == "abort"]
             self._aborts.clear()
             plan = self.scheduler.schedule()
         now = time.monotonic()
