@@ -154,7 +154,7 @@ def run_bench_engine(a: argparse.Namespace) -> int:
     except ValueError:
         raise RagtopError(f"--streams must be comma-separated integers, got {a.streams!r}") from None
     cfg = BenchConfig(a.checkpoint, a.onnx, a.prompt_tokens, a.new_tokens, streams, a.long_prompt, a.threads)
-    report = bench_engine(cfg, progress=None if a.json else lambda m: print(m, file=sys.stderr))
+    report = bench_engine(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2) if a.json else format_report(report))
     return 0
 

@@ -58,3 +58,14 @@ def test_ort_cache_is_written_in_place(exported):
     assert key[2, :, 3:].abs().sum() == 0 and key[0].abs().sum() == 0  # nothing else written
     runner.copy_slot(2, 3, 3)
     torch.testing.assert_close(key[3, :, :3], key[2, :, :3])
+
+
+def test_generate_command_gives_the_same_text_with_either_runner(exported, capsys):
+    ckpt, onnx_dir = exported
+    texts = []
+    for path in (ckpt, onnx_dir):
+        assert main(["generate", str(path), "--prompt", "Hello world", "--max-tokens", "10", "--threads", "1"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
+    assert main(["generate", str(onnx_dir), "--runner", "torch", "--prompt", "x"]) == 2
+    assert "--runner torch needs model.safetensors" in capsys.readouterr().err
