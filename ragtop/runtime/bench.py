@@ -25,6 +25,7 @@ from .engine import EngineConfig, LLMEngine, Request
 from .loader import LoadedModel, load_model
 from .sampling import SamplingParams
 from .scheduler import SchedulerConfig
+from .stats import IterationStats
 
 TEXT = ("We hold these truths to be self-evident, that all men are created equal, that they are "
         "endowed by their Creator with certain unalienable Rights, that among these are Life, "
@@ -72,12 +73,19 @@ def single_stream_decode(engine: LLMEngine, prompt: list[int], n: int) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def aggregate(engine: LLMEngine, prompts: list[list[int]], n: int) -> float:
-    """Output tokens/s of len(prompts) concurrent streams, from submission to the last token."""
+def aggregate(engine: LLMEngine, prompts: list[list[int]], n: int) -> tuple[float, float]:
+    """Output tokens/s of len(prompts) concurrent streams: from submission to the last token
+    (prefill included), and over the steps that only decoded."""
+    steps: list[IterationStats] = []
+    engine.stats_listeners.append(steps.append)
     t0 = time.perf_counter()
     out = engine.run_until_done([Request(f"s{i}", p, greedy(n)) for i, p in enumerate(prompts)])
+    total = time.perf_counter() - t0
+    engine.stats_listeners.remove(steps.append)
     tokens = sum(len(d.token_ids) for outs in out.values() for o in outs for d in o.deltas)
-    return tokens / (time.perf_counter() - t0)
+    decode = [s for s in steps if s.prompt_tokens == 0]
+    decode_s = sum(s.decode_time_s + s.sample_time_s for s in decode)
+    return tokens / total, sum(s.generation_tokens for s in decode) / decode_s
 
 
 def prompt_throughput(engine: LLMEngine, prompt: list[int]) -> float:
@@ -92,10 +100,12 @@ def bench_runner(model: LoadedModel, cfg: BenchConfig, progress: Callable[[str],
     single_stream_decode(engine, prompt, 8)  # warm-up
     r: dict[str, Any] = {"single_stream_decode_tps": single_stream_decode(engine, prompt, cfg.new_tokens)}
     progress(f"  {model.runner.spec.name}: single stream {r['single_stream_decode_tps']:.1f} tok/s")
-    r["aggregate_tps"] = {}
+    r["aggregate_tps"], r["aggregate_decode_tps"] = {}, {}
     for k in cfg.streams:
-        r["aggregate_tps"][str(k)] = aggregate(engine, [prompt_ids(model, cfg.prompt_tokens, i) for i in range(k)], cfg.new_tokens)
-        progress(f"  {model.runner.spec.name}: {k} streams {r['aggregate_tps'][str(k)]:.1f} tok/s")
+        prompts = [prompt_ids(model, cfg.prompt_tokens, i) for i in range(k)]
+        r["aggregate_tps"][str(k)], r["aggregate_decode_tps"][str(k)] = aggregate(engine, prompts, cfg.new_tokens)
+        progress(f"  {model.runner.spec.name}: {k} streams {r['aggregate_tps'][str(k)]:.1f} tok/s "
+                 f"({r['aggregate_decode_tps'][str(k)]:.1f} tok/s in decode-only steps)")
     r["prompt_tps"] = prompt_throughput(engine, prompt_ids(model, cfg.long_prompt))
     progress(f"  {model.runner.spec.name}: prompt {r['prompt_tps']:.1f} tok/s")
     return r
@@ -191,9 +201,11 @@ def ratios(runners: dict[str, dict[str, Any]], streams: tuple[int, ...]) -> dict
     for name, r in runners.items():
         if hf and name != "transformers":
             out[f"{name}_vs_transformers_single_stream"] = r["single_stream_decode_tps"] / hf
-        agg = r.get("aggregate_tps", {})
-        if "1" in agg and str(max(streams)) in agg and max(streams) > 1:
-            out[f"{name}_{max(streams)}_streams_vs_1"] = agg[str(max(streams))] / agg["1"]
+        top = str(max(streams))
+        for key, label in (("aggregate_tps", ""), ("aggregate_decode_tps", "_decode_only")):
+            agg = r.get(key, {})
+            if "1" in agg and top in agg and max(streams) > 1:
+                out[f"{name}_{top}_streams_vs_1{label}"] = agg[top] / agg["1"]
     return out
 
 
@@ -207,6 +219,10 @@ def format_report(report: dict[str, Any]) -> str:
         cells = "".join(f" {agg[str(k)]:>11.1f}" if str(k) in agg else f" {'-':>11}" for k in streams)
         prompt = f"{r['prompt_tps']:>13.1f}" if "prompt_tps" in r else f"{'-':>13}"
         lines.append(f"{name:<14} {r['single_stream_decode_tps']:>24.1f}{cells} {prompt}")
+        dec = r.get("aggregate_decode_tps", {})
+        if dec:
+            cells = "".join(f" {dec[str(k)]:>11.1f}" if str(k) in dec else f" {'-':>11}" for k in streams)
+            lines.append(f"{'  decode-only':<14} {'':>24}{cells}")
     lines += [f"{k}: {v:.2f}x" for k, v in report["ratios"].items()]
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
