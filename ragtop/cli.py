@@ -132,31 +132,13 @@ def run_generate(a: argparse.Namespace) -> int:
 
 
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks")
+    from .runtime import bench as engine_bench
+
+    p = sub.add_parser("bench", help="benchmarks measured on this machine")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     e = bench.add_parser("engine", help="decode tokens/s: OrtRunner, TorchRunner, transformers; 1/4/16 streams; prompt throughput")
-    e.add_argument("checkpoint", type=Path, help="a checkpoint (e.g. from `ragtop import smollm2 --out DIR`)")
-    e.add_argument("--onnx", type=Path, default=None, help="its exported folder (default: export it to a temporary folder)")
-    e.add_argument("--prompt-tokens", type=positive_int, default=64)
-    e.add_argument("--new-tokens", type=positive_int, default=64)
-    e.add_argument("--streams", default="1,4,16", help="concurrent streams to measure (default 1,4,16)")
-    e.add_argument("--long-prompt", type=positive_int, default=512, help="prompt length for prompt throughput")
-    e.add_argument("--threads", type=positive_int, default=None)
-    e.add_argument("--json", action="store_true")
-    e.set_defaults(func=run_bench_engine)
-
-
-def run_bench_engine(a: argparse.Namespace) -> int:
-    from .runtime.bench import BenchConfig, bench_engine, format_report
-
-    try:
-        streams = tuple(int(s) for s in a.streams.split(","))
-    except ValueError:
-        raise RagtopError(f"--streams must be comma-separated integers, got {a.streams!r}") from None
-    cfg = BenchConfig(a.checkpoint, a.onnx, a.prompt_tokens, a.new_tokens, streams, a.long_prompt, a.threads)
-    report = bench_engine(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    print(json.dumps(report, indent=2) if a.json else format_report(report))
-    return 0
+    engine_bench.add_arguments(e)
+    e.set_defaults(func=engine_bench.run)
 
 
 # -- entry points ---------------------------------------------------------------------

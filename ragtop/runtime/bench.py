@@ -11,6 +11,9 @@ Ratios are computed from these same numbers. transformers is imported here only.
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -226,3 +229,30 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [f"{k}: {v:.2f}x" for k, v in report["ratios"].items()]
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
+
+
+# -- command line (`ragtop bench engine`) ---------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=Path, help="a checkpoint (e.g. from `ragtop import smollm2 --out DIR`)")
+    p.add_argument("--onnx", type=Path, default=None, help="the same checkpoint exported (`ragtop export`)")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--streams", default="1,4,16", help="concurrent streams to measure (default 1,4,16)")
+    p.add_argument("--long-prompt", type=int, default=512, help="prompt length for prompt throughput")
+    p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads")
+    p.add_argument("--json", action="store_true")
+
+
+def run(a: argparse.Namespace) -> int:
+    try:
+        streams = tuple(int(s) for s in a.streams.split(","))
+    except ValueError:
+        raise RagtopError(f"--streams must be comma-separated integers, got {a.streams!r}") from None
+    for name, value in (("--prompt-tokens", a.prompt_tokens), ("--new-tokens", a.new_tokens),
+                        ("--long-prompt", a.long_prompt), ("--streams", min(streams))):
+        if value < 1 or (name == "--new-tokens" and value < 2):
+            raise RagtopError(f"{name} must be >= {2 if name == '--new-tokens' else 1}, got {value}")
+    cfg = BenchConfig(a.checkpoint, a.onnx, a.prompt_tokens, a.new_tokens, streams, a.long_prompt, a.threads)
+    report = bench_engine(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(report, indent=2) if a.json else format_report(report))
+    return 0

@@ -34,3 +34,15 @@ def test_generate_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert "holds neither model.onnx" in capsys.readouterr().err
     assert main(["generate", str(checkpoint), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p must be in" in capsys.readouterr().err
+
+
+def test_bench_engine_smoke(checkpoint, capsys):
+    import json
+
+    argv = ["bench", "engine", str(checkpoint), "--prompt-tokens", "4", "--new-tokens", "3", "--streams", "1,2",
+            "--long-prompt", "8", "--threads", "1", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["runners"]["torch"]["aggregate_tps"]) == {"1", "2"}
+    assert "torch_2_streams_vs_1" in report["ratios"]
+    assert main([*argv[:-1], "--new-tokens", "1"]) == 2
