@@ -106,6 +106,8 @@ def bench_runner(model: LoadedModel, cfg: BenchConfig, progress: Callable[[str],
     single_stream_decode(engine, prompt, 8)  # warm-up
     best = max(single_stream_decode(engine, prompt, cfg.new_tokens) for _ in range(REPEATS))
     r: dict[str, Any] = {"single_stream_decode_tps": best}
+    if hasattr(model.runner, "plugin"):
+        r["plugin"] = bool(model.runner.plugin)  # ragtop kernels (True) or standard-op fallbacks
     progress(f"  {model.runner.spec.name}: single stream {r['single_stream_decode_tps']:.1f} tok/s")
     r["aggregate_tps"], r["aggregate_decode_tps"] = {}, {}
     for k in cfg.streams:
@@ -218,18 +220,19 @@ def ratios(runners: dict[str, dict[str, Any]], streams: tuple[int, ...]) -> dict
 
 def format_report(report: dict[str, Any]) -> str:
     streams = sorted({int(k) for r in report["runners"].values() for k in r.get("aggregate_tps", {})})
-    head = f"{'runner':<14} {'decode tok/s (1 stream)':>24}" + "".join(f" {f'{k} streams':>11}" for k in streams) + f" {'prompt tok/s':>13}"
+    head = f"{'runner':<19} {'1-stream decode':>19}" + "".join(f" {f'{k} streams':>11}" for k in streams) + f" {'prompt tok/s':>13}"
     lines = [f"checkpoint {report['checkpoint']} ({report['parameters']:,} parameters, {report['attention']} attention), "
-             f"prompt {report['prompt_tokens']} + {report['new_tokens']} new tokens, {report['threads']} threads", head]
+             f"prompt {report['prompt_tokens']} + {report['new_tokens']} new tokens, {report['threads']} threads; output tokens/s", head]
     for name, r in report["runners"].items():
         agg = r.get("aggregate_tps", {})
         cells = "".join(f" {agg[str(k)]:>11.1f}" if str(k) in agg else f" {'-':>11}" for k in streams)
         prompt = f"{r['prompt_tps']:>13.1f}" if "prompt_tps" in r else f"{'-':>13}"
-        lines.append(f"{name:<14} {r['single_stream_decode_tps']:>24.1f}{cells} {prompt}")
+        label = f"{name}{' +plugin' if r.get('plugin') else ''}"
+        lines.append(f"{label:<19} {r['single_stream_decode_tps']:>19.1f}{cells} {prompt}")
         dec = r.get("aggregate_decode_tps", {})
         if dec:
             cells = "".join(f" {dec[str(k)]:>11.1f}" if str(k) in dec else f" {'-':>11}" for k in streams)
-            lines.append(f"{'  decode-only':<14} {'':>24}{cells}")
+            lines.append(f"{'  decode-only':<19} {'':>19}{cells}")
     lines += [f"{k}: {v:.2f}x" for k, v in report["ratios"].items()]
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
