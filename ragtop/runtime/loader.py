@@ -57,7 +57,9 @@ def detect_runner(path: Path) -> Literal["torch", "ort"]:
     raise RagtopError(f"{path} holds neither model.onnx (exported) nor model.safetensors (checkpoint)")
 
 
-def load_model(path: Path, runner: RunnerKind = "auto", threads: int | None = None) -> LoadedModel:
+def load_model(path: Path, runner: RunnerKind = "auto", threads: int | None = None,
+               onnx_file: str | None = None) -> LoadedModel:
+    """onnx_file: another graph of an exported folder (e.g. model.int8.onnx)."""
     path = Path(path)
     found = detect_runner(path)
     kind = found if runner == "auto" else runner
@@ -67,7 +69,7 @@ def load_model(path: Path, runner: RunnerKind = "auto", threads: int | None = No
     if kind == "ort":
         from .runners.onnxruntime import OrtRunner
 
-        model_runner: ModelRunner = OrtRunner.from_folder(path, threads=threads)
+        model_runner: ModelRunner = OrtRunner.from_folder(path, threads=threads, model_file=onnx_file)
     else:
         import torch
 

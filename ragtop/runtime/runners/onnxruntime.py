@@ -38,7 +38,10 @@ def contiguous_runs(slots: Sequence[int]) -> list[list[int]]:
 
 
 class OrtRunner:
-    def __init__(self, folder: Path, threads: int | None = None, use_plugin: bool = True) -> None:
+    def __init__(self, folder: Path, threads: int | None = None, use_plugin: bool = True,
+                 model_file: str | None = None) -> None:
+        """model_file: another graph of the folder with the same interface (e.g. the export's
+        model.int8.onnx); default genai_config's decoder file."""
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -72,17 +75,18 @@ class OrtRunner:
             except ImportError:
                 register_plugin = None
             self.plugin = bool(register_plugin and register_plugin(opts))
+        path = folder / (model_file or dec["filename"])
         try:
-            self.session = ort.InferenceSession(str(folder / dec["filename"]), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's own exception types
-            raise RagtopError(f"cannot open {folder / dec['filename']} with onnxruntime: {e}") from None
+            raise RagtopError(f"cannot open {path} with onnxruntime: {e}") from None
         self.buffers: dict[tuple[int, str], Tensor] = {}
         self.lengths = np.zeros(0, dtype=np.int64)
         self.capacity = 0
 
     @classmethod
-    def from_folder(cls, folder: Path, threads: int | None = None) -> OrtRunner:
-        return cls(folder, threads)
+    def from_folder(cls, folder: Path, threads: int | None = None, model_file: str | None = None) -> OrtRunner:
+        return cls(folder, threads, model_file=model_file)
 
     # -- cache ----------------------------------------------------------------------------
     def allocate(self, slots: int, capacity: int) -> None:
