@@ -164,3 +164,22 @@ def test_torch_runner_n_greater_than_one_forks_the_real_cache():
     want = greedy_reference(model, prompt, 6)
     out = torch_engine(model).run_until_done([Request("r", prompt, SamplingParams(n=3, max_tokens=6, temperature=0))])["r"]
     assert [tokens_of(out, i) for i in range(3)] == [want] * 3
+
+
+def test_logprobs_and_iteration_stats():
+    engine, _ = fake_engine(max_batch_size=2)
+    stats: list[IterationStats] = []
+    engine.stats_listeners.append(stats.append)
+    out = engine.run_until_done([
+        Request("a", [0, 1, 2, 3], SamplingParams(max_tokens=3, temperature=0, logprobs=2)),
+        Request("b", [9], SamplingParams(max_tokens=2, temperature=0)),
+    ])
+    lp = [d.logprobs[0] for o in out["a"] for d in o.deltas]
+    assert [x.token for x in lp] == [4, 5, 6] and all(len(x.top) == 2 and x.top[0][0] == x.token for x in lp)
+    assert all(d.logprobs is None for o in out["b"] for d in o.deltas)
+    first, second = stats[0], stats[1]
+    assert (first.batch_size, first.prompt_tokens, first.generation_tokens) == (2, 5, 2)
+    assert second.context_lengths == [5, 2] and second.attention == "dense" and second.runner == "fake"
+    assert second.kv_cache_bytes_used == 5 * 8 and second.kv_cache_reserved_perc == 0.5  # b finished: slot freed
+    assert len(first.time_to_first_tokens_s) == 2 and len(second.inter_token_latencies_s) == 2
+    assert [f.request_id for s in stats for f in s.finished] == ["b", "a"]
