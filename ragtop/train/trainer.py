@@ -70,7 +70,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 200
     log_every: int = 10
-    save_every: int = 200
+    save_every: int = 50
     heldout_from: int = HELDOUT_FROM_YEAR
     mass_cuts: tuple[float, ...] = DEFAULT_MASS_CUTS
     width_factors: tuple[float, ...] = DEFAULT_WIDTH_FACTORS
@@ -132,6 +132,11 @@ def load_trainer_state(out: Path, opt: torch.optim.Optimizer) -> int:
     return int(meta["step"])
 
 
+def _run_identity(tc: dict) -> dict:
+    """The settings a resumed run must share (cadences and the step target may change)."""
+    return {k: v for k, v in tc.items() if k not in ("steps", "eval_every", "log_every", "save_every")}
+
+
 def train(tc: TrainConfig, out: Path, data_dir: Path, progress: bool = True, until: int | None = None) -> Path:
     """Train (or resume) a model into the checkpoint folder `out`.
 
@@ -166,7 +171,7 @@ def train(tc: TrainConfig, out: Path, data_dir: Path, progress: bool = True, unt
     start = 0
     if (out / STATE_JSON).is_file():  # resume
         saved = json.loads((out / STATE_JSON).read_text())["train_config"]
-        if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in json.loads(json.dumps(asdict(tc))).items() if k != "steps"}:
+        if _run_identity(saved) != _run_identity(json.loads(json.dumps(asdict(tc)))):
             raise RagtopError(f"{out} holds a run with different settings; choose another --out")
         from ..checkpoint import load_checkpoint
 
