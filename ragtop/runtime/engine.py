@@ -302,6 +302,10 @@ class LLMEngine:
         for listener in self.stats_listeners:
             listener(stats)
 
+    def close(self) -> None:
+        """Free the runner's cache (the engine is unusable afterwards)."""
+        self.runner.close()
+
     # -- conveniences -------------------------------------------------------------------
     def run_until_done(self, requests: Sequence[Request] = ()) -> dict[str, list[RequestOutput]]:
         """Add the requests and step until the engine is idle; outputs by request id."""
@@ -407,3 +411,4 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
+        self.engine.close()
