@@ -140,3 +140,11 @@ def test_cache_plan_fits_memory_and_shrinks_context_rather_than_refusing():
     cache.lengths[a] = 5
     u = cache.usage()
     assert (u.bytes_used, u.bytes_total, u.used_perc, u.reserved_perc) == (20, 80, 0.25, 1.0)
+
+
+def test_runner_call_grouping():
+    from ragtop.runtime.runners.base import Chunk, group_chunks
+
+    chunks = [Chunk(3, [1], 5), Chunk(0, [1, 2], 0), Chunk(1, [1, 2], 0), Chunk(5, [1], 2),
+              Chunk(4, [1, 2], 0), Chunk(2, [1, 2, 3], 0), Chunk(6, [1, 2], 7)]
+    assert group_chunks(chunks) == [[0, 3], [1, 2], [4], [6], [5]]

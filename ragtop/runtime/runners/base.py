@@ -61,13 +61,30 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def group_chunks(chunks: Sequence[Chunk]) -> list[list[int]]:
-    """Indices of chunks run together: all one-token chunks (decodes) in one call, first,
-    then each longer chunk alone (no padding, so 'last' is simply the last position).
+    """Indices of chunks run together in one model call, with no padding:
 
-    Rows of the slot range a call covers that are not in it are bound too (the range is a
-    view, not a copy); they write one garbage position past their own length, which no
-    query sees and the next real write overwrites. Decodes go first so that a slot whose
-    prefill ends this step is not at the end of its capacity yet.
+    - all one-token chunks (decodes), first. The call binds the contiguous slot range that
+      covers them; rows of that range that are not in the call write one garbage position
+      past their own length, which no query sees and the next real write overwrites (a slot
+      at full capacity has finished, so that position always exists). Decodes go first so
+      that a slot whose prefill ends this step is not at the end of its capacity yet.
+    - longer chunks (prefill) of equal length whose slots are consecutive: no idle rows, so
+      nothing is written outside the chunks' own positions.
     """
     singles = [i for i, c in enumerate(chunks) if len(c.tokens) == 1]
-    return ([singles] if singles else []) + [[i] for i, c in enumerate(chunks) if len(c.tokens) > 1]
+    groups = [singles] if singles else []
+    by_length: dict[int, list[int]] = {}
+    for i, c in enumerate(chunks):
+        if len(c.tokens) > 1:
+            by_length.setdefault(len(c.tokens), []).append(i)
+    for idx in by_length.values():
+        idx.sort(key=lambda i: chunks[i].slot)
+        run = [idx[0]]
+        for i in idx[1:]:
+            if chunks[i].slot == chunks[run[-1]].slot + 1:
+                run.append(i)
+            else:
+                groups.append(run)
+                run = [i]
+        groups.append(run)
+    return groups
