@@ -3,10 +3,20 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+NATIVE := ragtop/_native/libragtop_ort.so
 
-.PHONY: install test test-all lint serve bench clean train-small
+.PHONY: install plugin test test-all lint serve bench clean train-small
 
-install: $(STAMP)
+install: $(STAMP) $(NATIVE)
+
+# The onnxruntime plugin library (C++ kernels for ragtop::TopKAttention / RaggedEmbedding).
+# build.sh fetches the ORT headers from Debian's archive and never fails the install: without
+# a compiler or the headers it warns and models run the standard-op fallbacks.
+$(NATIVE): plugins/CMakeLists.txt plugins/onnxruntime/ragtop_ort.cc plugins/onnxruntime/build.sh plugins/onnxruntime/fetch_headers.sh
+	sh plugins/onnxruntime/build.sh
+
+plugin:
+	sh plugins/onnxruntime/build.sh
 
 # Reinstall only when the package definition changes (a second `make install` is a no-op).
 $(STAMP): pyproject.toml
@@ -24,8 +34,12 @@ test: install lint
 test-all: install
 	$(BIN)/python -m pytest -q
 
+# One attention layer: plugin (exact / block selection) vs standard-op fallback vs dense.
+bench: install
+	$(BIN)/ragtop bench ops
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info ragtop/_native
 
 # The four `small` models of docs/models.md (about 1.5-2 hours on 2 cores).
 train-small: install

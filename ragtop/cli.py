@@ -131,11 +131,19 @@ def run_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench ----------------------------------------------------------------------------
 def add_bench(sub) -> None:
+    from .bench import block_quality, ops
     from .runtime import bench as engine_bench
 
     p = sub.add_parser("bench", help="benchmarks measured on this machine")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    o = bench.add_parser("ops", help="one attention layer: plugin exact / block selection vs fallback vs dense")
+    ops.add_arguments(o)
+    o.set_defaults(func=ops.run)
+    q = bench.add_parser("block-quality", help="perplexity and greedy agreement of block selection vs exact top-k")
+    block_quality.add_arguments(q)
+    q.set_defaults(func=lambda a: block_quality.run(a, default_data_dir()))
     e = bench.add_parser("engine", help="decode tokens/s: OrtRunner, TorchRunner, transformers; 1/4/16 streams; prompt throughput")
     engine_bench.add_arguments(e)
     e.set_defaults(func=engine_bench.run)

@@ -1,4 +1,5 @@
-"""ragtop's serving engine. The server imports only what this module exports.
+"""ragtop's runtime: the serving engine, its model runners and the onnxruntime plugin
+loader (plugin.py). The server imports only what this module exports.
 
     model = load_model(path)                      # runner + tokenizer + generation config
     engine = AsyncEngine(model.engine(EngineConfig(...))).start()

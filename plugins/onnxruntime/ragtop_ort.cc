@@ -1,0 +1,641 @@
+// ragtop's ONNX Runtime custom-op library: ragtop::TopKAttention and ragtop::RaggedEmbedding.
+//
+// The contract (inputs, outputs, attributes, semantics) is ragtop/export/ops.py; the
+// reference semantics are TopKAttention / RaggedEmbedding in ragtop/model/. This file
+// reproduces them exactly (up to float summation order):
+//
+//   * query s of sequence b sits at p = past_lengths[b] + s and sees keys j <= p;
+//   * it keeps its `topk` highest-scoring visible keys, ties going to the lower key index,
+//     and takes the softmax over them;
+//   * block selection (block_size > 0): each query keeps its own block plus the
+//     `block_budget` earlier blocks with the largest upper bound
+//     sum_d max(q_d * kmin_d, q_d * kmax_d) (ties: lower block), then runs exact top-k
+//     over the visible keys of the chosen blocks.
+//
+// Performance notes (see docs/kernels.md):
+//   * the KV cache is updated in place when present_* is bound to the same memory as
+//     past_* (IO binding); otherwise past is copied to present first;
+//   * no score matrix is ever materialised: keys stream past in tiles of 64, and each query
+//     row keeps a lazy top-k buffer (threshold compare + nth_element when 2k candidates
+//     have piled up), so selection is O(L) compares plus O(k) amortised work per accepted
+//     candidate, never a sort of L scores;
+//   * work items are (sequence, KV head, query chunk); the query heads sharing a KV head
+//     (GQA) are scored in the same pass over the keys, so each key row is read once;
+//   * items run on onnxruntime's intra-op thread pool (KernelContext_ParallelFor): the
+//     library starts no threads of its own and links against nothing but libc/libstdc++;
+//   * the hot loops are plain C++ loops compiled twice (target_clones: x86-64-v3 = AVX2
+//     + FMA, and the baseline), picked at load time by the CPU, so the .so loads on any
+//     x86-64 machine and uses AVX2 where present.
+//
+// Built without linking libonnxruntime: ORT_API_MANUAL_INIT + the OrtApiBase handed to
+// RegisterCustomOps. The API version is checked there, with a clear error.
+
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_lite_custom_op.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(RAGTOP_NO_CLONES)
+#define RAGTOP_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define RAGTOP_HOT
+#endif
+
+namespace ragtop {
+
+using Ort::Custom::Tensor;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------
+// Small numeric helpers. `omp simd reduction` (compiled with -fopenmp-simd: no OpenMP
+// runtime is linked) lets the compiler keep 8 partial sums in one vector register.
+
+static inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// Upper bound of q.k over a block with element-wise key bounds [lo, hi].
+static inline float block_bound(const float* __restrict q, const float* __restrict lo,
+                                const float* __restrict hi, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < n; ++d) s += std::max(q[d] * lo[d], q[d] * hi[d]);
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------
+// Score tiles: out[r * n + i] = q_r . k_i for R query rows and n (<= kTile) consecutive key
+// rows. This is where exact top-k spends its time. The AVX2 version scores 8 keys at once
+// for one row: 8 vector accumulators over d (one FMA per 8 floats, no horizontal sum in the
+// loop), then one 8-way horizontal reduction (hadd + lane permute) gives the 8 scores in
+// one register. The key tile (n x Dh floats) stays in L1 across the rows. Picked once at
+// load time from the CPU's features, so the library runs on any x86-64.
+constexpr int64_t kTile = 64;
+using ScoreTileFn = void (*)(const float* q, int64_t R, const float* k, int64_t n, int64_t Dh, float* out);
+
+static void score_tile_generic(const float* q, int64_t R, const float* k, int64_t n, int64_t Dh, float* out) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < n; ++i) out[r * n + i] = dot(q + r * Dh, k + i * Dh, Dh);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx2,fma"))) static void score_tile_avx2(const float* q, int64_t R, const float* k, int64_t n,
+                                                                 int64_t Dh, float* out) {
+  if (Dh % 8) return score_tile_generic(q, R, k, n, Dh, out);
+  const int64_t n8 = n - n % 8;
+  for (int64_t r = 0; r < R; ++r) {
+    const float* qr = q + r * Dh;
+    float* o = out + r * n;
+    for (int64_t i = 0; i < n8; i += 8) {  // hot loop: 8 keys x Dh
+      const float* k0 = k + i * Dh;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+      for (int64_t d = 0; d < Dh; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(qr + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 0 * Dh + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 1 * Dh + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * Dh + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * Dh + d), a3);
+        a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 4 * Dh + d), a4);
+        a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 5 * Dh + d), a5);
+        a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 6 * Dh + d), a6);
+        a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 7 * Dh + d), a7);
+      }
+      // 8 accumulators -> [sum a0, ..., sum a7]
+      const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
+      const __m256 h45 = _mm256_hadd_ps(a4, a5), h67 = _mm256_hadd_ps(a6, a7);
+      const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+      const __m256 lo = _mm256_permute2f128_ps(h0123, h4567, 0x20);
+      const __m256 hi = _mm256_permute2f128_ps(h0123, h4567, 0x31);
+      _mm256_storeu_ps(o + i, _mm256_add_ps(lo, hi));
+    }
+    for (int64_t i = n8; i < n; ++i) o[i] = dot(qr, k + i * Dh, Dh);
+  }
+}
+static ScoreTileFn pick_score_tile() {
+  __builtin_cpu_init();
+  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? score_tile_avx2 : score_tile_generic;
+}
+#else
+static ScoreTileFn pick_score_tile() { return score_tile_generic; }
+#endif
+static const ScoreTileFn score_tile = pick_score_tile();
+
+// ---------------------------------------------------------------------------------------
+// TopK: the k best (score, index) pairs of a stream, "best" meaning higher score and, among
+// equal scores, lower index (the reference's tie rule).
+//
+// A lazy selection buffer rather than a heap: candidates whose score beats the threshold
+// `thr` are appended (two stores); when the buffer holds `cap` (~2k) of them, nth_element
+// keeps the k best and `thr` becomes the k-th best score. Candidates arrive in increasing
+// index order, so a newcomer equal to `thr` loses to every kept entry with that score:
+// the strict `score > thr` test in the callers' hot loops is exactly the tie rule. Once the
+// threshold settles, almost every score fails that one compare; the rest cost O(1)
+// amortised (a heap's sift would cost O(log k) branchy steps per accepted candidate, which
+// dominated prefill where rows are short and acceptances frequent).
+struct Cand {
+  float s;
+  int32_t j;
+};
+static inline bool better(const Cand& a, const Cand& b) { return a.s > b.s || (a.s == b.s && a.j < b.j); }
+
+struct TopK {
+  Cand* c = nullptr;
+  int32_t n = 0, k = 0, cap = 0;
+  float thr = kNegInf;  // -inf until the first compaction
+
+  static int32_t capacity(int64_t k) { return static_cast<int32_t>(2 * k + 16); }
+  void reset(Cand* buf, int64_t kk) {
+    c = buf, n = 0, k = static_cast<int32_t>(kk), cap = capacity(kk), thr = kNegInf;
+  }
+  void push(float sc, int32_t idx) {
+    c[n++] = Cand{sc, idx};
+    if (n == cap) compact();
+  }
+  void compact() {  // keep the k best, threshold = the k-th best score
+    if (n <= k) return;
+    std::nth_element(c, c + (k - 1), c + n, better);
+    thr = c[k - 1].s;
+    n = k;
+  }
+};
+
+// Offer scores t[0..m) of keys j0.. to a selection. Groups of 16 whose maximum does not
+// beat the threshold (the common case once it has settled) are skipped with one vector
+// max-reduction and one compare.
+static inline void select_scores(TopK& tk, const float* __restrict t, int64_t m, int64_t j0) {
+  int64_t i = 0;
+  for (; i + 16 <= m; i += 16) {
+    float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+    for (int64_t u = 0; u < 16; ++u) mx = std::max(mx, t[i + u]);
+    if (!(mx > tk.thr)) continue;
+    for (int64_t u = i; u < i + 16; ++u)
+      if (t[u] > tk.thr) tk.push(t[u], static_cast<int32_t>(j0 + u));
+  }
+  for (; i < m; ++i)
+    if (t[i] > tk.thr) tk.push(t[i], static_cast<int32_t>(j0 + i));
+}
+
+// Softmax over the kept entries, weighted sum of their value rows -> out[Dh].
+static inline void softmax_gather(TopK& t, const float* __restrict vrows, int64_t Dh, float* __restrict out) {
+  t.compact();
+  std::fill(out, out + Dh, 0.f);
+  if (t.n == 0) return;
+  float m = kNegInf;
+  for (int32_t i = 0; i < t.n; ++i) m = std::max(m, t.c[i].s);
+  float total = 0.f;
+  for (int32_t i = 0; i < t.n; ++i) {
+    const float w = std::exp(t.c[i].s - m);
+    total += w;
+    const float* __restrict v = vrows + static_cast<int64_t>(t.c[i].j) * Dh;
+#pragma omp simd
+    for (int64_t d = 0; d < Dh; ++d) out[d] += w * v[d];
+  }
+  const float inv = 1.f / total;
+#pragma omp simd
+  for (int64_t d = 0; d < Dh; ++d) out[d] *= inv;
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention problem description, shared by every work item of one Compute call.
+struct AttnProblem {
+  int64_t B, S, H, Hkv, G, Dh, C;
+  int64_t topk, bs, budget, nb;  // nb = C / bs (block mode)
+  float scale;
+  const float* q;        // [B, S, H*Dh]
+  const int64_t* lens;   // [B]
+  const float* kc;       // present_key   [B, Hkv, C, Dh] (already holds the new keys)
+  const float* vc;       // present_value [B, Hkv, C, Dh]
+  const float* kmin;     // present_key_min [B, Hkv, nb, Dh] (block mode, updated)
+  const float* kmax;
+  float* out;            // [B, S, H*Dh]
+};
+
+// One work item: sequence b, KV head kvh, query heads [h0, h0+nh) of that KV head's group,
+// queries [s0, s1).
+struct AttnItem {
+  int64_t b, kvh, h0, nh, s0, s1;
+};
+
+// Per-thread scratch (selection buffers), reused across calls.
+struct Scratch {
+  std::vector<Cand> cand;   // key candidates, one buffer per row
+  std::vector<TopK> rows;
+  std::vector<Cand> bcand;  // block candidates
+  std::vector<int32_t> blocks;
+  std::vector<float> q;     // scaled query rows
+  std::vector<float> tile;  // scores of one key tile
+};
+static Scratch& scratch() {
+  thread_local Scratch sc;
+  return sc;
+}
+
+// Exact mode: every visible key of the sequence is scored.
+//
+// Rows are (query s, head h) pairs in s-major order. Keys stream in index order; key j is
+// visible to the rows whose position p = len + s >= j, a suffix of the row list, so the
+// loop over rows starts at the first such row. Each key row (Dh floats) is loaded once
+// and scored against all rows of the item (the GQA heads and the chunk's queries) while
+// it sits in L1.
+static void attend_exact(const AttnProblem& P, const AttnItem& it) {
+  const int64_t len = P.lens[it.b], Dh = P.Dh;
+  const int64_t ns = it.s1 - it.s0, R = ns * it.nh;
+  const int64_t pmax = len + it.s1 - 1;
+  const int64_t kcap = std::min<int64_t>(P.topk, pmax + 1);
+  const float* keys = P.kc + (it.b * P.Hkv + it.kvh) * P.C * Dh;
+  const float* vals = P.vc + (it.b * P.Hkv + it.kvh) * P.C * Dh;
+
+  Scratch& sc = scratch();
+  const int64_t cap = TopK::capacity(kcap);
+  sc.cand.resize(R * cap), sc.rows.resize(R);
+  // the item's query rows, pre-multiplied by the softmax scale (as the reference does)
+  sc.q.resize(R * Dh);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t s = it.s0 + r / it.nh, h = it.h0 + r % it.nh;
+    const float* src = P.q + ((it.b * P.S + s) * P.H + h) * Dh;
+    for (int64_t d = 0; d < Dh; ++d) sc.q[r * Dh + d] = src[d] * P.scale;
+    const int64_t k = std::min<int64_t>(P.topk, len + s + 1);
+    sc.rows[r].reset(sc.cand.data() + r * cap, k);
+  }
+  TopK* sel = sc.rows.data();
+  const float* qs = sc.q.data();
+  sc.tile.resize(R * kTile);
+  float* tile = sc.tile.data();
+
+  for (int64_t j0 = 0; j0 <= pmax; j0 += kTile) {
+    const int64_t n = std::min(kTile, pmax + 1 - j0);
+    // rows that see at least key j0: query s with len + s >= j0 (a suffix of the rows)
+    const int64_t r0 = std::max<int64_t>(0, j0 - len - it.s0) * it.nh;
+    score_tile(qs + r0 * Dh, R - r0, keys + j0 * Dh, n, Dh, tile);
+    for (int64_t r = r0; r < R; ++r) {  // selection: one compare per score, rare pushes
+      const int64_t p = len + it.s0 + r / it.nh;
+      const int64_t m = std::min(n, p + 1 - j0);  // keys of the tile this row sees
+      const float* t = tile + (r - r0) * n;
+      select_scores(sel[r], t, m, j0);
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t s = it.s0 + r / it.nh, h = it.h0 + r % it.nh;
+    softmax_gather(sel[r], vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh);
+  }
+}
+
+// Block mode: per row, rank the earlier blocks by their upper bound (reads only the
+// block summaries), keep `budget` of them plus the own block, then exact top-k over the
+// keys of the chosen blocks in increasing key order.
+RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
+  const int64_t len = P.lens[it.b], Dh = P.Dh, bs = P.bs;
+  const int64_t bh = it.b * P.Hkv + it.kvh;
+  const float* keys = P.kc + bh * P.C * Dh;
+  const float* vals = P.vc + bh * P.C * Dh;
+  const float* lo = P.kmin + bh * P.nb * Dh;
+  const float* hi = P.kmax + bh * P.nb * Dh;
+
+  Scratch& sc = scratch();
+  const int64_t kcap = std::min<int64_t>(P.topk, (P.budget + 1) * bs);
+  sc.cand.resize(TopK::capacity(kcap)), sc.bcand.resize(TopK::capacity(P.budget));
+  sc.blocks.resize(P.budget + 1), sc.q.resize(Dh);
+  sc.tile.resize(kTile);
+  float* tile = sc.tile.data();
+  TopK keysel, blocksel;
+
+  for (int64_t s = it.s0; s < it.s1; ++s) {
+    const int64_t p = len + s, own = p / bs;
+    for (int64_t h = it.h0; h < it.h0 + it.nh; ++h) {
+      const float* q = P.q + ((it.b * P.S + s) * P.H + h) * Dh;
+      float* qs = sc.q.data();  // scaled copy for the key scores (the bound uses q as is)
+      for (int64_t d = 0; d < Dh; ++d) qs[d] = q[d] * P.scale;
+      // 1. candidate blocks: the budget earlier blocks with the largest bound
+      blocksel.reset(sc.bcand.data(), std::min(P.budget, own));
+      for (int64_t blk = 0; blk < own; ++blk) {  // hot loop over the summaries
+        const float ub = block_bound(q, lo + blk * Dh, hi + blk * Dh, Dh);
+        if (ub > blocksel.thr) blocksel.push(ub, static_cast<int32_t>(blk));
+      }
+      int32_t* blocks = sc.blocks.data();
+      blocksel.compact();
+      for (int32_t i = 0; i < blocksel.n; ++i) blocks[i] = blocksel.c[i].j;
+      std::sort(blocks, blocks + blocksel.n);  // key order, for the tie rule below
+      int64_t nblk = blocksel.n;
+      blocks[nblk++] = static_cast<int32_t>(own);
+      // 2. exact top-k over the visible keys of the chosen blocks
+      const int64_t nkeys = (nblk - 1) * bs + (p - own * bs + 1);
+      keysel.reset(sc.cand.data(), std::min<int64_t>(P.topk, nkeys));
+      for (int64_t bi = 0; bi < nblk; ++bi) {
+        const int64_t j0 = blocks[bi] * bs, j1 = std::min((blocks[bi] + 1) * bs, p + 1);
+        for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
+          const int64_t n = std::min(kTile, j1 - t0);
+          score_tile(qs, 1, keys + t0 * Dh, n, Dh, tile);
+          select_scores(keysel, tile, n, t0);
+        }
+      }
+      softmax_gather(keysel, vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Running `fn(i)` for i in [0, n) on onnxruntime's intra-op pool.
+template <typename F>
+static void parallel_for(OrtKernelContext* ctx, size_t n, F&& fn) {
+  if (n == 0) return;
+  if (n == 1) return fn(size_t{0});
+  struct Thunk {
+    F* f;
+    static void call(void* self, size_t i) { (*static_cast<Thunk*>(self)->f)(i); }
+  } thunk{&fn};
+  Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(ctx, &Thunk::call, n, 0, &thunk));
+}
+
+static int64_t attr_int(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t dflt, bool required) {
+  int64_t v = dflt;
+  OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, &v);
+  if (st) {
+    api->ReleaseStatus(st);
+    if (required) ORT_CXX_API_THROW(std::string("ragtop::TopKAttention: missing attribute ") + name, ORT_INVALID_ARGUMENT);
+    return dflt;
+  }
+  return v;
+}
+
+static std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+#define RAGTOP_CHECK(cond, msg)                                                        \
+  do {                                                                                 \
+    if (!(cond)) return Ort::Status((std::string("ragtop::") + (msg)).c_str(), ORT_INVALID_ARGUMENT); \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------
+struct TopKAttentionKernel {
+  int64_t num_heads, num_kv_heads, topk, block_size, block_budget;
+  float scale;
+
+  TopKAttentionKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    num_heads = attr_int(api, info, "num_heads", 0, true);
+    num_kv_heads = attr_int(api, info, "num_kv_heads", 0, true);
+    topk = attr_int(api, info, "topk", 0, true);
+    block_size = attr_int(api, info, "block_size", 0, false);
+    block_budget = attr_int(api, info, "block_budget", 0, false);
+    OrtStatus* st = api->KernelInfoGetAttribute_float(info, "scale", &scale);
+    if (st) {
+      api->ReleaseStatus(st);
+      ORT_CXX_API_THROW("ragtop::TopKAttention: missing attribute scale", ORT_INVALID_ARGUMENT);
+    }
+    if (num_heads < 1 || num_kv_heads < 1 || num_heads % num_kv_heads)
+      ORT_CXX_API_THROW("ragtop::TopKAttention: num_heads must be a positive multiple of num_kv_heads", ORT_INVALID_ARGUMENT);
+    if (topk < 1) ORT_CXX_API_THROW("ragtop::TopKAttention: topk must be >= 1", ORT_INVALID_ARGUMENT);
+    if (block_size < 0 || (block_size > 0 && block_budget < 1))
+      ORT_CXX_API_THROW("ragtop::TopKAttention: block_size > 0 needs block_budget >= 1", ORT_INVALID_ARGUMENT);
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& query, const Tensor<float>& key,
+                      const Tensor<float>& value, const Tensor<float>& past_key,
+                      const Tensor<float>& past_value, const Tensor<int64_t>& past_lengths,
+                      std::optional<const Tensor<float>*> past_key_min,
+                      std::optional<const Tensor<float>*> past_key_max, Tensor<float>& output,
+                      Tensor<float>& present_key, Tensor<float>& present_value,
+                      std::optional<Tensor<float>*> present_key_min,
+                      std::optional<Tensor<float>*> present_key_max) {
+    try {
+      return run(ctx, query, key, value, past_key, past_value, past_lengths, past_key_min, past_key_max,
+                 output, present_key, present_value, present_key_min, present_key_max);
+    } catch (const std::exception& e) {
+      return Ort::Status(e);
+    }
+  }
+
+  Ort::Status run(OrtKernelContext* ctx, const Tensor<float>& query, const Tensor<float>& key,
+                  const Tensor<float>& value, const Tensor<float>& past_key,
+                  const Tensor<float>& past_value, const Tensor<int64_t>& past_lengths,
+                  std::optional<const Tensor<float>*> past_key_min,
+                  std::optional<const Tensor<float>*> past_key_max, Tensor<float>& output,
+                  Tensor<float>& present_key, Tensor<float>& present_value,
+                  std::optional<Tensor<float>*> present_key_min,
+                  std::optional<Tensor<float>*> present_key_max) const {
+    const auto& qs = query.Shape();
+    const auto& cs = past_key.Shape();
+    RAGTOP_CHECK(qs.size() == 3 && cs.size() == 4, "TopKAttention: query must be [B,S,H*Dh] and past_key [B,Hkv,C,Dh], got " +
+                                                        shape_str(qs) + " and " + shape_str(cs));
+    AttnProblem P{};
+    P.B = qs[0], P.S = qs[1], P.H = num_heads, P.Hkv = num_kv_heads, P.G = num_heads / num_kv_heads;
+    P.Dh = cs[3], P.C = cs[2], P.topk = topk, P.bs = block_size, P.budget = block_budget, P.scale = scale;
+    RAGTOP_CHECK(qs[2] == P.H * P.Dh, "TopKAttention: query last dim " + std::to_string(qs[2]) + " != num_heads * head_dim = " +
+                                          std::to_string(P.H * P.Dh));
+    RAGTOP_CHECK(cs[0] == P.B && cs[1] == P.Hkv, "TopKAttention: past_key " + shape_str(cs) + " does not match batch " +
+                                                     std::to_string(P.B) + " and num_kv_heads " + std::to_string(P.Hkv));
+    const std::vector<int64_t> kvs{P.B, P.S, P.Hkv * P.Dh};
+    RAGTOP_CHECK(key.Shape() == kvs && value.Shape() == kvs, "TopKAttention: key/value must be " + shape_str(kvs));
+    RAGTOP_CHECK(past_value.Shape() == cs, "TopKAttention: past_value must have past_key's shape " + shape_str(cs));
+    RAGTOP_CHECK(past_lengths.Shape() == std::vector<int64_t>{P.B}, "TopKAttention: past_lengths must be [B]");
+    const int64_t* lens = past_lengths.Data();
+    for (int64_t b = 0; b < P.B; ++b)
+      RAGTOP_CHECK(lens[b] >= 0 && lens[b] + P.S <= P.C, "TopKAttention: sequence " + std::to_string(b) + " holds " +
+                                                             std::to_string(lens[b]) + " tokens; + " + std::to_string(P.S) +
+                                                             " new exceeds the cache capacity " + std::to_string(P.C));
+    const bool blocks = block_size > 0;
+    std::vector<int64_t> sum_shape;
+    if (blocks) {
+      RAGTOP_CHECK(P.C % P.bs == 0, "TopKAttention: cache capacity " + std::to_string(P.C) + " is not a multiple of block_size " +
+                                        std::to_string(P.bs));
+      P.nb = P.C / P.bs;
+      sum_shape = {P.B, P.Hkv, P.nb, P.Dh};
+      RAGTOP_CHECK(past_key_min && past_key_max && present_key_min && present_key_max,
+                   "TopKAttention: block_size > 0 needs inputs past_key_min/max and outputs present_key_min/max");
+      RAGTOP_CHECK((*past_key_min)->Shape() == sum_shape && (*past_key_max)->Shape() == sum_shape,
+                   "TopKAttention: past_key_min/max must be " + shape_str(sum_shape));
+    }
+
+    // Outputs. With IO binding, present_* may be the very buffers of past_*: then only the
+    // new positions are written. Otherwise copy past -> present first.
+    float* out = output.Allocate(qs);
+    float* kc = present_key.Allocate(cs);
+    float* vc = present_value.Allocate(cs);
+    const size_t cache_bytes = static_cast<size_t>(P.B * P.Hkv * P.C * P.Dh) * sizeof(float);
+    if (kc != past_key.Data()) std::memcpy(kc, past_key.Data(), cache_bytes);
+    if (vc != past_value.Data()) std::memcpy(vc, past_value.Data(), cache_bytes);
+    float *lo = nullptr, *hi = nullptr;
+    if (blocks) {
+      lo = (*present_key_min)->Allocate(sum_shape);
+      hi = (*present_key_max)->Allocate(sum_shape);
+      const size_t sum_bytes = static_cast<size_t>(P.B * P.Hkv * P.nb * P.Dh) * sizeof(float);
+      if (lo != (*past_key_min)->Data()) std::memcpy(lo, (*past_key_min)->Data(), sum_bytes);
+      if (hi != (*past_key_max)->Data()) std::memcpy(hi, (*past_key_max)->Data(), sum_bytes);
+    }
+    P.q = query.Data(), P.lens = lens, P.kc = kc, P.vc = vc, P.kmin = lo, P.kmax = hi, P.out = out;
+    if (P.S == 0) return Ort::Status(nullptr);
+
+    // 1. Append the new keys/values (and fold them into the block summaries), one
+    //    (sequence, KV head) per item; positions within an item are in order.
+    const float* knew = key.Data();
+    const float* vnew = value.Data();
+    parallel_for(ctx, static_cast<size_t>(P.B * P.Hkv), [&](size_t i) {
+      const int64_t b = static_cast<int64_t>(i) / P.Hkv, h = static_cast<int64_t>(i) % P.Hkv;
+      for (int64_t s = 0; s < P.S; ++s) {
+        const int64_t pos = lens[b] + s;
+        const float* ksrc = knew + ((b * P.S + s) * P.Hkv + h) * P.Dh;
+        float* kdst = kc + ((b * P.Hkv + h) * P.C + pos) * P.Dh;
+        std::memcpy(kdst, ksrc, P.Dh * sizeof(float));
+        std::memcpy(vc + ((b * P.Hkv + h) * P.C + pos) * P.Dh, vnew + ((b * P.S + s) * P.Hkv + h) * P.Dh,
+                    P.Dh * sizeof(float));
+        if (blocks) {
+          float* l = lo + ((b * P.Hkv + h) * P.nb + pos / P.bs) * P.Dh;
+          float* u = hi + ((b * P.Hkv + h) * P.nb + pos / P.bs) * P.Dh;
+          if (pos % P.bs == 0) {  // a block whose first key is new starts afresh
+            std::memcpy(l, ksrc, P.Dh * sizeof(float));
+            std::memcpy(u, ksrc, P.Dh * sizeof(float));
+          } else {
+            for (int64_t d = 0; d < P.Dh; ++d) l[d] = std::min(l[d], ksrc[d]), u[d] = std::max(u[d], ksrc[d]);
+          }
+        }
+      }
+    });
+
+    // 2. Attention. Items: (sequence, KV head, head group, query chunk). Prefill chunks
+    //    hold up to 32 queries (bounded scratch: rows x 2k candidates); when there are too
+    //    few items to keep the pool busy (decode with few KV heads), the GQA group is split
+    //    into single heads.
+    const int64_t kmax_entries = std::min<int64_t>(P.topk, P.C);
+    int64_t qc = std::clamp<int64_t>((int64_t{1} << 21) / std::max<int64_t>(1, P.G * kmax_entries), 1, 32);
+    if (blocks) qc = 16;
+    const int64_t nchunks = (P.S + qc - 1) / qc;
+    const int64_t hw = std::max<int64_t>(2, std::thread::hardware_concurrency());
+    const int64_t nh = (P.B * P.Hkv * nchunks < 2 * hw) ? 1 : P.G;
+    const int64_t groups = P.G / nh;
+    const int64_t total = P.B * P.Hkv * groups * nchunks;
+    parallel_for(ctx, static_cast<size_t>(total), [&](size_t i) {
+      int64_t r = static_cast<int64_t>(i);
+      // the last chunks (longest causal spans) first, for load balance
+      const int64_t c = nchunks - 1 - r % nchunks;
+      r /= nchunks;
+      const int64_t g = r % groups;
+      r /= groups;
+      const int64_t kvh = r % P.Hkv, b = r / P.Hkv;
+      AttnItem it{b, kvh, kvh * P.G + g * nh, nh, c * qc, std::min(P.S, (c + 1) * qc)};
+      if (blocks)
+        attend_blocks(P, it);
+      else
+        attend_exact(P, it);
+    });
+    return Ort::Status(nullptr);
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// RaggedEmbedding: out[b, s] = proj_i @ table_i[row_of[id]] for the tier i of id.
+RAGTOP_HOT static void embed_token(const float* __restrict row, const float* __restrict proj, int64_t D, int64_t d,
+                                   float* __restrict out) {
+  for (int64_t o = 0; o < D; ++o) out[o] = dot(proj + o * d, row, d);  // proj: [D, d]
+}
+
+struct RaggedEmbeddingKernel {
+  int64_t num_tiers;
+
+  RaggedEmbeddingKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    num_tiers = attr_int(api, info, "num_tiers", 0, true);
+    if (num_tiers < 1) ORT_CXX_API_THROW("ragtop::RaggedEmbedding: num_tiers must be >= 1", ORT_INVALID_ARGUMENT);
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<int64_t>& input_ids, const Tensor<int64_t>& tier_of,
+                      const Tensor<int64_t>& row_of, const Ort::Custom::Variadic& weights, Tensor<float>& output) {
+    try {
+      RAGTOP_CHECK(weights.Size() == static_cast<size_t>(2 * num_tiers),
+                   "RaggedEmbedding: expected " + std::to_string(2 * num_tiers) + " weight inputs (table, proj per tier), got " +
+                       std::to_string(weights.Size()));
+      const int64_t V = tier_of.NumberOfElement();
+      RAGTOP_CHECK(row_of.NumberOfElement() == V, "RaggedEmbedding: tier_of and row_of must have the same length");
+      std::vector<const float*> tables(num_tiers), projs(num_tiers);
+      std::vector<int64_t> rows(num_tiers), widths(num_tiers);
+      int64_t D = -1;
+      for (int64_t i = 0; i < num_tiers; ++i) {
+        const auto* tp = dynamic_cast<const Tensor<float>*>(weights[2 * i].get());
+        const auto* pp = dynamic_cast<const Tensor<float>*>(weights[2 * i + 1].get());
+        RAGTOP_CHECK(tp && pp, "RaggedEmbedding: tables and projections must be float");
+        const auto& t = *tp;
+        const auto& p = *pp;
+        const auto ts = t.Shape(), ps = p.Shape();
+        RAGTOP_CHECK(ts.size() == 2 && ps.size() == 2 && ps[1] == ts[1] && (D < 0 || ps[0] == D),
+                     "RaggedEmbedding: tier " + std::to_string(i) + " table " + shape_str(ts) + " / proj " + shape_str(ps) +
+                         " must be [n_i, d_i] / [D, d_i]");
+        D = ps[0];
+        tables[i] = t.Data(), projs[i] = p.Data();
+        rows[i] = ts[0], widths[i] = ts[1];
+      }
+      const auto& ids_shape = input_ids.Shape();
+      std::vector<int64_t> out_shape(ids_shape);
+      out_shape.push_back(D);
+      float* out = output.Allocate(out_shape);
+      const int64_t n = input_ids.NumberOfElement();
+      const int64_t* ids = input_ids.Data();
+      const int64_t* tier = tier_of.Data();
+      const int64_t* row = row_of.Data();
+      for (int64_t t = 0; t < n; ++t) {  // validate before any thread starts
+        const int64_t id = ids[t];
+        RAGTOP_CHECK(id >= 0 && id < V, "RaggedEmbedding: token id " + std::to_string(id) + " out of range [0, " +
+                                            std::to_string(V) + ")");
+        RAGTOP_CHECK(tier[id] >= 0 && tier[id] < num_tiers && row[id] >= 0 && row[id] < rows[tier[id]],
+                     "RaggedEmbedding: token " + std::to_string(id) + " has an invalid tier/row");
+      }
+      parallel_for(ctx, static_cast<size_t>(n), [&](size_t t) {
+        const int64_t id = ids[t], i = tier[id];
+        embed_token(tables[i] + row[id] * widths[i], projs[i], D, widths[i], out + static_cast<int64_t>(t) * D);
+      });
+      return Ort::Status(nullptr);
+    } catch (const std::exception& e) {
+      return Ort::Status(e);
+    }
+  }
+};
+
+}  // namespace ragtop
+
+// ---------------------------------------------------------------------------------------
+// Entry point: SessionOptions.register_custom_ops_library(path) calls this.
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (!api) {  // older runtime: report through the oldest API every runtime has
+    const OrtApi* v1 = api_base->GetApi(1);
+    const std::string msg = std::string("ragtop plugin needs onnxruntime C API version >= ") + std::to_string(ORT_API_VERSION) +
+                            " (onnxruntime >= 1." + std::to_string(ORT_API_VERSION) + "); this onnxruntime is " +
+                            api_base->GetVersionString();
+    return v1 ? v1->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
+  }
+  Ort::InitApi(api);
+  static std::mutex mu;
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> attn, embed;
+  static std::unique_ptr<Ort::CustomOpDomain> domain;
+  try {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!domain) {  // one domain object, alive as long as the library, shared by sessions
+      attn.reset(Ort::Custom::CreateLiteCustomOp<ragtop::TopKAttentionKernel>("TopKAttention", "CPUExecutionProvider", 1));
+      embed.reset(Ort::Custom::CreateLiteCustomOp<ragtop::RaggedEmbeddingKernel>("RaggedEmbedding", "CPUExecutionProvider", 1));
+      domain = std::make_unique<Ort::CustomOpDomain>("ragtop");
+      domain->Add(attn.get());
+      domain->Add(embed.get());
+    }
+    Ort::UnownedSessionOptions(options).Add(*domain);
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, (std::string("ragtop plugin: ") + e.what()).c_str());
+  }
+  return nullptr;
+}

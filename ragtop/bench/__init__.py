@@ -1,0 +1,1 @@
+"""`ragtop bench ...`: micro-benchmarks (operators) measured on this machine."""

@@ -1,0 +1,221 @@
+"""The onnxruntime plugin kernels against the PyTorch reference (ragtop.model).
+
+Each graph holds one ragtop custom node; the reference is TopKAttention.attend (exact and
+block selection) and RaggedEmbedding.forward. Skipped when the library is not built.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ragtop.bench.graphs import ragged_embedding_model, topk_attention_model
+from ragtop.model import (
+    AttentionConfig,
+    EmbeddingConfig,
+    ModelConfig,
+    RaggedEmbedding,
+    TopKAttention,
+)
+from ragtop.model.attention import AttnContext, write_cache
+from ragtop.runtime.plugin import plugin_library_path, register_plugin
+
+ort = pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.skipif(
+    plugin_library_path() is None, reason="plugin library not built (run `make install` with g++ and network to apt)"
+)
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def session(model: bytes) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    assert register_plugin(so)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def reference(q, k, v, past_k, past_v, lens, H, Hkv, topk, block_size=0, block_budget=0):
+    """TopKAttention.attend over the cache after writing the new keys: (out, present_k, present_v)."""
+    B, S, _ = q.shape
+    C, Dh = past_k.shape[2], past_k.shape[3]
+    att = AttentionConfig(kind="topk", topk=topk, block_size=block_size or None, block_budget=block_budget or None)
+    cfg = ModelConfig(vocab_size=8, d_model=H * Dh, n_layers=1, n_heads=H, n_kv_heads=Hkv, d_ff=8,
+                      max_seq_len=C, head_dim=Dh, attention=att)
+    attn = TopKAttention(cfg)
+    lens_t = torch.from_numpy(lens)
+    kc, vc = torch.from_numpy(past_k.copy()), torch.from_numpy(past_v.copy())
+    to_heads = lambda x, h: torch.from_numpy(x).view(B, S, h, Dh).transpose(1, 2)  # noqa: E731
+    write_cache((kc, vc), to_heads(k, Hkv), to_heads(v, Hkv), lens_t)
+    positions = lens_t[:, None] + torch.arange(S)
+    visible = (torch.arange(C)[None, None, :] <= positions[:, :, None])[:, None]
+    ctx = AttnContext(None, None, positions, visible, lens_t, causal=False)
+    with torch.no_grad():
+        out = attn.attend(to_heads(q, H), kc, vc, ctx)
+    return out.transpose(1, 2).reshape(B, S, H * Dh).numpy(), kc.numpy(), vc.numpy()
+
+
+def summaries(keys, lengths, bs):
+    """Element-wise min/max of each block's written keys ([B,Hkv,C/bs,Dh]); unwritten blocks NaN."""
+    B, Hkv, C, Dh = keys.shape
+    lo = np.full((B, Hkv, C // bs, Dh), np.nan, np.float32)
+    hi = lo.copy()
+    for b in range(B):
+        for blk in range(-(-int(lengths[b]) // bs)):
+            rows = keys[b, :, blk * bs : min((blk + 1) * bs, int(lengths[b]))]
+            lo[b, :, blk], hi[b, :, blk] = rows.min(1), rows.max(1)
+    return lo, hi
+
+
+def random_case(rng, B, S, H, Hkv, Dh, C, lens):
+    q = rng.standard_normal((B, S, H * Dh), dtype=np.float32)
+    k = rng.standard_normal((B, S, Hkv * Dh), dtype=np.float32)
+    v = rng.standard_normal((B, S, Hkv * Dh), dtype=np.float32)
+    past_k = rng.standard_normal((B, Hkv, C, Dh), dtype=np.float32)  # garbage beyond lens: never visible
+    past_v = rng.standard_normal((B, Hkv, C, Dh), dtype=np.float32)
+    return q, k, v, past_k, past_v, np.asarray(lens, dtype=np.int64)
+
+
+def run_plugin(sess, q, k, v, past_k, past_v, lens, kmin=None, kmax=None):
+    feeds = dict(query=q, key=k, value=v, past_key=past_k, past_value=past_v, past_lengths=lens)
+    if kmin is not None:
+        feeds.update(past_key_min=kmin, past_key_max=kmax)
+    return sess.run(None, feeds)
+
+
+EXACT_CASES = [  # B, S, H, Hkv, Dh, C, lens, topk
+    (1, 1, 4, 4, 16, 64, [40], 8),  # decode
+    (2, 1, 6, 2, 8, 80, [0, 79], 5),  # decode, empty cache and a full one, GQA
+    (1, 37, 4, 2, 16, 64, [0], 7),  # prefill from empty
+    (3, 5, 3, 1, 8, 48, [10, 0, 31], 4),  # mixed lengths, chunked append
+    (2, 9, 4, 2, 12, 40, [7, 25], 6),  # head dim not a multiple of 8 (scalar tail path)
+    (2, 70, 2, 2, 8, 128, [3, 50], 16),  # prefill longer than one query chunk
+    (2, 3, 4, 2, 8, 32, [2, 20], 1000),  # k >= visible keys: exactly dense
+]
+
+
+@pytest.mark.parametrize("B,S,H,Hkv,Dh,C,lens,topk", EXACT_CASES)
+def test_exact_matches_reference(B, S, H, Hkv, Dh, C, lens, topk):
+    rng = np.random.default_rng(B * 1000 + S)
+    case = random_case(rng, B, S, H, Hkv, Dh, C, lens)
+    out, pk, pv = run_plugin(session(topk_attention_model(H, Hkv, Dh, topk)), *case)
+    ref_out, ref_k, ref_v = reference(*case, H, Hkv, topk)
+    np.testing.assert_allclose(out, ref_out, **TOL)
+    np.testing.assert_array_equal(pk, ref_k)
+    np.testing.assert_array_equal(pv, ref_v)
+
+
+def test_in_place_cache_matches_separate_buffers():
+    """present bound to past's memory (IO binding): only new positions are written."""
+    H, Hkv, Dh, C, topk = 4, 2, 16, 64, 6
+    sess = session(topk_attention_model(H, Hkv, Dh, topk))
+    rng = np.random.default_rng(7)
+    q, k, v, past_k, past_v, lens = random_case(rng, 2, 3, H, Hkv, Dh, C, [5, 17])
+    ref_out, ref_k, ref_v = run_plugin(sess, q, k, v, past_k, past_v, lens)  # separate outputs
+
+    kbuf, vbuf = past_k.copy(), past_v.copy()
+    kval, vval = ort.OrtValue.ortvalue_from_numpy(kbuf), ort.OrtValue.ortvalue_from_numpy(vbuf)
+    io = sess.io_binding()
+    for name, arr in dict(query=q, key=k, value=v, past_lengths=lens).items():
+        io.bind_cpu_input(name, arr)
+    io.bind_output("output")  # outputs come back in binding order
+    io.bind_ortvalue_input("past_key", kval)
+    io.bind_ortvalue_input("past_value", vval)
+    io.bind_ortvalue_output("present_key", kval)
+    io.bind_ortvalue_output("present_value", vval)
+    sess.run_with_iobinding(io)
+    np.testing.assert_allclose(io.copy_outputs_to_cpu()[0], ref_out, **TOL)
+    np.testing.assert_array_equal(kval.numpy(), ref_k)
+    np.testing.assert_array_equal(vval.numpy(), ref_v)
+    assert kval.data_ptr() == ort.OrtValue.ortvalue_from_numpy(kbuf).data_ptr()
+
+
+BLOCK_CASES = [  # B, S, H, Hkv, Dh, C, lens, topk, block_size, budget
+    (1, 1, 4, 4, 16, 128, [100], 8, 8, 3),  # decode
+    (2, 1, 6, 2, 8, 96, [0, 95], 5, 16, 2),  # empty cache, full cache, GQA
+    (1, 40, 4, 2, 16, 64, [0], 6, 8, 2),  # prefill from empty
+    (3, 6, 3, 1, 8, 64, [9, 0, 33], 4, 4, 5),  # mixed lengths, blocks filled mid-call
+    (2, 20, 2, 2, 8, 64, [3, 30], 1000, 8, 1),  # k >= candidate keys
+]
+
+
+@pytest.mark.parametrize("B,S,H,Hkv,Dh,C,lens,topk,bs,budget", BLOCK_CASES)
+def test_block_selection_matches_reference(B, S, H, Hkv, Dh, C, lens, topk, bs, budget):
+    rng = np.random.default_rng(B * 1000 + S + 1)
+    q, k, v, past_k, past_v, lens = random_case(rng, B, S, H, Hkv, Dh, C, lens)
+    kmin, kmax = summaries(past_k, lens, bs)
+    kmin, kmax = np.nan_to_num(kmin, nan=0.0), np.nan_to_num(kmax, nan=0.0)
+    sess = session(topk_attention_model(H, Hkv, Dh, topk, bs, budget))
+    out, pk, pv, new_min, new_max = run_plugin(sess, q, k, v, past_k, past_v, lens, kmin, kmax)
+    ref_out, ref_k, _ = reference(q, k, v, past_k, past_v, lens, H, Hkv, topk, bs, budget)
+    np.testing.assert_allclose(out, ref_out, **TOL)
+    np.testing.assert_array_equal(pk, ref_k)
+    want_min, want_max = summaries(ref_k, lens + S, bs)
+    written = ~np.isnan(want_min)
+    np.testing.assert_array_equal(new_min[written], want_min[written])
+    np.testing.assert_array_equal(new_max[written], want_max[written])
+
+
+def test_block_budget_covering_all_blocks_is_exact():
+    H, Hkv, Dh, C, topk, bs = 4, 2, 8, 64, 6, 8
+    rng = np.random.default_rng(3)
+    q, k, v, past_k, past_v, lens = random_case(rng, 2, 9, H, Hkv, Dh, C, [20, 47])
+    kmin, kmax = (np.nan_to_num(x) for x in summaries(past_k, lens, bs))
+    blocks = session(topk_attention_model(H, Hkv, Dh, topk, bs, C // bs))
+    exact = session(topk_attention_model(H, Hkv, Dh, topk))
+    out_b = run_plugin(blocks, q, k, v, past_k, past_v, lens, kmin, kmax)[0]
+    out_e = run_plugin(exact, q, k, v, past_k, past_v, lens)[0]
+    np.testing.assert_allclose(out_b, out_e, **TOL)
+
+
+def test_incremental_decode_in_place_with_blocks():
+    """Prefill then decode steps on one shared buffer set: summaries stay exact."""
+    H, Hkv, Dh, C, topk, bs, budget = 4, 2, 8, 64, 5, 8, 2
+    sess = session(topk_attention_model(H, Hkv, Dh, topk, bs, budget))
+    rng = np.random.default_rng(11)
+    bufs = {n: np.zeros((2, Hkv, C, Dh), np.float32) for n in ("past_key", "past_value")}
+    bufs.update({n: np.zeros((2, Hkv, C // bs, Dh), np.float32) for n in ("past_key_min", "past_key_max")})
+    vals = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in bufs.items()}
+    ref_k, ref_v = np.zeros_like(bufs["past_key"]), np.zeros_like(bufs["past_value"])
+    lens = np.array([0, 3], np.int64)
+    for S in (13, 1, 1, 4, 1):
+        q, k, v, *_ = random_case(rng, 2, S, H, Hkv, Dh, 1, [0, 0])
+        io = sess.io_binding()
+        for name, arr in dict(query=q, key=k, value=v, past_lengths=lens).items():
+            io.bind_cpu_input(name, arr)
+        io.bind_output("output")
+        for n, val in vals.items():
+            io.bind_ortvalue_input(n, val)
+            io.bind_ortvalue_output(n.replace("past", "present"), val)
+        sess.run_with_iobinding(io)
+        want, ref_k, ref_v = reference(q, k, v, ref_k, ref_v, lens, H, Hkv, topk, bs, budget)
+        np.testing.assert_allclose(io.copy_outputs_to_cpu()[0], want, **TOL)
+        lens = lens + S
+    lo, hi = summaries(ref_k, lens, bs)
+    written = ~np.isnan(lo)
+    np.testing.assert_array_equal(vals["past_key_min"].numpy()[written], lo[written])
+    np.testing.assert_array_equal(vals["past_key_max"].numpy()[written], hi[written])
+
+
+def test_cache_overflow_is_a_clear_error():
+    sess = session(topk_attention_model(2, 2, 8, 4))
+    case = random_case(np.random.default_rng(0), 1, 4, 2, 2, 8, 8, [6])
+    with pytest.raises(Exception, match="exceeds the cache capacity"):
+        run_plugin(sess, *case)
+
+
+def test_ragged_embedding_matches_reference():
+    cfg = ModelConfig(vocab_size=50, d_model=24, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=8, max_seq_len=8,
+                      embedding=EmbeddingConfig(kind="ragged", tier_sizes=(10, 15, 25), tier_widths=(24, 8, 4)))
+    emb = RaggedEmbedding(cfg)
+    perm = torch.randperm(50).tolist()
+    emb.set_tiers([perm[:10], perm[10:25], perm[25:]])
+    ids = torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        want = emb(ids).numpy()
+    model = ragged_embedding_model(
+        [t.detach().numpy() for t in emb.tables], [p.weight.detach().numpy() for p in emb.projs],
+        emb.tier_of.numpy(), emb.row_of.numpy(),
+    )
+    got = session(model).run(None, {"input_ids": ids.numpy()})[0]
+    np.testing.assert_allclose(got, want, **TOL)
