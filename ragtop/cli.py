@@ -114,11 +114,38 @@ def add_export(sub) -> None:
     p.set_defaults(func=commands.run)
 
 
+# -- generate / bench engine ------------------------------------------------------------
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="stream a completion of --prompt (exported folder or checkpoint)")
+    p.add_argument("model", type=Path, help="exported folder (model.onnx) or checkpoint (model.safetensors)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--runner", choices=["ort", "torch"], default=None, help="default: by the files in MODEL")
+    p.add_argument("--max-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(a: argparse.Namespace) -> int:
+    from .runtime.generate import generate
+    from .runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                            top_k=a.top_k, seed=a.seed, stop=tuple(a.stop))
+    generate(a.model, a.prompt, params, a.runner or "auto", threads=a.threads)
+    return 0
+
+
 # -- bench ----------------------------------------------------------------------------
 def add_bench(sub) -> None:
     from .bench import block_quality, ops
+    from .runtime import bench as engine_bench
 
-    p = sub.add_parser("bench", help="micro-benchmarks measured on this machine")
+    p = sub.add_parser("bench", help="benchmarks measured on this machine")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     o = bench.add_parser("ops", help="one attention layer: plugin exact / block selection vs fallback vs dense")
     ops.add_arguments(o)
@@ -126,6 +153,9 @@ def add_bench(sub) -> None:
     q = bench.add_parser("block-quality", help="perplexity and greedy agreement of block selection vs exact top-k")
     block_quality.add_arguments(q)
     q.set_defaults(func=lambda a: block_quality.run(a, default_data_dir()))
+    e = bench.add_parser("engine", help="decode tokens/s: OrtRunner, TorchRunner, transformers; 1/4/16 streams; prompt throughput")
+    engine_bench.add_arguments(e)
+    e.set_defaults(func=engine_bench.run)
 
 
 # -- study / analyze (logic in ragtop/study) ------------------------------------------
@@ -149,7 +179,8 @@ def add_convert_commands(sub) -> None:
 
 
 # -- entry points ---------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_train, add_eval, add_convert_commands, add_export, add_bench, add_study, add_analyze]
+COMMANDS: list[Callable] = [add_train, add_eval, add_convert_commands, add_export, add_generate, add_bench, add_study,
+                            add_analyze]
 
 
 def build_parser() -> argparse.ArgumentParser:

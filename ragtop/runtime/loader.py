@@ -1,0 +1,95 @@
+"""Open a model folder for serving: pick the runner by the files it holds, and read the
+tokenizer and generation settings that travel with it.
+
+    model.safetensors -> TorchRunner (a checkpoint)
+    model.onnx        -> OrtRunner   (an exported folder)
+
+Both kinds of folder carry `tokenizer.json` and `generation_config.json` (bos/eos ids).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import RagtopError
+from .engine import EngineConfig, LLMEngine
+from .runners.base import ModelRunner
+
+RunnerKind = Literal["auto", "torch", "ort"]
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    runner: ModelRunner
+    tokenizer: Any  # tokenizers.Tokenizer
+    generation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.generation.get("eos_token_id")
+        return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt text -> ids, with the bos token first when the model was trained so
+        (generation_config: bos_token_id, unless add_bos_token is false)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        bos = self.generation.get("bos_token_id")
+        if bos is not None and self.generation.get("add_bos_token", True) and ids[:1] != [bos]:
+            ids = [int(bos), *ids]
+        return ids
+
+    def engine(self, config: EngineConfig | None = None) -> LLMEngine:
+        return LLMEngine(self.runner, self.tokenizer, self.eos_token_ids, config)
+
+
+def detect_runner(path: Path) -> Literal["torch", "ort"]:
+    path = Path(path)
+    if not path.is_dir():
+        raise RagtopError(f"model folder not found: {path}")
+    if (path / "model.onnx").is_file():
+        return "ort"
+    if (path / "model.safetensors").is_file():
+        return "torch"
+    raise RagtopError(f"{path} holds neither model.onnx (exported) nor model.safetensors (checkpoint)")
+
+
+def load_model(path: Path, runner: RunnerKind = "auto", threads: int | None = None,
+               onnx_file: str | None = None) -> LoadedModel:
+    """onnx_file: another graph of an exported folder (e.g. model.int8.onnx)."""
+    path = Path(path)
+    found = detect_runner(path)
+    kind = found if runner == "auto" else runner
+    if kind != found:
+        want = "model.onnx (an exported folder)" if kind == "ort" else "model.safetensors (a checkpoint)"
+        raise RagtopError(f"--runner {kind} needs {want}; {path} holds {'model.onnx' if found == 'ort' else 'model.safetensors'}")
+    if kind == "ort":
+        from .runners.onnxruntime import OrtRunner
+
+        model_runner: ModelRunner = OrtRunner.from_folder(path, threads=threads, model_file=onnx_file)
+    else:
+        import torch
+
+        from .runners.torch import TorchRunner
+
+        if threads:
+            torch.set_num_threads(threads)
+        model_runner = TorchRunner.from_checkpoint(path)
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        raise RagtopError(f"{path} has no tokenizer.json")
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(tok_file))
+    except Exception as e:  # tokenizers raises a bare Exception on bad files
+        raise RagtopError(f"cannot read {tok_file}: {e}") from None
+    gen_file = path / "generation_config.json"
+    try:
+        generation = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise RagtopError(f"corrupt {gen_file}: {e}") from None
+    return LoadedModel(path, model_runner, tokenizer, generation)

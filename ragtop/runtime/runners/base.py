@@ -1,0 +1,90 @@
+"""The one interface every model runner (torch, onnxruntime, ...) implements.
+
+A runner owns a slot-based, preallocated KV cache: `allocate(slots, capacity)` creates
+per-layer buffers of [slots, Hkv, capacity, Dh]. A step hands it some `Chunk`s, each some
+new tokens of one slot written at positions start..start+len-1; it returns, per chunk,
+the logits of the last new token ([V]), of every new token ([len, V]), or nothing
+(a middle chunk of a chunked prefill). The runner never copies the whole cache per step:
+it binds (a contiguous slot range of) the buffers in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from torch import Tensor
+
+LogitsWanted = Literal["none", "last", "all"]
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """What the engine needs to know about a model behind a runner."""
+
+    name: str  # "torch", "onnxruntime", ...
+    vocab_size: int
+    max_model_len: int
+    kv_bytes_per_token: int  # all layers, keys + values (+ block summaries)
+    attention: str  # "dense", "topk", "topk-block": a label for stats
+    capacity_multiple: int = 1  # cache capacity must be a multiple of this (block size)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    slot: int
+    tokens: Sequence[int]
+    start: int  # tokens already cached in this slot; the first new token's position
+    logits: LogitsWanted = "last"
+
+
+@runtime_checkable
+class ModelRunner(Protocol):
+    spec: RunnerSpec
+
+    def allocate(self, slots: int, capacity: int) -> None:
+        """Preallocate the cache: `slots` sequences of `capacity` tokens (rounded up)."""
+
+    def forward(self, chunks: Sequence[Chunk]) -> list[Tensor | None]:
+        """Write the chunks' tokens into their slots; logits per chunk (float32, CPU)."""
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cached positions of slot src into slot dst (n > 1)."""
+
+    def close(self) -> None:
+        """Free the cache and the session."""
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def group_chunks(chunks: Sequence[Chunk]) -> list[list[int]]:
+    """Indices of chunks run together in one model call, with no padding:
+
+    - all one-token chunks (decodes), first. The call binds the contiguous slot range that
+      covers them; rows of that range that are not in the call write one garbage position
+      past their own length, which no query sees and the next real write overwrites (a slot
+      at full capacity has finished, so that position always exists). Decodes go first so
+      that a slot whose prefill ends this step is not at the end of its capacity yet.
+    - longer chunks (prefill) of equal length whose slots are consecutive: no idle rows, so
+      nothing is written outside the chunks' own positions.
+    """
+    singles = [i for i, c in enumerate(chunks) if len(c.tokens) == 1]
+    groups = [singles] if singles else []
+    by_length: dict[int, list[int]] = {}
+    for i, c in enumerate(chunks):
+        if len(c.tokens) > 1:
+            by_length.setdefault(len(c.tokens), []).append(i)
+    for idx in by_length.values():
+        idx.sort(key=lambda i: chunks[i].slot)
+        run = [idx[0]]
+        for i in idx[1:]:
+            if chunks[i].slot == chunks[run[-1]].slot + 1:
+                run.append(i)
+            else:
+                groups.append(run)
+                run = [i]
+        groups.append(run)
+    return groups

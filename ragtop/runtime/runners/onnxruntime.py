@@ -1,0 +1,155 @@
+"""OrtRunner: an exported folder (model.onnx + genai_config.json) in an onnxruntime session.
+
+The cache is one preallocated torch tensor per layer and kind ([slots, Hkv, C, Dh] for
+key/value, [slots, Hkv, C/bs, Dh] for block summaries). A call binds a contiguous slot range
+of each buffer by pointer as both `past_key_values.{i}.*` and `present.{i}.*` (IO binding):
+the graph (or the ragtop plugin kernel) writes the new positions in place and nothing is
+copied. The ragtop plugin library is registered when it is built; otherwise the standard-op
+function bodies inside the file run (same results, slower).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ...errors import RagtopError
+from .base import Chunk, RunnerSpec, group_chunks, round_up
+
+GENAI_CONFIG = "genai_config.json"
+DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
+
+
+def contiguous_runs(slots: Sequence[int]) -> list[list[int]]:
+    """[0, 1, 2, 5, 6] -> [[0, 1, 2], [5, 6]] (slots sorted)."""
+    runs: list[list[int]] = []
+    for s in sorted(slots):
+        if runs and s == runs[-1][-1] + 1:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return runs
+
+
+class OrtRunner:
+    def __init__(self, folder: Path, threads: int | None = None, use_plugin: bool = True,
+                 model_file: str | None = None) -> None:
+        """model_file: another graph of the folder with the same interface (e.g. the export's
+        model.int8.onnx); default genai_config's decoder file."""
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        try:
+            self.genai: dict[str, Any] = json.loads((folder / GENAI_CONFIG).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise RagtopError(f"{folder} is not a ragtop export: cannot read {GENAI_CONFIG} ({e})") from None
+        m, rt = self.genai["model"], self.genai["ragtop"]
+        dec = m["decoder"]
+        self.io_names, self.out_names = dec["inputs"], dec["outputs"]
+        self.n_layers, self.n_kv_heads, self.head_dim = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
+        self.torch_dtype, self.np_dtype = DTYPES[rt["kv_cache"]["dtype"]]
+        att = rt["attention"]
+        self.block_size = int(att.get("block_size") or 0)
+        self.kinds = ["key", "value"] + (["key_min", "key_max"] if self.block_size else [])
+        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        per_token = 2 * self.n_layers * self.n_kv_heads * self.head_dim * itemsize
+        if self.block_size:  # summaries: 2 vectors per block of block_size tokens
+            per_token += -(-2 * self.n_layers * self.n_kv_heads * self.head_dim * itemsize // self.block_size)
+        label = {"dense": "dense", "exact": "topk", "block": "topk-block"}.get(att["mode"], att["mode"])
+        self.spec = RunnerSpec("onnxruntime", int(m["vocab_size"]), int(m["context_length"]), per_token, label,
+                               capacity_multiple=int(rt["kv_cache"].get("capacity_multiple") or 1))
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.plugin = False
+        if use_plugin and rt.get("custom_ops"):
+            try:
+                from ..plugin import register_plugin  # lands with the plugin branch
+            except ImportError:
+                register_plugin = None
+            self.plugin = bool(register_plugin and register_plugin(opts))
+        path = folder / (model_file or dec["filename"])
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own exception types
+            raise RagtopError(f"cannot open {path} with onnxruntime: {e}") from None
+        self.buffers: dict[tuple[int, str], Tensor] = {}
+        self.lengths = np.zeros(0, dtype=np.int64)
+        self.capacity = 0
+
+    @classmethod
+    def from_folder(cls, folder: Path, threads: int | None = None, model_file: str | None = None) -> OrtRunner:
+        return cls(folder, threads, model_file=model_file)
+
+    # -- cache ----------------------------------------------------------------------------
+    def allocate(self, slots: int, capacity: int) -> None:
+        self.capacity = round_up(capacity, self.spec.capacity_multiple)
+        self.buffers = {}
+        for i in range(self.n_layers):
+            for kind in self.kinds:
+                positions = self.capacity // self.block_size if kind.startswith("key_m") else self.capacity
+                self.buffers[i, kind] = torch.zeros(slots, self.n_kv_heads, positions, self.head_dim, dtype=self.torch_dtype)
+        self.lengths = np.zeros(slots, dtype=np.int64)
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        for (_, kind), buf in self.buffers.items():
+            n = -(-length // self.block_size) if kind.startswith("key_m") else length
+            buf[dst, :, :n] = buf[src, :, :n]
+        self.lengths[dst] = length
+
+    def close(self) -> None:
+        self.buffers = {}
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, chunks: Sequence[Chunk]) -> list[Tensor | None]:
+        if not self.buffers:
+            raise RagtopError("OrtRunner.forward before allocate()")
+        out: list[Tensor | None] = [None] * len(chunks)
+        for group in group_chunks(chunks):
+            by_slot = {chunks[i].slot: i for i in group}
+            # Block summaries must not see garbage keys: bind exactly the slots of a run.
+            # Without summaries a slot range with idle rows is fine (see group_chunks).
+            runs = contiguous_runs(by_slot) if self.block_size else [sorted(by_slot)]
+            for run in runs:
+                idx = [by_slot[s] for s in run]
+                for i, row in zip(idx, self._run([chunks[i] for i in idx]), strict=True):
+                    out[i] = row
+        return out
+
+    def _run(self, chunks: list[Chunk]) -> list[Tensor | None]:
+        S = len(chunks[0].tokens)
+        lo, hi = min(c.slot for c in chunks), max(c.slot for c in chunks) + 1
+        for c in chunks:
+            if c.start + S > self.capacity:
+                raise RagtopError(f"slot {c.slot}: {c.start} + {S} tokens exceed the cache capacity {self.capacity}")
+            self.lengths[c.slot] = c.start
+        lengths = np.minimum(self.lengths[lo:hi], self.capacity - S)  # idle rows: a garbage write past their length
+        ids = np.zeros((hi - lo, S), dtype=np.int64)
+        for c in chunks:
+            ids[c.slot - lo] = c.tokens
+        want_all = any(c.logits == "all" for c in chunks)
+        keep = np.tile(np.arange(S, dtype=np.int64), (hi - lo, 1)) if want_all else np.full((hi - lo, 1), S - 1, dtype=np.int64)
+
+        io = self.session.io_binding()
+        io.bind_cpu_input(self.io_names["input_ids"], ids)
+        io.bind_cpu_input(self.io_names["past_lengths"], np.ascontiguousarray(lengths))
+        io.bind_cpu_input(self.io_names["logits_indices"], keep)
+        io.bind_output(self.out_names["logits"])
+        for (i, kind), buf in self.buffers.items():
+            view = buf[lo:hi]  # contiguous: slots are the outermost dimension
+            shape, ptr = list(view.shape), view.data_ptr()
+            io.bind_input(self.io_names[f"past_{kind}_names"] % i, "cpu", 0, self.np_dtype, shape, ptr)
+            io.bind_output(self.out_names[f"present_{kind}_names"] % i, "cpu", 0, self.np_dtype, shape, ptr)
+        self.session.run_with_iobinding(io)
+        logits = torch.from_numpy(io.get_outputs()[0].numpy()).float()  # [b, 1|S, V]
+        for c in chunks:
+            self.lengths[c.slot] = c.start + S
+        return [None if c.logits == "none" else logits[c.slot - lo] if c.logits == "all" else logits[c.slot - lo, -1]
+                for c in chunks]

@@ -1,0 +1,221 @@
+"""Iteration-level scheduling (plain Python; no tensors, testable with a fake runner).
+
+Every step the scheduler builds one batch under two limits, `max_batch_size` sequences and
+`max_tokens_per_step` tokens:
+
+1. every running sequence that is decoding gets its one token (decodes keep flowing);
+2. prompts being prefilled continue with a chunk of at most `prefill_chunk` tokens;
+3. waiting requests are admitted in arrival order (FIFO: when the head of the queue does
+   not fit, nobody behind it jumps ahead) while slots, sequences and tokens remain, and
+   start their prefill in the same step.
+
+A request with n > 1 reserves n slots at admission; only its first sequence prefills the
+prompt; when that ends, the engine copies the prompt's cache into the siblings' slots
+(`fork`) and all n decode independently. A finished or aborted sequence frees its slot at
+once; the waiting queue is bounded (`QueueFull`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import EngineError, InvalidRequest, QueueFull
+from .kv_cache import KVCacheManager
+
+Status = Literal["waiting", "prefill", "fork", "decode", "finished"]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int = 16  # sequences running at once (and per step)
+    max_tokens_per_step: int = 512  # tokens computed per step, prefill and decode together
+    prefill_chunk: int = 256  # prompt tokens of one sequence per step
+    max_waiting: int = 256  # requests queued before QueueFull
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_tokens_per_step", "prefill_chunk", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise EngineError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens_per_step < self.max_batch_size:
+            raise EngineError(
+                f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= max_batch_size "
+                f"({self.max_batch_size}) so that every running sequence decodes each step"
+            )
+
+
+_seq_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    group: SequenceGroup
+    index: int  # 0..n-1 within its request
+    tokens: list[int]  # prompt, then generated tokens
+    status: Status = "waiting"
+    slot: int = -1
+    computed: int = 0  # tokens written to the cache
+    finish_reason: str | None = None
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.group.prompt)
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    """One request: a prompt and its n sequences."""
+
+    request_id: str
+    prompt: list[int]
+    n: int = 1
+    data: Any = None  # the engine's per-request state
+    seqs: list[Sequence] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.seqs:
+            self.seqs = [Sequence(self, i, list(self.prompt)) for i in range(self.n)]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int
+    tokens: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the sequence's last token: its logits give the next token."""
+        return self.start + len(self.tokens) == len(self.seq.tokens)
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    admitted: list[SequenceGroup]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.tokens) for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache: KVCacheManager) -> None:
+        self.config, self.cache = config, cache
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []
+
+    # -- requests ---------------------------------------------------------------------
+    def add(self, group: SequenceGroup) -> None:
+        """Queue a request; raises PromptTooLong or QueueFull (nothing queued then)."""
+        self.cache.check_prompt(len(group.prompt))
+        if group.n > min(self.config.max_batch_size, self.cache.plan.slots):
+            raise InvalidRequest(f"n={group.n} exceeds the {min(self.config.max_batch_size, self.cache.plan.slots)} sequences the engine runs at once")
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFull(len(self.waiting))
+        self.waiting.append(group)
+
+    def abort(self, request_id: str) -> SequenceGroup | None:
+        """Drop a request wherever it is, freeing its slots now."""
+        for g in self.waiting:
+            if g.request_id == request_id:
+                self.waiting.remove(g)
+                for s in g.seqs:
+                    s.status, s.finish_reason = "finished", "abort"
+                return g
+        for g in self.running:
+            if g.request_id == request_id:
+                for s in g.seqs:
+                    if not s.finished:
+                        self.finish(s, "abort")
+                return g
+        return None
+
+    @property
+    def num_running(self) -> int:
+        return sum(1 for g in self.running for s in g.seqs if not s.finished)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ---------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        budget, chunks, admitted = cfg.max_tokens_per_step, [], []
+
+        for s in self._running_seqs("decode"):
+            chunks.append(ScheduledChunk(s, s.computed, s.tokens[s.computed :]))
+            budget -= len(chunks[-1].tokens)
+        for s in self._running_seqs("prefill"):
+            if budget < 1 or len(chunks) >= cfg.max_batch_size:
+                break
+            chunks.append(self._prefill_chunk(s, budget))
+            budget -= len(chunks[-1].tokens)
+        while self.waiting and budget >= 1 and len(chunks) < cfg.max_batch_size:
+            g = self.waiting[0]
+            if self.num_running + g.n > cfg.max_batch_size or not self.cache.can_allocate(g.n):
+                break  # FIFO: the head waits for room, nobody overtakes it
+            self.waiting.popleft()
+            for s, slot in zip(g.seqs, self.cache.allocate(g.n), strict=True):
+                s.slot, s.status = slot, "fork"
+            g.seqs[0].status = "prefill"
+            self.running.append(g)
+            admitted.append(g)
+            chunks.append(self._prefill_chunk(g.seqs[0], budget))
+            budget -= len(chunks[-1].tokens)
+        return SchedulerOutput(chunks, admitted)
+
+    def _running_seqs(self, status: Status) -> Iterator[Sequence]:
+        return (s for g in self.running for s in g.seqs if s.status == status)
+
+    def _prefill_chunk(self, s: Sequence, budget: int) -> ScheduledChunk:
+        n = min(len(s.tokens) - s.computed, self.config.prefill_chunk, budget)
+        return ScheduledChunk(s, s.computed, s.tokens[s.computed : s.computed + n])
+
+    # -- after the model ran ----------------------------------------------------------
+    def advance(self, chunk: ScheduledChunk) -> None:
+        """The chunk's tokens are in the cache."""
+        s = chunk.seq
+        s.computed = chunk.start + len(chunk.tokens)
+        self.cache.lengths[s.slot] = s.computed
+        if s.status == "prefill" and s.computed == len(s.tokens):
+            s.status = "decode"
+
+    def fork(self, group: SequenceGroup) -> list[Sequence]:
+        """Siblings waiting for the prompt's cache: mark them decoding at the parent's length
+        (the caller copies the cache). Returns them."""
+        parent = group.seqs[0]
+        children = [s for s in group.seqs if s.status == "fork"]
+        for s in children:
+            s.computed, s.status = parent.computed, "decode"
+            self.cache.lengths[s.slot] = s.computed
+        return children
+
+    def append_token(self, s: Sequence, token: int) -> None:
+        s.tokens.append(token)
+
+    def finish(self, s: Sequence, reason: str) -> None:
+        """A sequence is done: its slot is free for the next admission."""
+        if s.finished:
+            return
+        s.status, s.finish_reason = "finished", reason
+        if s.slot >= 0:
+            self.cache.free(s.slot)
+        if s.group.finished and s.group in self.running:
+            self.running.remove(s.group)
