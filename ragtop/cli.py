@@ -114,6 +114,56 @@ def add_export(sub) -> None:
     p.set_defaults(func=commands.run)
 
 
+# -- serve ------------------------------------------------------------------------------
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default model: SmolLM2, prepared on first run)",
+                       description="Serve MODEL_DIR (an exported folder or a checkpoint) over OpenAI-compatible HTTP. "
+                                   "Every flag also reads RAGTOP_<NAME> from the environment (e.g. RAGTOP_API_KEY); "
+                                   "a flag given wins. Without MODEL_DIR (or RAGTOP_MODEL), serve the default model: "
+                                   "SmolLM2-135M-Instruct with top-k attention, imported and exported into the data "
+                                   "folder on first run.")
+    p.add_argument("model", type=Path, nargs="?", default=None, help="exported folder (model.onnx) or checkpoint")
+    p.add_argument("--host", default=None, help="default 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default 8000; 0 picks a free port")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder's name)")
+    p.add_argument("--runner", choices=["auto", "ort", "torch"], default=None)
+    p.add_argument("--no-plugin", dest="plugin", action="store_const", const=False, default=None,
+                   help="run the standard-op fallbacks even when the ragtop plugin is built")
+    p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads of the model runner")
+    p.add_argument("--max-batch-size", type=positive_int, default=None, help="sequences running at once (default 8)")
+    p.add_argument("--max-waiting", type=positive_int, default=None, help="queued requests before 429 (default 64)")
+    p.add_argument("--max-tokens-per-step", type=positive_int, default=None)
+    p.add_argument("--prefill-chunk", type=positive_int, default=None, help="prompt tokens per sequence per step")
+    p.add_argument("--context-limit", type=positive_int, default=None, help="tokens per sequence (default: the model's)")
+    p.add_argument("--cache-memory-mb", type=positive_int, default=None, help="KV-cache budget (default: a full context per slot)")
+    p.add_argument("--max-body-bytes", type=positive_int, default=None, help="larger request bodies get 413 (default 4 MiB)")
+    p.add_argument("--shutdown-grace-s", type=float, default=None, help="SIGTERM: seconds in-flight requests may take (default 30)")
+    p.add_argument("--cors-origin", dest="cors_origins", action="append", default=None, help="allowed CORS origin (repeatable; none by default)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    p.add_argument("--data-dir", type=Path, default=None, help="where the default model is cached (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(a: argparse.Namespace) -> int:
+    from .server.run import serve
+    from .server.settings import ServerSettings
+
+    names = ("model", "host", "port", "api_key", "served_model_name", "runner", "plugin", "threads", "max_batch_size",
+             "max_waiting", "max_tokens_per_step", "prefill_chunk", "context_limit", "cache_memory_mb", "max_body_bytes",
+             "shutdown_grace_s", "log_level")
+    overrides = {n: getattr(a, n) for n in names}
+    overrides["cors_origins"] = tuple(a.cors_origins) if a.cors_origins else None
+    settings = ServerSettings.load(overrides)
+    if settings.model is None:
+        from .default_model import ensure_default_model
+
+        model = ensure_default_model(a.data_dir or default_data_dir())
+        settings = ServerSettings.load({**overrides, "model": model,
+                                        "served_model_name": settings.served_model_name or "SmolLM2-135M-Instruct-topk256"})
+    return serve(settings)
+
+
 # -- generate / bench engine ------------------------------------------------------------
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="stream a completion of --prompt (exported folder or checkpoint)")
@@ -179,7 +229,7 @@ def add_convert_commands(sub) -> None:
 
 
 # -- entry points ---------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_train, add_eval, add_convert_commands, add_export, add_generate, add_bench, add_study,
+COMMANDS: list[Callable] = [add_train, add_eval, add_convert_commands, add_export, add_generate, add_serve, add_bench, add_study,
                             add_analyze]
 
 

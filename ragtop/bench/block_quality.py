@@ -61,10 +61,15 @@ def _score(model, windows, batch: int = 4):
 def run(args: argparse.Namespace, default_data_dir: Path) -> int:
     import torch
 
+    with torch.no_grad():  # restores grad mode afterwards (other callers train in this process)
+        return _run(args, default_data_dir)
+
+
+def _run(args: argparse.Namespace, default_data_dir: Path) -> int:
+
     from ragtop.checkpoint import load_checkpoint
     from ragtop.model import AttentionConfig, Transformer
 
-    torch.set_grad_enabled(False)
     ckpt = load_checkpoint(args.checkpoint)
     cfg = ckpt.config
     context = args.context or cfg.max_seq_len

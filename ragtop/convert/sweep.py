@@ -114,6 +114,7 @@ def build_variant(dense: Transformer, variant: Variant, counts: np.ndarray | Non
     return model
 
 
+@torch.no_grad()
 def run_sweep(
     ckpt: Checkpoint,
     variants: Sequence[Variant],
@@ -127,7 +128,6 @@ def run_sweep(
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Score every variant; returns (and appends to `out` as JSON lines) one row each."""
-    torch.set_grad_enabled(False)
     tok = ckpt.tokenizer()
     sep = int(ckpt.generation.get("document_separator_id", ckpt.generation.get("bos_token_id", 0)))
     sets = {

@@ -58,8 +58,9 @@ def detect_runner(path: Path) -> Literal["torch", "ort"]:
 
 
 def load_model(path: Path, runner: RunnerKind = "auto", threads: int | None = None,
-               onnx_file: str | None = None) -> LoadedModel:
-    """onnx_file: another graph of an exported folder (e.g. model.int8.onnx)."""
+               onnx_file: str | None = None, use_plugin: bool = True) -> LoadedModel:
+    """onnx_file: another graph of an exported folder (e.g. model.int8.onnx); use_plugin=False
+    runs the standard-op function bodies even when the ragtop plugin is built."""
     path = Path(path)
     found = detect_runner(path)
     kind = found if runner == "auto" else runner
@@ -69,7 +70,7 @@ def load_model(path: Path, runner: RunnerKind = "auto", threads: int | None = No
     if kind == "ort":
         from .runners.onnxruntime import OrtRunner
 
-        model_runner: ModelRunner = OrtRunner.from_folder(path, threads=threads, model_file=onnx_file)
+        model_runner: ModelRunner = OrtRunner(path, threads, use_plugin, onnx_file)
     else:
         import torch
 

@@ -1,0 +1,226 @@
+"""`create_app(settings)`: the FastAPI application and its lifespan.
+
+The model loads in a background thread when the app starts, so the port answers at once:
+`/health` says 503 while loading (and after a failed load), 200 when the engine runs. The
+engine loop runs in its own thread (AsyncEngine); handlers only queue requests and await
+their outputs, so the event loop never waits for a forward pass.
+
+    uvicorn.run(create_app(ServerSettings(model=Path("runs/smollm2-onnx"))))
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..runtime import AsyncEngine, EngineConfig, LoadedModel, SchedulerConfig, load_model
+from .metrics import ServerMetrics
+from .serving import ApiError, OpenAIServing
+from .settings import ServerSettings
+
+log = logging.getLogger("ragtop.server")
+
+Status = Literal["loading", "ready", "failed", "draining"]
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+@dataclass
+class ServerState:
+    """What the routes reach through `request.app.state.ragtop`."""
+
+    settings: ServerSettings
+    metrics: ServerMetrics
+    status: Status = "loading"
+    error: str | None = None
+    serving: OpenAIServing | None = None
+    engine: AsyncEngine | None = None
+    on_load_error: list[Callable[[str], None]] = field(default_factory=list)
+
+    def ready_serving(self) -> OpenAIServing:
+        if self.status == "ready" and self.serving is not None:
+            return self.serving
+        if self.status == "draining":
+            raise ApiError(503, "the server is shutting down", "service_unavailable")
+        if self.status == "failed":
+            raise ApiError(503, f"the model failed to load: {self.error}", "service_unavailable")
+        raise ApiError(503, "the model is still loading; retry shortly", "service_unavailable",
+                       headers={"Retry-After": "1"})
+
+
+def engine_config(s: ServerSettings) -> EngineConfig:
+    return EngineConfig(
+        SchedulerConfig(max_batch_size=s.max_batch_size, max_tokens_per_step=s.max_tokens_per_step,
+                        prefill_chunk=s.prefill_chunk, max_waiting=s.max_waiting),
+        context_limit=s.context_limit,
+        cache_memory_bytes=None if s.cache_memory_mb is None else s.cache_memory_mb << 20,
+    )
+
+
+def _load(state: ServerState) -> None:
+    """The loading thread: model, engine, serving object; then status 'ready'."""
+    s = state.settings
+    try:
+        if s.model is None:
+            raise ApiError(500, "no model given (ragtop serve MODEL_DIR, or RAGTOP_MODEL)")
+        model: LoadedModel = load_model(s.model, s.runner, threads=s.threads, use_plugin=s.plugin)  # type: ignore[arg-type]
+        engine = model.engine(engine_config(s))
+        engine.stats_listeners.append(state.metrics.observe)
+        plan = engine.cache_plan
+        if plan.shrunk_from:
+            log.warning("KV-cache memory holds one sequence of %d tokens, not %d: serving with the smaller context",
+                        plan.context_limit, plan.shrunk_from)
+        state.engine = AsyncEngine(engine).start()
+        state.serving = OpenAIServing(model, state.engine, s.model_name, engine.context_limit, s.retry_after_s)
+        spec = model.runner.spec
+        log.info("serving %s as %r: runner %s, attention %s, plugin %s, context %d, %d slots, KV cache %.1f MiB",
+                 s.model, s.model_name, spec.name, spec.attention, getattr(model.runner, "plugin", "n/a"),
+                 plan.context_limit, plan.slots, plan.total_bytes / 2**20)
+        if state.status == "loading":
+            state.status = "ready"
+    except Exception as e:  # noqa: BLE001 - reported on /health and to the CLI
+        state.status, state.error = "failed", str(e) or type(e).__name__
+        log.error("the model failed to load: %s", state.error)
+        for callback in state.on_load_error:
+            callback(state.error)
+
+
+def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None) -> FastAPI:
+    state = ServerState(settings, metrics or ServerMetrics(settings.model_name))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = threading.Thread(target=_load, args=(state,), name="ragtop-load", daemon=True)
+        loader.start()
+        yield
+        state.status = "draining"
+        if state.engine is not None:
+            await state.engine.shutdown()
+
+    app = FastAPI(title="ragtop", version=_version(),
+                  description="OpenAI-compatible completions over top-k sparse attention and ragged embeddings.",
+                  lifespan=lifespan)
+    app.state.ragtop = state
+
+    from .routes import openai, utility
+
+    app.include_router(openai.router)
+    app.include_router(utility.router)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        state.metrics.refused(e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        err = ApiError(422, f"{param}: {msg}" if param else msg, param=param)
+        state.metrics.refused(422)
+        return JSONResponse(err.body(), status_code=422)
+
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, state=state)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, state=state)
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ragtop")
+    except PackageNotFoundError:
+        return "0"
+
+
+async def _send_error(send: Send, e: ApiError) -> None:
+    import json
+
+    body = json.dumps(e.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in e.headers.items()]
+    await send({"type": "http.response.start", "status": e.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over `limit` bytes: by Content-Length, or, for a chunked body,
+    by reading it (up to the limit) before the app sees it."""
+
+    def __init__(self, app: ASGIApp, limit: int, state: ServerState) -> None:
+        self.app, self.limit, self.state = app, limit, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.limit:
+                return await self._refuse(send)
+            return await self.app(scope, receive, send)
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            chunks.append(message.get("body", b""))
+            total += len(chunks[-1])
+            if total > self.limit:
+                return await self._refuse(send)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send) -> None:
+        self.state.metrics.refused(413)
+        await _send_error(send, ApiError(413, f"the request body is larger than the limit of {self.limit} bytes"))
+
+
+class ApiKeyMiddleware:
+    """With an API key set, the OpenAI routes and tokenizer routes need `Authorization: Bearer KEY`."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, state: ServerState) -> None:
+        self.app, self.state = app, state
+        self.expected = None if not api_key else f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is None or scope["type"] != "http" or scope.get("method") == "OPTIONS" \
+                or not scope["path"].startswith(PROTECTED_PREFIXES):
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        if not secrets.compare_digest(given, self.expected):
+            self.state.metrics.refused(401)
+            what = "missing" if not given else "wrong"
+            return await _send_error(send, ApiError(401, f"{what} API key: send the header 'Authorization: Bearer <key>'",
+                                                    "authentication_error", headers={"WWW-Authenticate": "Bearer"}))
+        return await self.app(scope, receive, send)
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.ragtop

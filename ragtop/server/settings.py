@@ -1,0 +1,97 @@
+"""Server settings: the only place that reads environment variables.
+
+Every setting has a `ragtop serve` flag and a `RAGTOP_*` environment variable; a flag given
+on the command line wins over the environment, which wins over the default.
+
+    RAGTOP_MODEL=runs/smollm2-onnx RAGTOP_API_KEY=secret ragtop serve --port 8080
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import RagtopError
+
+ENV_PREFIX = "RAGTOP_"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model: Path | None = None  # exported folder (model.onnx) or checkpoint (model.safetensors)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # when set, /v1/*, /tokenize and /detokenize need `Authorization: Bearer KEY`
+    served_model_name: str | None = None  # default: the model folder's name
+    runner: str = "auto"  # auto | ort | torch
+    plugin: bool = True  # register the ragtop onnxruntime plugin when it is built
+    threads: int | None = None  # intra-op threads of the model runner
+    max_batch_size: int = 8  # sequences running at once (one KV-cache slot each)
+    max_waiting: int = 64  # queued requests before HTTP 429
+    max_tokens_per_step: int = 512
+    prefill_chunk: int = 256  # prompt tokens per sequence per step (long prompts are chunked)
+    context_limit: int | None = None  # tokens per sequence; default the model's
+    cache_memory_mb: int | None = None  # KV-cache budget; default: a full context per slot
+    max_body_bytes: int = 4 << 20  # larger request bodies get HTTP 413
+    shutdown_grace_s: float = 30.0  # on SIGTERM: in-flight requests get this long to finish
+    cors_origins: tuple[str, ...] = ()  # no CORS unless origins are named
+    log_level: str = "info"
+    retry_after_s: int = 1  # Retry-After of a 429
+
+    def __post_init__(self) -> None:
+        for name in ("port",):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise RagtopError(f"{name} must be in 0..65535, got {getattr(self, name)}")
+        for name in ("max_batch_size", "max_waiting", "max_tokens_per_step", "prefill_chunk", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise RagtopError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.runner not in ("auto", "ort", "torch"):
+            raise RagtopError(f"runner must be auto, ort or torch, got {self.runner!r}")
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model.resolve().name if self.model else "ragtop"
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> ServerSettings:
+        """Defaults <- RAGTOP_* environment <- overrides (flags given; None means not given)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        for name, value in (overrides or {}).items():
+            if value is not None:
+                values[name] = value
+        return cls(**values)
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = str(f.type)
+    name = ENV_PREFIX + f.name.upper()
+    try:
+        if kind.startswith("bool"):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+        if kind.startswith("Path"):
+            return Path(raw)
+        if kind.startswith("tuple"):
+            return tuple(s.strip() for s in raw.split(",") if s.strip())
+        return raw
+    except ValueError:
+        raise RagtopError(f"environment variable {name}={raw!r} is not a valid {kind.split(' ')[0]}") from None
+

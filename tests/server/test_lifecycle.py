@@ -1,0 +1,155 @@
+"""Loading, the runners a server can sit on, settings, failed loads and graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from ragtop.errors import RagtopError
+from ragtop.runtime.plugin import plugin_library_path
+from ragtop.server import ServerSettings
+
+from .conftest import start_server, wait_until
+
+
+def answer(url: str) -> str:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    return client.completions.create(model=client.models.list().data[0].id, prompt="The quick", max_tokens=6,
+                                     temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+
+
+@pytest.mark.parametrize("plugin", [True, False], ids=["plugin", "fallback"])
+def test_topk_export_serves_with_and_without_the_plugin(serve, plugin):
+    if plugin and plugin_library_path() is None:
+        pytest.skip("the ragtop plugin is not built here (make install builds it)")
+    s = serve(plugin=plugin)
+    assert s.state.engine.engine.runner.plugin is plugin
+    assert answer(s.url)
+
+
+def test_runners_agree(serve):
+    """The same top-k weights: exported (plugin or fallback) and the torch checkpoint give the same greedy text."""
+    texts = {answer(serve(model=m, plugin=p).url) for m, p in (("topk", True), ("topk", False), ("topk-ckpt", True))}
+    assert len(texts) == 1
+
+
+def test_dense_export_serves(serve):
+    assert answer(serve(model="dense").url)
+
+
+def test_failed_load_is_503_with_the_reason(tmp_path):
+    s = start_server(ServerSettings(model=tmp_path / "nowhere"))
+    try:
+        r = httpx.get(s.url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "failed" and "nowhere" in r.json()["error"]
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi"})
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+    finally:
+        s.stop()
+
+
+def test_settings_from_environment_and_flags(tmp_path):
+    env = {"RAGTOP_PORT": "9001", "RAGTOP_API_KEY": "k", "RAGTOP_PLUGIN": "false", "RAGTOP_CORS_ORIGINS": "http://a, http://b",
+           "RAGTOP_MODEL": str(tmp_path), "RAGTOP_SHUTDOWN_GRACE_S": "2.5"}
+    s = ServerSettings.load({"port": 9002, "host": None}, env)
+    assert (s.port, s.api_key, s.plugin, s.cors_origins, s.model, s.host, s.shutdown_grace_s) == \
+        (9002, "k", False, ("http://a", "http://b"), tmp_path, "127.0.0.1", 2.5)
+    assert s.model_name == tmp_path.name
+    with pytest.raises(RagtopError, match="RAGTOP_MAX_BATCH_SIZE"):
+        ServerSettings.load({}, {"RAGTOP_MAX_BATCH_SIZE": "lots"})
+    with pytest.raises(RagtopError, match="max_waiting"):
+        ServerSettings.load({"max_waiting": 0}, {})
+
+
+def test_no_cors_unless_asked(serve):
+    s = serve()
+    r = httpx.options(s.url + "/v1/completions", headers={"Origin": "http://evil", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+    s2 = serve(cors_origins=("http://app",))
+    r = httpx.options(s2.url + "/v1/completions", headers={"Origin": "http://app", "Access-Control-Request-Method": "POST"})
+    assert r.headers["access-control-allow-origin"] == "http://app"
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(serve):
+    s = serve(shutdown_grace_s=30)
+    s.slow_down(0.02)
+    events: list[str] = []
+
+    def stream() -> None:
+        body = {"prompt": "The", "max_tokens": 40, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+            events.extend(line for line in r.iter_lines() if line)
+
+    t = threading.Thread(target=stream)
+    t.start()
+    wait_until(lambda: s.metric("ragtop:num_requests_running") == 1)
+    s.server.handle_exit(signal.SIGTERM, None)  # what uvicorn's SIGTERM handler calls
+    t.join(60)
+    assert events[-1] == "data: [DONE]" and len(events) > 10
+    s.thread.join(30)
+    assert not s.thread.is_alive()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(s.url + "/health")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ragtop_serve_process_answers_and_exits_on_sigterm(exported):
+    port = free_port()
+    env = {**os.environ, "RAGTOP_LOG_LEVEL": "info"}
+    proc = subprocess.Popen([sys.executable, "-m", "ragtop.cli", "serve", str(exported["topk"]), "--port", str(port),
+                             "--threads", "1", "--served-model-name", "tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(url + "/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, timeout=60)
+        prompt = "a secret prompt text"
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 3})
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # uvicorn re-raises the signal once shut down, so the exit status says "terminated by SIGTERM"
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Application shutdown complete" in out
+    assert "secret prompt" not in out  # no prompt text in the logs at INFO
+    assert "request cmpl-" in out
+
+
+def test_ragtop_serve_exits_1_when_the_model_cannot_load(tmp_path):
+    (tmp_path / "model.onnx").write_text("not onnx")
+    (tmp_path / "genai_config.json").write_text(json.dumps({"bad": True}))
+    proc = subprocess.run([sys.executable, "-m", "ragtop.cli", "serve", str(tmp_path), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "failed to load" in proc.stderr
+
+
+def test_default_model_dirs_live_in_the_data_folder(tmp_path):
+    from ragtop.default_model import default_model_dirs
+
+    ckpt, onnx_dir = default_model_dirs(tmp_path)
+    assert ckpt.parent == onnx_dir.parent == Path(tmp_path) / "models"
