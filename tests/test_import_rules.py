@@ -47,8 +47,22 @@ def test_import_rules():
     for f in PKG.rglob("*.py"):
         sub = f.relative_to(PKG).parts[0]
         imported = ragtop_imports(f) - {sub}
+        if f.name == "cli.py" and sub == "cli.py":  # the entry point starts the server
+            imported -= {"server"}
         if "server" in imported or "loadtests" in imported or "tests" in imported:
             violations.append(f"{f}: imports {imported & {'server', 'loadtests', 'tests'}}")
         if sub in allowed and not imported <= allowed[sub]:
             violations.append(f"{f}: {sub} may not import {sorted(imported - allowed[sub])}")
     assert not violations, "\n".join(violations)
+
+
+def test_server_uses_only_the_runtime_public_api():
+    """`from ragtop.runtime import X` (what runtime/__init__.py exports), never its modules."""
+    deep = []
+    for f in (PKG / "server").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and "runtime." in f"{node.module}.":
+                mod = node.module.lstrip(".")
+                if mod.startswith(("runtime.", "ragtop.runtime.")):
+                    deep.append(f"{f}: from {node.module} import ...")
+    assert not deep, "\n".join(deep)
