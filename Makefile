@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: install
-	$(BIN)/ruff check ragtop tests
+	$(BIN)/ruff check ragtop tests loadtests
 
 test: install lint
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -66,3 +66,15 @@ def test_server_uses_only_the_runtime_public_api():
                 if mod.startswith(("runtime.", "ragtop.runtime.")):
                     deep.append(f"{f}: from {node.module} import ...")
     assert not deep, "\n".join(deep)
+
+
+def test_loadtests_talk_to_the_server_over_http_only():
+    """loadtests may use ragtop's library (checkpoints, convert, export, runtime's bench) but
+    drives the server as a process over HTTP: it never imports ragtop.server (nor tests);
+    and nothing in ragtop imports loadtests (test_import_rules)."""
+    bad = []
+    for f in (PKG.parent / "loadtests").rglob("*.py"):
+        imported = ragtop_imports(f)
+        if imported & {"server", "tests"}:
+            bad.append(f"{f}: imports {sorted(imported & {'server', 'tests'})}")
+    assert not bad, "\n".join(bad)
