@@ -36,9 +36,27 @@ test: install lint
 test-all: install
 	$(BIN)/python -m pytest -q
 
-# One attention layer: plugin (exact / block selection) vs standard-op fallback vs dense.
+# The benchmark report (docs/benchmarks.md + docs/benchmarks/*.png; tens of minutes to hours on
+# 2 cores, run it on a quiet machine): one attention layer (`ragtop bench ops`: plugin exact /
+# block selection vs standard-op fallback vs dense), then through the server the long-context
+# sweep (1k..32k tokens, every attention mode + transformers and stock-ORT peers; needs the
+# `small` dense model, trained here when missing) and the concurrency sweep (the default model),
+# then the report. Smoke run in minutes: `make bench BENCH_QUICK=--quick` (results in build/bench).
+BENCH_QUICK ?=
+CONTEXT_ARGS ?=
+CONCURRENCY_ARGS ?=
+SMALL_DENSE := runs/small-dense-uniform
 bench: install
 	$(BIN)/ragtop bench ops
+	test -n "$(BENCH_QUICK)" || test -f $(SMALL_DENSE)/model.safetensors || \
+	  RAGTOP_DATA_DIR=$${RAGTOP_DATA_DIR:-$(CURDIR)/data} $(BIN)/ragtop train --preset small --attention dense \
+	  --embedding uniform --out $(SMALL_DENSE) --no-progress
+	RAGTOP_DATA_DIR=$${RAGTOP_DATA_DIR:-$(DATA_DIR)} $(BIN)/python -m loadtests context-sweep $(BENCH_QUICK) $(CONTEXT_ARGS)
+	RAGTOP_DATA_DIR=$${RAGTOP_DATA_DIR:-$(DATA_DIR)} $(BIN)/python -m loadtests concurrency-sweep $(BENCH_QUICK) $(CONCURRENCY_ARGS)
+	if [ -n "$(BENCH_QUICK)" ]; then \
+	  $(BIN)/python -m loadtests report --context build/bench/quick-context.json \
+	    --concurrency build/bench/quick-concurrency.json --out build/bench/benchmarks.md --plots build/bench; \
+	else $(BIN)/python -m loadtests report; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info ragtop/_native

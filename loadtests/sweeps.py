@@ -276,10 +276,10 @@ def context_sweep(s: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     models = [ModelSpec.parse(m) for m in s.models]
     for spec in models:
-        lengths = [L for L in s.lengths if L + s.new_tokens + 16 <= spec.max_context]
+        lengths = [L for L in s.lengths if L <= spec.max_context]
         skipped = [L for L in s.lengths if L not in lengths]
         if skipped:
-            notes.append(f"{spec.name}: lengths {skipped} exceed its {spec.max_context}-token limit, not run")
+            notes.append(f"{spec.name}: prompt lengths {skipped} exceed its {spec.max_context}-token limit, not run")
         if not lengths:
             continue
         try:
