@@ -44,6 +44,7 @@ class LoadConfig:
     slos: dict[str, float] = field(default_factory=dict)   # seconds
     percentiles: tuple[float, ...] = (90, 99)
     warmup: int = 1                    # requests sent (and not counted) before the run
+    settle_s: float = 0.0              # pause after the warm-up (lets an external scraper sample)
     timeout_s: float = 3600.0
     progress: bool = True
     label: str = ""
@@ -187,6 +188,8 @@ async def run_load(cfg: LoadConfig) -> dict[str, Any]:
                            RequestResult(-1 - i, 16, 4), time.perf_counter())
             if not w.ok:
                 notes.append(f"warm-up request failed: {w.status} {w.error}")
+        if cfg.settle_s:
+            await asyncio.sleep(cfg.settle_s)
         before = await prom.scrape(client, cfg.url)
         arrivals = arrival_times(cfg.num_requests, cfg.request_rate, cfg.seed, cfg.burstiness)
         sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None

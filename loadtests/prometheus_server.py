@@ -70,8 +70,9 @@ class PrometheusServer:
             time.sleep(0.2)
         raise RuntimeError("prometheus was not ready in time")
 
-    def query(self, promql: str) -> list[dict[str, Any]]:
-        r = httpx.get(self.url + "/api/v1/query", params={"query": promql}, timeout=10)
+    def query(self, promql: str, at: float | None = None) -> list[dict[str, Any]]:
+        params = {"query": promql} | ({"time": f"{at:.3f}"} if at is not None else {})
+        r = httpx.get(self.url + "/api/v1/query", params=params, timeout=10)
         r.raise_for_status()
         return r.json()["data"]["result"]
 
@@ -84,12 +85,15 @@ class PrometheusServer:
             time.sleep(0.5)
         raise RuntimeError("prometheus did not scrape the server in time")
 
-    def decode_rate(self, window_s: float) -> dict[str, Any]:
+    def decode_rate(self, since: float) -> dict[str, Any]:
+        """rate() ratio over the window from `since` (time.time(); one scrape interval before
+        the run started, after the warm-up) to now (after one more scrape has landed)."""
         time.sleep(2.5)  # let a scrape after the last request land
-        w = max(2, int(window_s + 3))
+        at = time.time()
+        w = max(2, int(round(at - since)))
         q = QUERY.format(w=w)
         try:
-            result = self.query(q)
+            result = self.query(q, at=at)
             value = float(result[0]["value"][1]) if result else None
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
             return {"query": q, "tokens_per_s": None, "error": str(e)}

@@ -289,9 +289,11 @@ concurrency sweep runs `ragtop serve`'s default model (SmolLM2-135M-Instruct, to
   (`VmHWM`, `ru_maxrss`); it includes the Python interpreter, onnxruntime and the
   preallocated KV cache.
 - **Server side**: `ragtop:decode_tokens_total / ragtop:decode_seconds_total`, by context bucket
-  and attention. With Debian's `prometheus` installed (`apt-get install prometheus`) the
-  sweep starts one on loopback per server and quotes `sum(rate(ragtop:decode_tokens_total[W]))
-  / sum(rate(ragtop:decode_seconds_total[W]))` (marked P); otherwise it computes the same
+  and attention. With Debian's `prometheus` installed (`apt-get install prometheus`; 2.42
+  installs from Debian's archive here) the sweep starts one on loopback per server (1 s
+  scrapes; a 2 s pause after the warm-up keeps its tokens out of the window) and quotes
+  `sum(rate(ragtop:decode_tokens_total[W])) / sum(rate(ragtop:decode_seconds_total[W]))`
+  (marked P; the two-scrape figure stays in the JSON); otherwise it computes the same
   ratio from two scrapes of `/metrics` around the run (Δtokens / Δseconds: what `rate()`
   over that window gives for a ratio of two counters). The server charges only model time,
   so it reads a little above the client figure, which includes HTTP and detokenization.

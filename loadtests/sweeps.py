@@ -192,7 +192,7 @@ def served_row(model_dir: Path, mode: str, spec: ModelSpec, context: int, s: arg
                                                 required=s.prometheus == "require")
         cfg = LoadConfig(url=server.url, num_requests=s.repeats, input_len=context, output_len=s.new_tokens,
                          max_concurrency=1, warmup=1, progress=False, label=f"{spec.name} {mode} {context}",
-                         timeout_s=s.request_timeout)
+                         timeout_s=s.request_timeout, settle_s=2.0 if prom is not None else 0.0)
         doc = asyncio.run(run_load(cfg))
         row["peak_rss_bytes"] = server.peak_rss()
         ok = [r for r in doc["requests"] if r["ok"]]
@@ -211,8 +211,10 @@ def served_row(model_dir: Path, mode: str, spec: ModelSpec, context: int, s: arg
         all_dec = (srv.get("decode") or {}).get("all")
         row["server_decode_tokens_per_s"] = all_dec["tokens_per_s"] if all_dec else None
         row["server_decode_source"] = srv.get("source")
+        row["server_decode_two_scrapes"] = row["server_decode_tokens_per_s"]
         if prom is not None:
-            row["prometheus"] = prom.decode_rate(window_s=time.time() - doc["started_at"] + 2)
+            # the window opens one scrape interval before the run: after the warm-up and the settle pause
+            row["prometheus"] = prom.decode_rate(since=doc["started_at"] - 1.0)
             if row["prometheus"].get("tokens_per_s"):
                 row["server_decode_tokens_per_s"] = row["prometheus"]["tokens_per_s"]
                 row["server_decode_source"] = "Prometheus rate() over the context-bucket counters"

@@ -4,7 +4,14 @@ import math
 
 import pytest
 
-from loadtests.metrics import RequestResult, format_summary, meets_slos, parse_slos, stats, summarize
+from loadtests.metrics import (
+    RequestResult,
+    format_summary,
+    meets_slos,
+    parse_slos,
+    stats,
+    summarize,
+)
 
 
 def req(i, sent, chunks, tokens=None, ok=True, status=200, prompt=10):
