@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NATIVE := ragtop/_native/libragtop_ort.so
 
-.PHONY: install plugin test test-all lint serve bench clean train-small
+.PHONY: install plugin test test-all lint serve bench clean train-small prometheus
 
 install: $(STAMP) $(NATIVE)
 
@@ -46,7 +46,7 @@ BENCH_QUICK ?=
 CONTEXT_ARGS ?=
 CONCURRENCY_ARGS ?=
 SMALL_DENSE := runs/small-dense-uniform
-bench: install
+bench: install prometheus
 	$(BIN)/ragtop bench ops
 	test -n "$(BENCH_QUICK)" || test -f $(SMALL_DENSE)/model.safetensors || \
 	  RAGTOP_DATA_DIR=$${RAGTOP_DATA_DIR:-$(CURDIR)/data} $(BIN)/ragtop train --preset small --attention dense \
@@ -57,6 +57,13 @@ bench: install
 	  $(BIN)/python -m loadtests report --context build/bench/quick-context.json \
 	    --concurrency build/bench/quick-concurrency.json --out build/bench/benchmarks.md --plots build/bench; \
 	else $(BIN)/python -m loadtests report; fi
+
+# Debian's Prometheus, which the sweeps start on loopback to quote the server's own rate();
+# without it (not root, no apt) they compute the same ratio from two scrapes of /metrics.
+prometheus:
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
+	  echo "prometheus is not installed: the benchmark reads /metrics twice instead of asking Prometheus" >&2
 
 clean:
 	rm -rf $(VENV) build *.egg-info ragtop/_native

@@ -305,15 +305,19 @@ def context_sweep(s: argparse.Namespace) -> dict[str, Any]:
                                                logs, ops="standard")
         if "transformers" in s.peers:
             peer_paths["transformers"] = variant_checkpoint(base, "dense", s, work, spec.name, logs)
+        slow_cap = getattr(s, "slow_max_length", None)
         for L in lengths:
+            slow_ok = slow_cap is None or L <= slow_cap
             for mode in s.modes:
+                if mode == "fallback" and not slow_ok:
+                    continue
                 log(f"{spec.name}: {mode} at {L} tokens")
                 row = served_row(dirs["topk" if mode == "fallback" else mode], mode, spec, L, s, logs)
                 capacity = L + s.new_tokens + 16
                 b = bandwidth.bytes_per_token(facts, mode, L, s.topk, s.block_size, s.block_budget, capacity)
                 row["bytes_per_token"], row["bytes_per_token_split"] = b["total"], b
                 rows.append(row)
-            for kind in s.peers:
+            for kind in s.peers if slow_ok else ():
                 log(f"{spec.name}: peer {kind} at {L} tokens")
                 row = peer_row(kind, peer_paths[kind], spec, L, s, logs)
                 b = bandwidth.bytes_per_token(facts, "dense", L)
@@ -327,6 +331,8 @@ def context_sweep(s: argparse.Namespace) -> dict[str, Any]:
             doc = _context_doc(s, started, bw, rows, notes, plugin)
             out_json.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(doc, indent=1))  # after every length: a long run keeps what it measured
+        if slow_cap is not None and any(L > slow_cap for L in lengths):
+            notes.append(f"{spec.name}: the fallback and the peers ran up to {slow_cap} tokens (--slow-max-length)")
         rows_for = [r for r in rows if r["model"] == spec.name]
         _model_facts_note(facts, spec, notes, rows_for)
     doc = _context_doc(s, started, bw, rows, notes, plugin)
@@ -427,6 +433,9 @@ def add_arguments(sub) -> None:
     p.add_argument("--repeats", type=int, default=2, help="requests per point (the best is reported)")
     p.add_argument("--modes", type=_names(SERVED_MODES), default=list(SERVED_MODES))
     p.add_argument("--peers", type=_names(PEERS), default=list(PEERS))
+    p.add_argument("--slow-max-length", type=int, default=8192,
+                   help="the standard-op fallback and the peers run only up to this prompt length (their "
+                        "prefill is quadratic and unchunked or slow: 32k takes tens of minutes on 2 cores)")
     p.add_argument("--topk", type=int, default=256)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--block-budget", type=int, default=16)
