@@ -297,7 +297,11 @@ def context_sweep(s: argparse.Namespace) -> dict[str, Any]:
             variant = "topk" if mode == "fallback" else mode
             if variant not in dirs:
                 ck = variant_checkpoint(base, variant, s, work, spec.name, logs)
-                dirs[variant] = exported(ck, work / "exports" / f"{spec.name}-{variant}", export_ctx, logs)
+                # dense: the standard-op graph (MatMul/Softmax over the shared cache), measured faster than
+                # TopKAttention with k = context; the same graph the stock-ORT peer runs without a server
+                ops = "standard" if variant == "dense" else "custom"
+                suffix = "-standard" if variant == "dense" else ""
+                dirs[variant] = exported(ck, work / "exports" / f"{spec.name}-{variant}{suffix}", export_ctx, logs, ops=ops)
         peer_paths: dict[str, Path] = {}
         if "stock-ort" in s.peers:
             dense = variant_checkpoint(base, "dense", s, work, spec.name, logs)
@@ -341,6 +345,23 @@ def context_sweep(s: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def merge_context(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Rows of `new` replace `old`'s rows of the same (model, mode, context); ratios recomputed."""
+    key = lambda r: (r["model"], r["mode"], r["context"])  # noqa: E731
+    fresh = {key(r) for r in new["rows"]}
+    rows = [r for r in old["rows"] if key(r) not in fresh] + new["rows"]
+    for model, context in {(r["model"], r["context"]) for r in rows}:
+        _speedups(rows, model, context)
+    bw = new.get("bandwidth") or old.get("bandwidth")
+    for r in rows:
+        if bw and r["decode_tokens_per_s"] and r["bytes_per_token"]:
+            r["bandwidth_bound_pct"] = 100 * r["decode_tokens_per_s"] * r["bytes_per_token"] / (bw["read_gbps"] * 1e9)
+    notes = list(dict.fromkeys(old["notes"] + new["notes"]))
+    notes.append(f"merged: rows of `{new['command']}` replaced those of `{old['command']}`")
+    return {**old, "rows": rows, "notes": notes, "finished_at": new["finished_at"],
+            "command": old["command"] + " ; then " + new["command"], "merged": [old.get("settings"), new.get("settings")]}
+
+
 def _model_facts_note(facts: dict[str, Any], spec: ModelSpec, notes: list[str], rows: list[dict]) -> None:
     notes.append(f"{spec.name}: {facts['weight_bytes'] / 1e6:.1f} MB of fp32 weights, "
                  f"{facts['kv_bytes_per_token']} KV-cache bytes per token (all layers, keys + values)")
@@ -354,6 +375,11 @@ def _speedups(rows: list[dict[str, Any]], model: str, context: int) -> None:
             r["speedup_vs_dense"] = r["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
             if r["ttft_s"] and dense["ttft_s"]:
                 r["ttft_vs_dense"] = r["ttft_s"] / dense["ttft_s"]
+    # the strongest dense path measured at this length: served dense or a peer (no server overhead)
+    best = max((r["decode_tokens_per_s"] for r in same if r["mode"] in ("dense", *PEERS) and r["decode_tokens_per_s"]),
+               default=None)
+    for r in same:
+        r["speedup_vs_best_dense"] = r["decode_tokens_per_s"] / best if best and r["decode_tokens_per_s"] else None
 
 
 def _context_doc(s, started, bw, rows, notes, plugin) -> dict[str, Any]:
@@ -433,6 +459,8 @@ def add_arguments(sub) -> None:
     p.add_argument("--repeats", type=int, default=2, help="requests per point (the best is reported)")
     p.add_argument("--modes", type=_names(SERVED_MODES), default=list(SERVED_MODES))
     p.add_argument("--peers", type=_names(PEERS), default=list(PEERS))
+    p.add_argument("--merge-into", default=None, help="an earlier context JSON: this run's rows replace its rows of the "
+                                                      "same (model, mode, context); the result goes to --out")
     p.add_argument("--slow-max-length", type=int, default=8192,
                    help="the standard-op fallback and the peers run only up to this prompt length (their "
                         "prefill is quadratic and unchunked or slow: 32k takes tens of minutes on 2 cores)")
@@ -500,6 +528,9 @@ def cmd_context(a: argparse.Namespace) -> int:
             a.out = str(Path(a.work_dir) / "quick-context.json")
     a.models = a.models or list(DEFAULT_MODELS)
     doc = context_sweep(a)
+    if a.merge_into:
+        doc = merge_context(json.loads(Path(a.merge_into).read_text()), doc)
+        Path(a.out).write_text(json.dumps(doc, indent=1))
     print(format_context(doc))
     log(f"wrote {a.out}")
     return 0 if any(r["ok"] for r in doc["rows"]) else 1
