@@ -17,8 +17,8 @@ from typing import Any
 
 from .schema import validate
 
-MODE_ORDER = ("dense", "topk", "topk-block", "fallback", "transformers", "stock-ort")
-MODE_NAMES = {"dense": "dense (plugin)", "topk": "top-k exact (plugin)", "topk-block": "top-k block selection (plugin)",
+MODE_ORDER = ("dense", "dense-plugin", "topk", "topk-block", "fallback", "transformers", "stock-ort")
+MODE_NAMES = {"dense": "dense, standard ops", "dense-plugin": "dense, TopKAttention k = context (plugin)", "topk": "top-k exact (plugin)", "topk-block": "top-k block selection (plugin)",
               "fallback": "top-k, standard-op fallback (no plugin)", "transformers": "peer: transformers generate (CPU)",
               "stock-ort": "peer: stock onnxruntime, standard ops"}
 TARGETS = {8192: 2.0, 32768: 5.0}  # top-k block selection vs dense, decode tokens/s
@@ -275,9 +275,11 @@ concurrency sweep runs `ragtop serve`'s default model (SmolLM2-135M-Instruct, to
 ## What is measured and how
 
 - **Served modes**, one `ragtop serve` process per mode and length (`--max-batch-size 1`,
-  `--context-limit` = prompt + new tokens + 16): *dense* (the dense checkpoint's export: its
-  attention node runs in the plugin as dense attention over the written keys, KV cache
-  shared and updated in place — the strongest dense path ragtop has), *top-k exact* and
+  `--context-limit` = prompt + new tokens + 16): two dense paths, *dense, standard ops*
+  (the dense weights exported with `--ops standard`: MatMul/Softmax attention over the
+  shared cache) and *dense, TopKAttention k = context* (the custom-op export, whose plugin
+  kernel runs dense attention over the written keys); "× dense" is against the faster of
+  the two at each length. Then *top-k exact* and
   *top-k block selection* (`ragtop convert` of the same weights, training-free, plugin
   kernels), and the *standard-op fallback* (the top-k export served with `--no-plugin`).
 - **Peers** on the same weights, each in its own process: transformers `generate` (a
