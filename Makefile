@@ -43,7 +43,7 @@ test-all: install
 # `small` dense model, trained here when missing) and the concurrency sweep (the default model),
 # then the report. Smoke run in minutes: `make bench BENCH_QUICK=--quick` (results in build/bench).
 BENCH_QUICK ?=
-CONTEXT_ARGS ?=
+CONTEXT_ARGS ?= --new-tokens 32 --repeats 1 --threads 1
 CONCURRENCY_ARGS ?=
 SMALL_DENSE := runs/small-dense-uniform
 bench: install prometheus
