@@ -129,7 +129,8 @@ def targets_section(doc: dict[str, Any]) -> list[str]:
                              f"({f(w, '.0f', 1e-6)} + {f(r['kv_cache_total_bytes'], '.0f', 1e-6)} MB; target ≤ 1.2×)")
                 small = min((q for q in rows if q["mode"] == r["mode"] and q.get("kv_cache_total_bytes")),
                             key=lambda q: q["context"], default=None)
-                if small is not None and small["context"] < big and r["peak_rss_bytes"] and small["peak_rss_bytes"]:
+                if small is not None and small["context"] < big and r["peak_rss_bytes"] and small["peak_rss_bytes"] \
+                        and r["kv_cache_total_bytes"] > small["kv_cache_total_bytes"]:
                     grow = (r["peak_rss_bytes"] - small["peak_rss_bytes"]) / (r["kv_cache_total_bytes"] - small["kv_cache_total_bytes"])
                     lines.append(f"  - from {small['context']} to {big} tokens its peak RSS grew {grow:.2f}× as much as its "
                                  f"cache did (the rest is the process's fixed footprint: Python, torch, onnxruntime: "
