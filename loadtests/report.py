@@ -117,6 +117,10 @@ def targets_section(doc: dict[str, Any]) -> list[str]:
                 got = r["speedup_vs_dense"]
                 verdict = "met" if got >= want else f"missed by {want - got:.2f}× ({100 * (1 - got / want):.0f} % short)"
                 lines.append(f"- {model}, {L // 1024}k: block selection {got:.2f}× dense (target {want:g}×): {verdict}")
+                dense_row = next((q for q in rows if q["context"] == L and q["mode"] == "dense" and q.get("bytes_per_token")), None)
+                if dense_row and r.get("bytes_per_token"):
+                    lines.append(f"  - bytes read per token, dense ÷ block selection: {dense_row['bytes_per_token'] / r['bytes_per_token']:.2f}× "
+                                 f"— the most that reading less can give at this length (weights are read either way)")
                 if r.get("speedup_vs_best_dense") is not None:
                     lines.append(f"  - against the strongest dense path measured at {L // 1024}k (served dense or a "
                                  f"peer without a server): {r['speedup_vs_best_dense']:.2f}×")
