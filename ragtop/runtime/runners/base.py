@@ -16,6 +16,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from ...errors import RagtopError
+
 LogitsWanted = Literal["none", "last", "all"]
 
 
@@ -58,6 +60,19 @@ class ModelRunner(Protocol):
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def slot_range(chunks: Sequence[Chunk], capacity: int, lengths) -> tuple[int, int, int]:
+    """(S, lo, hi) of one model call: its chunks' common length and the contiguous slot range
+    [lo, hi) covering them. Checks that every chunk fits the capacity and records each chunk's
+    start in `lengths` (a per-slot numpy array or tensor)."""
+    S = len(chunks[0].tokens)
+    lo, hi = min(c.slot for c in chunks), max(c.slot for c in chunks) + 1
+    for c in chunks:
+        if c.start + S > capacity:
+            raise RagtopError(f"slot {c.slot}: {c.start} + {S} tokens exceed the cache capacity {capacity}")
+        lengths[c.slot] = c.start
+    return S, lo, hi
 
 
 def group_chunks(chunks: Sequence[Chunk]) -> list[list[int]]:

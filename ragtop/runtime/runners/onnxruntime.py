@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ...errors import RagtopError
-from .base import Chunk, RunnerSpec, group_chunks, round_up
+from .base import Chunk, RunnerSpec, group_chunks, round_up, slot_range
 
 GENAI_CONFIG = "genai_config.json"
 DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
@@ -124,12 +124,7 @@ class OrtRunner:
         return out
 
     def _run(self, chunks: list[Chunk]) -> list[Tensor | None]:
-        S = len(chunks[0].tokens)
-        lo, hi = min(c.slot for c in chunks), max(c.slot for c in chunks) + 1
-        for c in chunks:
-            if c.start + S > self.capacity:
-                raise RagtopError(f"slot {c.slot}: {c.start} + {S} tokens exceed the cache capacity {self.capacity}")
-            self.lengths[c.slot] = c.start
+        S, lo, hi = slot_range(chunks, self.capacity, self.lengths)
         lengths = np.minimum(self.lengths[lo:hi], self.capacity - S)  # idle rows: a garbage write past their length
         ids = np.zeros((hi - lo, S), dtype=np.int64)
         for c in chunks:

@@ -11,7 +11,7 @@ from torch import Tensor
 from ...checkpoint import load_checkpoint
 from ...errors import RagtopError
 from ...model import KVCache, Transformer
-from .base import Chunk, RunnerSpec, group_chunks, round_up
+from .base import Chunk, RunnerSpec, group_chunks, round_up, slot_range
 
 
 def attention_label(model: Transformer) -> str:
@@ -65,12 +65,7 @@ class TorchRunner:
     def _run(self, chunks: list[Chunk]) -> list[Tensor | None]:
         """One model call over the contiguous slot range covering the chunks (a view)."""
         assert self.cache is not None
-        S = len(chunks[0].tokens)
-        lo, hi = min(c.slot for c in chunks), max(c.slot for c in chunks) + 1
-        for c in chunks:
-            if c.start + S > self.capacity:
-                raise RagtopError(f"slot {c.slot}: {c.start} + {S} tokens exceed the cache capacity {self.capacity}")
-            self.lengths[c.slot] = c.start
+        S, lo, hi = slot_range(chunks, self.capacity, self.lengths)
         lengths = self.lengths[lo:hi].clamp(max=self.capacity - S)  # idle rows: a garbage write past their length
         ids = torch.zeros(hi - lo, S, dtype=torch.long)
         for c in chunks:
