@@ -200,14 +200,7 @@ class OpenAIServing:
 
     async def completion_stream(self, rid: str, prompts: list[list[int]], streams: list[AsyncIterator[RequestOutput]],
                                 req: CompletionRequest) -> AsyncIterator[str]:
-        created = int(time.time())
-
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-            body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                                    "choices": choices}
-            if usage is not None:
-                body["usage"] = usage
-            return _sse(body)
+        chunk = _chunker(rid, "text_completion", self.model_name)
 
         offsets: dict[int, int] = {}
         if req.echo:
@@ -275,14 +268,7 @@ class OpenAIServing:
 
     async def chat_stream(self, rid: str, streams: list[AsyncIterator[RequestOutput]],
                           req: ChatCompletionRequest) -> AsyncIterator[str]:
-        created = int(time.time())
-
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-            body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                                    "model": self.model_name, "choices": choices}
-            if usage is not None:
-                body["usage"] = usage
-            return _sse(body)
+        chunk = _chunker(rid, "chat.completion.chunk", self.model_name)
 
         for i in range(req.n):  # OpenAI opens each choice with the role
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
@@ -317,6 +303,19 @@ def _raise_template_error(message: str) -> None:
 
 def _sse(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _chunker(rid: str, obj: str, model: str):
+    """SSE chunks of one stream: the same id, object and creation time on every chunk."""
+    created = int(time.time())
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return _sse(body)
+
+    return chunk
 
 
 async def _merge(streams: Sequence[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
