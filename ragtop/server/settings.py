@@ -43,9 +43,8 @@ class ServerSettings:
     retry_after_s: int = 1  # Retry-After of a 429
 
     def __post_init__(self) -> None:
-        for name in ("port",):
-            if not 0 <= getattr(self, name) <= 65535:
-                raise RagtopError(f"{name} must be in 0..65535, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise RagtopError(f"port must be in 0..65535, got {self.port}")
         for name in ("max_batch_size", "max_waiting", "max_tokens_per_step", "prefill_chunk", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise RagtopError(f"{name} must be >= 1, got {getattr(self, name)}")
