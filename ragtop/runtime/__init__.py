@@ -18,20 +18,22 @@ from .engine import (
     TokenLogprob,
     Usage,
 )
-from .errors import EngineError, InvalidRequest, PromptTooLong, QueueFull
+from .errors import EngineDead, EngineError, InvalidRequest, PromptTooLong, QueueFull, RequestFailed
 from .kv_cache import CachePlan, CacheUsage
 from .loader import LoadedModel, detect_runner, load_model
 from .runners.base import Chunk, ModelRunner, RunnerSpec
-from .sampling import SamplingParams
+from .sampling import MAX_LOGPROBS, SamplingParams
 from .scheduler import SchedulerConfig
 from .stats import FinishedRequestStats, IterationStats
 
 __all__ = [
+    "MAX_LOGPROBS",
     "AsyncEngine",
     "CachePlan",
     "CacheUsage",
     "Chunk",
     "CompletionDelta",
+    "EngineDead",
     "EngineConfig",
     "EngineError",
     "FinishedRequestStats",
@@ -44,6 +46,7 @@ __all__ = [
     "PromptTooLong",
     "QueueFull",
     "Request",
+    "RequestFailed",
     "RequestOutput",
     "RunnerSpec",
     "SamplingParams",

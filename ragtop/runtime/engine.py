@@ -5,6 +5,13 @@ the prefill chunks (runner) -> sample (sampling.py) -> detokenize and match stop
 (detokenize.py) -> per-request deltas and one IterationStats. The engine works in token ids;
 the tokenizer only turns generated ids into text.
 
+Fault isolation: an exception while sampling, detokenizing or matching stops for one sequence
+ends that request with an error (`RequestOutput.error`) and the step goes on for the others.
+An exception in a runner's forward fails the requests of that model call; then a one-token
+probe forward in a free slot tells whether the runner still works. If it does not (or
+forwards keep failing), the engine raises `EngineDead`: nothing more can be served, and a
+server exits so that its supervisor restarts it.
+
 Threading: `add_request` and `abort_request` may be called from any thread. A lock guards
 the scheduler's state; the engine thread holds it to schedule and to sample, never while the
 model runs, so callers (the event loop) wait at most for bookkeeping, not for a forward pass. Aborts are applied at the start of the
@@ -14,16 +21,17 @@ next step, which frees their slots.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from torch import Tensor
+import numpy as np
 
 from .detokenize import Decoder, IncrementalDetokenizer, StopStringMatcher
-from .errors import EngineError, InvalidRequest
+from .errors import EngineDead, EngineError, InvalidRequest, RequestFailed
 from .kv_cache import KVCacheManager, plan_cache
 from .runners.base import Chunk, ModelRunner
 from .sampling import SampledToken, SamplingParams, SequenceSampler
@@ -31,7 +39,10 @@ from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SequenceGroup
 from .scheduler import Sequence as Seq
 from .stats import FinishedRequestStats, IterationStats
 
-FinishReason = Literal["stop", "length", "abort"]
+log = logging.getLogger("ragtop.engine")
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+MAX_CONSECUTIVE_FORWARD_FAILURES = 3  # then the runner is taken as broken even if a probe passes
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,7 @@ class RequestOutput:
     deltas: tuple[CompletionDelta, ...]
     finished: bool = False
     usage: Usage | None = None  # set on the last output
+    error: RequestFailed | None = None  # set (with finished) when generating the request failed
 
 
 @dataclass(eq=False)
@@ -119,6 +131,7 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._aborts: list[str] = []
         self._groups: dict[str, SequenceGroup] = {}
+        self._forward_failures = 0  # consecutive model calls that raised
         self.stats_listeners: list[Callable[[IterationStats], None]] = []
 
     # -- requests (any thread) --------------------------------------------------------
@@ -132,9 +145,11 @@ class LLMEngine:
         p.validate(self.runner.spec.vocab_size)
         prompt = [int(t) for t in request.prompt_token_ids]
         if not prompt:
-            raise InvalidRequest("the prompt is empty: give at least one token")
-        if any(not 0 <= t < self.runner.spec.vocab_size for t in prompt):
-            raise InvalidRequest(f"prompt token ids must be in 0..{self.runner.spec.vocab_size - 1}")
+            raise InvalidRequest("the prompt is empty: give at least one token", "prompt")
+        vocab = self.runner.spec.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})", "prompt")
         state = _RequestState(request, time.monotonic())
         group = SequenceGroup(request.request_id, prompt, p.n, data=state)
         parent = SequenceSampler(p, prompt, self.runner.spec.vocab_size, self.eos_token_ids, p.seed)
@@ -158,7 +173,10 @@ class LLMEngine:
 
     # -- one step (the engine thread) ---------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step. Faults of single requests end those requests (their outputs carry
+        `error`); raises EngineDead only when the runner no longer works at all."""
         outputs: dict[str, list[CompletionDelta]] = {}
+        errors: dict[str, RequestFailed] = {}
         finished: list[FinishedRequestStats] = []
         with self._lock:
             for rid in self._aborts:
@@ -175,9 +193,9 @@ class LLMEngine:
         decode = [c for c in plan.chunks if len(c.tokens) == 1 and c.seq.status == "decode"]
         prefill = [c for c in plan.chunks if not (len(c.tokens) == 1 and c.seq.status == "decode")]
         t0 = time.perf_counter()
-        decode_logits = self._forward(decode)
+        decode_logits = self._forward(decode, errors)
         t1 = time.perf_counter()
-        prefill_logits = self._forward(prefill)
+        prefill_logits = self._forward(prefill, errors)
         t2 = time.perf_counter()
 
         ttfts: list[float] = []
@@ -185,13 +203,23 @@ class LLMEngine:
         with self._lock:
             now = time.monotonic()
             for chunk, logits in (*zip(decode, decode_logits, strict=True), *zip(prefill, prefill_logits, strict=True)):
-                self.scheduler.advance(chunk)
-                if logits is None or not chunk.samples:
+                rid = chunk.seq.group.request_id
+                if rid in errors:
                     continue
-                for seq in self._seqs_sampling(chunk):
-                    delta = self._sample(seq, logits, now, ttfts, itls)
-                    outputs.setdefault(seq.group.request_id, []).append(delta)
-            results = [self._request_output(rid, deltas, now, finished) for rid, deltas in outputs.items()]
+                try:
+                    self.scheduler.advance(chunk)
+                    if logits is None or not chunk.samples:
+                        continue
+                    for seq in self._seqs_sampling(chunk):
+                        delta = self._sample(seq, logits, now, ttfts, itls)
+                        outputs.setdefault(rid, []).append(delta)
+                except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                    errors[rid] = _request_failure(e, "generating")
+            for rid, error in errors.items():
+                self.scheduler.abort(rid, "error")
+                outputs.setdefault(rid, [])
+            results = [self._request_output(rid, deltas, now, finished, errors.get(rid))
+                       for rid, deltas in outputs.items() if rid in self._groups]
             num_running, num_waiting = self.scheduler.num_running, len(self.scheduler.waiting)
         t3 = time.perf_counter()
         generated = sum(len(d.token_ids) for deltas in outputs.values() for d in deltas)
@@ -199,10 +227,41 @@ class LLMEngine:
                          generated, ttfts, itls, finished)
         return results
 
-    def _forward(self, chunks: list[ScheduledChunk]) -> list[Tensor | None]:
+    def _forward(self, chunks: list[ScheduledChunk], errors: dict[str, RequestFailed]) -> list[np.ndarray | None]:
+        """Run the chunks; if the runner raises, their requests go to `errors` (and the
+        runner is probed: EngineDead if it is broken)."""
         if not chunks:
             return []
-        return self.runner.forward([Chunk(c.seq.slot, c.tokens, c.start, "last" if c.samples else "none") for c in chunks])
+        try:
+            out = self.runner.forward([Chunk(c.seq.slot, c.tokens, c.start, "last" if c.samples else "none")
+                                       for c in chunks])
+        except Exception as e:  # noqa: BLE001 - this batch fails, the engine goes on if it can
+            self._forward_failures += 1
+            failure = _request_failure(e, "running the model")
+            for c in chunks:
+                errors.setdefault(c.seq.group.request_id, failure)
+            with self._lock:
+                self._check_runner(e)
+            return [None] * len(chunks)
+        self._forward_failures = 0
+        return out
+
+    def _check_runner(self, cause: BaseException) -> None:
+        """After a failed forward: is the runner still usable? One token through a free slot."""
+        if self._forward_failures >= MAX_CONSECUTIVE_FORWARD_FAILURES:
+            raise EngineDead(f"{self._forward_failures} model calls in a row failed; the last: {cause}") from cause
+        if not self.cache.can_allocate(1):
+            return
+        slot = self.cache.allocate(1)[0]
+        try:
+            logits = self.runner.forward([Chunk(slot, [0], 0, "last")])[0]
+            ok = logits is not None and bool(np.isfinite(np.asarray(logits)).all())
+        except Exception as e:  # noqa: BLE001 - the probe itself failed: the runner is broken
+            raise EngineDead(f"the model runner failed ({cause}) and fails a one-token probe too ({e})") from e
+        finally:
+            self.cache.free(slot)
+        if not ok:
+            raise EngineDead(f"the model runner failed ({cause}) and a one-token probe gives non-finite logits")
 
     def _seqs_sampling(self, chunk: ScheduledChunk) -> list[Seq]:
         """The sequence itself, plus its siblings when its prompt's prefill just ended (n > 1)."""
@@ -214,7 +273,7 @@ class LLMEngine:
             self.runner.copy_slot(seq.slot, child.slot, seq.computed)
         return [seq, *children]
 
-    def _sample(self, seq: Seq, logits: Tensor, now: float, ttfts: list[float], itls: list[float]) -> CompletionDelta:
+    def _sample(self, seq: Seq, logits, now: float, ttfts: list[float], itls: list[float]) -> CompletionDelta:
         req: _RequestState = seq.group.data
         st = req.seqs[seq.index]
         p = req.request.params
@@ -251,20 +310,20 @@ class LLMEngine:
         return CompletionDelta(seq.index, text, (token,), logprobs, reason, st.stop_reason if reason else None)
 
     def _request_output(self, rid: str, deltas: list[CompletionDelta], now: float,
-                        finished: list[FinishedRequestStats]) -> RequestOutput:
+                        finished: list[FinishedRequestStats], error: RequestFailed | None = None) -> RequestOutput:
         group = self._groups[rid]
         if not group.finished:
             return RequestOutput(rid, tuple(deltas), False)
         del self._groups[rid]
         finished.append(self._finish_stats(group, now))
         usage = Usage(len(group.prompt), sum(len(s.output) for s in group.seqs))
-        return RequestOutput(rid, tuple(deltas), True, usage)
+        return RequestOutput(rid, tuple(deltas), True, usage, error)
 
     def _finish_stats(self, group: SequenceGroup, now: float) -> FinishedRequestStats:
         req: _RequestState = group.data
         return FinishedRequestStats(
             request_id=group.request_id,
-            finish_reason=group.seqs[0].finish_reason or "abort",
+            finish_reason=group.seqs[0].finish_reason or "abort",  # "error" when it failed
             prompt_tokens=len(group.prompt),
             generation_tokens=sum(len(s.output) for s in group.seqs),
             queue_time_s=(req.admitted or now) - req.arrival,
@@ -318,12 +377,27 @@ class LLMEngine:
         return outputs
 
 
+def _request_failure(e: BaseException, doing: str) -> RequestFailed:
+    """The error a request ends with: RequestFailed as raised, or a wrapped unexpected fault."""
+    if isinstance(e, RequestFailed):
+        return e
+    failure = RequestFailed(f"internal error while {doing}: {type(e).__name__}: {e}")
+    failure.__cause__ = e
+    return failure
+
+
 class AsyncEngine:
     """asyncio front of an LLMEngine whose loop runs in its own thread.
 
     `generate(request)` validates and queues synchronously (so InvalidRequest, PromptTooLong
-    and QueueFull raise in the caller) and returns an async iterator of RequestOutputs.
-    Leaving the iteration early (client gone, task cancelled) aborts the request.
+    and QueueFull raise in the caller) and returns an async iterator of RequestOutputs; when
+    the request fails after it was accepted, the iterator raises RequestFailed (after the
+    outputs produced before the fault). Leaving the iteration early (client gone, task
+    cancelled) aborts the request.
+
+    If the engine dies (EngineDead: the runner is broken), every open stream raises
+    RequestFailed, `error` says why, and each `on_fatal` callback is called once from the
+    engine thread: a server marks itself unhealthy and exits.
     """
 
     def __init__(self, engine: LLMEngine) -> None:
@@ -333,6 +407,7 @@ class AsyncEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # what killed the loop, if anything
+        self.on_fatal: list[Callable[[BaseException], None]] = []
 
     def start(self) -> AsyncEngine:
         if self._thread is None:
@@ -352,15 +427,25 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except BaseException as e:  # the runner failed: fail every stream, stop
-                self.error = e
-                for loop, queue in list(self._streams.values()):
-                    self._deliver(loop, queue, e)
+            except BaseException as e:  # noqa: BLE001 - EngineDead, or a bug in the engine itself
+                self._die(e)
                 return
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
                     self._deliver(*stream, out)
+
+    def _die(self, e: BaseException) -> None:
+        log.error("the engine stopped: %s", e, exc_info=not isinstance(e, EngineDead))
+        self.error = e
+        failure = RequestFailed(f"the engine stopped: {e}", status=503)
+        for loop, queue in list(self._streams.values()):
+            self._deliver(loop, queue, failure)
+        for callback in self.on_fatal:
+            try:
+                callback(e)
+            except Exception:  # noqa: BLE001 - a broken callback must not hide the others
+                log.exception("on_fatal callback failed")
 
     @staticmethod
     def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: object) -> None:
@@ -372,7 +457,7 @@ class AsyncEngine:
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Queue the request now; the returned iterator yields its outputs as they come."""
         if self.error is not None:
-            raise EngineError(f"the engine loop stopped: {self.error}")
+            raise EngineDead(f"the engine stopped: {self.error}")
         queue: asyncio.Queue = asyncio.Queue()
         rid = request.request_id
         if rid in self._streams:
@@ -392,9 +477,13 @@ class AsyncEngine:
             while not done:
                 item = await queue.get()
                 if isinstance(item, BaseException):
-                    raise EngineError(f"the engine loop stopped: {item}") from item
+                    done = True  # the engine is gone: nothing to abort
+                    raise item
                 done = item.finished
-                yield item
+                if item.deltas or not item.error:
+                    yield item
+                if item.error is not None:
+                    raise item.error
         finally:
             self._streams.pop(rid, None)
             if not done:
@@ -403,6 +492,18 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self.engine.abort_request(request_id)
         self._wake.set()
+
+    def fail_all(self, message: str, status: int = 503) -> int:
+        """End every open request now with RequestFailed(message, status) (e.g. the shutdown
+        grace period ran out): each stream raises it, and the engine frees their slots.
+        Returns how many requests were ended."""
+        streams = list(self._streams.items())
+        failure = RequestFailed(message, status)
+        for rid, (loop, queue) in streams:
+            self.engine.abort_request(rid)
+            self._deliver(loop, queue, failure)
+        self._wake.set()
+        return len(streams)
 
     async def shutdown(self) -> None:
         """Stop the loop thread (waited for off the event loop)."""

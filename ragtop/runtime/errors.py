@@ -10,7 +10,11 @@ class EngineError(RagtopError):
 
 
 class InvalidRequest(EngineError):
-    """Bad sampling parameters or prompt (HTTP 400)."""
+    """Bad sampling parameters or prompt (HTTP 400); `param` names the field when one is to blame."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class PromptTooLong(InvalidRequest):
@@ -20,7 +24,7 @@ class PromptTooLong(InvalidRequest):
         self.prompt_tokens, self.context_limit = prompt_tokens, context_limit
         super().__init__(
             f"prompt has {prompt_tokens} tokens but the context limit is {context_limit} "
-            f"tokens (prompt plus at least one generated token)"
+            f"tokens (prompt plus at least one generated token)", param="prompt"
         )
 
 
@@ -30,3 +34,21 @@ class QueueFull(EngineError):
     def __init__(self, waiting: int) -> None:
         self.waiting = waiting
         super().__init__(f"the engine's waiting queue is full ({waiting} requests); retry later")
+
+
+class RequestFailed(EngineError):
+    """An accepted request could not be completed: a fault while generating it (HTTP 500), or
+    the server shut down before it finished (503). Other requests are not affected."""
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SamplingError(RequestFailed):
+    """The model's logits for this sequence cannot be sampled (NaN or infinite values)."""
+
+
+class EngineDead(EngineError):
+    """The runner fails even a trivial forward pass: the engine cannot serve anything more.
+    A server reports itself unhealthy and exits non-zero so that a supervisor restarts it."""

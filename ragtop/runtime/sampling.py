@@ -1,9 +1,15 @@
-"""Sampling parameters and the per-sequence sampler.
+"""Sampling parameters and the per-sequence sampler (numpy: no torch on the serving path).
 
 Order of operations (as vLLM): logit bias and min_tokens suppression -> repetition,
 presence and frequency penalties -> greedy argmax, or temperature -> top-k -> top-p ->
-min-p -> a draw from the sequence's own `torch.Generator`. One generator per sequence makes
-a seeded request reproducible whatever else shares its batch.
+min-p -> a draw from the sequence's own generator (numpy PCG64). One generator per sequence
+makes a seeded request reproducible whatever else shares its batch.
+
+The sampler is total over the parameters `SamplingParams.validate` accepts: processing runs
+in float64, a temperature so small (or a penalty so large) that the scaled logits overflow
+leaves the distribution on the best tokens (the limit of softmax as T -> 0), and if every
+token is suppressed the raw argmax is taken. Only logits that are themselves NaN or infinite
+(a fault of the model) raise `SamplingError`, which fails that one sequence.
 
 Logprobs are those of the model's raw distribution (log-softmax of the logits before any
 processing), with the `logprobs` most likely alternatives.
@@ -11,16 +17,17 @@ processing), with the `logprobs` most likely alternatives.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, SamplingError
 
 MAX_LOGPROBS = 20
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # the OpenAI / vLLM seed range (a signed 64-bit integer)
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # sequence i of n > 1 uses seed + i
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -55,28 +62,44 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self, vocab_size: int) -> None:
-        """Raise InvalidRequest naming the first bad field."""
+        """Raise InvalidRequest naming the first bad field (`param`)."""
+
+        def finite(x: float) -> bool:
+            return math.isfinite(x)
+
         checks = [
-            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
-            (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
-            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= -1, f"top_k must be -1, 0 (off) or >= 1, got {self.top_k}"),
-            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
-            (-2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
-            (self.min_tokens <= self.max_tokens, f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"),
-            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
-            (self.n >= 1, f"n must be >= 1, got {self.n}"),
-            (all(s for s in self.stop), "stop strings must not be empty"),
+            ("max_tokens", self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            ("temperature", finite(self.temperature) and self.temperature >= 0.0,
+             f"temperature must be >= 0 and finite, got {self.temperature}"),
+            ("top_p", 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            ("top_k", self.top_k >= -1, f"top_k must be -1, 0 (off) or >= 1, got {self.top_k}"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
+            ("repetition_penalty", finite(self.repetition_penalty) and self.repetition_penalty > 0.0,
+             f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            ("min_tokens", self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
+            ("min_tokens", self.min_tokens <= self.max_tokens,
+             f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
+            ("n", self.n >= 1, f"n must be >= 1, got {self.n}"),
+            ("seed", self.seed is None or SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1),
+             f"seed must be a signed 64-bit integer ({SEED_MIN}..{SEED_MAX}) and seed + n - 1 must be "
+             f"one too, got seed {self.seed} with n {self.n}"),
+            ("stop", all(s for s in self.stop), "stop strings must not be empty"),
+            ("logit_bias", all(finite(float(b)) for b in self.logit_bias.values()),
+             "logit_bias values must be finite numbers"),
         ]
-        for ok, message in checks:
+        for param, ok, message in checks:
             if not ok:
-                raise InvalidRequest(message)
-        bad = [t for t in (*self.stop_token_ids, *self.logit_bias) if not 0 <= int(t) < vocab_size]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+                raise InvalidRequest(message, param)
+        for param, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias)):
+            bad = next((int(t) for t in ids if not 0 <= int(t) < vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})", param)
 
 
 @dataclass(frozen=True)
@@ -86,78 +109,147 @@ class SampledToken:
     top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
 
 
+def _generator(seed: int | None) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(secrets.randbits(64) if seed is None else seed % 2**64))
+
+
 class SequenceSampler:
     """Sampling state of one sequence: its generator and the token counts penalties need."""
 
     def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int,
                  eos_ids: Iterable[int] = (), seed: int | None = None) -> None:
         self.params, self.vocab_size = params, vocab_size
-        self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
-        self.suppress_early = sorted({*eos_ids, *params.stop_token_ids})  # before min_tokens
-        self.counts = torch.zeros(vocab_size, dtype=torch.float32)  # generated tokens
-        self.in_prompt = torch.zeros(vocab_size, dtype=torch.bool)
+        self.rng = _generator(seed)
+        self.suppress_early = np.array(sorted({*eos_ids, *params.stop_token_ids}), dtype=np.int64)
+        self.counts = np.zeros(vocab_size, dtype=np.float64)  # generated tokens
+        self.in_prompt = np.zeros(vocab_size, dtype=bool)
         if params.repetition_penalty != 1.0 and len(prompt_ids):
-            self.in_prompt[torch.as_tensor(list(prompt_ids), dtype=torch.long)] = True
+            self.in_prompt[np.asarray(list(prompt_ids), dtype=np.int64)] = True
+        if params.logit_bias:
+            self.bias_ids = np.fromiter(params.logit_bias.keys(), dtype=np.int64, count=len(params.logit_bias))
+            self.bias = np.fromiter(params.logit_bias.values(), dtype=np.float64, count=len(params.logit_bias))
         self.generated = 0
 
     def fork(self, seed: int | None) -> SequenceSampler:
         """A sibling sequence (n > 1): same prompt state, its own generator."""
         other = SequenceSampler(self.params, (), self.vocab_size, seed=seed)
         other.suppress_early, other.in_prompt = self.suppress_early, self.in_prompt
-        other.counts, other.generated = self.counts.clone(), self.generated
+        other.counts, other.generated = self.counts.copy(), self.generated
         return other
 
-    def sample(self, logits: Tensor) -> SampledToken:
-        """logits: [V] float -> the next token (and its logprobs when asked)."""
+    def sample(self, logits) -> SampledToken:
+        """logits: [V] float (numpy array, or anything numpy reads: a CPU tensor) -> the next
+        token (and its logprobs when asked). Raises SamplingError on NaN / infinite logits."""
         p = self.params
-        x = self.process(logits)
+        raw = np.asarray(logits)
+        if not math.isfinite(float(raw.sum(dtype=np.float64))) and not np.isfinite(raw).all():
+            bad = int(np.count_nonzero(~np.isfinite(raw)))
+            raise SamplingError(f"the model produced {bad} non-finite logits (NaN or infinite) for this sequence")
+        x = self.process(raw)
         if p.greedy:
             token = int(x.argmax())
+            if x[token] == -np.inf:  # everything suppressed: the model's own choice
+                token = int(raw.argmax())
         else:
-            probs = torch.softmax(self.truncate(x / p.temperature), dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
+            token = self._draw(x, raw)
         self.accept(token)
         if p.logprobs is None:
             return SampledToken(token)
-        raw = torch.log_softmax(logits.float(), dim=-1)
-        top = raw.topk(p.logprobs) if p.logprobs else None
-        alternatives = () if top is None else tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-        return SampledToken(token, float(raw[token]), alternatives)
+        lp = _log_softmax(raw)
+        alternatives: tuple[tuple[int, float], ...] = ()
+        if p.logprobs:
+            k = min(p.logprobs, lp.size)
+            top = np.argpartition(-lp, k - 1)[:k]
+            top = top[np.lexsort((top, -lp[top]))]  # most likely first; ties -> lower id
+            alternatives = tuple((int(t), float(lp[t])) for t in top)
+        return SampledToken(token, float(lp[token]), alternatives)
 
     def accept(self, token: int) -> None:
         self.counts[token] += 1
         self.generated += 1
 
-    def process(self, logits: Tensor) -> Tensor:
-        """Bias, min_tokens suppression and penalties; returns a new tensor when changed."""
+    def process(self, logits: np.ndarray) -> np.ndarray:
+        """Bias, min_tokens suppression and penalties. Returns the input itself when nothing
+        applies, else a new float64 array (values may reach +-inf, never NaN)."""
         p = self.params
-        x = logits.float()
+        x = logits
+        changed = False
+
+        def writable() -> np.ndarray:
+            nonlocal x, changed
+            if not changed:
+                x, changed = x.astype(np.float64), True
+            return x
+
         if p.logit_bias:
-            x = x.clone()
-            ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
-            x[ids] += torch.tensor(list(p.logit_bias.values()), dtype=x.dtype)
-        if self.generated < p.min_tokens and self.suppress_early:
-            x = x.clone() if x is logits else x
-            x[self.suppress_early] = float("-inf")
+            writable()[self.bias_ids] += self.bias
+        if self.generated < p.min_tokens and self.suppress_early.size:
+            writable()[self.suppress_early] = -np.inf
         if p.repetition_penalty != 1.0:
-            seen = self.in_prompt | (self.counts > 0)
-            x = torch.where(seen, torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
-        if p.presence_penalty or p.frequency_penalty:
-            x = x - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
+            seen = np.flatnonzero(self.in_prompt | (self.counts > 0))
+            if seen.size:
+                v = writable()[seen]
+                with np.errstate(over="ignore", under="ignore"):
+                    x[seen] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and self.generated:
+            seen = np.flatnonzero(self.counts)
+            writable()[seen] -= p.frequency_penalty * self.counts[seen] + p.presence_penalty
         return x
 
-    def truncate(self, x: Tensor) -> Tensor:
-        """top-k, top-p and min-p: tokens left out get -inf (the best token always stays)."""
+    def _draw(self, x: np.ndarray, raw: np.ndarray) -> int:
+        """temperature -> top-k -> top-p -> min-p -> one draw."""
         p = self.params
-        if p.top_k > 0 and p.top_k < x.numel():
-            kth = x.topk(p.top_k).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            z = np.asarray(x, dtype=np.float64) / p.temperature
+        if p.top_k > 0 and p.top_k < z.size:
+            kth = np.partition(z, z.size - p.top_k)[z.size - p.top_k]
+            z = np.where(z < kth, -np.inf, z)
+        probs = _softmax(z)
+        if probs is None:  # every token suppressed
+            return int(raw.argmax())
         if p.top_p < 1.0:
-            sorted_x, order = x.sort(descending=True)
-            probs = torch.softmax(sorted_x, dim=-1)
-            drop_sorted = probs.cumsum(-1) - probs > p.top_p  # mass before this token already > top_p
-            x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+            probs = _top_p(probs, p.top_p)
         if p.min_p > 0.0:
-            probs = torch.softmax(x, dim=-1)
-            x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-        return x
+            probs = np.where(probs < p.min_p * probs.max(), 0.0, probs)
+        cdf = np.cumsum(probs)
+        token = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+        return min(token, int(np.flatnonzero(probs)[-1]))  # rounding at the very top of the cdf
+
+
+def _softmax(z: np.ndarray) -> np.ndarray | None:
+    """Unnormalised probabilities (the largest is 1) of float64 scores that may hold +-inf;
+    None when every score is -inf. +inf scores (an overflowed 1/T) share the mass."""
+    m = z.max()
+    if m == np.inf:
+        return (z == np.inf).astype(np.float64)
+    if m == -np.inf:
+        return None
+    with np.errstate(under="ignore"):
+        return np.exp(z - m)
+
+
+def _top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Keep the most likely tokens until their mass reaches top_p (the best always stays).
+
+    Sorting the whole vocabulary costs milliseconds; the kept set nearly always lies within
+    the few hundred best tokens, so sort the best m (m growing) until their mass exceeds
+    top_p, at which point nothing after them can be kept."""
+    total = probs.sum()
+    m = 64
+    while True:
+        m = min(m, probs.size)
+        best = np.argpartition(-probs, m - 1)[:m] if m < probs.size else np.arange(probs.size)
+        best = best[np.lexsort((best, -probs[best]))]
+        mass = np.cumsum(probs[best]) / total
+        if m == probs.size or mass[-1] > top_p:
+            keep = best[(mass - probs[best] / total) <= top_p]  # mass before the token <= top_p
+            out = np.zeros_like(probs)
+            out[keep] = probs[keep]
+            return out
+        m *= 8
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum()))

@@ -131,19 +131,20 @@ class Scheduler:
             raise QueueFull(len(self.waiting))
         self.waiting.append(group)
 
-    def abort(self, request_id: str) -> SequenceGroup | None:
-        """Drop a request wherever it is, freeing its slots now."""
+    def abort(self, request_id: str, reason: str = "abort") -> SequenceGroup | None:
+        """Drop a request wherever it is, freeing its slots now; its unfinished sequences end
+        with `reason` ("abort", or "error" when generating it failed)."""
         for g in self.waiting:
             if g.request_id == request_id:
                 self.waiting.remove(g)
                 for s in g.seqs:
-                    s.status, s.finish_reason = "finished", "abort"
+                    s.status, s.finish_reason = "finished", reason
                 return g
         for g in self.running:
             if g.request_id == request_id:
                 for s in g.seqs:
                     if not s.finished:
-                        self.finish(s, "abort")
+                        self.finish(s, reason)
                 return g
         return None
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class FinishedRequestStats:
     request_id: str
-    finish_reason: str  # "stop" | "length" | "abort" (the first sequence's, for n > 1)
+    finish_reason: str  # "stop" | "length" | "abort" | "error" (the first sequence's, for n > 1)
     prompt_tokens: int
     generation_tokens: int  # over all n sequences
     queue_time_s: float  # arrival -> admission

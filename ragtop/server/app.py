@@ -5,6 +5,14 @@ The model loads in a background thread when the app starts, so the port answers 
 engine loop runs in its own thread (AsyncEngine); handlers only queue requests and await
 their outputs, so the event loop never waits for a forward pass.
 
+Every error a client sees has OpenAI's shape, `{"error": {"message", "type", "param",
+"code"}}`: bad fields (422), body parse errors (400), unknown routes (404), and any
+unexpected fault (500, logged with its traceback, never sent). If the engine dies (its
+runner is broken) the status becomes "failed" and each `on_failure` callback runs: `ragtop
+serve` then exits non-zero so that a supervisor restarts it. `begin_drain(grace)` (SIGTERM)
+refuses new requests with 503 + Retry-After and, when the grace period runs out, ends every
+request still open with a 503 (a stream with an error event and `[DONE]`).
+
     uvicorn.run(create_app(ServerSettings(model=Path("runs/smollm2-onnx"))))
 """
 
@@ -21,6 +29,7 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..runtime import AsyncEngine, EngineConfig, LoadedModel, SchedulerConfig, load_model
@@ -44,17 +53,50 @@ class ServerState:
     error: str | None = None
     serving: OpenAIServing | None = None
     engine: AsyncEngine | None = None
-    on_load_error: list[Callable[[str], None]] = field(default_factory=list)
+    on_failure: list[Callable[[str], None]] = field(default_factory=list)  # load failed or engine died
+    _drain_timer: threading.Timer | None = None
 
     def ready_serving(self) -> OpenAIServing:
         if self.status == "ready" and self.serving is not None:
             return self.serving
+        retry = {"Retry-After": str(self.settings.retry_after_s)}
         if self.status == "draining":
-            raise ApiError(503, "the server is shutting down", "service_unavailable")
+            raise ApiError(503, "the server is shutting down; retry on another replica or later",
+                           "service_unavailable", headers=retry)
         if self.status == "failed":
-            raise ApiError(503, f"the model failed to load: {self.error}", "service_unavailable")
-        raise ApiError(503, "the model is still loading; retry shortly", "service_unavailable",
-                       headers={"Retry-After": "1"})
+            raise ApiError(503, self.error or "the server failed", "service_unavailable")
+        raise ApiError(503, "the model is still loading; retry shortly", "service_unavailable", headers=retry)
+
+    def fail(self, message: str) -> None:
+        """The server cannot serve (the load failed, or the engine died): unhealthy, and the
+        `on_failure` callbacks run (the CLI exits non-zero)."""
+        if self.status == "failed":
+            return
+        self.status, self.error = "failed", message
+        log.error("%s", message)
+        for callback in self.on_failure:
+            callback(message)
+
+    def begin_drain(self, grace_s: float) -> None:
+        """Stop admitting; after `grace_s` end whatever is still running with a 503."""
+        if self.status in ("ready", "loading"):
+            self.status = "draining"
+        if self._drain_timer is None and self.engine is not None:
+            engine = self.engine
+
+            def expire() -> None:
+                n = engine.fail_all(f"the server shut down before this request finished (grace period "
+                                    f"{grace_s:g} s); retry it", 503)
+                if n:
+                    log.warning("shutdown grace period of %g s expired: ended %d open request(s) with 503", grace_s, n)
+
+            self._drain_timer = threading.Timer(grace_s, expire)
+            self._drain_timer.daemon = True
+            self._drain_timer.start()
+
+    def end_drain(self) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
 
 
 def engine_config(s: ServerSettings) -> EngineConfig:
@@ -79,7 +121,9 @@ def _load(state: ServerState) -> None:
         if plan.shrunk_from:
             log.warning("KV-cache memory holds one sequence of %d tokens, not %d: serving with the smaller context",
                         plan.context_limit, plan.shrunk_from)
-        state.engine = AsyncEngine(engine).start()
+        state.engine = AsyncEngine(engine)
+        state.engine.on_fatal.append(lambda e: state.fail(f"the engine stopped: {e}"))
+        state.engine.start()
         state.serving = OpenAIServing(model, state.engine, s.model_name, engine.context_limit, s.retry_after_s)
         spec = model.runner.spec
         log.info("serving %s as %r: runner %s, attention %s, plugin %s, context %d, %d slots, KV cache %.1f MiB",
@@ -88,10 +132,7 @@ def _load(state: ServerState) -> None:
         if state.status == "loading":
             state.status = "ready"
     except Exception as e:  # noqa: BLE001 - reported on /health and to the CLI
-        state.status, state.error = "failed", str(e) or type(e).__name__
-        log.error("the model failed to load: %s", state.error)
-        for callback in state.on_load_error:
-            callback(state.error)
+        state.fail(f"the model failed to load: {str(e) or type(e).__name__}")
 
 
 def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None) -> FastAPI:
@@ -102,12 +143,15 @@ def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None) -
         loader = threading.Thread(target=_load, args=(state,), name="ragtop-load", daemon=True)
         loader.start()
         yield
-        state.status = "draining"
+        if state.status != "failed":
+            state.status = "draining"
+        state.end_drain()
         if state.engine is not None:
             await state.engine.shutdown()
 
     app = FastAPI(title="ragtop", version=_version(),
-                  description="OpenAI-compatible completions over top-k sparse attention and ragged embeddings.",
+                  description="OpenAI-compatible completions over top-k sparse attention and ragged embeddings. "
+                              "Every error has the shape {\"error\": {\"message\", \"type\", \"param\", \"code\"}}.",
                   lifespan=lifespan)
     app.state.ragtop = state
 
@@ -124,12 +168,36 @@ def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None) -
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-        err = ApiError(422, f"{param}: {msg}" if param else msg, param=param)
+        if first.get("type") == "json_invalid":
+            err = ApiError(422, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')} "
+                                f"(at character {first.get('loc', (None, '?'))[-1]})")
+        else:
+            loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+            param = ".".join(loc) or None
+            msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+            err = ApiError(422, f"{param}: {msg}" if param else msg, param=param)
         state.metrics.refused(422)
         return JSONResponse(err.body(), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own errors (unknown route, wrong method, unparseable body) in OpenAI's shape."""
+        message = str(e.detail)
+        if e.status_code == 400 and message == "There was an error parsing the body":
+            message = "the request body could not be parsed: it must be JSON text in UTF-8, nested at most a few hundred levels"
+        elif e.status_code == 404:
+            message = f"no route {request.url.path}; see /docs for the API"
+        err = ApiError(e.status_code, message, "not_found_error" if e.status_code == 404 else "invalid_request_error")
+        state.metrics.refused(e.status_code)
+        return JSONResponse(err.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        """A fault of ragtop's: logged with its traceback, answered without it."""
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=e)
+        state.metrics.refused(500)
+        err = ApiError(500, f"internal server error ({type(e).__name__}); the server log has the details", "server_error")
+        return JSONResponse(err.body(), status_code=500)
 
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

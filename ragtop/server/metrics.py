@@ -33,7 +33,7 @@ from ..runtime import IterationStats
 # Context-length buckets of the long-context throughput counters: (upper bound, label).
 CONTEXT_BUCKETS: tuple[tuple[float, str], ...] = ((1024, "0-1k"), (4096, "1k-4k"), (16384, "4k-16k"), (float("inf"), "16k+"))
 ATTENTION_MODES = ("dense", "topk", "topk-block")
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 # vLLM's latency buckets, plus the bounds operators alert on (e.g. 2 s TTFT).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 2.5, 5.0, 7.5, 10.0,

@@ -1,23 +1,41 @@
 """OpenAI-compatible request and response bodies (pydantic), plus vLLM's sampling extras.
 
-Requests validate their fields here (HTTP 422 naming the field on failure); what depends on
-the model (token ids in the vocabulary, the context length) is checked by the engine (400).
+Requests validate their fields here (HTTP 422 naming the field on failure): types, ranges,
+numbers that must be finite (JSON's NaN / Infinity extensions are refused), text that must
+be valid Unicode (no lone surrogates such as "\\ud800"), canonical token-id keys. What depends
+on the model or on the engine's own contract (token ids in the vocabulary, the context
+length, the seed range with n) is checked once, by the engine (400, naming the field).
 Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..runtime import MAX_LOGPROBS
 
 MAX_N = 16
-MAX_LOGPROBS = 20
+TOKEN_ID_KEY = re.compile(r"-?(0|[1-9][0-9]{0,18})")  # a token id as JSON object keys carry it
+
+
+def valid_unicode(text: str) -> str:
+    """Text that can be encoded (a JSON string may carry a lone surrogate such as \\ud800)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text must be valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -27,7 +45,7 @@ class StreamOptions(_Request):
 class SamplingFields(_Request):
     """The sampling fields both endpoints share (OpenAI's plus vLLM's extras)."""
 
-    model: str | None = None
+    model: Text | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
@@ -36,15 +54,15 @@ class SamplingFields(_Request):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = None  # range (with n): checked by the engine, 400 naming "seed"
+    stop: Text | list[Text] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
 
     @field_validator("stop")
     @classmethod
@@ -58,11 +76,14 @@ class SamplingFields(_Request):
 
     @field_validator("logit_bias")
     @classmethod
-    def _bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        for key in v or {}:
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
-        return v
+    def _bias_keys(cls, v: dict[str, float] | None) -> dict[int, float] | None:
+        """Keys are token ids written in decimal ("42"); returns them as ints."""
+        if v is None:
+            return None
+        for key in v:
+            if not TOKEN_ID_KEY.fullmatch(key):
+                raise ValueError(f"logit_bias keys must be token ids written as decimal integers, got {key!r}")
+        return {int(k): b for k, b in v.items()}
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
@@ -72,12 +93,12 @@ class SamplingFields(_Request):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -99,18 +120,18 @@ class CompletionRequest(SamplingFields):
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    content: Text | list[dict[str, Any]] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
-        """The message's text; content parts other than text are refused."""
+        """The message's text; content parts other than text (or not valid Unicode) are refused."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         out = []
         for part in self.content:
             if part.get("type") != "text":
                 raise ValueError(f"content parts of type {part.get('type')!r} are not supported (text only)")
-            out.append(str(part.get("text", "")))
+            out.append(valid_unicode(str(part.get("text", ""))))
         return "".join(out)
 
 
@@ -137,8 +158,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(_Request):
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
@@ -151,7 +172,7 @@ class TokenizeRequest(_Request):
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]
 
 

@@ -1,8 +1,11 @@
 """Run the server under uvicorn with graceful shutdown.
 
-SIGTERM / Ctrl-C: uvicorn stops accepting connections, the app answers 503 to new requests
-on open connections (status "draining"), in-flight requests get `shutdown_grace_s` seconds
-to finish, then the engine stops. A model that fails to load stops the server (exit 1).
+SIGTERM / Ctrl-C: uvicorn stops accepting connections; the app answers 503 (with
+Retry-After) to new requests on open connections (status "draining"); in-flight requests
+get `shutdown_grace_s` seconds to finish, after which each one still open ends with a 503
+(a stream: an error event and `[DONE]`); then the engine stops and the process exits 0.
+A model that fails to load, or an engine whose runner breaks, stops the server with exit 1
+so that a supervisor (systemd, Kubernetes) restarts it.
 """
 
 from __future__ import annotations
@@ -10,37 +13,42 @@ from __future__ import annotations
 import logging
 
 import uvicorn
+from fastapi import FastAPI
 
-from .app import create_app
+from .app import ServerState, create_app
 from .settings import ServerSettings
+
+# uvicorn cancels handlers still running this long after the grace period (by then the app
+# has ended every open request itself, so this is only a backstop).
+CANCEL_MARGIN_S = 5.0
 
 
 def serve(settings: ServerSettings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    state = app.state.ragtop
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_grace_s, lifespan="on")
-    server = _DrainingServer(config, state)
-    failures: list[str] = []
-
-    def on_load_error(message: str) -> None:
-        failures.append(message)
-        server.should_exit = True
-
-    state.on_load_error.append(on_load_error)
+    server = RagtopServer(app, settings, settings.host, settings.port)
     server.run()
-    return 1 if failures else 0
+    return 1 if server.failures else 0
 
 
-class _DrainingServer(uvicorn.Server):
-    """uvicorn.Server that marks the app as draining when a shutdown signal arrives."""
+class RagtopServer(uvicorn.Server):
+    """uvicorn.Server that drains the app on a shutdown signal, exits on a server failure,
+    and does not re-raise the signal afterwards (so SIGTERM ends with exit status 0)."""
 
-    def __init__(self, config: uvicorn.Config, state) -> None:
+    def __init__(self, app: FastAPI, settings: ServerSettings, host: str, port: int) -> None:
+        config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level, lifespan="on",
+                                timeout_graceful_shutdown=settings.shutdown_grace_s + CANCEL_MARGIN_S)
         super().__init__(config)
-        self.state = state
+        self.state: ServerState = app.state.ragtop
+        self.grace_s = settings.shutdown_grace_s
+        self.failures: list[str] = []
+        self.state.on_failure.append(self._on_failure)
+
+    def _on_failure(self, message: str) -> None:
+        self.failures.append(message)
+        self.should_exit = True
 
     def handle_exit(self, sig, frame) -> None:
-        if self.state.status in ("ready", "loading"):
-            self.state.status = "draining"
+        self.state.begin_drain(self.grace_s)
         super().handle_exit(sig, frame)
+        self._captured_signals.clear()  # a requested shutdown that completes is a success

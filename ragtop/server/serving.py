@@ -23,10 +23,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from ..runtime import (
     AsyncEngine,
     CompletionDelta,
+    EngineDead,
+    EngineError,
     InvalidRequest,
     LoadedModel,
     QueueFull,
     Request,
+    RequestFailed,
     RequestOutput,
     SamplingParams,
 )
@@ -46,6 +49,11 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
+    @classmethod
+    def of_failure(cls, e: RequestFailed) -> ApiError:
+        """An accepted request that could not be completed: 500 (a fault), 503 (shutdown)."""
+        return cls(e.status, str(e), "service_unavailable" if e.status == 503 else "server_error")
 
 
 @dataclass
@@ -119,11 +127,6 @@ class OpenAIServing:
             raise ApiError(400, f"this model's context limit is {self.context_limit} tokens, but {prompt_len + max_tokens} "
                                 f"were requested ({prompt_len} in the prompt, {max_tokens} for the completion); "
                                 f"lower max_tokens to {room} or less", param="max_tokens")
-        bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
-        for t in (*bias, *(req.stop_token_ids or ())):
-            if not 0 <= t < self.vocab_size:
-                raise ApiError(400, f"token id {t} is outside the vocabulary (0..{self.vocab_size - 1})",
-                               param="logit_bias" if t in bias else "stop_token_ids")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -140,11 +143,13 @@ class OpenAIServing:
             min_tokens=min(req.min_tokens, max_tokens),
             logprobs=logprobs,
             n=req.n,
-            logit_bias=bias,
+            logit_bias=req.logit_bias or {},
         )
 
     async def submit(self, rid: str, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[AsyncIterator[RequestOutput]]:
-        """Queue one engine request per prompt; all of them or none (a refusal aborts the rest)."""
+        """Queue one engine request per prompt; all of them or none (a refusal aborts the rest).
+        The engine owns the checks that need the model (token ids in the vocabulary, the
+        context); its refusals become 400 / 429 / 503 here, naming the field."""
         streams: list[AsyncIterator[RequestOutput]] = []
         try:
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
@@ -155,7 +160,11 @@ class OpenAIServing:
             if isinstance(e, QueueFull):
                 raise ApiError(429, str(e), "rate_limit_error", headers={"Retry-After": str(self.retry_after_s)}) from None
             if isinstance(e, InvalidRequest):
-                raise ApiError(400, str(e)) from None
+                raise ApiError(400, str(e), param=e.param) from None
+            if isinstance(e, EngineDead):
+                raise ApiError(503, str(e), "service_unavailable") from None
+            if isinstance(e, EngineError):
+                raise ApiError(500, str(e), "server_error") from None
             raise
         log.info("request %s: %d prompt(s), %s prompt tokens, max_tokens %d, n %d", rid, len(prompts),
                  "+".join(str(len(p)) for p in prompts), params[0].max_tokens, params[0].n)
@@ -170,14 +179,7 @@ class OpenAIServing:
             prompts = [p]
         else:
             prompts = list(p)
-        out = [self.encode_prompt(x) for x in prompts]
-        for ids in out:
-            if not ids:
-                raise ApiError(400, "the prompt is empty: give at least one token", param="prompt")
-            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise ApiError(400, f"prompt token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", param="prompt")
-        return out
+        return [self.encode_prompt(x) for x in prompts]  # empty / out-of-vocabulary: the engine says 400
 
     async def completions(self, req: CompletionRequest) -> tuple[str, list[list[int]], list[AsyncIterator[RequestOutput]]]:
         self.check_model(req.model)
@@ -188,7 +190,7 @@ class OpenAIServing:
 
     async def completion_response(self, rid: str, prompts: list[list[int]], streams: list[AsyncIterator[RequestOutput]],
                                   req: CompletionRequest) -> dict[str, Any]:
-        choices, usage = await _collect(streams, req.n)
+        choices, usage = await _collect(streams, req.n)  # RequestFailed -> ApiError
         out = []
         for index, c in sorted(choices.items()):
             prefix = self._echo_text(req, index // req.n, prompts) if req.echo else ""
@@ -198,8 +200,12 @@ class OpenAIServing:
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
                 "choices": out, "usage": usage}
 
-    async def completion_stream(self, rid: str, prompts: list[list[int]], streams: list[AsyncIterator[RequestOutput]],
-                                req: CompletionRequest) -> AsyncIterator[str]:
+    def completion_stream(self, rid: str, prompts: list[list[int]], streams: list[AsyncIterator[RequestOutput]],
+                          req: CompletionRequest) -> AsyncIterator[str]:
+        return _ending_cleanly(rid, self._completion_chunks(rid, prompts, streams, req))
+
+    async def _completion_chunks(self, rid: str, prompts: list[list[int]], streams: list[AsyncIterator[RequestOutput]],
+                                 req: CompletionRequest) -> AsyncIterator[str]:
         chunk = _chunker(rid, "text_completion", self.model_name)
 
         offsets: dict[int, int] = {}
@@ -258,7 +264,7 @@ class OpenAIServing:
 
     async def chat_response(self, rid: str, streams: list[AsyncIterator[RequestOutput]],
                             req: ChatCompletionRequest) -> dict[str, Any]:
-        choices, usage = await _collect(streams, req.n)
+        choices, usage = await _collect(streams, req.n)  # RequestFailed -> ApiError
         out = [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
                 "logprobs": {"content": self._chat_logprobs(c.logprobs)} if req.logprobs else None,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
@@ -266,8 +272,12 @@ class OpenAIServing:
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
                 "choices": out, "usage": usage}
 
-    async def chat_stream(self, rid: str, streams: list[AsyncIterator[RequestOutput]],
-                          req: ChatCompletionRequest) -> AsyncIterator[str]:
+    def chat_stream(self, rid: str, streams: list[AsyncIterator[RequestOutput]],
+                    req: ChatCompletionRequest) -> AsyncIterator[str]:
+        return _ending_cleanly(rid, self._chat_chunks(rid, streams, req))
+
+    async def _chat_chunks(self, rid: str, streams: list[AsyncIterator[RequestOutput]],
+                           req: ChatCompletionRequest) -> AsyncIterator[str]:
         chunk = _chunker(rid, "chat.completion.chunk", self.model_name)
 
         for i in range(req.n):  # OpenAI opens each choice with the role
@@ -318,6 +328,26 @@ def _chunker(rid: str, obj: str, model: str):
     return chunk
 
 
+async def _ending_cleanly(rid: str, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """An SSE stream that always ends with `data: [DONE]`: if the request fails once the
+    response has begun (a fault, or the shutdown grace period ran out), the client gets an
+    OpenAI-style error event first (the openai client raises it as an APIError)."""
+    try:
+        async for c in chunks:
+            yield c
+    except RequestFailed as e:
+        log.warning("request %s failed while streaming: %s", rid, e)
+        yield _sse(ApiError.of_failure(e).body())
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # noqa: BLE001 - a fault of ours: logged, reported without a traceback
+        log.error("request %s: internal error while streaming", rid, exc_info=e)
+        yield _sse(ApiError(500, f"internal server error ({type(e).__name__}); the server log has the details",
+                            "server_error").body())
+        yield "data: [DONE]\n\n"
+    finally:
+        await chunks.aclose()
+
+
 async def _merge(streams: Sequence[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several engine requests as they come, tagged with the stream's index.
     Leaving early (client gone) closes every stream, which aborts their requests."""
@@ -360,12 +390,15 @@ async def _merge(streams: Sequence[AsyncIterator[RequestOutput]]) -> AsyncIterat
 async def _collect(streams: Sequence[AsyncIterator[RequestOutput]], n: int) -> tuple[dict[int, _Choice], dict[str, int]]:
     choices: dict[int, _Choice] = {}
     prompt_tokens = completion_tokens = 0
-    async for i, out in _merge(streams):
-        for d in out.deltas:
-            _add(choices.setdefault(i * n + d.index, _Choice()), d)
-        if out.usage is not None:
-            prompt_tokens += out.usage.prompt_tokens
-            completion_tokens += out.usage.completion_tokens
+    try:
+        async for i, out in _merge(streams):
+            for d in out.deltas:
+                _add(choices.setdefault(i * n + d.index, _Choice()), d)
+            if out.usage is not None:
+                prompt_tokens += out.usage.prompt_tokens
+                completion_tokens += out.usage.completion_tokens
+    except RequestFailed as e:
+        raise ApiError.of_failure(e) from e
     return choices, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}
 
