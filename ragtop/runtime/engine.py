@@ -215,7 +215,7 @@ class LLMEngine:
                         outputs.setdefault(rid, []).append(delta)
                 except Exception as e:  # noqa: BLE001 - this request fails, the others go on
                     errors[rid] = _request_failure(e, "generating")
-            for rid, error in errors.items():
+            for rid in errors:
                 self.scheduler.abort(rid, "error")
                 outputs.setdefault(rid, [])
             results = [self._request_output(rid, deltas, now, finished, errors.get(rid))
