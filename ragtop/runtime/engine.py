@@ -438,14 +438,14 @@ class AsyncEngine:
     def _die(self, e: BaseException) -> None:
         log.error("the engine stopped: %s", e, exc_info=not isinstance(e, EngineDead))
         self.error = e
-        failure = RequestFailed(f"the engine stopped: {e}", status=503)
-        for loop, queue in list(self._streams.values()):
-            self._deliver(loop, queue, failure)
-        for callback in self.on_fatal:
+        for callback in self.on_fatal:  # first, so that the owner is unhealthy before clients hear
             try:
                 callback(e)
             except Exception:  # noqa: BLE001 - a broken callback must not hide the others
                 log.exception("on_fatal callback failed")
+        failure = RequestFailed(f"the engine stopped: {e}", status=503)
+        for loop, queue in list(self._streams.values()):
+            self._deliver(loop, queue, failure)
 
     @staticmethod
     def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: object) -> None:

@@ -1,7 +1,7 @@
 """Sampling parameters and the per-sequence sampler (numpy: no torch on the serving path).
 
 Order of operations (as vLLM): logit bias and min_tokens suppression -> repetition,
-presence and frequency penalties -> greedy argmax, or temperature -> top-k -> top-p ->
+presence and frequency penalties -> greedy argmax, or top-k -> temperature -> top-p ->
 min-p -> a draw from the sequence's own generator (numpy PCG64). One generator per sequence
 makes a seeded request reproducible whatever else shares its batch.
 
@@ -197,14 +197,15 @@ class SequenceSampler:
         return x
 
     def _draw(self, x: np.ndarray, raw: np.ndarray) -> int:
-        """temperature -> top-k -> top-p -> min-p -> one draw."""
+        """top-k -> temperature -> top-p -> min-p -> one draw. (top-k is taken before the
+        temperature: the same set in exact arithmetic, and an extreme temperature cannot
+        round distinct logits into ties.)"""
         p = self.params
-        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            z = np.asarray(x, dtype=np.float64) / p.temperature
-        if p.top_k > 0 and p.top_k < z.size:
-            kth = np.partition(z, z.size - p.top_k)[z.size - p.top_k]
-            z = np.where(z < kth, -np.inf, z)
-        probs = _softmax(z)
+        x = np.asarray(x, dtype=np.float64)
+        if p.top_k > 0 and p.top_k < x.size:
+            kth = np.partition(x, x.size - p.top_k)[x.size - p.top_k]
+            x = np.where(x < kth, -np.inf, x)
+        probs = _softmax(x, p.temperature)
         if probs is None:  # every token suppressed
             return int(raw.argmax())
         if p.top_p < 1.0:
@@ -216,16 +217,18 @@ class SequenceSampler:
         return min(token, int(np.flatnonzero(probs)[-1]))  # rounding at the very top of the cdf
 
 
-def _softmax(z: np.ndarray) -> np.ndarray | None:
-    """Unnormalised probabilities (the largest is 1) of float64 scores that may hold +-inf;
-    None when every score is -inf. +inf scores (an overflowed 1/T) share the mass."""
-    m = z.max()
+def _softmax(x: np.ndarray, temperature: float) -> np.ndarray | None:
+    """Unnormalised probabilities (the best is 1) of softmax(x / T) for float64 scores that
+    may hold +-inf; None when every score is -inf. The scores are shifted by their maximum
+    before the division, so a tiny T overflows only towards -inf (the limit: all mass on the
+    best tokens); +inf scores (an overflowed penalty) share the mass."""
+    m = x.max()
     if m == np.inf:
-        return (z == np.inf).astype(np.float64)
+        return (x == np.inf).astype(np.float64)
     if m == -np.inf:
         return None
-    with np.errstate(under="ignore"):
-        return np.exp(z - m)
+    with np.errstate(over="ignore", under="ignore"):
+        return np.exp((x - m) / temperature)
 
 
 def _top_p(probs: np.ndarray, top_p: float) -> np.ndarray:

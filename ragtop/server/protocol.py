@@ -276,3 +276,35 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class HealthResponse(BaseModel):
+    status: Literal["loading", "ready", "failed", "draining"]
+    error: str | None = None
+
+
+_ERROR_WHEN = {
+    400: "a request the model cannot take (token ids outside the vocabulary, a prompt longer than the context, "
+         "a seed out of range, a chat template that refuses the messages) or a body that cannot be parsed",
+    401: "missing or wrong API key (when the server has one)",
+    404: "no such model (or route)",
+    413: "the request body is larger than the server's limit",
+    422: "a field has the wrong type or value; `param` names it",
+    429: "the waiting queue is full; retry after Retry-After seconds",
+    500: "the request failed inside the server (the other requests go on); the log has the details",
+    503: "the server is loading, shutting down (Retry-After) or has failed",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for these statuses, each with OpenAI's error body."""
+    return {code: {"model": ErrorResponse, "description": _ERROR_WHEN[code]} for code in codes}
+
+
+def generation_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """A completion route: JSON, or (stream: true) Server-Sent Events ending with `data: [DONE]`."""
+    sse = {"schema": {"type": "string", "description": "`data: {chunk}` events, then `data: [DONE]`; a request "
+                                                     "that fails mid-stream sends `data: {\"error\": {...}}` first"}}
+    return {200: {"model": model, "description": "the completion (JSON), or its chunks as Server-Sent Events",
+                  "content": {"text/event-stream": sse}},
+            **error_responses(400, 401, 404, 413, 422, 429, 500, 503)}

@@ -12,13 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from ragtop.checkpoint import save_checkpoint
 from ragtop.cli import main
 from ragtop.model import AttentionConfig, EmbeddingConfig, ModelConfig, Transformer
 from ragtop.server import ServerSettings, create_app
 from ragtop.server.app import ServerState
+from ragtop.server.run import RagtopServer
 from ragtop.train.tokenizer import train_bpe
 
 TEXTS = [
@@ -69,7 +69,7 @@ def exported(tmp_path_factory) -> dict[str, Path]:
 @dataclass
 class LiveServer:
     url: str
-    server: uvicorn.Server
+    server: RagtopServer
     thread: threading.Thread
     state: ServerState
 
@@ -104,9 +104,7 @@ class LiveServer:
 
 def start_server(settings: ServerSettings) -> LiveServer:
     app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
-                            timeout_graceful_shutdown=settings.shutdown_grace_s)
-    server = uvicorn.Server(config)
+    server = RagtopServer(app, settings, "127.0.0.1", 0, log_level="warning")  # what `ragtop serve` runs
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

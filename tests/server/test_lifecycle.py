@@ -132,9 +132,8 @@ def test_ragtop_serve_process_answers_and_exits_on_sigterm(exported):
     finally:
         if proc.poll() is None:
             proc.kill()
-    # uvicorn re-raises the signal once shut down, so the exit status says "terminated by SIGTERM"
-    assert proc.returncode in (0, -signal.SIGTERM), out
-    assert "Application shutdown complete" in out
+    assert proc.returncode == 0, out  # a requested shutdown that completes is a success
+    assert "Application shutdown complete" in out and "Traceback" not in out
     assert "secret prompt" not in out  # no prompt text in the logs at INFO
     assert "request cmpl-" in out
 

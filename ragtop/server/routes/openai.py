@@ -11,7 +11,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..app import state_of
-from ..protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from ..protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    error_responses,
+    generation_responses,
+)
 
 router = APIRouter()
 
@@ -19,7 +28,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, it only marks the log line
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, responses=generation_responses(CompletionResponse))
 async def completions(body: CompletionRequest, request: Request) -> Response:
     serving = state_of(request).ready_serving()
     rid, prompts, streams = await serving.completions(body)
@@ -28,7 +37,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _unless_disconnected(request, serving.completion_response(rid, prompts, streams, body))
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, responses=generation_responses(ChatCompletionResponse))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     serving = state_of(request).ready_serving()
     rid, _, streams = await serving.chat(body)
@@ -37,7 +46,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return await _unless_disconnected(request, serving.chat_response(rid, streams, body))
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 500, 503))
 async def models(request: Request) -> ModelList:
     state = state_of(request)
     serving = state.ready_serving()

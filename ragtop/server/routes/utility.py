@@ -6,13 +6,22 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..app import state_of
-from ..protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from ..protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    HealthResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    error_responses,
+)
 from ..serving import ApiError
 
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", response_model=None,
+            responses={200: {"model": HealthResponse, "description": "the engine serves"},
+                       503: {"model": HealthResponse, "description": "loading, draining, or failed (with the error)"}})
 async def health(request: Request) -> JSONResponse:
     """200 when the engine serves; 503 while loading, after a failed load, or when draining."""
     state = state_of(request)
@@ -23,13 +32,15 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     m = state_of(request).metrics
     return Response(m.render(), media_type=m.content_type)
 
 
-@router.post("/tokenize", response_model=TokenizeResponse)
+@router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 401, 404, 413, 422, 500, 503))
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     serving = state_of(request).ready_serving()
     serving.check_model(body.model)
@@ -42,7 +53,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     return TokenizeResponse(count=len(ids), max_model_len=serving.context_limit, tokens=ids)
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse)
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 401, 404, 413, 422, 500, 503))
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     serving = state_of(request).ready_serving()
     serving.check_model(body.model)
