@@ -36,14 +36,15 @@ class RagtopServer(uvicorn.Server):
     and does not re-raise the signal afterwards (so SIGTERM ends with exit status 0)."""
 
     def __init__(self, app: FastAPI, settings: ServerSettings, host: str, port: int,
-                 log_level: str | None = None) -> None:
+                 log_level: str | None = None, exit_on_failure: bool = True) -> None:
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level or settings.log_level, lifespan="on",
                                 timeout_graceful_shutdown=settings.shutdown_grace_s + CANCEL_MARGIN_S)
         super().__init__(config)
         self.state: ServerState = app.state.ragtop
         self.grace_s = settings.shutdown_grace_s
         self.failures: list[str] = []
-        self.state.on_failure.append(self._on_failure)
+        if exit_on_failure:
+            self.state.on_failure.append(self._on_failure)
 
     def _on_failure(self, message: str) -> None:
         self.failures.append(message)

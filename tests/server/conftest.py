@@ -102,9 +102,10 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
-def start_server(settings: ServerSettings) -> LiveServer:
+def start_server(settings: ServerSettings, exit_on_failure: bool = True) -> LiveServer:
     app = create_app(settings)
-    server = RagtopServer(app, settings, "127.0.0.1", 0, log_level="warning")  # what `ragtop serve` runs
+    server = RagtopServer(app, settings, "127.0.0.1", 0, log_level="warning",  # what `ragtop serve` runs
+                          exit_on_failure=exit_on_failure)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

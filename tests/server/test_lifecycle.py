@@ -48,7 +48,7 @@ def test_dense_export_serves(serve):
 
 
 def test_failed_load_is_503_with_the_reason(tmp_path):
-    s = start_server(ServerSettings(model=tmp_path / "nowhere"))
+    s = start_server(ServerSettings(model=tmp_path / "nowhere"), exit_on_failure=False)
     try:
         r = httpx.get(s.url + "/health")
         assert r.status_code == 503 and r.json()["status"] == "failed" and "nowhere" in r.json()["error"]
