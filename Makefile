@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NATIVE := ragtop/_native/libragtop_ort.so
 
-.PHONY: install plugin test test-all lint serve bench clean train-small prometheus
+.PHONY: install plugin test test-all lint serve bench clean train-small prometheus fuzz soak
 
 install: $(STAMP) $(NATIVE)
 
@@ -35,6 +35,19 @@ test: install lint
 
 test-all: install
 	$(BIN)/python -m pytest -q
+
+# The long fuzz run (docs/reliability.md): schemathesis sends >= FUZZ_EXAMPLES generated requests
+# to every operation of a real `ragtop serve` (tiny model); fails on any 5xx or an undocumented
+# status, or if the server does not answer and exit 0 afterwards. make test runs a short one.
+FUZZ_EXAMPLES ?= 5000
+fuzz: install
+	$(BIN)/python -m loadtests fuzz --examples $(FUZZ_EXAMPLES) --json build/fuzz/fuzz.json
+
+# A closed-loop mixed workload (streams, n > 1, disconnects, bad requests) for SOAK_SECONDS:
+# errors by class, latency percentiles, server RSS growth.
+SOAK_SECONDS ?= 600
+soak: install
+	$(BIN)/python -m loadtests soak --duration $(SOAK_SECONDS) --json build/soak/soak.json
 
 # The benchmark report (docs/benchmarks.md + docs/benchmarks/*.png; tens of minutes to hours on
 # 2 cores, run it on a quiet machine): one attention layer (`ragtop bench ops`: plugin exact /
