@@ -359,7 +359,10 @@ class LLMEngine:
             finished=finished,
         )
         for listener in self.stats_listeners:
-            listener(stats)
+            try:
+                listener(stats)
+            except Exception:  # noqa: BLE001 - a broken observer must not stop generation
+                log.exception("a stats listener failed")
 
     def close(self) -> None:
         """Free the runner's cache (the engine is unusable afterwards)."""
