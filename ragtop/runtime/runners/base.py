@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
-
-from torch import Tensor
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ...errors import RagtopError
 
 LogitsWanted = Literal["none", "last", "all"]
+Logits = Any  # [V] or [len, V] float32: numpy.ndarray (onnxruntime) or torch.Tensor (torch)
 
 
 @dataclass(frozen=True)
@@ -48,8 +47,9 @@ class ModelRunner(Protocol):
     def allocate(self, slots: int, capacity: int) -> None:
         """Preallocate the cache: `slots` sequences of `capacity` tokens (rounded up)."""
 
-    def forward(self, chunks: Sequence[Chunk]) -> list[Tensor | None]:
-        """Write the chunks' tokens into their slots; logits per chunk (float32, CPU)."""
+    def forward(self, chunks: Sequence[Chunk]) -> list[Logits | None]:
+        """Write the chunks' tokens into their slots; logits per chunk (float32, CPU: a numpy
+        array, or a torch tensor from the torch runner; the engine reads either with numpy)."""
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of slot src into slot dst (n > 1)."""

@@ -1,11 +1,12 @@
 """OrtRunner: an exported folder (model.onnx + genai_config.json) in an onnxruntime session.
 
-The cache is one preallocated torch tensor per layer and kind ([slots, Hkv, C, Dh] for
+The cache is one preallocated numpy array per layer and kind ([slots, Hkv, C, Dh] for
 key/value, [slots, Hkv, C/bs, Dh] for block summaries). A call binds a contiguous slot range
 of each buffer by pointer as both `past_key_values.{i}.*` and `present.{i}.*` (IO binding):
 the graph (or the ragtop plugin kernel) writes the new positions in place and nothing is
 copied. The ragtop plugin library is registered when it is built; otherwise the standard-op
-function bodies inside the file run (same results, slower).
+function bodies inside the file run (same results, slower). No torch: this runner is the
+whole serving path of an exported model.
 """
 
 from __future__ import annotations
@@ -16,14 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from ...errors import RagtopError
 from .base import Chunk, RunnerSpec, group_chunks, round_up, slot_range
 
 GENAI_CONFIG = "genai_config.json"
-DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
+DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def contiguous_runs(slots: Sequence[int]) -> list[list[int]]:
@@ -53,11 +52,11 @@ class OrtRunner:
         dec = m["decoder"]
         self.io_names, self.out_names = dec["inputs"], dec["outputs"]
         self.n_layers, self.n_kv_heads, self.head_dim = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
-        self.torch_dtype, self.np_dtype = DTYPES[rt["kv_cache"]["dtype"]]
+        self.np_dtype = DTYPES[rt["kv_cache"]["dtype"]]
         att = rt["attention"]
         self.block_size = int(att.get("block_size") or 0)
         self.kinds = ["key", "value"] + (["key_min", "key_max"] if self.block_size else [])
-        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        itemsize = np.dtype(self.np_dtype).itemsize
         per_token = 2 * self.n_layers * self.n_kv_heads * self.head_dim * itemsize
         if self.block_size:  # summaries: 2 vectors per block of block_size tokens
             per_token += -(-2 * self.n_layers * self.n_kv_heads * self.head_dim * itemsize // self.block_size)
@@ -80,7 +79,7 @@ class OrtRunner:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's own exception types
             raise RagtopError(f"cannot open {path} with onnxruntime: {e}") from None
-        self.buffers: dict[tuple[int, str], Tensor] = {}
+        self.buffers: dict[tuple[int, str], np.ndarray] = {}
         self.lengths = np.zeros(0, dtype=np.int64)
         self.capacity = 0
 
@@ -95,7 +94,7 @@ class OrtRunner:
         for i in range(self.n_layers):
             for kind in self.kinds:
                 positions = self.capacity // self.block_size if kind.startswith("key_m") else self.capacity
-                self.buffers[i, kind] = torch.zeros(slots, self.n_kv_heads, positions, self.head_dim, dtype=self.torch_dtype)
+                self.buffers[i, kind] = np.zeros((slots, self.n_kv_heads, positions, self.head_dim), dtype=self.np_dtype)
         self.lengths = np.zeros(slots, dtype=np.int64)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
@@ -108,10 +107,10 @@ class OrtRunner:
         self.buffers = {}
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, chunks: Sequence[Chunk]) -> list[Tensor | None]:
+    def forward(self, chunks: Sequence[Chunk]) -> list[np.ndarray | None]:
         if not self.buffers:
             raise RagtopError("OrtRunner.forward before allocate()")
-        out: list[Tensor | None] = [None] * len(chunks)
+        out: list[np.ndarray | None] = [None] * len(chunks)
         for group in group_chunks(chunks):
             by_slot = {chunks[i].slot: i for i in group}
             # Block summaries must not see garbage keys: bind exactly the slots of a run.
@@ -123,7 +122,7 @@ class OrtRunner:
                     out[i] = row
         return out
 
-    def _run(self, chunks: list[Chunk]) -> list[Tensor | None]:
+    def _run(self, chunks: list[Chunk]) -> list[np.ndarray | None]:
         S, lo, hi = slot_range(chunks, self.capacity, self.lengths)
         lengths = np.minimum(self.lengths[lo:hi], self.capacity - S)  # idle rows: a garbage write past their length
         ids = np.zeros((hi - lo, S), dtype=np.int64)
@@ -139,11 +138,11 @@ class OrtRunner:
         io.bind_output(self.out_names["logits"])
         for (i, kind), buf in self.buffers.items():
             view = buf[lo:hi]  # contiguous: slots are the outermost dimension
-            shape, ptr = list(view.shape), view.data_ptr()
+            shape, ptr = list(view.shape), view.ctypes.data
             io.bind_input(self.io_names[f"past_{kind}_names"] % i, "cpu", 0, self.np_dtype, shape, ptr)
             io.bind_output(self.out_names[f"present_{kind}_names"] % i, "cpu", 0, self.np_dtype, shape, ptr)
         self.session.run_with_iobinding(io)
-        logits = torch.from_numpy(io.get_outputs()[0].numpy()).float()  # [b, 1|S, V]
+        logits = io.get_outputs()[0].numpy()  # [b, 1|S, V] float32, owned by numpy
         for c in chunks:
             self.lengths[c.slot] = c.start + S
         return [None if c.logits == "none" else logits[c.slot - lo] if c.logits == "all" else logits[c.slot - lo, -1]
