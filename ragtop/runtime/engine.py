@@ -24,7 +24,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -457,7 +457,7 @@ class AsyncEngine:
         except RuntimeError:  # the caller's event loop is closed: nobody listens
             pass
 
-    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: Request) -> RequestStream:
         """Queue the request now; the returned iterator yields its outputs as they come."""
         if self.error is not None:
             raise EngineDead(f"the engine stopped: {self.error}")
@@ -472,25 +472,7 @@ class AsyncEngine:
             del self._streams[rid]
             raise
         self._wake.set()
-        return self._stream(rid, queue)
-
-    async def _stream(self, rid: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        done = False
-        try:
-            while not done:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    done = True  # the engine is gone: nothing to abort
-                    raise item
-                done = item.finished
-                if item.deltas or not item.error:
-                    yield item
-                if item.error is not None:
-                    raise item.error
-        finally:
-            self._streams.pop(rid, None)
-            if not done:
-                self.abort(rid)
+        return RequestStream(self, rid, queue)
 
     def abort(self, request_id: str) -> None:
         self.engine.abort_request(request_id)
@@ -516,3 +498,54 @@ class AsyncEngine:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
         self.engine.close()
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator (what `AsyncEngine.generate` returns).
+
+    It ends after the finished output, or raises RequestFailed (after any outputs produced
+    before the fault). Leaving early aborts the request: `aclose()`, or a cancellation while
+    waiting. A class rather than an async generator, so that `aclose()` works at any moment —
+    even while another task is waiting in `__anext__` or before iteration began (closing a
+    running async generator raises, and closing an unstarted one skips its cleanup)."""
+
+    def __init__(self, engine: AsyncEngine, rid: str, queue: asyncio.Queue) -> None:
+        self.engine, self.rid, self.queue = engine, rid, queue
+        self._closed = False
+        self._error: BaseException | None = None  # raised by the next __anext__
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            item = await self.queue.get()
+        except BaseException:  # cancelled while waiting: nobody listens any more
+            self._close(abort=True)
+            raise
+        if isinstance(item, BaseException):  # the engine is gone, or fail_all
+            self._close(abort=False)
+            raise item
+        if item.finished:
+            self._close(abort=False)
+        if item.error is not None:
+            if not item.deltas:
+                raise item.error
+            self._error = item.error
+        return item
+
+    async def aclose(self) -> None:
+        self._close(abort=True)
+
+    def _close(self, abort: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.engine._streams.pop(self.rid, None)
+        if abort:
+            self.engine.abort(self.rid)

@@ -198,3 +198,20 @@ def test_grace_period_expiry_ends_open_requests_with_errors_not_tracebacks(serve
     s.thread.join(30)
     assert not s.thread.is_alive() and not s.server.failures
     assert "Traceback" not in caplog.text and "CancelledError" not in caplog.text
+
+
+def test_disconnecting_from_a_multi_prompt_stream_frees_every_request(serve, caplog):
+    """Found by the fuzzer: closing a stream of several prompts while their outputs were being
+    merged raised 'aclose(): asynchronous generator is already running'."""
+    s = serve(max_batch_size=4)
+    s.slow_down(0.02)
+    body = {"prompt": ["The", "A", "State", "Numbers"], "max_tokens": 60, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 4:
+                break  # leave mid-stream: the connection closes
+    wait_until(lambda: s.metric("ragtop:num_requests_running") == 0 and s.metric("ragtop:num_requests_waiting") == 0)
+    assert s.metric("ragtop:request_success_total", finished_reason="abort") == 4
+    assert not s.state.engine._streams
+    assert "Traceback" not in caplog.text and "internal error" not in caplog.text
+    still_serves(s)
