@@ -137,6 +137,8 @@ def add_serve(sub) -> None:
     p.add_argument("--prefill-chunk", type=positive_int, default=None, help="prompt tokens per sequence per step")
     p.add_argument("--context-limit", type=positive_int, default=None, help="tokens per sequence (default: the model's)")
     p.add_argument("--cache-memory-mb", type=positive_int, default=None, help="KV-cache budget (default: a full context per slot)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_const", const=False, default=None,
+                   help="compute every prompt in full instead of reusing cached prefixes")
     p.add_argument("--max-body-bytes", type=positive_int, default=None, help="larger request bodies get 413 (default 4 MiB)")
     p.add_argument("--shutdown-grace-s", type=float, default=None, help="SIGTERM: seconds in-flight requests may take (default 30)")
     p.add_argument("--cors-origin", dest="cors_origins", action="append", default=None, help="allowed CORS origin (repeatable; none by default)")
@@ -150,7 +152,7 @@ def run_serve(a: argparse.Namespace) -> int:
     from .server.settings import ServerSettings
 
     names = ("model", "host", "port", "api_key", "served_model_name", "runner", "plugin", "threads", "max_batch_size",
-             "max_waiting", "max_tokens_per_step", "prefill_chunk", "context_limit", "cache_memory_mb", "max_body_bytes",
+             "max_waiting", "max_tokens_per_step", "prefill_chunk", "context_limit", "cache_memory_mb", "prefix_caching", "max_body_bytes",
              "shutdown_grace_s", "log_level")
     overrides = {n: getattr(a, n) for n in names}
     overrides["cors_origins"] = tuple(a.cors_origins) if a.cors_origins else None
@@ -233,12 +235,36 @@ COMMANDS: list[Callable] = [add_train, add_eval, add_convert_commands, add_expor
                             add_analyze]
 
 
+# The commands each `add_*` registers, for a base install (no PyTorch) where its module
+# cannot be imported: `ragtop serve` and `ragtop generate` of exported models work there.
+COMMAND_NAMES = {add_train: ("train",), add_eval: ("eval",), add_convert_commands: ("import", "convert", "sweep"),
+                 add_export: ("export",), add_bench: ("bench",), add_study: ("study",), add_analyze: ("analyze",)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ragtop", description="Top-k sparse attention and ragged embeddings: train, import, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
-        add(sub)
+        try:
+            add(sub)
+        except ImportError as e:  # the train extra is not installed
+            for name in COMMAND_NAMES.get(add, ()):
+                _unavailable(sub, name, e)
     return parser
+
+
+def _unavailable(sub, name: str, error: ImportError) -> None:
+    missing = error.name or str(error)
+
+    def refuse(a: argparse.Namespace) -> int:
+        raise RagtopError(f"'ragtop {name}' needs {missing}, which is not installed: pip install 'ragtop[train]'")
+
+    # prefix_chars that no argument uses: every argument lands in `args`, so any command line
+    # of the real command gets this error rather than a usage message
+    p = sub.add_parser(name, help="(needs the train extra: pip install 'ragtop[train]')", add_help=False,
+                       prefix_chars="\0")
+    p.add_argument("args", nargs="*")
+    p.set_defaults(func=refuse)
 
 
 def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:

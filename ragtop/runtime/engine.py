@@ -32,10 +32,10 @@ import numpy as np
 
 from .detokenize import Decoder, IncrementalDetokenizer, StopStringMatcher
 from .errors import EngineDead, EngineError, InvalidRequest, RequestFailed
-from .kv_cache import KVCacheManager, plan_cache
+from .kv_cache import PREFIX_BLOCK, KVCacheManager, plan_cache
 from .runners.base import Chunk, ModelRunner
 from .sampling import SampledToken, SamplingParams, SequenceSampler
-from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SequenceGroup
+from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput, SequenceGroup
 from .scheduler import Sequence as Seq
 from .stats import FinishedRequestStats, IterationStats
 
@@ -50,6 +50,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     context_limit: int | None = None  # per sequence; default the model's
     cache_memory_bytes: int | None = None  # KV-cache budget; default: one slot per batch row
+    prefix_caching: bool = True  # reuse cached prompt prefixes (kv_cache.py)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class CompletionDelta:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (not computed)
 
     @property
     def total_tokens(self) -> int:
@@ -126,7 +128,8 @@ class LLMEngine:
         self.cache_plan = plan_cache(spec.kv_bytes_per_token, spec.max_model_len, sc.max_batch_size,
                                      self.config.context_limit, self.config.cache_memory_bytes)
         runner.allocate(self.cache_plan.slots, self.cache_plan.context_limit)
-        self.cache = KVCacheManager(self.cache_plan)
+        self.cache = KVCacheManager(self.cache_plan, self.config.prefix_caching,
+                                    max(PREFIX_BLOCK, spec.capacity_multiple))
         self.scheduler = Scheduler(sc, self.cache)
         self._lock = threading.Lock()
         self._aborts: list[str] = []
@@ -189,6 +192,12 @@ class LLMEngine:
         now = time.monotonic()
         for g in plan.admitted:
             g.data.admitted = now
+        for src, dst, n in plan.copies:  # prefixes cached in running sequences' slots
+            try:
+                self.runner.copy_slot(src, dst, n)
+            except Exception as e:  # noqa: BLE001 - that request fails, the step goes on
+                group = next(g for g in plan.admitted if g.seqs[0].slot == dst)
+                errors[group.request_id] = _request_failure(e, "copying a cached prefix")
 
         decode = [c for c in plan.chunks if len(c.tokens) == 1 and c.seq.status == "decode"]
         prefill = [c for c in plan.chunks if not (len(c.tokens) == 1 and c.seq.status == "decode")]
@@ -223,7 +232,7 @@ class LLMEngine:
             num_running, num_waiting = self.scheduler.num_running, len(self.scheduler.waiting)
         t3 = time.perf_counter()
         generated = sum(len(d.token_ids) for deltas in outputs.values() for d in deltas)
-        self._emit_stats(plan.chunks, decode, t1 - t0, t2 - t1, t3 - t2, num_running, num_waiting,
+        self._emit_stats(plan, decode, t1 - t0, t2 - t1, t3 - t2, num_running, num_waiting,
                          generated, ttfts, itls, finished)
         return results
 
@@ -316,7 +325,7 @@ class LLMEngine:
             return RequestOutput(rid, tuple(deltas), False)
         del self._groups[rid]
         finished.append(self._finish_stats(group, now))
-        usage = Usage(len(group.prompt), sum(len(s.output) for s in group.seqs))
+        usage = Usage(len(group.prompt), sum(len(s.output) for s in group.seqs), group.cached_tokens)
         return RequestOutput(rid, tuple(deltas), True, usage, error)
 
     def _finish_stats(self, group: SequenceGroup, now: float) -> FinishedRequestStats:
@@ -331,11 +340,12 @@ class LLMEngine:
             e2e_latency_s=now - req.arrival,
         )
 
-    def _emit_stats(self, chunks: list[ScheduledChunk], decode: list[ScheduledChunk], decode_s: float,
+    def _emit_stats(self, plan: SchedulerOutput, decode: list[ScheduledChunk], decode_s: float,
                     prefill_s: float, sample_s: float, num_running: int, num_waiting: int, generated: int,
                     ttfts: list[float], itls: list[float], finished: list[FinishedRequestStats]) -> None:
         if not self.stats_listeners:
             return
+        chunks = plan.chunks
         usage = self.cache.usage()
         stats = IterationStats(
             timestamp=time.time(),
@@ -354,6 +364,8 @@ class LLMEngine:
             kv_cache_bytes_total=usage.bytes_total,
             kv_cache_usage_perc=usage.used_perc,
             kv_cache_reserved_perc=usage.reserved_perc,
+            prefix_cache_queries=sum(len(g.prompt) for g in plan.admitted) if self.cache.prefix_caching else 0,
+            prefix_cache_hits=sum(g.cached_tokens for g in plan.admitted),
             time_to_first_tokens_s=ttfts,
             inter_token_latencies_s=itls,
             finished=finished,

@@ -2,18 +2,34 @@
 
 The runner owns the buffers: one preallocated [slots, Hkv, capacity, Dh] key and value
 tensor per layer (plus block summaries for block selection). This module decides how many
-slots fit in a memory budget, hands slots out (lowest free first, so the running batch stays
-in a compact range of slots and a step binds a contiguous view of the cache), and reports
-bytes and usage. A slot reserves a whole context, so a request admitted never runs out of
-cache later: there is no preemption to do.
+slots fit in a memory budget, hands slots out, and reports bytes and usage. A slot reserves
+a whole context, so a request admitted never runs out of cache later: there is no
+preemption to do.
+
+Automatic prefix caching (as llama.cpp's server reuses a slot's prompt cache, at vLLM's
+block granularity): a freed slot keeps the tokens whose keys and values it still holds.
+A new prompt that begins with tokens held by a free slot takes that slot and prefills only
+the rest — or, when that would throw away more than a block of what the slot holds (a short
+question about a long document) and another slot is free, gets the prefix copied into that
+other slot; one that begins with the computed tokens of a running sequence gets that prefix
+copied into its own slot (a memory copy, far cheaper than recomputing it). Matches count in
+whole blocks of `prefix_block` tokens (the block-selection block size, when larger), so a
+reused block summary never mixes old and new keys, and leave at least one prompt token to
+compute (its logits give the first output token). Slots are handed out: the matched one;
+else the lowest-numbered slot that holds nothing (a compact batch binds a contiguous view of
+the cache); else the free slot used least recently (LRU eviction of cached prefixes).
 """
 
 from __future__ import annotations
 
-import heapq
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import EngineError, PromptTooLong
+
+PREFIX_BLOCK = 16  # tokens: the granularity of prefix matches
 
 MIN_CONTEXT = 16  # below this a shrunken context is useless: refuse to start instead
 
@@ -79,12 +95,24 @@ class CacheUsage:
         return self.slots_used / self.slots if self.slots else 0.0
 
 
+@dataclass(frozen=True)
+class PrefixHit:
+    """A prompt's first `tokens` tokens are cached in `slot`."""
+
+    tokens: int
+    slot: int
+    copy: bool  # copy the prefix into another slot (`slot` is running, or holds more worth keeping)
+
+
 class KVCacheManager:
-    def __init__(self, plan: CachePlan) -> None:
+    def __init__(self, plan: CachePlan, prefix_caching: bool = True, prefix_block: int = PREFIX_BLOCK) -> None:
         self.plan = plan
-        self._free = list(range(plan.slots))
-        heapq.heapify(self._free)
+        self.prefix_caching, self.prefix_block = prefix_caching, max(1, prefix_block)
+        self._free: set[int] = set(range(plan.slots))
         self.lengths = [0] * plan.slots  # tokens cached per slot (kept by the scheduler)
+        self.held: list[np.ndarray | None] = [None] * plan.slots  # a free slot's still-valid tokens
+        self._freed_at = [0] * plan.slots  # LRU clock of free slots
+        self._clock = 0
 
     @property
     def context_limit(self) -> int:
@@ -102,17 +130,56 @@ class KVCacheManager:
     def can_allocate(self, n: int) -> bool:
         return len(self._free) >= n
 
-    def allocate(self, n: int = 1) -> list[int]:
+    def match(self, prompt: Sequence[int], running: Iterable[tuple[int, Sequence[int]]] = (), n: int = 1) -> PrefixHit | None:
+        """The longest cached prefix of `prompt`, in whole blocks, leaving >= 1 token to compute:
+        among free slots' held tokens, and `running` (slot, computed tokens) pairs. `n`: the
+        slots the request needs (a copy from a free slot needs one more)."""
+        if not self.prefix_caching:
+            return None
+        limit = (len(prompt) - 1) // self.prefix_block * self.prefix_block
+        if limit < self.prefix_block:
+            return None
+        want = np.asarray(prompt[:limit], dtype=np.int64)
+        best: PrefixHit | None = None
+        candidates = [(s, self.held[s], False) for s in self._free if self.held[s] is not None]
+        candidates += [(s, tokens, True) for s, tokens in running]
+        for slot, tokens, copy in candidates:
+            m = min(limit, len(tokens))
+            if m < self.prefix_block or (best is not None and m <= best.tokens):
+                continue
+            have = np.asarray(tokens[:m], dtype=np.int64)
+            diff = np.flatnonzero(want[:m] != have)
+            common = (int(diff[0]) if diff.size else m) // self.prefix_block * self.prefix_block
+            if common >= self.prefix_block and (best is None or common > best.tokens or (common == best.tokens and not copy)):
+                best = PrefixHit(common, slot, copy)
+        if best is not None and not best.copy and len(self._free) > n:
+            held = self.held[best.slot]
+            if held is not None and len(held) - best.tokens >= self.prefix_block:
+                best = PrefixHit(best.tokens, best.slot, True)  # keep the longer cache, copy its prefix
+        return best
+
+    def allocate(self, n: int = 1, prefer: int | None = None, avoid: int | None = None) -> list[int]:
+        """n free slots: `prefer` first when it is free (a prefix hit), then empty slots
+        lowest first, then the least recently freed; `avoid` (a copy's source) last."""
         if len(self._free) < n:
             raise EngineError(f"asked for {n} cache slots, {len(self._free)} free")
-        slots = [heapq.heappop(self._free) for _ in range(n)]
+        order = sorted(self._free, key=lambda s: (s != prefer, s == avoid, self.held[s] is not None, self._freed_at[s], s))
+        slots = order[:n]
         for s in slots:
-            self.lengths[s] = 0
+            self._free.discard(s)
+            self.lengths[s], self.held[s] = 0, None
         return slots
 
-    def free(self, slot: int) -> None:
+    def free(self, slot: int, tokens: Sequence[int] = ()) -> None:
+        """Give the slot back; `tokens` (whose keys and values it holds, from position 0) stay
+        matchable until the slot is reused. The last position is never kept: a decode step may
+        write one garbage position at a full slot's end (see runners/base.py group_chunks)."""
         self.lengths[slot] = 0
-        heapq.heappush(self._free, slot)
+        keep = min(len(tokens), self.plan.context_limit - 1)
+        self.held[slot] = np.asarray(tokens[:keep], dtype=np.int64) if self.prefix_caching and keep else None
+        self._clock += 1
+        self._freed_at[slot] = self._clock
+        self._free.add(slot)
 
     def usage(self) -> CacheUsage:
         tokens = sum(self.lengths)

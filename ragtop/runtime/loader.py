@@ -72,7 +72,11 @@ def load_model(path: Path, runner: RunnerKind = "auto", threads: int | None = No
 
         model_runner: ModelRunner = OrtRunner(path, threads, use_plugin, onnx_file)
     else:
-        import torch
+        try:
+            import torch
+        except ImportError:
+            raise RagtopError(f"{path} is a checkpoint: serving it needs PyTorch (pip install 'ragtop[train]'); "
+                              f"or export it (export-model) and serve the ONNX folder, which needs no PyTorch") from None
 
         from .runners.torch import TorchRunner
 

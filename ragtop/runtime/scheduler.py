@@ -13,6 +13,11 @@ A request with n > 1 reserves n slots at admission; only its first sequence pref
 prompt; when that ends, the engine copies the prompt's cache into the siblings' slots
 (`fork`) and all n decode independently. A finished or aborted sequence frees its slot at
 once; the waiting queue is bounded (`QueueFull`).
+
+Prefix caching (kv_cache.py): at admission the prompt's longest cached prefix is looked up
+among free slots and running sequences; the request starts with those tokens computed
+(`SequenceGroup.cached_tokens`), and a prefix held by a running sequence is listed in
+`SchedulerOutput.copies` for the engine to copy before the step's model calls.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ class SequenceGroup:
     n: int = 1
     data: Any = None  # the engine's per-request state
     seqs: list[Sequence] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
 
     def __post_init__(self) -> None:
         if not self.seqs:
@@ -109,6 +115,7 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk]
     admitted: list[SequenceGroup]
+    copies: list[tuple[int, int, int]] = field(default_factory=list)  # (src slot, dst slot, tokens) first
 
     @property
     def num_tokens(self) -> int:
@@ -158,7 +165,7 @@ class Scheduler:
     # -- one step ---------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
-        budget, chunks, admitted = cfg.max_tokens_per_step, [], []
+        budget, chunks, admitted, copies = cfg.max_tokens_per_step, [], [], []
 
         for s in self._running_seqs("decode"):
             chunks.append(ScheduledChunk(s, s.computed, s.tokens[s.computed :]))
@@ -173,14 +180,28 @@ class Scheduler:
             if self.num_running + g.n > cfg.max_batch_size or not self.cache.can_allocate(g.n):
                 break  # FIFO: the head waits for room, nobody overtakes it
             self.waiting.popleft()
-            for s, slot in zip(g.seqs, self.cache.allocate(g.n), strict=True):
+            hit = self.cache.match(g.prompt, self._computed_prefixes(), g.n)
+            slots = self.cache.allocate(g.n, prefer=None if hit is None or hit.copy else hit.slot,
+                                        avoid=None if hit is None or not hit.copy else hit.slot)
+            for s, slot in zip(g.seqs, slots, strict=True):
                 s.slot, s.status = slot, "fork"
-            g.seqs[0].status = "prefill"
+            first = g.seqs[0]
+            first.status = "prefill"
+            if hit is not None:
+                first.computed = g.cached_tokens = hit.tokens
+                self.cache.lengths[first.slot] = hit.tokens
+                if hit.copy:
+                    copies.append((hit.slot, first.slot, hit.tokens))
             self.running.append(g)
             admitted.append(g)
-            chunks.append(self._prefill_chunk(g.seqs[0], budget))
+            chunks.append(self._prefill_chunk(first, budget))
             budget -= len(chunks[-1].tokens)
-        return SchedulerOutput(chunks, admitted)
+        return SchedulerOutput(chunks, admitted, copies)
+
+    def _computed_prefixes(self) -> Iterator[tuple[int, list[int]]]:
+        """(slot, tokens whose KV is written) of every running sequence."""
+        return ((s.slot, s.tokens[: s.computed]) for g in self.running for s in g.seqs
+                if not s.finished and s.computed > 0)
 
     def _running_seqs(self, status: Status) -> Iterator[Sequence]:
         return (s for g in self.running for s in g.seqs if s.status == status)
@@ -216,7 +237,7 @@ class Scheduler:
         if s.finished:
             return
         s.status, s.finish_reason = "finished", reason
-        if s.slot >= 0:
-            self.cache.free(s.slot)
+        if s.slot >= 0:  # a failed request's cache may be half-written: not kept for reuse
+            self.cache.free(s.slot, () if reason == "error" else s.tokens[: s.computed])
         if s.group.finished and s.group in self.running:
             self.running.remove(s.group)

@@ -105,6 +105,7 @@ def engine_config(s: ServerSettings) -> EngineConfig:
                         prefill_chunk=s.prefill_chunk, max_waiting=s.max_waiting),
         context_limit=s.context_limit,
         cache_memory_bytes=None if s.cache_memory_mb is None else s.cache_memory_mb << 20,
+        prefix_caching=s.prefix_caching,
     )
 
 

@@ -100,6 +100,8 @@ class ServerMetrics:
         self.peak_rss.set_function(peak_resident_memory_bytes)
         self.prompt_tokens = counter("prompt_tokens_total", "Prompt tokens computed (prefill).")
         self.gen_tokens = counter("generation_tokens_total", "Tokens generated.")
+        self.prefix_queries = counter("prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not computed).")
         success = Counter("ragtop:request_success_total", "Finished requests by finish reason.",
                           ["model_name", "finished_reason"], registry=r)
         self.success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
@@ -122,6 +124,8 @@ class ServerMetrics:
         self.kv_total.set(s.kv_cache_bytes_total)
         self.prompt_tokens.inc(s.prompt_tokens)
         self.gen_tokens.inc(s.generation_tokens)
+        self.prefix_queries.inc(s.prefix_cache_queries)
+        self.prefix_hits.inc(s.prefix_cache_hits)
         for t in s.time_to_first_tokens_s:
             self.ttft.observe(t)
         for t in s.inter_token_latencies_s:

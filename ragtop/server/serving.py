@@ -215,7 +215,7 @@ class OpenAIServing:
                 for j in range(req.n):
                     offsets[i * req.n + j] = len(text)
                     yield chunk([{"index": i * req.n + j, "text": text, "logprobs": None, "finish_reason": None}])
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        usage = _UsageSum()
         async for i, out in _merge(streams):
             for d in out.deltas:
                 if not d.text and not d.finish_reason:
@@ -227,11 +227,9 @@ class OpenAIServing:
                     offsets[index] = offsets.get(index, 0) + sum(len(self.token_text(t.token)) for t in d.logprobs)
                 yield chunk([{"index": index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason,
                               "stop_reason": d.stop_reason}])
-            if out.usage is not None:
-                usage["prompt_tokens"] += out.usage.prompt_tokens
-                usage["completion_tokens"] += out.usage.completion_tokens
+            usage.add(out)
         if req.stream_options and req.stream_options.include_usage:
-            yield chunk([], {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]})
+            yield chunk([], usage.body())
         yield "data: [DONE]\n\n"
 
     def _echo_text(self, req: CompletionRequest, i: int, prompts: list[list[int]]) -> str:
@@ -282,7 +280,7 @@ class OpenAIServing:
 
         for i in range(req.n):  # OpenAI opens each choice with the role
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-        usage = None
+        usage = _UsageSum()
         async for _, out in _merge(streams):
             for d in out.deltas:
                 if not d.text and not d.finish_reason:
@@ -291,11 +289,9 @@ class OpenAIServing:
                 delta = {"content": d.text} if d.text else {}
                 yield chunk([{"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason,
                               "stop_reason": d.stop_reason}])
-            if out.usage is not None:
-                usage = {"prompt_tokens": out.usage.prompt_tokens, "completion_tokens": out.usage.completion_tokens,
-                         "total_tokens": out.usage.total_tokens}
-        if req.stream_options and req.stream_options.include_usage and usage is not None:
-            yield chunk([], usage)
+            usage.add(out)
+        if req.stream_options and req.stream_options.include_usage and usage.seen:
+            yield chunk([], usage.body())
         yield "data: [DONE]\n\n"
 
     def _chat_logprobs(self, logprobs: Sequence[Any]) -> list[dict[str, Any]]:
@@ -319,7 +315,7 @@ def _chunker(rid: str, obj: str, model: str):
     """SSE chunks of one stream: the same id, object and creation time on every chunk."""
     created = int(time.time())
 
-    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
         if usage is not None:
             body["usage"] = usage
@@ -387,20 +383,39 @@ async def _merge(streams: Sequence[AsyncIterator[RequestOutput]]) -> AsyncIterat
             await s.aclose()
 
 
-async def _collect(streams: Sequence[AsyncIterator[RequestOutput]], n: int) -> tuple[dict[int, _Choice], dict[str, int]]:
+@dataclass
+class _UsageSum:
+    """Usage over a response's engine requests, as OpenAI reports it (with the prompt tokens
+    served from the prefix cache in `prompt_tokens_details.cached_tokens`)."""
+
+    prompt: int = 0
+    completion: int = 0
+    cached: int = 0
+    seen: bool = False
+
+    def add(self, out: RequestOutput) -> None:
+        if out.usage is not None:
+            self.prompt += out.usage.prompt_tokens
+            self.completion += out.usage.completion_tokens
+            self.cached += out.usage.cached_tokens
+            self.seen = True
+
+    def body(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
+                "total_tokens": self.prompt + self.completion, "prompt_tokens_details": {"cached_tokens": self.cached}}
+
+
+async def _collect(streams: Sequence[AsyncIterator[RequestOutput]], n: int) -> tuple[dict[int, _Choice], dict[str, Any]]:
     choices: dict[int, _Choice] = {}
-    prompt_tokens = completion_tokens = 0
+    usage = _UsageSum()
     try:
         async for i, out in _merge(streams):
             for d in out.deltas:
                 _add(choices.setdefault(i * n + d.index, _Choice()), d)
-            if out.usage is not None:
-                prompt_tokens += out.usage.prompt_tokens
-                completion_tokens += out.usage.completion_tokens
+            usage.add(out)
     except RequestFailed as e:
         raise ApiError.of_failure(e) from e
-    return choices, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                     "total_tokens": prompt_tokens + completion_tokens}
+    return choices, usage.body()
 
 
 def _add(c: _Choice, d: CompletionDelta) -> None:

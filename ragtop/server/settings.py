@@ -36,6 +36,7 @@ class ServerSettings:
     prefill_chunk: int = 256  # prompt tokens per sequence per step (long prompts are chunked)
     context_limit: int | None = None  # tokens per sequence; default the model's
     cache_memory_mb: int | None = None  # KV-cache budget; default: a full context per slot
+    prefix_caching: bool = True  # reuse the KV of cached prompt prefixes (docs/runtime.md)
     max_body_bytes: int = 4 << 20  # larger request bodies get HTTP 413
     shutdown_grace_s: float = 30.0  # on SIGTERM: in-flight requests get this long to finish
     cors_origins: tuple[str, ...] = ()  # no CORS unless origins are named

@@ -70,3 +70,47 @@ def test_generate_command_gives_the_same_text_with_either_runner(exported, capsy
     assert texts[0] == texts[1]
     assert main(["generate", str(onnx_dir), "--runner", "torch", "--prompt", "x"]) == 2
     assert "--runner torch needs model.safetensors" in capsys.readouterr().err
+
+
+def run_sequentially(engine, prompts, params):
+    """Each request alone, one after another (a finished request's prefix stays cached)."""
+    tokens, cached = [], []
+    for i, p in enumerate(prompts):
+        out = engine.run_until_done([Request(f"s{i}", p, params)])[f"s{i}"]
+        tokens.append([t for o in out for d in o.deltas for t in d.token_ids])
+        cached.append(out[-1].usage.cached_tokens)
+    return tokens, cached
+
+
+def test_prefix_cache_hits_give_the_same_greedy_tokens(exported):
+    """A follow-up on the same document computes only what is new, and generates exactly what a
+    full prefill gives: from a finished request's slot, and copied from a running one."""
+    ckpt, onnx_dir = exported
+    g = torch.Generator().manual_seed(2)
+    doc = torch.randint(1, 300, (36,), generator=g).tolist()
+    prompts = [doc + [5, 6, 7], doc + [8, 9], doc[:20] + [10, 11], doc + [12, 13, 14, 15]]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    for path in (onnx_dir, ckpt):
+        model = load_model(path, threads=1)
+        cold = model.engine(EngineConfig(SchedulerConfig(max_batch_size=4), context_limit=64, prefix_caching=False))
+        want, none_cached = run_sequentially(cold, prompts, params)
+        cold.close()
+        assert none_cached == [0, 0, 0, 0]
+        model = load_model(path, threads=1)
+        warm = model.engine(EngineConfig(SchedulerConfig(max_batch_size=4), context_limit=64))
+        got, cached = run_sequentially(warm, prompts, params)
+        assert got == want
+        assert cached == [0, 32, 16, 32]  # whole blocks of 16, leaving >= 1 token to compute
+        # a prefix held by a running sequence is copied into the new one's slot
+        warm.add_request(Request("long", doc + [20, 21], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)))
+        warm.step()
+        warm.step()
+        copies_before = len(warm.scheduler.running)
+        warm.add_request(Request("follow", prompts[0], params))
+        out: dict[str, list] = {}
+        while warm.has_work():
+            for o in warm.step():
+                out.setdefault(o.request_id, []).append(o)
+        assert copies_before == 1 and out["follow"][-1].usage.cached_tokens == 32
+        assert [t for o in out["follow"] for d in o.deltas for t in d.token_ids] == want[0]
+        warm.close()
