@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import openai
 
-SYSTEM = "You answer questions about the State of the Union: the economy, the budget and the people. " * 2
+SYSTEM = "State of the Union: the economy, the budget and the people. The quick brown fox."
 
 
 def ask(url: str, question: str):
