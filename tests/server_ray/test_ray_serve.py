@@ -30,3 +30,108 @@ def test_openai_client_through_the_proxy(client, ray_service):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == chat.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == 4
+
+
+def test_api_key_and_errors_are_ragtop_s(ray_service):
+    with ray_service.client() as c:
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 500},
+                   headers={"Authorization": "Bearer sekrit"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert c.get("/health").json() == {"status": "ready"}
+
+
+def _stream(url: str, max_tokens: int, results: list, **kw) -> None:
+    import httpx
+
+    body = {"model": "tiny", "prompt": "The", "max_tokens": max_tokens, "stream": True, "ignore_eos": True, **kw}
+    with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/completions", json=body,
+                                                  headers={"Authorization": "Bearer sekrit"}) as r:
+        text = r.read().decode()
+        results.append((r.status_code, r.headers.get("x-ragtop-replica"), r.headers.get("retry-after"), text))
+
+
+def _concurrently(n: int, target, *args) -> list:
+    import threading
+
+    results: list = []
+    threads = [threading.Thread(target=target, args=(*args, results)) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_two_replicas_share_load_and_report_metrics(ray_service):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    results = _concurrently(6, _stream, ray_service.url, 12)
+    assert [s for s, *_ in results] == [200] * 6
+    assert all(text.endswith("data: [DONE]\n\n") for *_, text in results)
+    served = {replica for _, replica, *_ in results}
+    assert len(served) == 2, served  # power of two choices spread 6 overlapping streams over both
+    generated = {}
+    for record in ray_service.replicas():
+        for family in text_string_to_metric_families(httpx.get(f"http://{record.target}/metrics").text):
+            for s in family.samples:
+                if s.name == "ragtop:generation_tokens_total":
+                    generated[s.labels["replica"]] = s.value
+                if s.name == "ragtop:replicas":
+                    assert s.value == 2
+    assert set(generated) == served and all(v >= 12 for v in generated.values())
+
+
+def test_429_when_every_replica_is_full(ray_service):
+    # 2 replicas x (2 running + 2 waiting): 16 streams of 40 slowed steps cannot all fit.
+    results = _concurrently(16, _stream, ray_service.url, 40)
+    codes = sorted(s for s, *_ in results)
+    assert len(codes) == 16 and codes.count(200) >= 8 and 429 in codes, codes
+    for status, _, retry_after, text in results:
+        if status == 429:
+            import json
+
+            error = json.loads(text)["error"]
+            assert error["type"] == "rate_limit_error" and error["code"] == 429 and retry_after == "1"
+
+
+def _metric_sum(ray_service, name: str, **labels: str) -> float:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for record in ray_service.replicas():
+        for family in text_string_to_metric_families(httpx.get(f"http://{record.target}/metrics").text):
+            total += sum(s.value for s in family.samples
+                         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return total
+
+
+def test_client_disconnect_aborts_through_the_proxy(ray_service):
+    import time
+
+    import httpx
+
+    from .conftest import wait_until
+
+    aborted = _metric_sum(ray_service, "ragtop:request_success_total", finished_reason="abort")
+    body = {"model": "tiny", "prompt": "The", "max_tokens": 90, "ignore_eos": True}
+    auth = {"Authorization": "Bearer sekrit"}
+    with httpx.Client(timeout=60) as c, c.stream("POST", ray_service.url + "/v1/completions", headers=auth,
+                                                 json={**body, "stream": True}) as r:
+        next(r.iter_lines())  # the first chunk: the request runs; now hang up
+    start = time.monotonic()
+    wait_until(lambda: _metric_sum(ray_service, "ragtop:request_success_total", finished_reason="abort") > aborted,
+               timeout=1.5)  # long before 90 steps of 20 ms would have finished
+    with httpx.Client(timeout=0.3) as c:  # a non-streaming request whose client gives up
+        try:
+            c.post(ray_service.url + "/v1/completions", headers=auth, json=body)
+            raise AssertionError("answered within 0.3 s")
+        except httpx.ReadTimeout:
+            pass
+    wait_until(lambda: _metric_sum(ray_service, "ragtop:request_success_total", finished_reason="abort") > aborted + 1,
+               timeout=1.5)
+    assert time.monotonic() - start < 3.0
+    wait_until(lambda: _metric_sum(ray_service, "ragtop:num_requests_running") == 0, timeout=5)
