@@ -42,6 +42,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Gauge, Metric, start_http_server
 
 from ..errors import RagtopError
+from . import ray_proxy
 from .app import ServerState, create_app
 from .metrics import ServerMetrics
 from .settings import ServerSettings
@@ -83,6 +84,7 @@ def deployment_options(settings: ServerSettings) -> dict[str, Any]:
         "max_queued_requests": settings.max_queued_requests or -1,
         "backpressure_config": {"status_code": 429, "retry_after_s": settings.retry_after_s},
         "graceful_shutdown_timeout_s": settings.shutdown_grace_s,
+        "graceful_shutdown_wait_loop_s": 0.5,
         "health_check_period_s": 2.0,
         "health_check_timeout_s": 30.0,
     }
@@ -257,6 +259,9 @@ def start(settings: ServerSettings, setup: Callable[[FastAPI], None] | None = No
           blocking_timeout_s: float = 600.0) -> str:
     """Start (or join) Ray, start Serve's proxy on settings.host:port and deploy ragtop; returns
     the base URL once every replica is up."""
+    # Ray's proxies load ragtop's OpenAI-error middleware from this variable (ray_proxy.py); a
+    # Ray started here inherits it, a cluster must set it where it starts Ray (docs/scale-out.md).
+    os.environ.setdefault(ray_proxy.ENV, ray_proxy.CALLBACK)
     if not ray.is_initialized():
         if settings.ray_address:
             ray.init(address=settings.ray_address, include_dashboard=False, logging_level=logging.WARNING)

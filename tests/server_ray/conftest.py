@@ -4,6 +4,7 @@ deployment of 2 replicas over a tiny exported model; torn down after the module.
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,10 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'ragtop[ray]')")
-
-from ray import cloudpickle  # noqa: E402 - the copy Ray pickles with
 from server.conftest import tiny_checkpoint  # noqa: E402 - tests/ is on sys.path (rootdir conftest)
 
 from ragtop.cli import main  # noqa: E402
@@ -25,8 +22,7 @@ STEP_S = 0.02  # every forward pass takes at least this long: requests overlap f
 
 
 def slow_runner(app, seconds: float = STEP_S) -> None:
-    """Runs inside each replica once its model is loaded (pickled by value: Ray's workers
-    cannot import the tests)."""
+    """Runs inside each replica once its model is loaded (this module is pickled by value)."""
     import time as _time
 
     runner = app.state.ragtop.engine.engine.runner
@@ -37,9 +33,6 @@ def slow_runner(app, seconds: float = STEP_S) -> None:
         return forward(chunks)
 
     runner.forward = slow
-
-
-cloudpickle.register_pickle_by_value(__import__(__name__, fromlist=["slow_runner"]))
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +75,12 @@ def wait_until(condition, timeout: float = 60.0, every: float = 0.1):
 
 @pytest.fixture(scope="module")
 def ray_service(tiny_model) -> Iterator[RayService]:
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'ragtop[ray]')")
+    from ray import cloudpickle
+
     from ragtop.server import ray as ragtop_ray
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import the tests
 
     settings = ServerSettings(model=tiny_model, served_model_name="tiny", port=free_port(), replicas=2, threads=1,
                               max_batch_size=2, max_waiting=2, api_key="sekrit", shutdown_grace_s=2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'ragtop[ray]')")
 
 import openai  # noqa: E402
 
@@ -135,3 +136,57 @@ def test_client_disconnect_aborts_through_the_proxy(ray_service):
                timeout=1.5)
     assert time.monotonic() - start < 3.0
     wait_until(lambda: _metric_sum(ray_service, "ragtop:num_requests_running") == 0, timeout=5)
+
+
+def test_a_killed_replica_is_replaced_and_the_service_keeps_answering(ray_service, client):
+    """SIGKILL the replica that serves a stream: the stream ends with an OpenAI error event,
+    non-streaming requests that were on it are retried on the live replica, every later
+    request is answered, and Ray starts a new replica in its place."""
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    from ragtop.server.ray_proxy import RETRIED_HEADER
+
+    from .conftest import wait_until
+
+    before = {r.replica: r for r in ray_service.replicas()}
+    stream = client.completions.create(model="tiny", prompt="The", max_tokens=90, stream=True,
+                                       extra_body={"ignore_eos": True})
+    replica = stream.response.headers["x-ragtop-replica"]
+    next(iter(stream))
+    body = {"model": "tiny", "prompt": "The", "max_tokens": 40, "ignore_eos": True}
+    auth = {"Authorization": "Bearer sekrit"}
+
+    def post(results):
+        r = httpx.post(ray_service.url + "/v1/completions", headers=auth, json=body, timeout=60)
+        results.append((r.status_code, r.headers.get("x-ragtop-replica"), r.headers.get(RETRIED_HEADER)))
+
+    import threading
+
+    results: list = []
+    threads = [threading.Thread(target=post, args=(results,)) for _ in range(3)]  # all fit on one replica
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # every one of them is running on one replica or the other
+    os.kill(before[replica].pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError, match="the replica serving this request failed"):
+        for _ in stream:
+            pass
+    for t in threads:
+        t.join(timeout=60)
+    assert [s for s, *_ in results] == [200] * 3, results
+    assert any(retried for *_, retried in results), results  # some were on the killed replica
+    assert all(served != replica for _, served, retried in results if retried)
+    killed_at = time.monotonic()
+    while len(after := ray_service.replicas()) < 2 or replica in {r.replica for r in after}:
+        r = client.completions.create(model="tiny", prompt="x", max_tokens=2)  # answered meanwhile
+        assert r.usage.completion_tokens == 2
+        assert time.monotonic() - killed_at < 60, "no replacement replica within 60 s"
+        time.sleep(0.2)
+    assert len({r.pid for r in after} - {r.pid for r in before.values()}) == 1
+    served = wait_until(lambda: {client.completions.with_raw_response.create(
+        model="tiny", prompt="x", max_tokens=2).headers["x-ragtop-replica"] for _ in range(6)} - {replica}, timeout=30)
+    assert served and replica not in served
