@@ -34,7 +34,8 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -248,10 +249,26 @@ class RagtopReplica:
 
 
 def application(settings: ServerSettings, setup: Callable[[FastAPI], None] | None = None):
-    """The Ray Serve application (for `serve.run`, or `serve run ragtop.server.ray:...`)."""
+    """The Ray Serve application of these settings (for `serve.run`)."""
     threads = replica_threads(settings)
     replica_settings = replace(settings, threads=threads)
     return serve.deployment(RagtopReplica).options(**deployment_options(settings)).bind(replica_settings, setup)
+
+
+def build(args: dict[str, Any]) -> Any:
+    """Application builder for Ray Serve config files (`serve run`, `serve deploy`, KubeRay's
+    `serveConfigV2`): `import_path: ragtop.server.ray:build`, and `args:` holds ServerSettings
+    fields by name (model, replicas, max_batch_size, ...) over the RAGTOP_* environment."""
+    names = {f.name for f in fields(ServerSettings)}
+    unknown = sorted(set(args) - names)
+    if unknown:
+        raise RagtopError(f"unknown ragtop setting(s) in args: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    overrides = dict(args)
+    if overrides.get("model") is not None:
+        overrides["model"] = Path(overrides["model"])
+    if overrides.get("cors_origins") is not None:
+        overrides["cors_origins"] = tuple(overrides["cors_origins"])
+    return application(ServerSettings.load(overrides))
 
 
 # -- `ragtop serve --replicas N` -----------------------------------------------------------------

@@ -46,3 +46,25 @@ def test_deployment_options():
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}
     assert "num_replicas" not in auto and auto["max_queued_requests"] == 10
     assert replica_threads(ServerSettings(replicas=64)) == 1
+
+
+def test_kuberay_manifest_and_app_builder():
+    """docs/kuberay/ragtop-rayservice.yaml: Ray Serve's schema accepts its serveConfigV2, and
+    ragtop.server.ray:build turns its args into the deployment (scripts/validate_rayservice.py;
+    the CRD check needs KubeRay's CRD file, which does not install from PyPI)."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'ragtop[ray]')")
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(repo / "scripts"))
+    try:
+        from validate_rayservice import check
+    finally:
+        sys.path.pop(0)
+    manifest = yaml.safe_load((repo / "docs/kuberay/ragtop-rayservice.yaml").read_text())
+    lines = check(manifest)
+    assert "1..4 replicas (autoscaling, target 4.0 ongoing)" in lines[-1] and "max_ongoing_requests 73" in lines[-1]
+    from ragtop.server.ray import build
+
+    with pytest.raises(RagtopError, match="max_wating"):
+        build({"model": "m", "max_wating": 3})
