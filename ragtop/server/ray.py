@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -46,7 +45,7 @@ from ..errors import RagtopError
 from . import ray_proxy
 from .app import ServerState, create_app
 from .metrics import ServerMetrics
-from .settings import ServerSettings
+from .settings import ServerSettings, parse_setting
 
 try:
     import ray
@@ -259,15 +258,16 @@ def build(args: dict[str, Any]) -> Any:
     """Application builder for Ray Serve config files (`serve run`, `serve deploy`, KubeRay's
     `serveConfigV2`): `import_path: ragtop.server.ray:build`, and `args:` holds ServerSettings
     fields by name (model, replicas, max_batch_size, ...) over the RAGTOP_* environment."""
-    names = {f.name for f in fields(ServerSettings)}
-    unknown = sorted(set(args) - names)
+    overrides: dict[str, Any] = {}
+    for name, value in args.items():  # `serve run ... replicas=2` gives text, a YAML config types
+        if isinstance(value, str) or name == "model":
+            value = parse_setting(name, str(value))
+        elif name == "cors_origins":
+            value = tuple(value)
+        overrides[name] = value
+    unknown = sorted(set(overrides) - {f.name for f in fields(ServerSettings)})
     if unknown:
-        raise RagtopError(f"unknown ragtop setting(s) in args: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    overrides = dict(args)
-    if overrides.get("model") is not None:
-        overrides["model"] = Path(overrides["model"])
-    if overrides.get("cors_origins") is not None:
-        overrides["cors_origins"] = tuple(overrides["cors_origins"])
+        raise RagtopError(f"unknown ragtop setting(s) in args: {', '.join(unknown)}")
     return application(ServerSettings.load(overrides))
 
 
@@ -282,9 +282,8 @@ def start(settings: ServerSettings, setup: Callable[[FastAPI], None] | None = No
     if not ray.is_initialized():
         if settings.ray_address:
             ray.init(address=settings.ray_address, include_dashboard=False, logging_level=logging.WARNING)
-        else:  # a Ray of this machine only, on loopback
-            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     logging_level=logging.WARNING)
+        else:  # a Ray of this machine only (Ray's own ports still bind every interface: docs/scale-out.md)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(application(settings, setup), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{settings.host}:{settings.port}"

@@ -104,6 +104,14 @@ class ServerSettings:
         return cls(**values)
 
 
+def parse_setting(name: str, raw: str) -> Any:
+    """A setting given as text (a RAGTOP_* variable, a Ray Serve config's `args`) as its type."""
+    by_name = {f.name: f for f in fields(ServerSettings)}
+    if name not in by_name:
+        raise RagtopError(f"unknown ragtop setting {name!r}; known: {', '.join(sorted(by_name))}")
+    return _parse(by_name[name], raw)
+
+
 def _parse(f: dataclasses.Field, raw: str) -> Any:
     kind = str(f.type)
     name = ENV_PREFIX + f.name.upper()

@@ -68,3 +68,6 @@ def test_kuberay_manifest_and_app_builder():
 
     with pytest.raises(RagtopError, match="max_wating"):
         build({"model": "m", "max_wating": 3})
+    # `serve run ragtop.server.ray:build model=m replicas=3 threads=1` passes text
+    text = build({"model": "m", "replicas": "3", "threads": "1", "target_ongoing_requests": "2"})._bound_deployment
+    assert text.num_replicas == 3 and text.ray_actor_options["num_cpus"] == 1
