@@ -149,8 +149,9 @@ def add_serve(sub) -> None:
     ray.add_argument("--max-replicas", type=positive_int, default=None, help="autoscaling: at most this many")
     ray.add_argument("--target-ongoing-requests", type=float, default=None, help="autoscaling target per replica (Ray's default 2)")
     ray.add_argument("--max-ongoing-requests", type=positive_int, default=None,
-                     help="requests a replica takes at once (default max-batch-size + max-waiting + 1)")
-    ray.add_argument("--max-queued-requests", type=int, default=None, help="router queue bound before 429 (default unbounded)")
+                     help="requests a replica takes at once (default max-batch-size + max-waiting)")
+    ray.add_argument("--max-queued-requests", type=int, default=None,
+                     help="requests waiting in Ray's router when every replica is full, before 429 (default max-waiting; -1: no bound)")
     ray.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto', ray://HOST:10001); default: a local Ray")
     ray.add_argument("--replica-metrics-port", type=int, default=None, help="each replica's Prometheus port (default 0: a free one)")
     p.set_defaults(func=run_serve)

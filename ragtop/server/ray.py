@@ -8,13 +8,14 @@ Each replica is one Ray actor running `create_app(settings)` behind `serve.ingre
 `threads` intra-op threads (the deployment reserves as many CPUs), the same routes, SSE, errors
 and API key as the single-process server. Ray Serve's HTTP proxy takes the requests and its
 default request router sends each to the less loaded of two randomly sampled replicas
-(power of two choices on ongoing requests). Backpressure has two layers:
+(power of two choices on ongoing requests). Backpressure:
 
-- a replica takes at most `max_ongoing_requests` requests, by default one more than its engine
-  holds (`max_batch_size` running + `max_waiting` queued), so when every replica is full the
-  one that gets the request refuses it itself: ragtop's OpenAI-shaped 429 with Retry-After;
-- requests the router cannot place wait in its queue (`max_queued_requests`, unbounded by
-  default); past that bound Ray's proxy answers 429 with Retry-After (Ray's text body).
+- a replica takes at most `max_ongoing_requests` requests, by default what its engine holds
+  (`max_batch_size` running + `max_waiting` queued); a full replica refuses a request to the
+  router, which tries another one, so no replica's engine overflows while another has room;
+- requests that no replica can take wait in the router's queue, at most `max_queued_requests`
+  (default `max_waiting`); past that Ray's proxy answers 429 with Retry-After, which
+  ray_proxy.py turns into ragtop's OpenAI error body.
 
 A replica starts answering only once its model is loaded (the lifespan waits for it), and Ray's
 health check replaces one whose engine loop stopped. Each replica serves its ragtop metrics,
@@ -71,7 +72,13 @@ def replica_threads(settings: ServerSettings) -> int:
 
 
 def max_ongoing(settings: ServerSettings) -> int:
-    return settings.max_ongoing_requests or settings.max_batch_size + settings.max_waiting + 1
+    """Requests a replica takes: by default what its engine holds (running + waiting)."""
+    return settings.max_ongoing_requests or settings.max_batch_size + settings.max_waiting
+
+
+def max_queued(settings: ServerSettings) -> int:
+    """Requests Ray's router holds when every replica is full: by default max_waiting."""
+    return settings.max_queued_requests or settings.max_waiting
 
 
 def deployment_options(settings: ServerSettings) -> dict[str, Any]:
@@ -81,7 +88,7 @@ def deployment_options(settings: ServerSettings) -> dict[str, Any]:
         "name": DEPLOYMENT,
         "ray_actor_options": {"num_cpus": threads},
         "max_ongoing_requests": max_ongoing(settings),
-        "max_queued_requests": settings.max_queued_requests or -1,
+        "max_queued_requests": max_queued(settings),
         "backpressure_config": {"status_code": 429, "retry_after_s": settings.retry_after_s},
         "graceful_shutdown_timeout_s": settings.shutdown_grace_s,
         "graceful_shutdown_wait_loop_s": 0.5,
@@ -89,7 +96,8 @@ def deployment_options(settings: ServerSettings) -> dict[str, Any]:
         "health_check_timeout_s": 30.0,
     }
     if settings.max_replicas is not None:
-        autoscaling: dict[str, Any] = {"min_replicas": settings.min_replicas or 1, "max_replicas": settings.max_replicas}
+        least = 1 if settings.min_replicas is None else settings.min_replicas  # 0: scale to zero when idle
+        autoscaling: dict[str, Any] = {"min_replicas": least, "max_replicas": settings.max_replicas}
         if settings.target_ongoing_requests is not None:
             autoscaling["target_ongoing_requests"] = settings.target_ongoing_requests
         options["autoscaling_config"] = autoscaling
@@ -279,11 +287,14 @@ def start(settings: ServerSettings, setup: Callable[[FastAPI], None] | None = No
     # Ray's proxies load ragtop's OpenAI-error middleware from this variable (ray_proxy.py); a
     # Ray started here inherits it, a cluster must set it where it starts Ray (docs/scale-out.md).
     os.environ.setdefault(ray_proxy.ENV, ray_proxy.CALLBACK)
+    # Serve kills a proxy that is not ready within 3 x 5 s; on a busy machine starting it takes
+    # longer (seen on the 2-core machine of docs/scale-out.md), and the deployment then fails.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     if not ray.is_initialized():
         if settings.ray_address:
             ray.init(address=settings.ray_address, include_dashboard=False, logging_level=logging.WARNING)
-        else:  # a Ray of this machine only (Ray's own ports still bind every interface: docs/scale-out.md)
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        else:  # a new Ray of this machine only, never one `ray start` left running (its ports: docs/scale-out.md)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(application(settings, setup), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{settings.host}:{settings.port}"

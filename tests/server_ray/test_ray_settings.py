@@ -40,11 +40,12 @@ def test_deployment_options():
     s = ServerSettings(model=Path("m"), replicas=2, threads=1, max_batch_size=4, max_waiting=8)
     o = deployment_options(s)
     assert o["num_replicas"] == 2 and o["ray_actor_options"] == {"num_cpus": 1}
-    assert o["max_ongoing_requests"] == 4 + 8 + 1 and o["max_queued_requests"] == -1
+    assert o["max_ongoing_requests"] == 4 + 8 and o["max_queued_requests"] == 8
     assert o["backpressure_config"] == {"status_code": 429, "retry_after_s": 1}
     auto = deployment_options(ServerSettings(max_replicas=4, target_ongoing_requests=3, max_queued_requests=10))
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}
     assert "num_replicas" not in auto and auto["max_queued_requests"] == 10
+    assert deployment_options(ServerSettings(min_replicas=0, max_replicas=2))["autoscaling_config"]["min_replicas"] == 0
     assert replica_threads(ServerSettings(replicas=64)) == 1
 
 
@@ -63,7 +64,7 @@ def test_kuberay_manifest_and_app_builder():
         sys.path.pop(0)
     manifest = yaml.safe_load((repo / "docs/kuberay/ragtop-rayservice.yaml").read_text())
     lines = check(manifest)
-    assert "1..4 replicas (autoscaling, target 4.0 ongoing)" in lines[-1] and "max_ongoing_requests 73" in lines[-1]
+    assert "1..4 replicas (autoscaling, target 4.0 ongoing)" in lines[-1] and "max_ongoing_requests 72" in lines[-1]
     from ragtop.server.ray import build
 
     with pytest.raises(RagtopError, match="max_wating"):
