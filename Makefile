@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NATIVE := ragtop/_native/libragtop_ort.so
 
-.PHONY: install plugin test test-all test-ray install-ray lint serve bench clean train-small prometheus
+.PHONY: install plugin test test-all lint serve bench clean train-small prometheus
 
 install: $(STAMP) $(NATIVE)
 
@@ -35,15 +35,6 @@ test: install lint
 
 test-all: install
 	$(BIN)/python -m pytest -q
-
-# ragtop on Ray Serve (docs/scale-out.md): the `ray` extra, then the tests that start a local Ray
-# (2 CPUs, loopback, 2 replicas of a tiny model; about a minute on 2 cores). `make test` leaves
-# them out (they are also marked slow).
-install-ray: install
-	$(BIN)/python -c "import ray.serve" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[ray]'
-
-test-ray: install-ray
-	$(BIN)/python -m pytest -q -m ray tests/server_ray
 
 # The benchmark report (docs/benchmarks.md + docs/benchmarks/*.png; tens of minutes to hours on
 # 2 cores, run it on a quiet machine): one attention layer (`ragtop bench ops`: plugin exact /
@@ -89,3 +80,13 @@ DATA_DIR ?= $(HOME)/.cache/ragtop
 SERVE_ARGS ?=
 serve: install
 	RAGTOP_DATA_DIR=$${RAGTOP_DATA_DIR:-$(DATA_DIR)} $(BIN)/ragtop serve $(SERVE_ARGS)
+
+# ragtop on Ray Serve (docs/scale-out.md): the `ray` extra, then the tests that start a local Ray
+# (2 CPUs, 2 replicas of a tiny model; one to two minutes on 2 cores). `make test` leaves them out
+# (they are also marked slow).
+.PHONY: install-ray test-ray
+install-ray: install
+	$(BIN)/python -c "import ray.serve" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[ray]'
+
+test-ray: install-ray
+	$(BIN)/python -m pytest -q -m ray tests/server_ray
