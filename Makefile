@@ -93,3 +93,13 @@ DATA_DIR ?= $(HOME)/.cache/ragtop
 SERVE_ARGS ?=
 serve: install
 	RAGTOP_DATA_DIR=$${RAGTOP_DATA_DIR:-$(DATA_DIR)} $(BIN)/ragtop serve $(SERVE_ARGS)
+
+# ragtop on Ray Serve (docs/scale-out.md): the `ray` extra, then the tests that start a local Ray
+# (2 CPUs, 2 replicas of a tiny model; one to two minutes on 2 cores). `make test` leaves them out
+# (they are also marked slow).
+.PHONY: install-ray test-ray
+install-ray: install
+	$(BIN)/python -c "import ray.serve" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[ray]'
+
+test-ray: install-ray
+	$(BIN)/python -m pytest -q -m ray tests/server_ray

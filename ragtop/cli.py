@@ -144,6 +144,18 @@ def add_serve(sub) -> None:
     p.add_argument("--cors-origin", dest="cors_origins", action="append", default=None, help="allowed CORS origin (repeatable; none by default)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     p.add_argument("--data-dir", type=Path, default=None, help="where the default model is cached (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)")
+    ray = p.add_argument_group("scale out on Ray Serve", "With --replicas or --max-replicas the same app runs as a Ray Serve "
+                               "deployment, one engine per replica (needs `pip install 'ragtop[ray]'`; docs/scale-out.md)")
+    ray.add_argument("--replicas", type=positive_int, default=None, help="a fixed number of replicas")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling: at least this many (default 1)")
+    ray.add_argument("--max-replicas", type=positive_int, default=None, help="autoscaling: at most this many")
+    ray.add_argument("--target-ongoing-requests", type=float, default=None, help="autoscaling target per replica (Ray's default 2)")
+    ray.add_argument("--max-ongoing-requests", type=positive_int, default=None,
+                     help="requests a replica takes at once (default max-batch-size + max-waiting)")
+    ray.add_argument("--max-queued-requests", type=int, default=None,
+                     help="requests waiting in Ray's router when every replica is full, before 429 (default max-waiting; -1: no bound)")
+    ray.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto', ray://HOST:10001); default: a local Ray")
+    ray.add_argument("--replica-metrics-port", type=int, default=None, help="each replica's Prometheus port (default 0: a free one)")
     p.set_defaults(func=run_serve)
 
 
@@ -152,8 +164,9 @@ def run_serve(a: argparse.Namespace) -> int:
     from .server.settings import ServerSettings
 
     names = ("model", "host", "port", "api_key", "served_model_name", "runner", "plugin", "threads", "max_batch_size",
-             "max_waiting", "max_tokens_per_step", "prefill_chunk", "context_limit", "cache_memory_mb", "prefix_caching", "max_body_bytes",
-             "shutdown_grace_s", "log_level")
+             "max_waiting", "max_tokens_per_step", "prefill_chunk", "context_limit", "cache_memory_mb", "prefix_caching",
+             "max_body_bytes", "shutdown_grace_s", "log_level", "replicas", "min_replicas", "max_replicas",
+             "target_ongoing_requests", "max_ongoing_requests", "max_queued_requests", "ray_address", "replica_metrics_port")
     overrides = {n: getattr(a, n) for n in names}
     overrides["cors_origins"] = tuple(a.cors_origins) if a.cors_origins else None
     settings = ServerSettings.load(overrides)
@@ -163,6 +176,10 @@ def run_serve(a: argparse.Namespace) -> int:
         model = ensure_default_model(a.data_dir or default_data_dir())
         settings = ServerSettings.load({**overrides, "model": model,
                                         "served_model_name": settings.served_model_name or "SmolLM2-135M-Instruct-topk256"})
+    if settings.scale_out:  # only then is Ray imported
+        from .server.ray import serve_forever
+
+        return serve_forever(settings)
     return serve(settings)
 
 

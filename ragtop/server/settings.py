@@ -42,6 +42,15 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()  # no CORS unless origins are named
     log_level: str = "info"
     retry_after_s: int = 1  # Retry-After of a 429
+    # -- scale out on Ray Serve (`pip install 'ragtop[ray]'`; docs/scale-out.md) ----------------
+    replicas: int | None = None  # fixed replica count; with this or max_replicas, `ragtop serve` runs on Ray
+    min_replicas: int | None = None  # autoscaling between min_replicas and max_replicas ...
+    max_replicas: int | None = None
+    target_ongoing_requests: float | None = None  # ... on ongoing requests per replica (Ray's default 2)
+    max_ongoing_requests: int | None = None  # per replica; default max_batch_size + max_waiting
+    max_queued_requests: int | None = None  # in Ray's router when every replica is full (-1: no bound); default max_waiting
+    ray_address: str | None = None  # join this Ray cluster ("auto", "ray://host:10001"); default: start one here
+    replica_metrics_port: int = 0  # each replica's Prometheus endpoint (0: a free port; docs/scale-out.md)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -51,6 +60,29 @@ class ServerSettings:
                 raise RagtopError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.runner not in ("auto", "ort", "torch"):
             raise RagtopError(f"runner must be auto, ort or torch, got {self.runner!r}")
+        self._check_scale_out()
+
+    @property
+    def scale_out(self) -> bool:
+        """Serve on Ray Serve (replicas or autoscaling given) instead of one process."""
+        return self.replicas is not None or self.max_replicas is not None
+
+    def _check_scale_out(self) -> None:
+        for name, least in (("replicas", 1), ("min_replicas", 0), ("max_replicas", 1), ("max_ongoing_requests", 1),
+                            ("max_queued_requests", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least and not (name == "max_queued_requests" and value == -1):
+                raise RagtopError(f"{name} must be >= {least}, got {value}")
+        if self.replicas is not None and (self.min_replicas is not None or self.max_replicas is not None):
+            raise RagtopError("give either replicas (a fixed count) or min_replicas/max_replicas (autoscaling), not both")
+        if self.min_replicas is not None and self.max_replicas is None:
+            raise RagtopError("min_replicas needs max_replicas (autoscaling between the two)")
+        if self.max_replicas is not None and (self.min_replicas or 0) > self.max_replicas:
+            raise RagtopError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.target_ongoing_requests is not None and self.target_ongoing_requests <= 0:
+            raise RagtopError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        if not 0 <= self.replica_metrics_port <= 65535:
+            raise RagtopError(f"replica_metrics_port must be in 0..65535, got {self.replica_metrics_port}")
 
     @property
     def model_name(self) -> str:
@@ -71,6 +103,14 @@ class ServerSettings:
             if value is not None:
                 values[name] = value
         return cls(**values)
+
+
+def parse_setting(name: str, raw: str) -> Any:
+    """A setting given as text (a RAGTOP_* variable, a Ray Serve config's `args`) as its type."""
+    by_name = {f.name: f for f in fields(ServerSettings)}
+    if name not in by_name:
+        raise RagtopError(f"unknown ragtop setting {name!r}; known: {', '.join(sorted(by_name))}")
+    return _parse(by_name[name], raw)
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:

@@ -64,12 +64,16 @@ async def _unless_disconnected(request: Request, work: Awaitable[dict[str, Any]]
     """Await a non-streaming response, abandoning it (and aborting its requests) when the
     client goes away first."""
     task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.25)
-        if done:
-            return JSONResponse(task.result())
-        if await request.is_disconnected():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            return Response(status_code=CLIENT_CLOSED)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return JSONResponse(task.result())
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return Response(status_code=CLIENT_CLOSED)
+    except asyncio.CancelledError:  # the handler itself was cancelled (Ray Serve's proxy does so on disconnect)
+        task.cancel()
+        raise
