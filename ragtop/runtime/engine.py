@@ -445,10 +445,15 @@ class AsyncEngine:
             except BaseException as e:  # noqa: BLE001 - EngineDead, or a bug in the engine itself
                 self._die(e)
                 return
+            # One wake-up of each listening event loop per step, not one per output: with many
+            # streams the loop otherwise spends as much CPU on wake-ups as the engine on the model.
+            batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
-                    self._deliver(*stream, out)
+                    batches.setdefault(stream[0], []).append((stream[1], out))
+            for loop, items in batches.items():
+                self._deliver_many(loop, items)
 
     def _die(self, e: BaseException) -> None:
         log.error("the engine stopped: %s", e, exc_info=not isinstance(e, EngineDead))
@@ -461,6 +466,17 @@ class AsyncEngine:
         failure = RequestFailed(f"the engine stopped: {e}", status=503)
         for loop, queue in list(self._streams.values()):
             self._deliver(loop, queue, failure)
+
+    @staticmethod
+    def _deliver_many(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> None:
+        def put_all() -> None:
+            for queue, item in items:
+                queue.put_nowait(item)
+
+        try:
+            loop.call_soon_threadsafe(put_all)
+        except RuntimeError:  # the caller's event loop is closed: nobody listens
+            pass
 
     @staticmethod
     def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: object) -> None:
