@@ -52,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atol", type=float, default=None,
                    help=f"validation: absolute part of the tolerance atol + rtol * max|reference logits| (default {DEFAULT_ATOL:g})")
     p.add_argument("--rtol", type=float, default=None,
-                   help="validation: relative part (default 1e-4 for fp32 and for int4/int8 at accuracy level "
-                        "0/1, 1e-2 for fp16, 3e-2 for int4/int8 at level 4)")
+                   help="validation: relative part (default for fp32 and int4/int8 at accuracy level 0/1: 1e-4, "
+                        "2e-4 with top-k / block selection; 1e-2 for fp16; 3e-2 for int4/int8 at level 4)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch validation")
     p.add_argument("--ort-format", action="store_true", help="also write model.ort and required_operators.config")
     p.add_argument("--plugin-library", type=Path, default=None,
@@ -170,8 +170,8 @@ def run(a: argparse.Namespace) -> int:
     ckpt = load_checkpoint(a.checkpoint)
     cfg, model = ckpt.config, ckpt.model
     context = a.max_context or cfg.max_seq_len
-    atol, rtol = tolerances(a)
     spec = make_spec(model, context, a.ops, a.dtype, a.opset, a.weights, a.accuracy_level)
+    atol, rtol = tolerances(a, spec.attention_mode)
     planned = qweights.plan(model, a.weights, load_file_blocks(ckpt.path))
     if planned:
         log(f"{a.weights} weights: {qweights.summary(planned)} (matrix count by source)")
@@ -230,14 +230,22 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def tolerances(a: argparse.Namespace) -> tuple[float, float]:
-    """(atol, rtol) of the validation: |onnx - torch| <= atol + rtol * max|torch| per output."""
+def tolerances(a: argparse.Namespace, attention_mode: str = "dense") -> tuple[float, float]:
+    """(atol, rtol) of the validation: |onnx - torch| <= atol + rtol * max|torch| per output.
+
+    fp32 (and int4/int8 at accuracy level 0, which compute in fp32 on the same weights): rtol
+    1e-4 — 30 fp32 layers of SmolLM2 differ from PyTorch by up to ~6e-4 on logits of ~30 —
+    and 2e-4 when the attention selects keys: there a query may keep another key on a near tie
+    of its k-th score (SmolLM2 block selection: 4.3e-3 on logits of 33.6, scripts/block_ties.py).
+    """
     atol = a.atol if a.atol is not None else DEFAULT_ATOL
     if a.rtol is not None:
         return atol, a.rtol
     if a.weights in ("int4", "int8") and a.accuracy_level == 4:
         return atol, 3e-2
-    return atol, (1e-2 if a.dtype == "fp16" else 1e-4)
+    if a.dtype == "fp16":
+        return atol, 1e-2
+    return atol, (1e-4 if attention_mode == "dense" else 2e-4)
 
 
 def export_ort(a, out: Path, onnx_path: Path, model, spec, tol: tuple[float, float], ids: list[int], report: dict, log) -> bool:

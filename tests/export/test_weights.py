@@ -105,7 +105,7 @@ def test_quantized_export_validates(make_checkpoint, tmp_path, capsys, variant, 
     assert export_model_main([str(ckpt), str(out), "--weights", weights]) == 0, capsys.readouterr().err
     report = json.loads((out / "export_report.json").read_text())
     assert report["validation"]["passed"] and report["validation"]["greedy_match"]
-    assert report["validation"]["rtol"] == 1e-4
+    assert report["validation"]["rtol"] == (1e-4 if variant[0] == "dense" else 2e-4)
     assert report["weights"]["kind"] == weights and report["weights"]["accuracy_level"] == 0
     config = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
     assert (config["weights"], config["dtype"], config["matmul_accuracy_level"]) == (weights, "fp32", 0)

@@ -69,3 +69,18 @@ def test_generate_command_gives_the_same_text_with_either_runner(exported, capsy
     assert texts[0] == texts[1]
     assert main(["generate", str(onnx_dir), "--runner", "torch", "--prompt", "x"]) == 2
     assert "--runner torch needs model.safetensors" in capsys.readouterr().err
+
+
+def test_ort_runner_runs_int4_weights(tokenizer, tmp_path):
+    """An --weights int4 export (MatMulNBits, fp32 compute) through OrtRunner gives the greedy
+    tokens of the PyTorch model holding the same dequantized weights."""
+    from ragtop.export.weights import plan, reference_model
+
+    model = make_model(tokenizer.get_vocab_size(), "topk")
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tokenizer.to_str(), generation={"bos_token_id": 0, "eos_token_id": 0})
+    assert main(["export", str(ckpt), str(tmp_path / "onnx"), "--weights", "int4", "--no-validate"]) == 0
+    ref = save_checkpoint(tmp_path / "ref", reference_model(model, plan(model, "int4", {})), tokenizer.to_str(),
+                          generation={"bos_token_id": 0, "eos_token_id": 0})
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (4, 11, 19)]
+    assert greedy_tokens(tmp_path / "onnx", prompts, max_batch_size=4) == greedy_tokens(ref, prompts, max_batch_size=4)
