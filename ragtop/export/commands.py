@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 4], default=DEFAULT_ACCURACY_LEVEL,
                    help="MatMulNBits accuracy_level with int4/int8 weights: 0/1 = fp32 compute on the exact "
                         "weights (8-bit matrices as two 4-bit halves); 4 = activations rounded to int8 per "
-                        f"block (faster, less exact) (default {DEFAULT_ACCURACY_LEVEL})")
+                        f"block (faster kernels, less exact) (default {DEFAULT_ACCURACY_LEVEL})")
     p.add_argument("--ops", choices=["custom", "standard"], default="custom",
                    help="custom: ragtop:: nodes with standard-op function bodies (default); standard: standard ops only")
     p.add_argument("--max-context", type=int, default=None, help="context limit written to genai_config.json (default: the model's max_seq_len)")
