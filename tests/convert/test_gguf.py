@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -35,9 +36,22 @@ def byte_alphabet() -> list[str]:
     return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
-def write_tiny_gguf(path, model: Transformer, arch: str = "llama", untied: bool = False) -> None:
+def write_tiny_gguf(path, model: Transformer, arch: str = "llama", untied: bool = False, quantized: bool = False) -> None:
+    """quantized: as llama.cpp's Q4_1 files — the embedding Q8_0, the other matrices Q4_1
+    where their rows are whole blocks of 32 (ffn_down, 48 wide, stays F32)."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
+    add = w.add_tensor
+    if quantized:
+        Q = gguf.GGMLQuantizationType
+
+        def add(name: str, t: np.ndarray) -> None:
+            if t.ndim == 2 and t.shape[1] % 32 == 0:
+                kind = Q.Q8_0 if name == "token_embd.weight" else Q.Q4_1
+                w.add_tensor(name, gguf.quants.quantize(t, kind), raw_dtype=kind)
+            else:
+                w.add_tensor(name, t)
+
     w.add_block_count(c.n_layers)
     w.add_context_length(c.max_seq_len)
     w.add_embedding_length(c.d_model)
@@ -58,21 +72,21 @@ def write_tiny_gguf(path, model: Transformer, arch: str = "llama", untied: bool 
     w.add_eos_token_id(2)
     w.add_chat_template(TEMPLATE)
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    w.add_tensor("token_embd.weight", sd["embed.weight"])
+    add("token_embd.weight", sd["embed.weight"])
     for i in range(c.n_layers):
         p, b = f"layers.{i}.", f"blk.{i}."
-        w.add_tensor(b + "attn_norm.weight", sd[p + "attn_norm.weight"])
-        w.add_tensor(b + "attn_q.weight", llama_cpp_permute(sd[p + "attn.q_proj.weight"], c.n_heads))
-        w.add_tensor(b + "attn_k.weight", llama_cpp_permute(sd[p + "attn.k_proj.weight"], c.n_kv_heads))
-        w.add_tensor(b + "attn_v.weight", sd[p + "attn.v_proj.weight"])
-        w.add_tensor(b + "attn_output.weight", sd[p + "attn.o_proj.weight"])
-        w.add_tensor(b + "ffn_norm.weight", sd[p + "mlp_norm.weight"])
-        w.add_tensor(b + "ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
-        w.add_tensor(b + "ffn_up.weight", sd[p + "mlp.up_proj.weight"])
-        w.add_tensor(b + "ffn_down.weight", sd[p + "mlp.down_proj.weight"])
-    w.add_tensor("output_norm.weight", sd["norm.weight"])
+        add(b + "attn_norm.weight", sd[p + "attn_norm.weight"])
+        add(b + "attn_q.weight", llama_cpp_permute(sd[p + "attn.q_proj.weight"], c.n_heads))
+        add(b + "attn_k.weight", llama_cpp_permute(sd[p + "attn.k_proj.weight"], c.n_kv_heads))
+        add(b + "attn_v.weight", sd[p + "attn.v_proj.weight"])
+        add(b + "attn_output.weight", sd[p + "attn.o_proj.weight"])
+        add(b + "ffn_norm.weight", sd[p + "mlp_norm.weight"])
+        add(b + "ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        add(b + "ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        add(b + "ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+    add("output_norm.weight", sd["norm.weight"])
     if untied:
-        w.add_tensor("output.weight", sd["embed.weight"][::-1].copy())
+        add("output.weight", sd["embed.weight"][::-1].copy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -178,3 +192,76 @@ def test_import_with_served_defaults(tiny, tmp_path):
     cfg = load_checkpoint(out).config
     assert (cfg.attention.kind, cfg.attention.topk) == (defaults.DEFAULT_ATTENTION, defaults.DEFAULT_TOPK)
     assert cfg.embedding.kind == defaults.DEFAULT_EMBEDDING
+
+
+CFG_Q = dataclasses.replace(CFG, d_ff=64)  # every matrix whole blocks of 32
+
+
+@pytest.fixture
+def tiny_q4(tmp_path):
+    model = Transformer(CFG_Q).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "tiny-q4_1.gguf"
+    write_tiny_gguf(path, model, quantized=True)
+    return path
+
+
+def test_quantized_gguf_keeps_the_files_blocks(tiny_q4, tmp_path):
+    """Import keeps the raw Q4_1 / Q8_0 blocks beside the fp32 weights; they dequantise to
+    exactly those weights (q/k rows reordered like the weights); convert carries them, and
+    drops those that no longer describe the written weights."""
+    from gguf.quants import dequantize
+    from safetensors.torch import load_file, save_file
+
+    from ragtop.quant import load_file_blocks
+
+    imported = read_gguf(tiny_q4)
+    kinds = {n: b.kind for n, b in imported.blocks.items()}
+    assert kinds.pop("embed.weight") == "q8_0"
+    assert len(kinds) == 7 * CFG_Q.n_layers and set(kinds.values()) == {"q4_1"}
+    for name, fb in imported.blocks.items():
+        assert np.array_equal(fb.dequantize(), imported.state[name].numpy()), name
+    raw = next(t for t in gguf.GGUFReader(str(tiny_q4)).tensors if t.name == "token_embd.weight")
+    assert np.array_equal(dequantize(raw.data, raw.tensor_type), imported.blocks["embed.weight"].dequantize())
+
+    out = tmp_path / "ckpt"
+    assert main(["import", "gguf", str(tiny_q4), "--out", str(out)]) == 0
+    kept = load_file_blocks(out)
+    assert set(kept) == set(imported.blocks)
+    sparse = tmp_path / "sparse"
+    assert main(["convert", str(out), "--out", str(sparse), "--attention", "topk", "--topk", "4"]) == 0
+    assert set(load_file_blocks(sparse)) == set(kept)
+    # a weight changed since the import (fine-tuning, say): its blocks are not carried on
+    state = load_file(str(out / "model.safetensors"))
+    state["layers.1.mlp.up_proj.weight"] += 1e-3
+    save_file(state, str(out / "model.safetensors"))
+    again = tmp_path / "again"
+    assert main(["convert", str(out), "--out", str(again), "--attention", "topk", "--topk", "4"]) == 0
+    assert set(load_file_blocks(again)) == set(kept) - {"layers.1.mlp.up_proj.weight"}
+
+
+def test_int4_export_computes_the_files_values(tiny_q4, tmp_path, capsys):
+    """--weights int4 from a quantized GGUF: MatMulNBits holds the file's own Q4_1 / Q8_0 blocks,
+    so with fp32 compute (accuracy level 0, the default) the graph matches the imported fp32
+    model (the file's values) to float rounding — no second rounding; the tied head and the
+    embedding share the same initializers."""
+    import onnx
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["import", "gguf", str(tiny_q4), "--out", str(ckpt)]) == 0
+    out = tmp_path / "onnx"
+    rc = main(["export", str(ckpt), str(out), "--weights", "int4", "--atol", "1e-4", "--rtol", "0"])
+    assert rc == 0, capsys.readouterr()
+    report = json.loads((out / "export_report.json").read_text())
+    # every matrix from the file: the validation reference is the imported model itself
+    assert report["weights"]["matrices"] == {"gguf q8_0": 1, "gguf q4_1": 7 * CFG_Q.n_layers}
+    assert report["validation"]["passed"] and report["validation"]["greedy_match"]
+    m = onnx.load(str(out / "model.onnx"))
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("MatMulNBits") == 7 * CFG_Q.n_layers + 2  # the 8-bit head as two 4-bit halves
+    init = {i.name: i for i in m.graph.initializer}
+    for half in ("embed_hi_q", "embed_lo_q"):  # read by the head's MatMulNBits and the embedding's Gather
+        assert init[half].data_type == onnx.TensorProto.UINT8 and list(init[half].dims) == [CFG_Q.vocab_size, 1, 16]
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and min(i.dims) >= 32 for i in m.graph.initializer)

@@ -109,6 +109,10 @@ def test_standard_ops_fp16_and_opset(make_checkpoint, tmp_path, capsys):
         (["{ckpt}", "{existing}"], "exists and is not empty (use --overwrite)"),
         (["{ckpt}", "{foreign}", "--overwrite"], "does not look like an export folder"),
         (["{ckpt}", "{out}", "--quantize", "int8", "--dtype", "fp16"], "--quantize int8 needs --dtype fp32"),
+        (["{ckpt}", "{out}", "--weights", "int4", "--dtype", "fp16"], "--weights int4 runs with fp32 activations"),
+        (["{ckpt}", "{out}", "--weights", "int8", "--quantize", "int8"], "does not combine with --weights int8"),
+        (["{ckpt}", "{out}", "--weights", "fp16", "--dtype", "fp32"], "--weights fp16 computes in fp16"),
+        (["{ckpt}", "{out}", "--rtol", "-1"], "--rtol must be >= 0"),
         (["{ckpt}", "{out}", "--plugin-library", "{missing}", "--ort-format", "--no-validate"], "plugin library not found"),
     ],
 )

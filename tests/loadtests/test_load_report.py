@@ -138,3 +138,12 @@ def test_report_without_results_says_not_yet_measured(tmp_path):
     bad.write_text(json.dumps({"schema": SCHEMA, "kind": "context-sweep"}))
     with pytest.raises(ValueError, match="does not match"):
         report.load(bad)
+
+
+def test_report_appends_hand_measured_sections(tmp_path):
+    """plots/*.section.md (figures measured outside make bench, with their commands) close the report."""
+    plots = tmp_path / "p"
+    plots.mkdir()
+    (plots / "weights.section.md").write_text("## Quantized weights\n\n| a | b |\n")
+    text = report.build(None, None, tmp_path / "benchmarks.md", plots)
+    assert text.rstrip().endswith("## Quantized weights\n\n| a | b |")

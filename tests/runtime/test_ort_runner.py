@@ -114,3 +114,18 @@ def test_prefix_cache_hits_give_the_same_greedy_tokens(exported):
         assert copies_before == 1 and out["follow"][-1].usage.cached_tokens == 32
         assert [t for o in out["follow"] for d in o.deltas for t in d.token_ids] == want[0]
         warm.close()
+
+
+def test_ort_runner_runs_int4_weights(tokenizer, tmp_path):
+    """An --weights int4 export (MatMulNBits, fp32 compute) through OrtRunner gives the greedy
+    tokens of the PyTorch model holding the same dequantized weights."""
+    from ragtop.export.weights import plan, reference_model
+
+    model = make_model(tokenizer.get_vocab_size(), "topk")
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tokenizer.to_str(), generation={"bos_token_id": 0, "eos_token_id": 0})
+    assert main(["export", str(ckpt), str(tmp_path / "onnx"), "--weights", "int4", "--no-validate"]) == 0
+    ref = save_checkpoint(tmp_path / "ref", reference_model(model, plan(model, "int4", {})), tokenizer.to_str(),
+                          generation={"bos_token_id": 0, "eos_token_id": 0})
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (4, 11, 19)]
+    assert greedy_tokens(tmp_path / "onnx", prompts, max_batch_size=4) == greedy_tokens(ref, prompts, max_batch_size=4)

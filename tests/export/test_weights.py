@@ -1,0 +1,155 @@
+"""--weights int4 / int8: block quantization (ragtop/quant.py) and the quantized export.
+
+Real onnxruntime sessions throughout: single com.microsoft::MatMulNBits nodes check the
+packing against numpy; tiny exports check the graph against PyTorch with the same
+dequantized weights (fp32 compute at accuracy level 0, the default: float rounding only;
+int8 compute at level 4: the activations' int8 rounding on top).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from tiny_models import PROMPT, tiny_model
+
+from ragtop.cli import export_model_main
+from ragtop.export.weights import plan, reference_model
+from ragtop.quant import BLOCK, FileBlocks, QBlocks, quantize_rtn
+
+
+def matmul_nbits(q: QBlocks, k: int, level: int = 0) -> ort.InferenceSession:
+    n = q.codes.shape[0]
+    inits = [numpy_helper.from_array(q.packed_codes(), "B"), numpy_helper.from_array(q.scales, "scales")]
+    if q.zero_points is not None:
+        inits.append(numpy_helper.from_array(q.packed_zero_points(), "zp"))
+    node = helper.make_node("MatMulNBits", ["A"] + [i.name for i in inits], ["Y"], domain="com.microsoft",
+                            K=k, N=n, bits=q.bits, block_size=BLOCK, accuracy_level=level)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits,k", [(4, 64), (4, 48), (4, 96), (8, 64), (8, 48)])
+def test_rtn_blocks_run_in_matmul_nbits(bits, k):
+    """Codes, scales and (packed) zero points in MatMulNBits' layout: onnxruntime computes
+    x @ dequantize(q)^T, also when K is not whole blocks (48) or the block count is odd (96 -> 3)."""
+    rng = np.random.default_rng(bits * 1000 + k)
+    w = rng.standard_normal((40, k)).astype(np.float32) * 0.1
+    w[3] = 0.0  # an all-zero row: scale 0
+    w[5, :] = np.abs(w[5, :])  # a one-signed row: the zero point at the end of the range
+    q = quantize_rtn(w, bits)
+    deq = q.dequantize(k)
+    step = (np.abs(w).max() / 127) if bits == 8 else (np.ptp(w) / 15)
+    assert np.abs(deq - w).max() <= step / 2 + 1e-6  # round to nearest within a block
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    (y,) = matmul_nbits(q, k).run(None, {"A": x})
+    np.testing.assert_allclose(y, x @ deq.T, rtol=1e-5, atol=1e-5)
+
+
+def test_file_blocks_map_exactly():
+    """Q4_1 (w = d*q + m) as 4-bit codes with the default zero point 8 and a per-block minimum
+    m + 8d; Q8_0 (w = d*q) as 8-bit codes q + 128: the same values, and MatMulNBits (fp32
+    compute) plus the minimum term reproduce x @ w^T to float rounding."""
+    rng = np.random.default_rng(0)
+    n, k = 24, 64
+    d = (rng.random((n, k // BLOCK)) * 0.02 + 0.001).astype(np.float16)
+    m = (-rng.random((n, k // BLOCK)) * 0.1).astype(np.float16)
+    q4 = FileBlocks("q4_1", rng.integers(0, 16, (n, k)).astype(np.uint8), d, m)
+    q8 = FileBlocks("q8_0", rng.integers(-127, 128, (n, k)).astype(np.int8), d)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    for fb in (q4, q8):
+        mb = fb.matmul_blocks()
+        np.testing.assert_allclose(mb.dequantize(), fb.dequantize(), rtol=1e-6, atol=1e-7)
+        (y,) = matmul_nbits(mb, k).run(None, {"A": x})
+        if mb.mins is not None:
+            y = y + x.reshape(5, -1, BLOCK).sum(-1) @ mb.mins.T
+        np.testing.assert_allclose(y, x @ fb.dequantize().T, rtol=1e-5, atol=1e-5)
+    assert q8.matmul_blocks().bits == 8 and q4.matmul_blocks().bits == 4
+
+
+def test_plan_and_reference():
+    model = tiny_model("dense", "uniform")
+    p4 = plan(model, "int4", {})
+    assert {qw.source for qw in p4.values()} == {"rtn4", "rtn8"}
+    assert p4["embed.weight"].blocks.bits == 8 and p4["layers.0.mlp.down_proj.weight"].blocks.bits == 4
+    assert len(p4) == 1 + 7 * model.config.n_layers  # tied: the embedding is the head
+    assert plan(model, "fp32", {}) == {} and reference_model(model, {}) is model
+    ref = reference_model(model, p4)
+    w = model.state_dict()["layers.1.attn.o_proj.weight"]
+    assert not torch.equal(ref.state_dict()["layers.1.attn.o_proj.weight"], w)
+    assert torch.equal(model.state_dict()["layers.1.attn.o_proj.weight"], w)  # the original is untouched
+
+
+def nbits_nodes(path) -> list[tuple[int, int]]:
+    """(bits, accuracy_level) of every MatMulNBits node."""
+    m = onnx.load(str(path))
+    return [(next(a.i for a in n.attribute if a.name == "bits"), next(a.i for a in n.attribute if a.name == "accuracy_level"))
+            for n in m.graph.node if n.op_type == "MatMulNBits"]
+
+
+@pytest.mark.parametrize("variant", [("dense", "uniform"), ("block", "ragged")])
+@pytest.mark.parametrize("weights", ["int4", "int8"])
+def test_quantized_export_validates(make_checkpoint, tmp_path, capsys, variant, weights):
+    """Default: fp32 compute (accuracy level 0) on exactly the dequantized weights, so the fp32
+    tolerance holds, greedy tokens included; 8-bit matrices run as two 4-bit halves; no float
+    copy of a quantized matrix is left (a ragged embedding stays float: it is a custom op)."""
+    ckpt = make_checkpoint(*variant)
+    out = tmp_path / "q"
+    assert export_model_main([str(ckpt), str(out), "--weights", weights]) == 0, capsys.readouterr().err
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["validation"]["passed"] and report["validation"]["greedy_match"]
+    assert report["validation"]["rtol"] == (1e-4 if variant[0] == "dense" else 2e-4)
+    assert report["weights"]["kind"] == weights and report["weights"]["accuracy_level"] == 0
+    config = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    assert (config["weights"], config["dtype"], config["matmul_accuracy_level"]) == (weights, "fp32", 0)
+    matrices = 7 * 2 + (variant[1] == "uniform")  # 7 per layer, + the tied head when uniform
+    eight_bit = matrices if weights == "int8" else (variant[1] == "uniform")  # the head is 8-bit in int4
+    assert sorted(nbits_nodes(out / "model.onnx")) == [(4, 0)] * (matrices + eight_bit)
+    m = onnx.load(str(out / "model.onnx"))
+    floats = [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and min(i.dims) > 1]
+    left = [i.name for i in floats if not i.name.endswith(("_mins", "_scales"))]
+    assert not left or variant[1] == "ragged", left  # the ragged embedding's tables and projections stay float
+    from ragtop.export.onnx import weight_bytes
+
+    fp32_bytes = (ckpt / "model.safetensors").stat().st_size
+    assert weight_bytes(m) < (0.5 if weights == "int4" else 0.6) * fp32_bytes
+
+
+def test_int8_compute_level_4(make_checkpoint, tmp_path, capsys):
+    """--accuracy-level 4: MLAS int8 compute (activations rounded to int8 per block), 8-bit
+    matrices as 8-bit nodes; tiny models' logits move by a few % of their range."""
+    out = tmp_path / "q"
+    rc = export_model_main([str(make_checkpoint("dense", "uniform")), str(out), "--weights", "int4",
+                            "--accuracy-level", "4", "--rtol", "0.1"])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(set(nbits_nodes(out / "model.onnx"))) == [(4, 4), (8, 4)]
+    v = json.loads((out / "export_report.json").read_text())["validation"]
+    assert v["greedy_match"] and max(c["max_abs_diff"]["logits"] for c in v["cases"]) > 1e-4  # not exact
+
+
+def test_plugin_runs_quantized_graph(make_checkpoint, tmp_path):
+    """The ragtop plugin's attention kernel with MatMulNBits around it: same greedy tokens."""
+    from ragtop.export import mobile
+    from ragtop.export.onnx import make_spec
+    from ragtop.export.verify import greedy_onnx, session
+
+    plugin = mobile.find_plugin_library(None)
+    if plugin is None:
+        pytest.skip("the ragtop plugin library is not built")
+    out = tmp_path / "q"
+    ckpt = make_checkpoint("topk", "uniform")
+    assert export_model_main([str(ckpt), str(out), "--weights", "int4", "--no-validate"]) == 0
+    from ragtop.checkpoint import load_checkpoint
+
+    model = load_checkpoint(ckpt).model
+    spec = make_spec(model, model.config.max_seq_len, "custom", "fp32", 18, "int4", 0)
+    plain = greedy_onnx(session(out / "model.onnx"), spec, PROMPT, 16, 32)
+    with_plugin = greedy_onnx(session(out / "model.onnx", custom_op_library=str(plugin)), spec, PROMPT, 16, 32)
+    assert plain == with_plugin
