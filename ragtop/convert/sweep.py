@@ -367,7 +367,13 @@ def pareto_plot(rows: Sequence[dict], length: str, path: Path) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":  # python -m ragtop.convert.sweep ROWS.jsonl: the table of (appended) sweeps
+if __name__ == "__main__":  # python -m ragtop.convert.sweep ROWS.jsonl [PLOT.png]: the table of (appended) sweeps
     import sys
 
-    print(markdown_table([json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]))
+    rows = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]
+    if rows and "setting" in rows[0]:  # ragtop sweep --setting rows; [PLOT.png] for the Pareto plot
+        print(calibration_table(rows))
+        if len(sys.argv) > 2:
+            pareto_plot(rows, max(rows[0]["lengths"], key=int), Path(sys.argv[2]))
+    else:
+        print(markdown_table(rows))

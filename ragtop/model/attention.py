@@ -171,8 +171,11 @@ class TopKAttention(Attention):
             if summaries is not None:
                 cand = cand & self.block_selection(qc, pos, summaries)[..., :end]
             scores = (qc * self.scale) @ kc.transpose(-1, -2)  # [B,H,c,end]
-            _, idx = select_topk(scores.masked_fill(~cand, float("-inf")), self.topk)  # [B,H,c,k]
-            keep = torch.zeros_like(cand.expand_as(scores)).scatter(-1, idx, True) & cand | forced
+            if summaries is not None and self.topk >= (self.block_budget + 1) * self.block_size:
+                keep = cand | forced  # top-k cannot bind: every candidate of the chosen blocks (Quest)
+            else:
+                _, idx = select_topk(scores.masked_fill(~cand, float("-inf")), self.topk)  # [B,H,c,k]
+                keep = torch.zeros_like(cand.expand_as(scores)).scatter(-1, idx, True) & cand | forced
             probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
             outs.append(probs @ vc)
         return torch.cat(outs, dim=2)
