@@ -43,6 +43,9 @@ def add_conversion_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--topk", type=int, default=None, help=f"keys kept per query with --attention topk (default {defaults.DEFAULT_TOPK})")
     g.add_argument("--block-size", type=int, default=None, help="top-k block pre-selection: keys per block")
     g.add_argument("--block-budget", type=int, default=None, help="top-k block pre-selection: earlier blocks kept per query")
+    g.add_argument("--sink-tokens", type=int, default=None, help="top-k: the first N tokens are always kept (attention sinks)")
+    g.add_argument("--local-window", type=int, default=None, help="top-k: the last N tokens up to each query are always kept")
+    g.add_argument("--dense-layers", type=int, default=None, help="top-k: the first N layers stay dense")
     g.add_argument("--embedding", choices=["uniform", "ragged"], default=None, help="embedding of the written model (default: keep)")
     g.add_argument("--tiers", default=None, help=f"ragged tiers SIZE:WIDTH,...,*:WIDTH, most frequent first (default {defaults.DEFAULT_TIERS})")
     g.add_argument("--served-defaults", action="store_true", help="apply the conversion `make serve` uses (ragtop/convert/defaults.py)")
@@ -122,10 +125,13 @@ def convert_model(model: Transformer, tokenizer, a: argparse.Namespace) -> tuple
     elif embedding == "uniform" and model.config.embedding.kind != "uniform":
         raise RagtopError("converting ragged embeddings back to uniform is not supported")
     if attention == "topk":
-        model = with_attention(model, topk_attention(topk or defaults.DEFAULT_TOPK, a.block_size, a.block_budget))
+        model = with_attention(model, topk_attention(topk or defaults.DEFAULT_TOPK, a.block_size, a.block_budget,
+                                                     a.sink_tokens or 0, a.local_window or 0, a.dense_layers or 0))
         done["attention"] = asdict(model.config.attention)
-    elif topk is not None or a.block_size is not None or a.block_budget is not None:
-        raise RagtopError("--topk / --block-size / --block-budget need --attention topk")
+    elif topk is not None or any(x is not None for x in (a.block_size, a.block_budget, a.sink_tokens, a.local_window,
+                                                         a.dense_layers)):
+        raise RagtopError("--topk / --block-size / --block-budget / --sink-tokens / --local-window / --dense-layers "
+                          "need --attention topk")
     elif attention == "dense" and model.config.attention.kind != "dense":
         model = with_attention(model, AttentionConfig())  # dense over the same weights
         done["attention"] = {"kind": "dense"}
