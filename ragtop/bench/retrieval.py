@@ -83,15 +83,22 @@ def run_retrieval(
     answer_tokens: int = 8,
     out: Path | None = None,
     log: Callable[[str], None] = print,
+    done: Sequence[dict] = (),
 ) -> list[dict]:
-    """One row per (setting, prompt): whether the greedy answer holds the key."""
+    """One row per (setting, prompt): whether the greedy answer holds the key. Rows in
+    `done` (an earlier run's JSON lines) are kept and their trials not run again."""
     from ..convert.sparsify import with_attention
 
+    key = lambda r: (r["setting"], r["length"], r["depth"], r["key"])  # noqa: E731
+    earlier = {key(r): r for r in done}
     rows = []
     for name, attention in settings:
         m = with_attention(model, attention)
         t0 = time.perf_counter()
         for p in prompts:
+            if (name, p.length, p.depth, p.key) in earlier:
+                rows.append(earlier[(name, p.length, p.depth, p.key)])
+                continue
             answer = tokenizer.decode(greedy(m, p.ids, answer_tokens))
             row = {"setting": name, "length": p.length, "tokens": len(p.ids), "depth": p.depth, "key": p.key,
                    "answer": answer, "correct": p.key in answer, "attention": asdict(attention)}
@@ -147,6 +154,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--answer-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jsonl", type=Path, default=None, help="append one JSON line per trial here")
+    p.add_argument("--resume", action="store_true", help="skip the trials already in --jsonl (same seed, lengths, depths)")
     p.add_argument("--markdown", type=Path, default=None, help="write the table here")
 
 
@@ -164,7 +172,10 @@ def run(a: argparse.Namespace) -> int:
     tok = ckpt.tokenizer()
     sep = ckpt.generation.get("document_separator_id", ckpt.generation.get("bos_token_id"))
     prompts = make_prompts(tok, a.lengths, a.depths, a.trials, a.seed, [] if sep is None else [int(sep)])
-    rows = run_retrieval(ckpt.model, tok, settings, prompts, a.answer_tokens, a.jsonl)
+    done = []
+    if a.resume and a.jsonl is not None and a.jsonl.is_file():
+        done = [json.loads(line) for line in a.jsonl.read_text().splitlines() if line.strip()]
+    rows = run_retrieval(ckpt.model, tok, settings, prompts, a.answer_tokens, a.jsonl, done=done)
     table = retrieval_table(rows)
     print(table)
     if a.markdown is not None:

@@ -72,6 +72,10 @@ def test_retrieval_rows_and_table(tmp_path):
     assert dense == window  # a window covering every key is dense
     assert all(r["correct"] == (r["key"] in r["answer"]) for r in rows)
     assert json.loads(out.read_text().splitlines()[0])["length"] == 200
+    # resuming: trials already written are not run again
+    again = run_retrieval(model, tok, settings, prompts, answer_tokens=3, out=out, log=lambda s: None,
+                          done=[json.loads(line) for line in out.read_text().splitlines()])
+    assert again == rows and len(out.read_text().splitlines()) == 8
     # the table: one row per setting, one column per length, misses named by depth
     rows[0]["correct"], rows[1]["correct"] = True, False
     table = retrieval_table(rows).splitlines()
