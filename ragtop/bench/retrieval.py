@@ -122,6 +122,9 @@ def retrieval_table(rows: Sequence[dict]) -> str:
         mine = [r for r in rows if r["setting"] == s]
         for n in lengths:
             cell = [r for r in mine if r["length"] == n]
+            if not cell:
+                cells.append("–")
+                continue
             missed = sorted({r["depth"] for r in cell if not r["correct"]})
             text = f"{sum(r['correct'] for r in cell)}/{len(cell)}"
             if missed:

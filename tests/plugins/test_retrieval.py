@@ -81,3 +81,5 @@ def test_retrieval_rows_and_table(tmp_path):
     table = retrieval_table(rows).splitlines()
     assert table[0] == "| setting | 200 tokens | 300 tokens | all |"
     assert table[2].startswith("| dense | 1/2 (missed at depth 0.8) | ")
+    partial = retrieval_table([r for r in rows if not (r["setting"] == "window" and r["length"] == 300)]).splitlines()
+    assert partial[3].startswith("| window | ") and partial[3].split(" | ")[2] == "–"
