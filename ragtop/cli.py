@@ -211,7 +211,7 @@ def run_generate(a: argparse.Namespace) -> int:
 
 # -- bench ----------------------------------------------------------------------------
 def add_bench(sub) -> None:
-    from .bench import block_quality, ops
+    from .bench import block_quality, ops, retrieval, speculative
     from .runtime import bench as engine_bench
 
     p = sub.add_parser("bench", help="benchmarks measured on this machine")
@@ -222,6 +222,12 @@ def add_bench(sub) -> None:
     q = bench.add_parser("block-quality", help="perplexity and greedy agreement of block selection vs exact top-k")
     block_quality.add_arguments(q)
     q.set_defaults(func=lambda a: block_quality.run(a, default_data_dir()))
+    r = bench.add_parser("retrieval", help="pass key hidden at varying depth in long filler text: accuracy of dense vs sparse settings")
+    retrieval.add_arguments(r)
+    r.set_defaults(func=retrieval.run)
+    sp = bench.add_parser("speculative", help="self-speculative greedy decoding: acceptance of a sparse draft, dense verify")
+    speculative.add_arguments(sp)
+    sp.set_defaults(func=lambda a: speculative.run(a, default_data_dir()))
     e = bench.add_parser("engine", help="decode tokens/s: OrtRunner, TorchRunner, transformers; 1/4/16 streams; prompt throughput")
     engine_bench.add_arguments(e)
     e.set_defaults(func=engine_bench.run)

@@ -7,10 +7,12 @@
 //   * query s of sequence b sits at p = past_lengths[b] + s and sees keys j <= p;
 //   * it keeps its `topk` highest-scoring visible keys, ties going to the lower key index,
 //     and takes the softmax over them;
+//   * always kept: the visible keys j < sink_tokens or j > p - local_window; top-k runs
+//     over the other visible keys ("candidates") and the softmax over both sets;
 //   * block selection (block_size > 0): each query keeps its own block plus the
-//     `block_budget` earlier blocks with the largest upper bound
-//     sum_d max(q_d * kmin_d, q_d * kmax_d) (ties: lower block), then runs exact top-k
-//     over the visible keys of the chosen blocks.
+//     `block_budget` earlier eligible blocks (holding a candidate) with the largest upper
+//     bound sum_d max(q_d * kmin_d, q_d * kmax_d) (ties: lower block), then runs exact
+//     top-k over the candidates of the chosen blocks.
 //
 // Performance notes (see docs/kernels.md):
 //   * the KV cache is updated in place when present_* is bound to the same memory as
@@ -192,21 +194,38 @@ static inline void select_scores(TopK& tk, const float* __restrict t, int64_t m,
     if (t[i] > tk.thr) tk.push(t[i], static_cast<int32_t>(j0 + i));
 }
 
-// Softmax over the kept entries, weighted sum of their value rows -> out[Dh].
-static inline void softmax_gather(TopK& t, const float* __restrict vrows, int64_t Dh, float* __restrict out) {
+// Always-kept keys of the query at position p: [0, min(sink, p+1)) and
+// [max(sink, p+1-window), p]; their scores (qs . k) go to `out`, returns how many.
+static inline int64_t forced_keys(const float* __restrict qs, const float* __restrict keys, int64_t Dh, int64_t p,
+                                  int64_t sink, int64_t window, Cand* out) {
+  int64_t n = 0;
+  const int64_t a = std::min(sink, p + 1);
+  for (int64_t j = 0; j < a; ++j) out[n++] = Cand{dot(qs, keys + j * Dh, Dh), static_cast<int32_t>(j)};
+  for (int64_t j = std::max(sink, p + 1 - window); j <= p; ++j)
+    out[n++] = Cand{dot(qs, keys + j * Dh, Dh), static_cast<int32_t>(j)};
+  return n;
+}
+
+// Softmax over the kept entries and the `nf` always-kept ones, weighted sum of their
+// value rows -> out[Dh].
+static inline void softmax_gather(TopK& t, const float* __restrict vrows, int64_t Dh, float* __restrict out,
+                                  const Cand* forced = nullptr, int64_t nf = 0) {
   t.compact();
   std::fill(out, out + Dh, 0.f);
-  if (t.n == 0) return;
+  if (t.n == 0 && nf == 0) return;
   float m = kNegInf;
   for (int32_t i = 0; i < t.n; ++i) m = std::max(m, t.c[i].s);
+  for (int64_t i = 0; i < nf; ++i) m = std::max(m, forced[i].s);
   float total = 0.f;
-  for (int32_t i = 0; i < t.n; ++i) {
-    const float w = std::exp(t.c[i].s - m);
+  auto add = [&](const Cand& c) {
+    const float w = std::exp(c.s - m);
     total += w;
-    const float* __restrict v = vrows + static_cast<int64_t>(t.c[i].j) * Dh;
+    const float* __restrict v = vrows + static_cast<int64_t>(c.j) * Dh;
 #pragma omp simd
     for (int64_t d = 0; d < Dh; ++d) out[d] += w * v[d];
-  }
+  };
+  for (int32_t i = 0; i < t.n; ++i) add(t.c[i]);
+  for (int64_t i = 0; i < nf; ++i) add(forced[i]);
   const float inv = 1.f / total;
 #pragma omp simd
   for (int64_t d = 0; d < Dh; ++d) out[d] *= inv;
@@ -217,6 +236,7 @@ static inline void softmax_gather(TopK& t, const float* __restrict vrows, int64_
 struct AttnProblem {
   int64_t B, S, H, Hkv, G, Dh, C;
   int64_t topk, bs, budget, nb;  // nb = C / bs (block mode)
+  int64_t sink, window;          // always-kept keys: j < sink or j > p - window
   float scale;
   const float* q;        // [B, S, H*Dh]
   const int64_t* lens;   // [B]
@@ -241,6 +261,7 @@ struct Scratch {
   std::vector<int32_t> blocks;
   std::vector<float> q;     // scaled query rows
   std::vector<float> tile;  // scores of one key tile
+  std::vector<Cand> forced; // always-kept keys of one row
 };
 static Scratch& scratch() {
   thread_local Scratch sc;
@@ -271,8 +292,8 @@ static void attend_exact(const AttnProblem& P, const AttnItem& it) {
     const int64_t s = it.s0 + r / it.nh, h = it.h0 + r % it.nh;
     const float* src = P.q + ((it.b * P.S + s) * P.H + h) * Dh;
     for (int64_t d = 0; d < Dh; ++d) sc.q[r * Dh + d] = src[d] * P.scale;
-    const int64_t k = std::min<int64_t>(P.topk, len + s + 1);
-    sc.rows[r].reset(sc.cand.data() + r * cap, k);
+    const int64_t p = len + s, nfree = std::max<int64_t>(0, p - P.window - P.sink + 1);  // candidates
+    sc.rows[r].reset(sc.cand.data() + r * cap, std::min<int64_t>(P.topk, nfree));
   }
   TopK* sel = sc.rows.data();
   const float* qs = sc.q.data();
@@ -286,14 +307,16 @@ static void attend_exact(const AttnProblem& P, const AttnItem& it) {
     score_tile(qs + r0 * Dh, R - r0, keys + j0 * Dh, n, Dh, tile);
     for (int64_t r = r0; r < R; ++r) {  // selection: one compare per score, rare pushes
       const int64_t p = len + it.s0 + r / it.nh;
-      const int64_t m = std::min(n, p + 1 - j0);  // keys of the tile this row sees
-      const float* t = tile + (r - r0) * n;
-      select_scores(sel[r], t, m, j0);
+      // the tile's candidates for this row: sink <= j <= p - window (and j <= p)
+      const int64_t lo = std::max(j0, P.sink), hi = std::min(j0 + n, p + 1 - P.window);
+      if (hi > lo) select_scores(sel[r], tile + (r - r0) * n + (lo - j0), hi - lo, lo);
     }
   }
+  sc.forced.resize(std::min(P.C, P.sink + P.window));
   for (int64_t r = 0; r < R; ++r) {
     const int64_t s = it.s0 + r / it.nh, h = it.h0 + r % it.nh;
-    softmax_gather(sel[r], vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh);
+    const int64_t nf = forced_keys(qs + r * Dh, keys, Dh, len + s, P.sink, P.window, sc.forced.data());
+    softmax_gather(sel[r], vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh, sc.forced.data(), nf);
   }
 }
 
@@ -309,9 +332,11 @@ RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
   const float* hi = P.kmax + bh * P.nb * Dh;
 
   Scratch& sc = scratch();
-  const int64_t kcap = std::min<int64_t>(P.topk, (P.budget + 1) * bs);
-  sc.cand.resize(TopK::capacity(kcap)), sc.bcand.resize(TopK::capacity(P.budget));
-  sc.blocks.resize(P.budget + 1), sc.q.resize(Dh);
+  const int64_t budget = std::min(P.budget, P.nb);  // a budget >= nb keeps every block
+  const int64_t kcap = std::min<int64_t>(P.topk, (budget + 1) * bs);
+  sc.cand.resize(TopK::capacity(kcap)), sc.bcand.resize(TopK::capacity(budget));
+  sc.blocks.resize(budget + 1), sc.q.resize(Dh);
+  sc.forced.resize(std::min(P.C, P.sink + P.window));
   sc.tile.resize(kTile);
   float* tile = sc.tile.data();
   TopK keysel, blocksel;
@@ -322,9 +347,12 @@ RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
       const float* q = P.q + ((it.b * P.S + s) * P.H + h) * Dh;
       float* qs = sc.q.data();  // scaled copy for the key scores (the bound uses q as is)
       for (int64_t d = 0; d < Dh; ++d) qs[d] = q[d] * P.scale;
-      // 1. candidate blocks: the budget earlier blocks with the largest bound
-      blocksel.reset(sc.bcand.data(), std::min(P.budget, own));
-      for (int64_t blk = 0; blk < own; ++blk) {  // hot loop over the summaries
+      // 1. candidate blocks: the budget eligible earlier blocks with the largest bound;
+      //    eligible = holding a candidate key, sink <= j <= free_hi
+      const int64_t free_hi = p - P.window;
+      const int64_t blo = P.sink / bs, bhi = free_hi >= P.sink ? std::min(own - 1, free_hi / bs) : -1;
+      blocksel.reset(sc.bcand.data(), std::min(budget, std::max<int64_t>(0, bhi - blo + 1)));
+      for (int64_t blk = blo; blk <= bhi; ++blk) {  // hot loop over the summaries
         const float ub = block_bound(q, lo + blk * Dh, hi + blk * Dh, Dh);
         if (ub > blocksel.thr) blocksel.push(ub, static_cast<int32_t>(blk));
       }
@@ -334,18 +362,23 @@ RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
       std::sort(blocks, blocks + blocksel.n);  // key order, for the tie rule below
       int64_t nblk = blocksel.n;
       blocks[nblk++] = static_cast<int32_t>(own);
-      // 2. exact top-k over the visible keys of the chosen blocks
-      const int64_t nkeys = (nblk - 1) * bs + (p - own * bs + 1);
+      // 2. exact top-k over the candidates of the chosen blocks: [j0, j1) per block
+      auto span = [&](int64_t blk, int64_t& j0, int64_t& j1) {
+        j0 = std::max(blk * bs, P.sink), j1 = std::min({(blk + 1) * bs, p + 1, free_hi + 1});
+      };
+      int64_t nkeys = 0, j0, j1;
+      for (int64_t bi = 0; bi < nblk; ++bi) span(blocks[bi], j0, j1), nkeys += std::max<int64_t>(0, j1 - j0);
       keysel.reset(sc.cand.data(), std::min<int64_t>(P.topk, nkeys));
       for (int64_t bi = 0; bi < nblk; ++bi) {
-        const int64_t j0 = blocks[bi] * bs, j1 = std::min((blocks[bi] + 1) * bs, p + 1);
+        span(blocks[bi], j0, j1);
         for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
           const int64_t n = std::min(kTile, j1 - t0);
           score_tile(qs, 1, keys + t0 * Dh, n, Dh, tile);
           select_scores(keysel, tile, n, t0);
         }
       }
-      softmax_gather(keysel, vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh);
+      const int64_t nf = forced_keys(qs, keys, Dh, p, P.sink, P.window, sc.forced.data());
+      softmax_gather(keysel, vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh, sc.forced.data(), nf);
     }
   }
 }
@@ -387,7 +420,7 @@ static std::string shape_str(const std::vector<int64_t>& s) {
 
 // ---------------------------------------------------------------------------------------
 struct TopKAttentionKernel {
-  int64_t num_heads, num_kv_heads, topk, block_size, block_budget;
+  int64_t num_heads, num_kv_heads, topk, block_size, block_budget, sink_tokens, local_window;
   float scale;
 
   TopKAttentionKernel(const OrtApi* api, const OrtKernelInfo* info) {
@@ -396,6 +429,8 @@ struct TopKAttentionKernel {
     topk = attr_int(api, info, "topk", 0, true);
     block_size = attr_int(api, info, "block_size", 0, false);
     block_budget = attr_int(api, info, "block_budget", 0, false);
+    sink_tokens = attr_int(api, info, "sink_tokens", 0, false);  // absent in older files: 0
+    local_window = attr_int(api, info, "local_window", 0, false);
     OrtStatus* st = api->KernelInfoGetAttribute_float(info, "scale", &scale);
     if (st) {
       api->ReleaseStatus(st);
@@ -404,6 +439,8 @@ struct TopKAttentionKernel {
     if (num_heads < 1 || num_kv_heads < 1 || num_heads % num_kv_heads)
       ORT_CXX_API_THROW("ragtop::TopKAttention: num_heads must be a positive multiple of num_kv_heads", ORT_INVALID_ARGUMENT);
     if (topk < 1) ORT_CXX_API_THROW("ragtop::TopKAttention: topk must be >= 1", ORT_INVALID_ARGUMENT);
+    if (sink_tokens < 0 || local_window < 0)
+      ORT_CXX_API_THROW("ragtop::TopKAttention: sink_tokens and local_window must be >= 0", ORT_INVALID_ARGUMENT);
     if (block_size < 0 || (block_size > 0 && block_budget < 1))
       ORT_CXX_API_THROW("ragtop::TopKAttention: block_size > 0 needs block_budget >= 1", ORT_INVALID_ARGUMENT);
   }
@@ -439,6 +476,7 @@ struct TopKAttentionKernel {
     AttnProblem P{};
     P.B = qs[0], P.S = qs[1], P.H = num_heads, P.Hkv = num_kv_heads, P.G = num_heads / num_kv_heads;
     P.Dh = cs[3], P.C = cs[2], P.topk = topk, P.bs = block_size, P.budget = block_budget, P.scale = scale;
+    P.sink = sink_tokens, P.window = local_window;
     RAGTOP_CHECK(qs[2] == P.H * P.Dh, "TopKAttention: query last dim " + std::to_string(qs[2]) + " != num_heads * head_dim = " +
                                           std::to_string(P.H * P.Dh));
     RAGTOP_CHECK(cs[0] == P.B && cs[1] == P.Hkv, "TopKAttention: past_key " + shape_str(cs) + " does not match batch " +

@@ -16,16 +16,22 @@ from ragtop.export import ops
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
 
 
-def _model(nodes, inputs, outputs, domains: dict[str, int], initializers=()) -> bytes:
+def _model(nodes, inputs, outputs, domains: dict[str, int], initializers=(), functions=()) -> bytes:
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
     opsets = [helper.make_opsetid("", 21)] + [helper.make_opsetid(d, v) for d, v in domains.items()]
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10, functions=list(functions))
     return model.SerializeToString()
 
 
 def topk_attention_model(num_heads: int, num_kv_heads: int, head_dim: int, topk: int,
-                         block_size: int = 0, block_budget: int = 0) -> bytes:
-    """One ragtop::TopKAttention node; block mode adds the summary inputs/outputs."""
+                         block_size: int = 0, block_budget: int = 0, sink_tokens: int | None = None,
+                         local_window: int | None = None, with_function: bool = False) -> bytes:
+    """One ragtop::TopKAttention node; block mode adds the summary inputs/outputs.
+
+    sink_tokens / local_window None: the attribute is left out (as in files written before
+    it existed). with_function: the file carries the op's standard-op body, so a stock
+    onnxruntime (no plugin) runs it.
+    """
     hd, kvd = num_heads * head_dim, num_kv_heads * head_dim
     cache = ["B", num_kv_heads, "C", head_dim]
     inputs = [
@@ -49,8 +55,14 @@ def topk_attention_model(num_heads: int, num_kv_heads: int, head_dim: int, topk:
         ops.TOPK_ATTENTION, [i.name for i in inputs], [o.name for o in outputs], domain=ops.DOMAIN,
         num_heads=num_heads, num_kv_heads=num_kv_heads, topk=topk, scale=head_dim**-0.5,
         block_size=block_size, block_budget=block_budget,
+        **{k: v for k, v in dict(sink_tokens=sink_tokens, local_window=local_window).items() if v is not None},
     )
-    return _model([node], inputs, outputs, {ops.DOMAIN: ops.OPSET_VERSION})
+    body = []
+    if with_function:
+        from ragtop.export.functions import topk_attention_function
+
+        body = [topk_attention_function("block" if block_size else "exact", 21)]
+    return _model([node], inputs, outputs, {ops.DOMAIN: ops.OPSET_VERSION}, functions=body)
 
 
 def ragged_embedding_model(tables, projs, tier_of, row_of) -> bytes:

@@ -44,6 +44,9 @@ def add_conversion_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--topk", type=int, default=None, help=f"keys kept per query with --attention topk (default {defaults.DEFAULT_TOPK})")
     g.add_argument("--block-size", type=int, default=None, help="top-k block pre-selection: keys per block")
     g.add_argument("--block-budget", type=int, default=None, help="top-k block pre-selection: earlier blocks kept per query")
+    g.add_argument("--sink-tokens", type=int, default=None, help="top-k: the first N tokens are always kept (attention sinks)")
+    g.add_argument("--local-window", type=int, default=None, help="top-k: the last N tokens up to each query are always kept")
+    g.add_argument("--dense-layers", type=int, default=None, help="top-k: the first N layers stay dense")
     g.add_argument("--embedding", choices=["uniform", "ragged"], default=None, help="embedding of the written model (default: keep)")
     g.add_argument("--tiers", default=None, help=f"ragged tiers SIZE:WIDTH,...,*:WIDTH, most frequent first (default {defaults.DEFAULT_TIERS})")
     g.add_argument("--served-defaults", action="store_true", help="apply the conversion `make serve` uses (ragtop/convert/defaults.py)")
@@ -83,6 +86,13 @@ def add_parsers(sub, default_data_dir: Callable[[], Path]) -> None:
     w.add_argument("--jsonl", type=Path, default=None, help="append one JSON line per variant here")
     w.add_argument("--markdown", type=Path, default=None, help="write the table here")
     w.add_argument("--data-dir", type=Path, default=None)
+    c = w.add_argument_group("calibration of sparse settings (replaces the top-k/ragged sweep when --setting is given)")
+    c.add_argument("--setting", action="append", default=None, metavar="SPEC",
+                   help="a sparse setting, e.g. k=256,bs=32,budget=16,sink=32,window=256,dense=2 (k=all: every key of "
+                        "the chosen blocks, as Quest); repeatable; a dense row comes first unless --no-dense")
+    c.add_argument("--lengths", type=_int_list, default=[2048, 4096, 8192], help="window lengths in tokens (default 2048,4096,8192)")
+    c.add_argument("--passages", type=int, default=2, help="held-out speeches scored per length (default 2)")
+    c.add_argument("--plot", type=Path, default=None, help="write the Pareto plot (Δ perplexity vs KV read) at the longest length here")
     w.set_defaults(func=run_sweep_command, default_data_dir=default_data_dir)
 
 
@@ -116,10 +126,13 @@ def convert_model(model: Transformer, tokenizer, a: argparse.Namespace) -> tuple
     elif embedding == "uniform" and model.config.embedding.kind != "uniform":
         raise RagtopError("converting ragged embeddings back to uniform is not supported")
     if attention == "topk":
-        model = with_attention(model, topk_attention(topk or defaults.DEFAULT_TOPK, a.block_size, a.block_budget))
+        model = with_attention(model, topk_attention(topk or defaults.DEFAULT_TOPK, a.block_size, a.block_budget,
+                                                     a.sink_tokens or 0, a.local_window or 0, a.dense_layers or 0))
         done["attention"] = asdict(model.config.attention)
-    elif topk is not None or a.block_size is not None or a.block_budget is not None:
-        raise RagtopError("--topk / --block-size / --block-budget need --attention topk")
+    elif topk is not None or any(x is not None for x in (a.block_size, a.block_budget, a.sink_tokens, a.local_window,
+                                                         a.dense_layers)):
+        raise RagtopError("--topk / --block-size / --block-budget / --sink-tokens / --local-window / --dense-layers "
+                          "need --attention topk")
     elif attention == "dense" and model.config.attention.kind != "dense":
         model = with_attention(model, AttentionConfig())  # dense over the same weights
         done["attention"] = {"kind": "dense"}
@@ -196,6 +209,8 @@ def run_sweep_command(a: argparse.Namespace) -> int:
     ckpt = load_checkpoint(a.checkpoint)
     if ckpt.config.attention.kind != "dense" or ckpt.config.embedding.kind != "uniform":
         raise RagtopError(f"{a.checkpoint}: the sweep starts from a dense, uniform-embedding checkpoint")
+    if a.setting:
+        return run_calibration_command(a, ckpt)
     combined = DEFAULT_COMBINED
     if a.combined:
         try:
@@ -220,4 +235,23 @@ def run_sweep_command(a: argparse.Namespace) -> int:
     print(table)
     if a.markdown is not None:
         a.markdown.write_text(table + "\n")
+    return 0
+
+
+def run_calibration_command(a: argparse.Namespace, ckpt) -> int:
+    from ..train.corpus import load_sotu, split_by_year
+    from .sweep import calibration_table, pareto_plot, parse_setting, run_calibration
+
+    settings = [parse_setting(s) for s in a.setting]
+    if max(a.lengths) > ckpt.config.max_seq_len:
+        raise RagtopError(f"--lengths: {max(a.lengths)} exceeds the model's context of {ckpt.config.max_seq_len} tokens")
+    _, heldout = split_by_year(load_sotu(a.data_dir or a.default_data_dir()))
+    rows = run_calibration(ckpt, ([] if a.no_dense else [None]) + settings, [(d.title, d.text) for d in heldout],
+                           a.lengths, a.passages, a.jsonl)
+    table = calibration_table(rows)
+    print(table)
+    if a.markdown is not None:
+        a.markdown.write_text(table + "\n")
+    if a.plot is not None and not a.no_dense:
+        pareto_plot(rows, str(max(a.lengths)), a.plot)
     return 0

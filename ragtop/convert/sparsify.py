@@ -36,9 +36,10 @@ def with_attention(model: Transformer, attention: AttentionConfig) -> Transforme
     return new.eval()
 
 
-def topk_attention(topk: int, block_size: int | None = None, block_budget: int | None = None) -> AttentionConfig:
+def topk_attention(topk: int, block_size: int | None = None, block_budget: int | None = None, sink_tokens: int = 0,
+                   local_window: int = 0, dense_layers: int = 0) -> AttentionConfig:
     try:
-        return AttentionConfig("topk", topk, block_size, block_budget)
+        return AttentionConfig("topk", topk, block_size, block_budget, sink_tokens, local_window, dense_layers)
     except ConfigError as e:
         raise RagtopError(f"bad top-k attention options: {e}") from None
 

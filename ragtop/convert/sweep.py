@@ -19,14 +19,15 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
-from ..model import Transformer
+from ..errors import RagtopError
+from ..model import AttentionConfig, ConfigError, Transformer
 from ..train.evaluate import score_windows
 from .sparsify import (
     TierSpec,
@@ -190,7 +191,189 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m ragtop.convert.sweep ROWS.jsonl: the table of (appended) sweeps
+# -- calibration of sparse settings on long text ------------------------------------------
+@dataclass(frozen=True)
+class SparseSetting:
+    """One sparse-attention setting: `topk` None = every key of the chosen blocks (Quest)."""
+
+    topk: int | None = 256
+    block_size: int | None = None
+    block_budget: int | None = None
+    sink_tokens: int = 0
+    local_window: int = 0
+    dense_layers: int = 0
+
+    @property
+    def name(self) -> str:
+        parts = ["all" if self.topk is None else f"k{self.topk}"]
+        if self.block_size:
+            parts.append(f"bs{self.block_size}x{self.block_budget}")
+        if self.sink_tokens:
+            parts.append(f"sink{self.sink_tokens}")
+        if self.local_window:
+            parts.append(f"win{self.local_window}")
+        if self.dense_layers:
+            parts.append(f"dense{self.dense_layers}")
+        return " ".join(parts)
+
+    def attention(self) -> AttentionConfig:
+        topk = self.topk
+        if topk is None:  # every key of the chosen blocks: top-k never binds
+            topk = (self.block_budget + 1) * self.block_size
+        try:
+            return AttentionConfig("topk", topk, self.block_size, self.block_budget, self.sink_tokens,
+                                   self.local_window, self.dense_layers)
+        except ConfigError as e:
+            raise RagtopError(f"bad sparse setting {self.name!r}: {e}") from None
+
+
+SETTING_KEYS = {"k": "topk", "bs": "block_size", "budget": "block_budget", "sink": "sink_tokens",
+                "window": "local_window", "dense": "dense_layers"}
+
+
+def parse_setting(spec: str) -> SparseSetting:
+    """"k=256,bs=32,budget=16,sink=32,window=256,dense=2" (k=all: Quest; bs/budget: blocks)."""
+    kw: dict = {}
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        key, sep, val = item.partition("=")
+        if not sep or key.strip() not in SETTING_KEYS:
+            raise RagtopError(f"bad setting item {item!r} in {spec!r}: expected KEY=VALUE with KEY in {', '.join(SETTING_KEYS)}")
+        name, val = SETTING_KEYS[key.strip()], val.strip()
+        try:
+            kw[name] = None if (name == "topk" and val == "all") else int(val)
+        except ValueError:
+            raise RagtopError(f"bad value {val!r} for {key} in {spec!r}") from None
+    setting = SparseSetting(**kw)
+    if setting.topk is None and not setting.block_size:
+        raise RagtopError(f"{spec!r}: k=all needs blocks (bs=..., budget=...)")
+    setting.attention()  # validates
+    return setting
+
+
+def kv_read_fraction(a: AttentionConfig, n_layers: int, context: int) -> float:
+    """K/V (and block summary) rows one decode query head reads at `context` tokens, summed
+    over the layers, relative to dense attention (2 * context rows per layer).
+
+    exact top-k scores every key and reads the values of the kept ones; block selection
+    reads the summaries (min and max) of the eligible earlier blocks, the keys of the chosen
+    blocks (counted as if full) and the values of the kept keys; always-kept keys are read
+    whole. An upper bound for block selection (chosen blocks may overlap the window).
+    """
+    if a.kind == "dense":
+        return 1.0
+    n, p = context, context - 1
+    forced = min(n, a.sink_tokens + a.local_window)
+    free_hi = p - a.local_window  # not-always-kept keys: sink_tokens <= j <= free_hi
+    free = max(0, free_hi - a.sink_tokens + 1)
+    if a.block_size is None:
+        rows = n + forced + min(a.topk, free)
+    else:
+        bs = a.block_size
+        own = p // bs
+        eligible = 0 if free == 0 else max(0, min(own - 1, free_hi // bs) - a.sink_tokens // bs + 1)
+        own_free = max(0, min(free_hi, p) - max(own * bs, a.sink_tokens) + 1)
+        cand = min(free, min(a.block_budget, eligible) * bs + own_free)
+        rows = 2 * eligible + forced + cand + forced + min(a.topk, cand)
+    sparse_layers = max(0, n_layers - a.dense_layers)
+    return (sparse_layers * rows + (n_layers - sparse_layers) * 2 * n) / (n_layers * 2 * n)
+
+
+@torch.no_grad()
+def run_calibration(
+    ckpt: Checkpoint,
+    settings: Sequence[SparseSetting | None],
+    heldout: Sequence[tuple[str, str]],
+    lengths: Sequence[int] = (2048, 4096, 8192),
+    passages: int = 2,
+    out: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Perplexity and KV bytes read per token of each setting (None = dense) at each length.
+
+    Each length scores the first `passages` held-out speeches at least that long, one window
+    of exactly that many tokens each. One row per setting (appended to `out` as JSON lines).
+    """
+    tok = ckpt.tokenizer()
+    sep = int(ckpt.generation.get("document_separator_id", ckpt.generation.get("bos_token_id", 0)))
+    sets = {n: make_passages(heldout, tok, sep, n, passages) for n in lengths}
+    for n, ps in sets.items():
+        log(f"{n} tokens: {len(ps)} passage(s): {', '.join(p.title for p in ps)}")
+    n_layers = ckpt.config.n_layers
+    rows = []
+    for s in settings:
+        t0 = time.perf_counter()
+        attention = AttentionConfig() if s is None else s.attention()
+        model = with_attention(ckpt.model, attention)
+        row = {"setting": "dense" if s is None else s.name, "attention": asdict(attention), "lengths": {}}
+        for n, ps in sets.items():
+            row["lengths"][str(n)] = {**score(model, ps), "kv_read": kv_read_fraction(attention, n_layers, n)}
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        log(format_calibration_row(row))
+        if out is not None:
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return rows
+
+
+def format_calibration_row(row: dict) -> str:
+    cells = "  ".join(f"{n}: ppl {r['perplexity']:7.3f} kv {r['kv_read']:.3f}" for n, r in row["lengths"].items())
+    return f"{row['setting']:<40} {cells}  ({row['seconds']}s)"
+
+
+def calibration_table(rows: Sequence[dict]) -> str:
+    """Markdown: per length, perplexity, its change vs dense, and the KV read vs dense."""
+    dense = next((r for r in rows if r["setting"] == "dense"), None)
+    lengths = list(rows[0]["lengths"])
+    head = "| setting | " + " | ".join(f"{n}: ppl | Δ ppl | KV read" for n in lengths) + " |"
+    lines = [head, "|---|" + "---:|---:|---:|" * len(lengths)]
+    for r in rows:
+        cells = []
+        for n in lengths:
+            x = r["lengths"].get(n)
+            if x is None:
+                cells.append("– | – | –")
+                continue
+            base = dense["lengths"].get(n) if dense else None
+            delta = f"{100 * (x['perplexity'] / base['perplexity'] - 1):+.2f}%" if base else "–"
+            cells.append(f"{x['perplexity']:.3f} | {delta} | {x['kv_read']:.3f}")
+        lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pareto_plot(rows: Sequence[dict], length: str, path: Path) -> None:
+    """Δ perplexity vs KV read at one length, one point per setting (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next(r for r in rows if r["setting"] == "dense")["lengths"][length]["perplexity"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        x = r["lengths"].get(length)
+        if x is None:
+            continue
+        d = 100 * (x["perplexity"] / dense - 1)
+        ax.scatter(x["kv_read"], d, s=18)
+        ax.annotate(r["setting"], (x["kv_read"], d), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.axvline(0.25, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("KV bytes read per token / dense")
+    ax.set_ylabel("Δ perplexity vs dense (%)")
+    ax.set_title(f"sparse settings at {length} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # python -m ragtop.convert.sweep ROWS.jsonl [PLOT.png]: the table of (appended) sweeps
     import sys
 
-    print(markdown_table([json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]))
+    rows = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]
+    if rows and "setting" in rows[0]:  # ragtop sweep --setting rows; [PLOT.png] for the Pareto plot
+        print(calibration_table(rows))
+        if len(sys.argv) > 2:
+            pareto_plot(rows, max(rows[0]["lengths"], key=int), Path(sys.argv[2]))
+    else:
+        print(markdown_table(rows))

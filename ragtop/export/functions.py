@@ -7,8 +7,9 @@ count, the attention function has the model's mode (dense, exact top-k, block se
 They reproduce ragtop/model (attention.py, embedding.py) and are tested against it.
 
 Head counts and sizes are read from input shapes (Hkv, C, Dh from past_key; H from the
-query width), so the only attributes a body reads are topk, scale, block_size and
-block_budget, referenced from the node's attributes (`@name`), never baked in.
+query width), so the only attributes a body reads are topk, scale, block_size,
+block_budget, sink_tokens and local_window, referenced from the node's attributes
+(`@name`), never baked in; the last two default to 0 (files written before they existed).
 """
 
 from __future__ import annotations
@@ -93,18 +94,20 @@ def topk_attention_function(mode: str, opset: int) -> FunctionProto:
     """ragtop::TopKAttention in one mode (see ops.py for the contract).
 
     dense:  masked softmax over the visible keys (the node's topk covers them all)
-    exact:  + keep each query's `topk` best visible keys (ONNX TopK breaks ties to the
-            lower index, as ragtop's topk_mask does)
-    block:  + first keep only keys of the query's own block and of the `block_budget`
-            earlier blocks with the largest upper bound sum_d max(q_d*kmin_d, q_d*kmax_d),
-            with the per-block key summaries maintained in the cache.
+    exact:  + keep each query's always-kept keys (the first `sink_tokens`, the last
+            `local_window`) and its `topk` best other visible keys (ONNX TopK breaks ties to
+            the lower index, as ragtop's topk_mask does)
+    block:  + the top-k candidates are only the keys of the query's own block and of the
+            `block_budget` earlier eligible blocks with the largest upper bound
+            sum_d max(q_d*kmin_d, q_d*kmax_d), with the per-block key summaries maintained
+            in the cache.
     """
     if mode not in ATTENTION_MODES:
         raise ValueError(f"unknown attention mode {mode!r}")
     blocks = mode == "block"
     inputs = ["query", "key", "value", "past_key", "past_value", "past_lengths"]
     outputs = ["output", "present_key", "present_value"]
-    attributes = ["num_heads", "num_kv_heads", "topk", "scale", "block_size", "block_budget"]
+    attributes = ["num_heads", "num_kv_heads", "topk", "scale", "block_size", "block_budget"]  # + defaulted ones
     if blocks:
         inputs += ["past_key_min", "past_key_max"]
         outputs += ["present_key_min", "present_key_max"]
@@ -142,18 +145,25 @@ def topk_attention_function(mode: str, opset: int) -> FunctionProto:
     allowed = b.op("Unsqueeze", visible, c([1, 2]))  # [B,1,1,S,C]
     neg_inf = b.op("CastLike", b.const(float("-inf"), "float"), "query")
 
-    if blocks:
-        allowed = b.op("And", allowed, _block_selection(b, q, pos, B, Hkv, C, Dh, S))
-
-    scores = b.op("Where", allowed, scores, neg_inf)
-    if mode != "dense":
-        # keep each row's topk best keys (k = min(topk, C)); -inf picks are dropped by `allowed`
+    if mode == "dense":
+        scores = b.op("Where", allowed, scores, neg_inf)
+    else:
+        # always kept: forced[b,s,j] = visible and (j < sink_tokens or j > pos - local_window)
+        sink = b.op("Reshape", b.ref("sink_tokens", AttributeProto.INT), c([1]))
+        window = b.op("Reshape", b.ref("local_window", AttributeProto.INT), c([1]))
+        recent = b.op("Greater", c_range, b.op("Unsqueeze", b.op("Sub", pos, window), c([2])))  # [B,S,C]
+        forced = b.op("And", visible, b.op("Or", b.op("Less", c_range, sink), recent))
+        forced = b.op("Unsqueeze", forced, c([1, 2]))  # [B,1,1,S,C]
+        cand = b.op("And", allowed, b.op("Not", forced))  # top-k runs over the other visible keys
+        if blocks:
+            cand = b.op("And", cand, _block_selection(b, q, pos, B, Hkv, C, Dh, S, sink, window))
+        # keep each row's topk best candidates (k = min(topk, C)); -inf picks are dropped by `cand`
         k = b.op("Min", b.op("Reshape", b.ref("topk", AttributeProto.INT), c([1])), C)
-        _, best = b.op("TopK", scores, k, axis=-1, largest=1, sorted=1, outputs=2)  # [B,Hkv,G,S,k]
+        _, best = b.op("TopK", b.op("Where", cand, scores, neg_inf), k, axis=-1, largest=1, sorted=1, outputs=2)
         zeros_b = b.op("Expand", b.op("Cast", c([0]), to=9), b.op("Shape", scores))  # bool false
         ones_b = b.op("Expand", b.op("Cast", c([1]), to=9), b.op("Shape", best))
-        keep = b.op("ScatterElements", zeros_b, best, ones_b, axis=-1)
-        scores = b.op("Where", b.op("And", keep, allowed), scores, neg_inf)
+        keep = b.op("And", b.op("ScatterElements", zeros_b, best, ones_b, axis=-1), cand)
+        scores = b.op("Where", b.op("Or", keep, forced), scores, neg_inf)
     probs = b.op("Softmax", scores, axis=-1)
     out5 = b.op("MatMul", probs, values5)  # [B,Hkv,G,S,Dh]
     # [B,Hkv,G,S,Dh] -> [B,S,Hkv,G,Dh] -> [B,S,H*Dh]
@@ -162,10 +172,11 @@ def topk_attention_function(mode: str, opset: int) -> FunctionProto:
     return helper.make_function(
         ops.DOMAIN, ops.TOPK_ATTENTION, inputs, outputs, b.nodes,
         [helper.make_opsetid("", opset)], attributes=attributes,
+        attribute_protos=[helper.make_attribute(name, 0) for name in ops.TOPK_ATTENTION_DEFAULT_ZERO],
     )
 
 
-def _block_selection(b: _Body, q: str, pos: str, B: str, Hkv: str, C: str, Dh: str, S: str) -> str:
+def _block_selection(b: _Body, q: str, pos: str, B: str, Hkv: str, C: str, Dh: str, S: str, sink: str, window: str) -> str:
     """Update the block summaries (present_key_min/max) and return the [B,Hkv,G,S,C] bool
     mask of keys in each query's chosen blocks (ragtop TopKAttention.block_selection)."""
     c = b.const
@@ -208,6 +219,10 @@ def _block_selection(b: _Body, q: str, pos: str, B: str, Hkv: str, C: str, Dh: s
     pos5 = b.op("Unsqueeze", pos, c([1, 2, 4]))  # [B,1,1,S,1]
     own = b.op("Equal", block_start, b.op("Mul", b.op("Div", pos5, bs), bs))  # [B,1,1,S,nb]
     earlier = b.op("And", b.op("LessOrEqual", block_start, pos5), b.op("Not", own))
+    # eligible: the block holds a key j with sink_tokens <= j <= pos - local_window
+    last = b.op("Sub", b.op("Add", block_start, bs), c([1]))
+    free = b.op("LessOrEqual", b.op("Max", block_start, sink), b.op("Min", last, b.op("Sub", pos5, window)))
+    earlier = b.op("And", earlier, free)
     ninf_b = b.op("Where", earlier, bound, ninf)
     budget = b.op("Min", b.op("Reshape", b.ref("block_budget", AttributeProto.INT), c([1])), nb)
     _, best = b.op("TopK", ninf_b, budget, axis=-1, largest=1, sorted=1, outputs=2)

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..errors import RagtopError
 from ..model import RaggedEmbedding, Transformer
-from ..model.attention import apply_rotary
+from ..model.attention import TopKAttention, apply_rotary
 from ..quant import BLOCK, QBlocks, nibble_split
 from . import functions, ops
 
@@ -67,6 +67,9 @@ class ExportSpec:
     opset: int
     weights: str = "fp32"  # fp32 | fp16 | int8 | int4 (weights.py)
     accuracy_level: int = 0  # MatMulNBits accuracy_level when weights are int4/int8
+    sink_tokens: int = 0  # always-kept first tokens (top-k modes)
+    local_window: int = 0  # always-kept last tokens up to each query (top-k modes)
+    dense_layers: int = 0  # the first N layers' nodes attend densely (top-k modes)
 
     @property
     def cache_names(self) -> list[str]:
@@ -94,6 +97,8 @@ def make_spec(model: Transformer, context_limit: int, ops_mode: str, dtype: str,
         num_tiers=model.embed.n_tiers if isinstance(model.embed, RaggedEmbedding) else 0,
         ops=ops_mode, dtype=dtype, opset=opset, weights=weights or dtype,
         accuracy_level=accuracy_level if weights in ("int4", "int8") else 0,
+        **({} if mode == "dense" else {"sink_tokens": a.sink_tokens, "local_window": a.local_window,
+                                       "dense_layers": min(a.dense_layers, cfg.n_layers)}),
     )
 
 
@@ -217,6 +222,10 @@ class ExportGraph(nn.Module):
             "num_heads": H, "num_kv_heads": Hkv, "topk": spec.topk, "scale": float(attn.scale),
             "block_size": spec.block_size, "block_budget": spec.block_budget,
         }
+        if spec.attention_mode != "dense":
+            attrs.update(sink_tokens=spec.sink_tokens, local_window=spec.local_window)
+            if not isinstance(attn, TopKAttention):  # one of the dense first layers: same op, keeps every key
+                attrs.update(topk=spec.context_limit, block_budget=-(-spec.context_limit // spec.block_size) if spec.block_size else 0)
         outs = torch.onnx.ops.symbolic_multi_out(
             f"{ops.DOMAIN}::{ops.TOPK_ATTENTION}", [q, k, v, past[0], past[1], past_lengths, *past[2:]], attrs,
             dtypes=[q.dtype] * (1 + len(past)), shapes=[q.shape, *(p.shape for p in past)],

@@ -29,10 +29,23 @@ ragtop::TopKAttention (version 1) -- attention over a preallocated, shared KV ca
       scale: float   softmax scale (1/sqrt(Dh))
       block_size: int    0 = exact selection; > 0 = block selection (see TopKAttention in
       block_budget: int  ragtop/model/attention.py, whose semantics the kernel reproduces)
+      sink_tokens: int   (default 0) keys j < sink_tokens are always kept
+      local_window: int  (default 0) keys j > p - local_window are always kept
     semantics
-      query s of sequence b sits at p = past_lengths[b] + s and sees keys j <= p; it keeps
-      its `topk` highest-scoring visible keys (ties -> lower j) and takes the softmax over
-      them. When present_* is bound to the same memory as past_*, a kernel writes only
+      query s of sequence b sits at p = past_lengths[b] + s and sees keys j <= p. Its
+      always-kept keys are the visible j < sink_tokens or j > p - local_window; the others
+      are candidates. It keeps the always-kept keys plus its `topk` highest-scoring
+      candidates (ties -> lower j) and takes the softmax over them.
+      Block mode: the candidates are only the keys of p's own block and of the
+      `block_budget` earlier *eligible* blocks with the largest upper bound
+      sum_d max(q_d * kmin_d, q_d * kmax_d) (ties -> lower block); a block is eligible when
+      it holds a candidate (some j in it with sink_tokens <= j <= p - local_window). A
+      `topk` >= (block_budget + 1) * block_size keeps every candidate of the chosen blocks
+      (Quest); a `topk` >= C with block_budget >= C / block_size is exactly dense (how a
+      block-mode file runs its dense first layers: same arity, per-node attributes).
+      With sink_tokens = local_window = 0 this is the version-1 semantics unchanged, so
+      files written before these attributes existed keep their meaning.
+      When present_* is bound to the same memory as past_*, a kernel writes only
       the new positions (and, with blocks, only the touched summaries). A model uses one
       mode in every layer, so its file carries one TopKAttention function of that arity.
 
@@ -52,3 +65,5 @@ DOMAIN = "ragtop"
 OPSET_VERSION = 1
 TOPK_ATTENTION = "TopKAttention"
 RAGGED_EMBEDDING = "RaggedEmbedding"
+# TopKAttention attributes that may be absent (files written before them): default 0
+TOPK_ATTENTION_DEFAULT_ZERO = ("sink_tokens", "local_window")

@@ -134,38 +134,55 @@ class DenseAttention(Attention):
 class TopKAttention(Attention):
     """Each query attends to its `topk` highest-scoring visible keys (exact selection).
 
+    Always-kept keys: query p keeps key j regardless of its score when j < `sink_tokens`
+    (attention sinks) or j > p - `local_window` (its local window); the top-k then runs over
+    the other visible keys and the softmax over both sets. With no sinks and no window this
+    is plain top-k.
+
     Optional block selection (`block_size`, `block_budget`): keys are grouped in blocks of
     `block_size`; each block keeps the element-wise min and max of its keys, which give an
     upper bound of q.k over the block: sum_d max(q_d * kmin_d, q_d * kmax_d). Each query
-    keeps its own block plus the `block_budget` earlier blocks with the largest bound (ties:
-    lower block), then runs exact top-k over the visible keys of the chosen blocks. A
-    budget covering every block is exactly `TopKAttention` without blocks.
+    keeps its own block plus the `block_budget` earlier *eligible* blocks with the largest
+    bound (ties: lower block), a block being eligible when it holds a key that is not
+    always kept (blocks wholly inside the sinks or the window are not worth a budget slot).
+    Exact top-k then runs over the not-always-kept visible keys of the chosen blocks (a
+    `topk` >= (block_budget + 1) * block_size keeps all of them: Quest). A budget covering
+    every block is exactly `TopKAttention` without blocks.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         a = cfg.attention
         self.topk, self.block_size, self.block_budget = a.topk, a.block_size, a.block_budget
+        self.sink_tokens, self.local_window = a.sink_tokens, a.local_window
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
         k, v = self.expand_kv(k), self.expand_kv(v)  # [B,H,L,Dh]
-        allowed = ctx.visible  # [B|1, 1|H, S, L]
-        if self.block_size is not None:
-            allowed = allowed & self.block_selection(q, k, ctx)
+        summaries = self.block_summaries(k, ctx) if self.block_size is not None else None
         outs = []
         for s0 in range(0, q.shape[2], Q_CHUNK):  # bounded score memory for long inputs
-            qc, ac = q[:, :, s0 : s0 + Q_CHUNK], allowed[:, :, s0 : s0 + Q_CHUNK]
-            end = int(ctx.positions[:, s0 : s0 + Q_CHUNK].max()) + 1  # no query here sees keys >= end
+            qc, ac = q[:, :, s0 : s0 + Q_CHUNK], ctx.visible[:, :, s0 : s0 + Q_CHUNK]
+            pos = ctx.positions[:, None, s0 : s0 + Q_CHUNK, None]  # [B,1,c,1]
+            end = int(pos.max()) + 1  # no query here sees keys >= end
             kc, vc, ac = k[:, :, :end], v[:, :, :end], ac[..., :end]
+            j = torch.arange(end, device=q.device)
+            forced = ac & ((j < self.sink_tokens) | (j > pos - self.local_window))  # [B,1,c,end]
+            cand = ac & ~forced
+            if summaries is not None:
+                cand = cand & self.block_selection(qc, pos, summaries)[..., :end]
             scores = (qc * self.scale) @ kc.transpose(-1, -2)  # [B,H,c,end]
-            scores = scores.masked_fill(~ac, float("-inf"))
-            weights, idx = select_topk(scores, self.topk)  # [B,H,c,k]
-            probs = torch.zeros_like(scores).scatter(-1, idx, weights)  # softmax over kept keys
+            if summaries is not None and self.topk >= (self.block_budget + 1) * self.block_size:
+                keep = cand | forced  # top-k cannot bind: every candidate of the chosen blocks (Quest)
+            else:
+                _, idx = select_topk(scores.masked_fill(~cand, float("-inf")), self.topk)  # [B,H,c,k]
+                keep = torch.zeros_like(cand.expand_as(scores)).scatter(-1, idx, True) & cand | forced
+            probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
             outs.append(probs @ vc)
         return torch.cat(outs, dim=2)
 
-    def block_selection(self, q: Tensor, k: Tensor, ctx: AttnContext) -> Tensor:
-        """[B,H,S,L] bool: keys in blocks chosen by each query's upper bound."""
+    def block_summaries(self, k: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor]:
+        """Element-wise min and max of each block's written keys ([B,H,nb,Dh] each; zero for
+        blocks holding no key that a query of this call can see)."""
         bs, L = self.block_size, k.shape[2]
         nb = -(-L // bs)
         written = ctx.visible.any(dim=2)  # [B,1,L]: keys some query of this call can see
@@ -175,16 +192,25 @@ class TopKAttention(Attention):
         kmin = torch.where(valid, kb, torch.inf).amin(3)  # [B,H,nb,Dh]
         kmax = torch.where(valid, kb, -torch.inf).amax(3)
         any_valid = valid.any(3)  # [B,1,nb,1]
-        kmin, kmax = kmin.where(any_valid, 0.0), kmax.where(any_valid, 0.0)
-        bound = q.clamp(min=0) @ kmax.transpose(-1, -2) + q.clamp(max=0) @ kmin.transpose(-1, -2)  # [B,H,S,nb]
-        block = torch.arange(nb, device=q.device)
-        pos = ctx.positions[:, None, :, None]  # [B,1,S,1]
-        own = block == pos // bs
-        earlier = (block * bs <= pos) & ~own
+        return kmin.where(any_valid, 0.0), kmax.where(any_valid, 0.0)
+
+    def block_selection(self, q: Tensor, pos: Tensor, summaries: tuple[Tensor, Tensor]) -> Tensor:
+        """[B,H,c,nb*bs] bool: keys in the blocks chosen by queries q [B,H,c,Dh] at pos [B,1,c,1]."""
+        kmin, kmax = summaries
+        bs, nb = self.block_size, kmin.shape[2]
+        bound = q.clamp(min=0) @ kmax.transpose(-1, -2) + q.clamp(max=0) @ kmin.transpose(-1, -2)  # [B,H,c,nb]
+        start = torch.arange(nb, device=q.device) * bs
+        own = start == pos // bs * bs
+        # eligible: an earlier block holding a key j with sink_tokens <= j <= pos - local_window
+        free = start.clamp(min=self.sink_tokens) <= torch.minimum(start + bs - 1, pos - self.local_window)
+        earlier = (start <= pos) & ~own & free
         bound = bound.masked_fill(~earlier, float("-inf"))
-        chosen = (topk_mask(bound, self.block_budget) & earlier) | own  # [B,H,S,nb]
-        return chosen.repeat_interleave(bs, dim=-1)[..., :L]
+        chosen = (topk_mask(bound, self.block_budget) & earlier) | own  # [B,H,c,nb]
+        return chosen.repeat_interleave(bs, dim=-1)
 
 
-def make_attention(cfg: ModelConfig) -> Attention:
+def make_attention(cfg: ModelConfig, layer: int = 0) -> Attention:
+    """The attention of layer `layer`: dense in the first `dense_layers` layers of a top-k model."""
+    if cfg.attention.kind == "topk" and layer < cfg.attention.dense_layers:
+        return DenseAttention(cfg)
     return {"dense": DenseAttention, "topk": TopKAttention}[cfg.attention.kind](cfg)

@@ -25,13 +25,22 @@ class AttentionConfig:
                   `block_size` set, keys are first pre-selected block by block (see
                   `TopKAttention`): blocks whose upper bound of q.k is largest are kept,
                   `block_budget` of them plus the most recent block, then exact top-k runs
-                  over the keys of the chosen blocks.
+                  over the keys of the chosen blocks (a `topk` of at least
+                  (block_budget + 1) * block_size keeps every key of the chosen blocks,
+                  as Quest does).
+    Always-kept keys (top-k only): the first `sink_tokens` tokens (attention sinks) and
+    the last `local_window` tokens up to each query are kept on top of the selection; top-k
+    and the block budget are spent on the other keys. `dense_layers`: the first N layers
+    attend densely (Quest keeps the first two).
     """
 
     kind: Literal["dense", "topk"] = "dense"
     topk: int | None = None
     block_size: int | None = None
     block_budget: int | None = None
+    sink_tokens: int = 0
+    local_window: int = 0
+    dense_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("dense", "topk"):
@@ -45,8 +54,13 @@ class AttentionConfig:
                 raise ConfigError(
                     f"block_size and block_budget must be >= 1, got {self.block_size}, {self.block_budget}"
                 )
-        elif any(v is not None for v in (self.topk, self.block_size, self.block_budget)):
-            raise ConfigError("dense attention takes no topk / block_size / block_budget")
+            for name in ("sink_tokens", "local_window", "dense_layers"):
+                if int(getattr(self, name)) < 0:
+                    raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        elif any(v is not None for v in (self.topk, self.block_size, self.block_budget)) or any(
+            (self.sink_tokens, self.local_window, self.dense_layers)
+        ):
+            raise ConfigError("dense attention takes no topk / block_size / block_budget / sinks / window / dense_layers")
 
 
 @dataclass(frozen=True)

@@ -118,3 +118,17 @@ def test_cli_convert_ragged(tmp_path, monkeypatch, capsys):
     assert "does not cover the vocabulary" in capsys.readouterr().err
     assert main(["convert", str(src), "--out", str(out)]) == 2
     assert "nothing to convert" in capsys.readouterr().err
+
+
+def test_cli_convert_sinks_window_dense_layers(tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(64)}, unk_token="<0>"))
+    src = save_checkpoint(tmp_path / "dense", model(), tok.to_str())
+    out = tmp_path / "sparse"
+    assert main(["convert", str(src), "--out", str(out), "--attention", "topk", "--topk", "8", "--block-size", "4",
+                 "--block-budget", "2", "--sink-tokens", "4", "--local-window", "16", "--dense-layers", "1"]) == 0
+    a = load_checkpoint(out).config.attention
+    assert (a.topk, a.block_size, a.block_budget, a.sink_tokens, a.local_window, a.dense_layers) == (8, 4, 2, 4, 16, 1)
+    assert main(["convert", str(src), "--out", str(out), "--local-window", "16"]) == 2
+    assert "need --attention topk" in capsys.readouterr().err

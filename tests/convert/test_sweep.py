@@ -37,3 +37,54 @@ def test_sweep_rows_and_table(tmp_path):
     table = markdown_table(rows).splitlines()
     assert table[2].startswith("| dense | ") and "+0.00%" in table[2]
     assert [line.split(" | ")[0] for line in table[2:]] == ["| dense", "| top-4", "| top-64", "| dense + ragged 8:16,*:4", "| top-4 + ragged 8:16,*:4"]
+
+
+def test_parse_setting_and_kv_read():
+    import pytest
+
+    from ragtop.convert.sweep import SparseSetting, kv_read_fraction, parse_setting
+    from ragtop.errors import RagtopError
+    from ragtop.model import AttentionConfig
+
+    s = parse_setting("k=all,bs=32,budget=16,sink=32,window=256,dense=2")
+    assert s == SparseSetting(None, 32, 16, 32, 256, 2) and s.name == "all bs32x16 sink32 win256 dense2"
+    assert s.attention().topk == 17 * 32  # every key of the chosen blocks
+    with pytest.raises(RagtopError, match="k=all needs blocks"):
+        parse_setting("k=all")
+    with pytest.raises(RagtopError, match="bad setting item"):
+        parse_setting("q=3")
+    assert kv_read_fraction(AttentionConfig(), 30, 8192) == 1.0
+    # exact top-k: every key scored, k values read
+    assert kv_read_fraction(AttentionConfig("topk", topk=256), 1, 8192) == (8192 + 256) / (2 * 8192)
+    # blocks: 255 earlier blocks' min/max, 16 chosen + own block's keys (32 each), 256 values
+    blocks = AttentionConfig("topk", topk=256, block_size=32, block_budget=16)
+    assert kv_read_fraction(blocks, 1, 8192) == (2 * 255 + 17 * 32 + 256) / (2 * 8192)
+    # dense first layers count whole
+    half = AttentionConfig("topk", topk=256, block_size=32, block_budget=16, dense_layers=1)
+    assert kv_read_fraction(half, 2, 8192) == (kv_read_fraction(blocks, 1, 8192) + 1) / 2
+    # a window covering everything reads at least everything
+    assert kv_read_fraction(AttentionConfig("topk", topk=8, local_window=64), 1, 64) >= 1.0
+
+
+def test_calibration_rows_and_table(tmp_path):
+    from ragtop.convert.sweep import calibration_table, parse_setting, run_calibration
+
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {" ": 26, "<sep>": 27}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    cfg = ModelConfig(vocab_size=28, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=24, max_seq_len=64)
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "c", Transformer(cfg), tok.to_str(),
+                                           generation={"document_separator_id": 27}))
+    docs = [("one", "the quick brown fox jumps over the lazy dog " * 2), ("two", "pack my box with five dozen liquor jugs " * 2)]
+    settings = [None, parse_setting("k=2,bs=4,budget=1,sink=2,window=4"), parse_setting("k=all,bs=4,budget=16")]
+    out = tmp_path / "rows.jsonl"
+    rows = run_calibration(ckpt, settings, docs, lengths=(16, 40), passages=2, out=out, log=lambda s: None)
+    assert [json.loads(line)["setting"] for line in out.read_text().splitlines()] == ["dense", "k2 bs4x1 sink2 win4", "all bs4x16"]
+    dense, sparse, everything = rows
+    assert dense["lengths"]["40"]["tokens"] == 80 and dense["lengths"]["40"]["kv_read"] == 1.0
+    assert sparse["lengths"]["40"]["kv_read"] < 1.0
+    assert abs(everything["lengths"]["40"]["perplexity"] / dense["lengths"]["40"]["perplexity"] - 1) < 1e-5  # budget covers all
+    assert sparse["lengths"]["40"]["perplexity"] != dense["lengths"]["40"]["perplexity"]
+    table = calibration_table(rows).splitlines()
+    assert table[0].startswith("| setting | 16: ppl | Δ ppl | KV read | 40: ppl")
+    assert table[2].startswith("| dense | ") and "+0.00%" in table[2]

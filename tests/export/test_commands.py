@@ -38,7 +38,8 @@ def test_folder_layout_and_metadata(full_export):
     assert dec["outputs"]["present_value_names"] % 0 == "present.0.value"
     r = g["ragtop"]
     assert r["attention"] | {"scale": 0} == {"mode": "block", "kind": "topk", "topk": 3, "block_size": 4,
-                                             "block_budget": 2, "scale": 0, "rope_theta": 10000.0}
+                                             "block_budget": 2, "sink_tokens": 0, "local_window": 0, "dense_layers": 0,
+                                             "scale": 0, "rope_theta": 10000.0}
     assert r["kv_cache"]["capacity_multiple"] == 4 and r["kv_cache"]["share_past_and_present"]
     assert r["embedding"]["num_tiers"] == 2 and r["custom_ops"]["ops"] == ["TopKAttention", "RaggedEmbedding"]
     # every input/output named in genai_config exists in the graph

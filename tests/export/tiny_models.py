@@ -19,13 +19,18 @@ ATTENTION = {
     "dense": AttentionConfig(),
     "topk": AttentionConfig("topk", topk=3),
     "block": AttentionConfig("topk", topk=3, block_size=4, block_budget=2),
+    # sinks, a local window, a dense first layer and every key of the chosen blocks (Quest)
+    "block-sinks": AttentionConfig("topk", topk=12, block_size=4, block_budget=2, sink_tokens=2, local_window=3,
+                                   dense_layers=1),
+    "topk-sinks": AttentionConfig("topk", topk=2, sink_tokens=1, local_window=2, dense_layers=1),
 }
 EMBEDDING = {
     "uniform": EmbeddingConfig(),
     "ragged": EmbeddingConfig("ragged", (24, 72), (16, 4)),
 }
 # every attention mode with both embeddings, except block selection (tested with ragged)
-VARIANTS = [("dense", "uniform"), ("topk", "uniform"), ("dense", "ragged"), ("topk", "ragged"), ("block", "ragged")]
+VARIANTS = [("dense", "uniform"), ("topk", "uniform"), ("dense", "ragged"), ("topk", "ragged"), ("block", "ragged"),
+            ("block-sinks", "uniform"), ("topk-sinks", "uniform")]
 
 
 CYCLE = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))[:24].tolist()

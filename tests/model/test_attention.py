@@ -17,6 +17,8 @@ ATTENTIONS = {
     "dense": AttentionConfig(),
     "topk": AttentionConfig("topk", topk=5),
     "topk-blocks": AttentionConfig("topk", topk=5, block_size=4, block_budget=2),
+    "blocks-sinks-window": AttentionConfig("topk", topk=3, block_size=4, block_budget=1, sink_tokens=2,
+                                           local_window=3, dense_layers=1),
 }
 EMBEDDINGS = {
     "uniform": EmbeddingConfig(),
@@ -123,3 +125,68 @@ def test_block_selection_reads_only_chosen_blocks():
     # queries in the first 3 blocks see at most own + 2 earlier blocks: identical to exact
     assert_close(blocks(ids)[:, :12], exact(ids)[:, :12])
     assert (blocks(ids)[:, 12:] - exact(ids)[:, 12:]).abs().max() > 0
+
+
+@torch.no_grad()
+def test_window_covering_every_key_is_dense():
+    dense = model("dense")
+    ids = torch.randint(0, 64, (2, 40))
+    for att in (AttentionConfig("topk", topk=1, local_window=40),
+                AttentionConfig("topk", topk=1, block_size=4, block_budget=1, local_window=40),
+                AttentionConfig("topk", topk=1, sink_tokens=40)):
+        assert_close(same_weights(Transformer(dense.config.with_attention(att)).eval(), dense)(ids), dense(ids))
+
+
+@torch.no_grad()
+def test_dense_layers_are_dense():
+    from ragtop.model import DenseAttention, TopKAttention
+
+    dense = model("dense")
+    cfg = dense.config.with_attention(AttentionConfig("topk", topk=2, sink_tokens=1, dense_layers=1))
+    m = same_weights(Transformer(cfg).eval(), dense)
+    assert isinstance(m.layers[0].attn, DenseAttention) and isinstance(m.layers[1].attn, TopKAttention)
+    all_dense = same_weights(Transformer(cfg.with_attention(AttentionConfig("topk", topk=2, dense_layers=2))).eval(), dense)
+    ids = torch.randint(0, 64, (1, 30))
+    assert_close(all_dense(ids), dense(ids))
+    assert (m(ids) - dense(ids)).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_sinks_and_window_are_always_kept():
+    """With top-1 plus one sink and a window of 2, each query attends to exactly the keys
+    {0, p-1, p} and its best other key: checked against an explicit mask."""
+    cfg = ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=8, max_seq_len=32,
+                      attention=AttentionConfig("topk", topk=1, sink_tokens=1, local_window=2))
+    from ragtop.model import TopKAttention
+    from ragtop.model.attention import AttnContext
+
+    attn = TopKAttention(cfg)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 1, 12, 8), torch.randn(1, 1, 12, 8), torch.randn(1, 1, 12, 8)
+    pos = torch.arange(12)[None]
+    visible = (torch.arange(12)[None, :] <= torch.arange(12)[:, None])[None, None]
+    out = attn.attend(q, k, v, AttnContext(None, None, pos, visible, None, causal=True))
+    scores = (q * attn.scale) @ k.transpose(-1, -2)
+    for p in range(12):
+        keep = {0, p - 1, p} & set(range(p + 1))
+        others = [j for j in range(p + 1) if j not in keep]
+        if others:
+            keep.add(max(others, key=lambda j: scores[0, 0, p, j].item()))
+        js = sorted(keep)
+        w = torch.softmax(scores[0, 0, p, js], -1)
+        assert_close(out[0, 0, p], w @ v[0, 0, js])
+
+
+def test_sink_window_config_is_validated():
+    from ragtop.model import ConfigError
+
+    with pytest.raises(ConfigError, match="sink_tokens"):
+        AttentionConfig("topk", topk=4, sink_tokens=-1)
+    with pytest.raises(ConfigError, match="dense attention takes no"):
+        AttentionConfig(local_window=8)
+    cfg = BASE.with_attention(AttentionConfig("topk", topk=4, sink_tokens=2, local_window=8, dense_layers=1))
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    old = BASE.with_attention(AttentionConfig("topk", topk=4)).to_dict()
+    for key in ("sink_tokens", "local_window", "dense_layers"):  # config.json written before these fields
+        del old["attention"][key]
+    assert ModelConfig.from_dict(old).attention == AttentionConfig("topk", topk=4)

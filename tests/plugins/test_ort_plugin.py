@@ -35,11 +35,12 @@ def session(model: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
-def reference(q, k, v, past_k, past_v, lens, H, Hkv, topk, block_size=0, block_budget=0):
+def reference(q, k, v, past_k, past_v, lens, H, Hkv, topk, block_size=0, block_budget=0, sink=0, window=0):
     """TopKAttention.attend over the cache after writing the new keys: (out, present_k, present_v)."""
     B, S, _ = q.shape
     C, Dh = past_k.shape[2], past_k.shape[3]
-    att = AttentionConfig(kind="topk", topk=topk, block_size=block_size or None, block_budget=block_budget or None)
+    att = AttentionConfig(kind="topk", topk=topk, block_size=block_size or None, block_budget=block_budget or None,
+                          sink_tokens=sink, local_window=window)
     cfg = ModelConfig(vocab_size=8, d_model=H * Dh, n_layers=1, n_heads=H, n_kv_heads=Hkv, d_ff=8,
                       max_seq_len=C, head_dim=Dh, attention=att)
     attn = TopKAttention(cfg)
@@ -195,6 +196,76 @@ def test_incremental_decode_in_place_with_blocks():
     written = ~np.isnan(lo)
     np.testing.assert_array_equal(vals["past_key_min"].numpy()[written], lo[written])
     np.testing.assert_array_equal(vals["past_key_max"].numpy()[written], hi[written])
+
+
+def stock_session(model: bytes) -> ort.InferenceSession:
+    """No plugin: onnxruntime inlines the file's standard-op function body."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+SELECTION_CASES = [  # B, S, H, Hkv, Dh, C, lens, topk, block_size, budget, sink, window
+    (1, 1, 4, 4, 16, 128, [100], 8, 0, 0, 4, 16),  # exact decode, sinks + window
+    (2, 9, 4, 2, 12, 64, [7, 40], 5, 0, 0, 3, 0),  # exact prefill, sinks only
+    (2, 70, 2, 2, 8, 128, [3, 50], 6, 0, 0, 0, 20),  # exact, window only, > one query chunk
+    (2, 3, 4, 2, 8, 48, [2, 40], 1000, 0, 0, 2, 5),  # k >= candidates: dense
+    (1, 1, 4, 4, 16, 128, [100], 8, 8, 3, 8, 16),  # blocks: decode, sink = the first block
+    (2, 1, 6, 2, 8, 96, [0, 95], 5, 16, 2, 5, 20),  # blocks: sink/window mid-block, GQA
+    (1, 40, 4, 2, 16, 64, [0], 6, 8, 2, 3, 9),  # blocks: prefill from empty
+    (3, 6, 3, 1, 8, 64, [9, 0, 33], 4, 4, 5, 2, 3),  # blocks: mixed lengths
+    (2, 20, 2, 2, 8, 64, [3, 30], 1000, 8, 2, 4, 12),  # blocks, all keys of chosen blocks (Quest)
+    (2, 5, 4, 2, 8, 64, [30, 55], 3, 8, 1, 40, 30),  # sinks and window overlap: everything kept
+    (1, 4, 4, 2, 8, 64, [50], 64, 8, 8, 0, 0),  # dense via block mode: topk >= C, budget >= C / bs
+]
+
+
+@pytest.mark.parametrize("B,S,H,Hkv,Dh,C,lens,topk,bs,budget,sink,window", SELECTION_CASES)
+def test_sinks_and_window_kernel_body_and_reference_agree(B, S, H, Hkv, Dh, C, lens, topk, bs, budget, sink, window):
+    """The C++ kernel, the standard-op function body and the PyTorch reference: one semantics."""
+    rng = np.random.default_rng(B * 1000 + S + 7 * sink + window)
+    q, k, v, past_k, past_v, lens = random_case(rng, B, S, H, Hkv, Dh, C, lens)
+    sums = [np.nan_to_num(x) for x in summaries(past_k, lens, bs)] if bs else []
+    model = topk_attention_model(H, Hkv, Dh, topk, bs, budget, sink, window, with_function=True)
+    ref_out, ref_k, _ = reference(q, k, v, past_k, past_v, lens, H, Hkv, topk, bs, budget, sink, window)
+    for sess in (session(model), stock_session(model)):
+        got = run_plugin(sess, q, k, v, past_k, past_v, lens, *sums)
+        np.testing.assert_allclose(got[0], ref_out, **TOL)
+        np.testing.assert_array_equal(got[1], ref_k)
+        if bs:
+            want_min, want_max = summaries(ref_k, lens + S, bs)
+            written = ~np.isnan(want_min)
+            np.testing.assert_array_equal(got[3][written], want_min[written])
+            np.testing.assert_array_equal(got[4][written], want_max[written])
+
+
+def test_sinks_and_window_change_the_output():
+    """Always-kept keys matter: the result differs from plain top-k, and a window covering
+    every key is dense."""
+    H, Hkv, Dh, C = 4, 2, 8, 64
+    rng = np.random.default_rng(5)
+    case = random_case(rng, 1, 1, H, Hkv, Dh, C, [60])
+    plain = run_plugin(session(topk_attention_model(H, Hkv, Dh, 4)), *case)[0]
+    kept = run_plugin(session(topk_attention_model(H, Hkv, Dh, 4, 0, 0, 4, 8)), *case)[0]
+    whole = run_plugin(session(topk_attention_model(H, Hkv, Dh, 4, 0, 0, 0, C)), *case)[0]
+    dense = run_plugin(session(topk_attention_model(H, Hkv, Dh, C)), *case)[0]
+    assert np.abs(kept - plain).max() > 1e-3
+    np.testing.assert_allclose(whole, dense, **TOL)
+
+
+@pytest.mark.parametrize("bs,budget", [(0, 0), (8, 2)])
+def test_files_without_the_new_attributes_mean_zero(bs, budget):
+    """A node written before sink_tokens / local_window existed runs as with both 0, in the
+    kernel and in the function body."""
+    H, Hkv, Dh, C = 4, 2, 8, 64
+    rng = np.random.default_rng(9)
+    q, k, v, past_k, past_v, lens = random_case(rng, 2, 3, H, Hkv, Dh, C, [20, 47])
+    sums = [np.nan_to_num(x) for x in summaries(past_k, lens, bs)] if bs else []
+    old = topk_attention_model(H, Hkv, Dh, 5, bs, budget, with_function=True)
+    new = topk_attention_model(H, Hkv, Dh, 5, bs, budget, 0, 0, with_function=True)
+    want = run_plugin(session(new), q, k, v, past_k, past_v, lens, *sums)[0]
+    for sess in (session(old), stock_session(old)):
+        np.testing.assert_allclose(run_plugin(sess, q, k, v, past_k, past_v, lens, *sums)[0], want, **TOL)
 
 
 def test_cache_overflow_is_a_clear_error():
