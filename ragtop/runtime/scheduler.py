@@ -12,7 +12,8 @@ Every step the scheduler builds one batch under two limits, `max_batch_size` seq
 A request with n > 1 reserves n slots at admission; only its first sequence prefills the
 prompt; when that ends, the engine copies the prompt's cache into the siblings' slots
 (`fork`) and all n decode independently. A finished or aborted sequence frees its slot at
-once; the waiting queue is bounded (`QueueFull`).
+once; the waiting queue is bounded (`QueueFull` when more than `max_waiting` requests would
+still wait after the next admission).
 
 Prefix caching (kv_cache.py): at admission the prompt's longest cached prefix is looked up
 among free slots and running sequences; the request starts with those tokens computed
@@ -134,9 +135,24 @@ class Scheduler:
         self.cache.check_prompt(len(group.prompt))
         if group.n > min(self.config.max_batch_size, self.cache.plan.slots):
             raise InvalidRequest(f"n={group.n} exceeds the {min(self.config.max_batch_size, self.cache.plan.slots)} sequences the engine runs at once")
-        if len(self.waiting) >= self.config.max_waiting:
+        if self._waiting_after_admission(group) > self.config.max_waiting:
             raise QueueFull(len(self.waiting))
         self.waiting.append(group)
+
+    def _waiting_after_admission(self, group: SequenceGroup) -> int:
+        """Requests that would still wait, with `group` queued, once the next step admits what
+        fits (FIFO, by free batch rows and slots). So a burst that arrives before the engine
+        thread schedules is bounded by max_batch_size + max_waiting, not by max_waiting alone
+        (Ray Serve's max_ongoing_requests assumes the same capacity)."""
+        room = min(self.config.max_batch_size - self.num_running, self.cache.num_free)
+        queue = [*self.waiting, group]
+        starting = 0
+        for g in queue:
+            if g.n > room:
+                break
+            room -= g.n
+            starting += 1
+        return len(queue) - starting
 
     def abort(self, request_id: str, reason: str = "abort") -> SequenceGroup | None:
         """Drop a request wherever it is, freeing its slots now; its unfinished sequences end

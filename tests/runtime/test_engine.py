@@ -106,9 +106,10 @@ def test_bad_requests_are_refused_with_the_problem():
         engine.add_request(Request("t", [1], SamplingParams(temperature=-1)))
     with pytest.raises(InvalidRequest, match="outside the vocabulary"):
         engine.add_request(Request("s", [1], SamplingParams(stop_token_ids=(999,))))
-    engine.add_request(Request("a", [1]))
+    engine.add_request(Request("a", [1]))  # starts at the next step: it does not count as waiting
+    engine.add_request(Request("b", [1]))
     with pytest.raises(QueueFull):
-        engine.add_request(Request("b", [1]))
+        engine.add_request(Request("c", [1]))
 
 
 def test_generation_stops_at_the_context_limit():

@@ -107,10 +107,11 @@ def test_abort_frees_slots_in_waiting_and_running():
 
 def test_queue_full_and_prompt_too_long():
     s = make(slots=1, context=16, max_batch_size=1, max_waiting=2)
-    s.add(group("a", 3))
-    s.add(group("b", 3))
+    s.add(group("a", 3))  # starts at the next step
+    s.add(group("b", 3))  # these two wait
+    s.add(group("c", 3))
     with pytest.raises(QueueFull, match="queue is full"):
-        s.add(group("c", 3))
+        s.add(group("c2", 3))
     with pytest.raises(PromptTooLong, match="prompt has 16 tokens but the context limit is 16") as e:
         s.add(group("d", 16))
     assert (e.value.prompt_tokens, e.value.context_limit) == (16, 16)
