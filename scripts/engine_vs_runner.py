@@ -7,10 +7,15 @@ numpy): nothing of the engine. The engine run is LLMEngine.step() with the same 
 greedy, no prefix caching (scheduler, numpy sampler, detokenizer, stats). Both time the decode
 steps after the first token; 3 alternating repeats, medians.
 """
-import statistics, sys, time
+import statistics
+import sys
+import time
+
 import numpy as np
-from ragtop.runtime import load_model, EngineConfig, SchedulerConfig, Request, SamplingParams
+
+from ragtop.runtime import EngineConfig, Request, SamplingParams, SchedulerConfig, load_model
 from ragtop.runtime.runners.base import Chunk
+
 path, prompt_len, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 m = load_model(path, threads=1)
 rng = np.random.default_rng(0)
