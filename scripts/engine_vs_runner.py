@@ -25,11 +25,13 @@ def bare():
     r.allocate(1, prompt_len + n + 8)
     for s in range(0, prompt_len, 256):
         logits = r.forward([Chunk(0, prompt[s:s+256], s, "last")])[0]
-    tok = int(np.argmax(logits)); pos = prompt_len
+    tok = int(np.argmax(logits))
+    pos = prompt_len
     t0 = time.perf_counter()
     for _ in range(n):
         logits = r.forward([Chunk(0, [tok], pos, "last")])[0]
-        tok = int(np.argmax(logits)); pos += 1
+        tok = int(np.argmax(logits))
+        pos += 1
     return n / (time.perf_counter() - t0)
 def engine():
     e = m.engine(EngineConfig(SchedulerConfig(max_batch_size=1), context_limit=prompt_len + n + 8, prefix_caching=False))
@@ -44,7 +46,8 @@ def engine():
     return n / (time.perf_counter() - t_first)
 res = {"bare": [], "engine": []}
 for _ in range(3):
-    res["bare"].append(bare()); res["engine"].append(engine())
+    res["bare"].append(bare())
+    res["engine"].append(engine())
 b, eg = statistics.median(res["bare"]), statistics.median(res["engine"])
 print(f"prompt {prompt_len}, {n} decode steps, 1 thread: bare runner loop {b:.2f} tok/s {[round(x,2) for x in res['bare']]}, "
       f"engine {eg:.2f} tok/s {[round(x,2) for x in res['engine']]}, engine/bare {eg/b:.3f}")
