@@ -14,7 +14,8 @@ default request router sends each to the less loaded of two randomly sampled rep
   (`max_batch_size` running + `max_waiting` queued); a full replica refuses a request to the
   router, which tries another one, so no replica's engine overflows while another has room;
 - requests that no replica can take wait in the router's queue, at most `max_queued_requests`
-  (default `max_waiting`); past that Ray's proxy answers 429 with Retry-After, which
+  (default: what all replicas take, plus `max_waiting`, since Ray counts a burst as queued
+  before it assigns it); past that Ray's proxy answers 429 with Retry-After, which
   ray_proxy.py turns into ragtop's OpenAI error body.
 
 A replica starts answering only once its model is loaded (the lifespan waits for it), and Ray's
@@ -77,8 +78,12 @@ def max_ongoing(settings: ServerSettings) -> int:
 
 
 def max_queued(settings: ServerSettings) -> int:
-    """Requests Ray's router holds when every replica is full: by default max_waiting."""
-    return settings.max_queued_requests or settings.max_waiting
+    """Requests Ray's router may hold. Ray counts a burst as queued in the router until it has
+    assigned each request to a replica, even while replicas have room; so by default the
+    queue holds what every replica can take plus `max_waiting` more (a bound of max_waiting
+    alone dropped bursts that the replicas could have served)."""
+    replicas = settings.replicas or settings.max_replicas or 1
+    return settings.max_queued_requests or replicas * max_ongoing(settings) + settings.max_waiting
 
 
 def deployment_options(settings: ServerSettings) -> dict[str, Any]:

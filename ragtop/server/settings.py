@@ -48,7 +48,7 @@ class ServerSettings:
     max_replicas: int | None = None
     target_ongoing_requests: float | None = None  # ... on ongoing requests per replica (Ray's default 2)
     max_ongoing_requests: int | None = None  # per replica; default max_batch_size + max_waiting
-    max_queued_requests: int | None = None  # in Ray's router when every replica is full (-1: no bound); default max_waiting
+    max_queued_requests: int | None = None  # in Ray's router (-1: no bound); default replicas x max_ongoing + max_waiting
     ray_address: str | None = None  # join this Ray cluster ("auto", "ray://host:10001"); default: start one here
     replica_metrics_port: int = 0  # each replica's Prometheus endpoint (0: a free port; docs/scale-out.md)
 

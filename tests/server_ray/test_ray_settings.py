@@ -40,7 +40,7 @@ def test_deployment_options():
     s = ServerSettings(model=Path("m"), replicas=2, threads=1, max_batch_size=4, max_waiting=8)
     o = deployment_options(s)
     assert o["num_replicas"] == 2 and o["ray_actor_options"] == {"num_cpus": 1}
-    assert o["max_ongoing_requests"] == 4 + 8 and o["max_queued_requests"] == 8
+    assert o["max_ongoing_requests"] == 4 + 8 and o["max_queued_requests"] == 2 * (4 + 8) + 8
     assert o["backpressure_config"] == {"status_code": 429, "retry_after_s": 1}
     auto = deployment_options(ServerSettings(max_replicas=4, target_ongoing_requests=3, max_queued_requests=10))
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}
