@@ -155,12 +155,18 @@ def run_sweep(
         for name, ps in sets.items():
             row[name] = score(model, ps)
         row["seconds"] = round(time.perf_counter() - t0, 1)
-        rows.append(row)
-        log(format_row(row))
-        if out is not None:
-            with open(out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        _record(row, rows, out, log, format_row)
     return rows
+
+
+def _record(row: dict, rows: list[dict], out: Path | None, log, fmt) -> None:
+    """A finished row: kept, logged with `fmt`, and appended to the JSONL file (so a long
+    sweep's finished rows survive an interruption)."""
+    rows.append(row)
+    log(fmt(row))
+    if out is not None:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def format_row(row: dict) -> str:
@@ -308,11 +314,7 @@ def run_calibration(
         for n, ps in sets.items():
             row["lengths"][str(n)] = {**score(model, ps), "kv_read": kv_read_fraction(attention, n_layers, n)}
         row["seconds"] = round(time.perf_counter() - t0, 1)
-        rows.append(row)
-        log(format_calibration_row(row))
-        if out is not None:
-            with open(out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        _record(row, rows, out, log, format_calibration_row)
     return rows
 
 

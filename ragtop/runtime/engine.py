@@ -478,12 +478,9 @@ class AsyncEngine:
         except RuntimeError:  # the caller's event loop is closed: nobody listens
             pass
 
-    @staticmethod
-    def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: object) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the caller's event loop is closed: nobody listens
-            pass
+    @classmethod
+    def _deliver(cls, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: object) -> None:
+        cls._deliver_many(loop, [(queue, item)])
 
     async def generate(self, request: Request) -> RequestStream:
         """Queue the request now; the returned iterator yields its outputs as they come."""

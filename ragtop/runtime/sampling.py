@@ -63,10 +63,7 @@ class SamplingParams:
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidRequest naming the first bad field (`param`)."""
-
-        def finite(x: float) -> bool:
-            return math.isfinite(x)
-
+        finite = math.isfinite
         checks = [
             ("max_tokens", self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             ("temperature", finite(self.temperature) and self.temperature >= 0.0,

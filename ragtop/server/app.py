@@ -161,10 +161,14 @@ def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None) -
     app.include_router(openai.router)
     app.include_router(utility.router)
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+    def respond(e: ApiError) -> JSONResponse:
+        """Every error response: counted by status, in OpenAI's shape."""
         state.metrics.refused(e.status)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return respond(e)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -177,8 +181,7 @@ def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None) -
             param = ".".join(loc) or None
             msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
             err = ApiError(422, f"{param}: {msg}" if param else msg, param=param)
-        state.metrics.refused(422)
-        return JSONResponse(err.body(), status_code=422)
+        return respond(err)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -188,17 +191,14 @@ def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None) -
             message = "the request body could not be parsed: it must be JSON text in UTF-8, nested at most a few hundred levels"
         elif e.status_code == 404:
             message = f"no route {request.url.path}; see /docs for the API"
-        err = ApiError(e.status_code, message, "not_found_error" if e.status_code == 404 else "invalid_request_error")
-        state.metrics.refused(e.status_code)
-        return JSONResponse(err.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
+        return respond(ApiError(e.status_code, message, "not_found_error" if e.status_code == 404 else "invalid_request_error",
+                                headers=getattr(e, "headers", None)))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
         """A fault of ragtop's: logged with its traceback, answered without it."""
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=e)
-        state.metrics.refused(500)
-        err = ApiError(500, f"internal server error ({type(e).__name__}); the server log has the details", "server_error")
-        return JSONResponse(err.body(), status_code=500)
+        return respond(ApiError.internal(e))
 
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

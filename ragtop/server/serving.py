@@ -51,6 +51,11 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
 
     @classmethod
+    def internal(cls, e: BaseException) -> ApiError:
+        """A fault of ragtop's, named without a traceback (the log has it)."""
+        return cls(500, f"internal server error ({type(e).__name__}); the server log has the details", "server_error")
+
+    @classmethod
     def of_failure(cls, e: RequestFailed) -> ApiError:
         """An accepted request that could not be completed: 500 (a fault), 503 (shutdown)."""
         return cls(e.status, str(e), "service_unavailable" if e.status == 503 else "server_error")
@@ -337,8 +342,7 @@ async def _ending_cleanly(rid: str, chunks: AsyncIterator[str]) -> AsyncIterator
         yield "data: [DONE]\n\n"
     except Exception as e:  # noqa: BLE001 - a fault of ours: logged, reported without a traceback
         log.error("request %s: internal error while streaming", rid, exc_info=e)
-        yield _sse(ApiError(500, f"internal server error ({type(e).__name__}); the server log has the details",
-                            "server_error").body())
+        yield _sse(ApiError.internal(e).body())
         yield "data: [DONE]\n\n"
     finally:
         await chunks.aclose()

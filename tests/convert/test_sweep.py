@@ -13,13 +13,18 @@ from ragtop.convert.sweep import default_variants, markdown_table, run_sweep
 from ragtop.model import ModelConfig, Transformer
 
 
-def test_sweep_rows_and_table(tmp_path):
+def letter_model(tmp_path, n_layers: int):
+    """A tiny random model over a letter-level tokenizer (no corpus, no SmolLM2)."""
     vocab = {chr(ord("a") + i): i for i in range(26)} | {" ": 26, "<sep>": 27}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    cfg = ModelConfig(vocab_size=28, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=24, max_seq_len=64)
-    ckpt = load_checkpoint(save_checkpoint(tmp_path / "c", Transformer(cfg), tok.to_str(),
+    cfg = ModelConfig(vocab_size=28, d_model=16, n_layers=n_layers, n_heads=2, n_kv_heads=1, d_ff=24, max_seq_len=64)
+    return load_checkpoint(save_checkpoint(tmp_path / "c", Transformer(cfg), tok.to_str(),
                                            generation={"document_separator_id": 27}))
+
+
+def test_sweep_rows_and_table(tmp_path):
+    ckpt = letter_model(tmp_path, n_layers=1)
     docs = [("one", "the quick brown fox jumps over the lazy dog " * 2), ("two", "a short one")]
     variants = default_variants(topks=(4, 64), tier_specs=("8:16,*:4",), combined=((4, "8:16,*:4"),))
     assert [v.name for v in variants] == ["dense", "top-4", "dense + ragged 8:16,*:4", "top-4 + ragged 8:16,*:4", "top-64"]
@@ -69,12 +74,7 @@ def test_parse_setting_and_kv_read():
 def test_calibration_rows_and_table(tmp_path):
     from ragtop.convert.sweep import calibration_table, parse_setting, run_calibration
 
-    vocab = {chr(ord("a") + i): i for i in range(26)} | {" ": 26, "<sep>": 27}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    cfg = ModelConfig(vocab_size=28, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=24, max_seq_len=64)
-    ckpt = load_checkpoint(save_checkpoint(tmp_path / "c", Transformer(cfg), tok.to_str(),
-                                           generation={"document_separator_id": 27}))
+    ckpt = letter_model(tmp_path, n_layers=2)
     docs = [("one", "the quick brown fox jumps over the lazy dog " * 2), ("two", "pack my box with five dozen liquor jugs " * 2)]
     settings = [None, parse_setting("k=2,bs=4,budget=1,sink=2,window=4"), parse_setting("k=all,bs=4,budget=16")]
     out = tmp_path / "rows.jsonl"

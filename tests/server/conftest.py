@@ -3,6 +3,7 @@ reach the engine, e.g. to slow its runner down and make timing-dependent cases c
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -86,6 +87,18 @@ class LiveServer:
                     return s.value
         raise KeyError(name)
 
+    def stream_in_background(self, body: dict, path: str = "/v1/completions") -> tuple[threading.Thread, list[str]]:
+        """POST a streaming request from a thread (started); its non-empty SSE lines collect in the list."""
+        events: list[str] = []
+
+        def stream() -> None:
+            with httpx.stream("POST", self.url + path, json={**body, "stream": True}, timeout=60) as r:
+                events.extend(line for line in r.iter_lines() if line)
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        return thread, events
+
     def slow_down(self, seconds: float) -> None:
         """Make every forward pass take at least `seconds` (deterministic timing for tests)."""
         runner = self.state.engine.engine.runner
@@ -116,6 +129,18 @@ def start_server(settings: ServerSettings, exit_on_failure: bool = True) -> Live
     live = LiveServer(f"http://127.0.0.1:{port}", server, thread, app.state.ragtop)
     wait_until(lambda: httpx.get(live.url + "/health").status_code != 503 or live.state.status == "failed")
     return live
+
+
+def wait_for_process(proc: subprocess.Popen, url: str, timeout: float = 60.0) -> None:
+    """Until `ragtop serve` in `proc` answers /health with 200 (its output in the failure if it exits)."""
+    def up() -> bool:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            return httpx.get(url + "/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(up, timeout=timeout)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:

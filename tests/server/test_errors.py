@@ -109,15 +109,8 @@ def test_api_key(serve):
 def test_queue_full_is_429_and_bad_requests_leave_running_ones_alone(serve):
     s = serve(max_batch_size=1, max_waiting=1)
     s.slow_down(0.02)
-    events: list[str] = []
-
-    def stream() -> None:
-        body = {"prompt": "The quick", "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
-            events.extend(line for line in r.iter_lines() if line)
-
-    running = threading.Thread(target=stream)
-    running.start()
+    running, events = s.stream_in_background({"prompt": "The quick", "max_tokens": 40, "temperature": 0,
+                                              "ignore_eos": True})
     wait_until(lambda: s.metric("ragtop:num_requests_running") == 1)
     waiting = threading.Thread(target=lambda: httpx.post(s.url + "/v1/completions", timeout=60,
                                                          json={"prompt": "x", "max_tokens": 2}))

@@ -130,15 +130,7 @@ def test_a_request_that_fails_inside_the_engine_gets_500_and_the_others_finish(s
     s = serve(max_batch_size=4)
     inject_nan(s)
     s.slow_down(0.01)
-    events: list[str] = []
-
-    def good_stream() -> None:
-        body = {"prompt": "The", "max_tokens": 30, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
-            events.extend(line for line in r.iter_lines() if line)
-
-    t = threading.Thread(target=good_stream)
-    t.start()
+    t, events = s.stream_in_background({"prompt": "The", "max_tokens": 30, "ignore_eos": True})
     wait_until(lambda: s.metric("ragtop:num_requests_running") == 1)
     r = httpx.post(s.url + "/v1/completions", json={"prompt": [MAGIC, 5], "max_tokens": 5}, timeout=30)
     assert r.status_code == 500 and error_of(r)["type"] == "server_error"
@@ -173,21 +165,15 @@ def test_a_broken_runner_makes_the_server_unhealthy_and_exit(serve):
 def test_grace_period_expiry_ends_open_requests_with_errors_not_tracebacks(serve, caplog):
     s = serve(shutdown_grace_s=0.5, max_batch_size=2)
     s.slow_down(0.05)
-    events: list[str] = []
     plain: list[httpx.Response] = []
-
-    def stream() -> None:
-        body = {"prompt": "The", "max_tokens": 80, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
-            events.extend(line for line in r.iter_lines() if line)
 
     def request() -> None:
         plain.append(httpx.post(s.url + "/v1/completions", json={"prompt": "A", "max_tokens": 80, "ignore_eos": True},
                                 timeout=60))
 
-    threads = [threading.Thread(target=stream), threading.Thread(target=request)]
-    for t in threads:
-        t.start()
+    streaming, events = s.stream_in_background({"prompt": "The", "max_tokens": 80, "ignore_eos": True})
+    threads = [streaming, threading.Thread(target=request)]
+    threads[1].start()
     wait_until(lambda: s.metric("ragtop:num_requests_running") == 2)
     s.server.handle_exit(15, None)  # SIGTERM
     for t in threads:

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ from ragtop.errors import RagtopError
 from ragtop.runtime.plugin import plugin_library_path
 from ragtop.server import ServerSettings
 
-from .conftest import start_server, wait_until
+from .conftest import start_server, wait_for_process, wait_until
 
 
 def answer(url: str) -> str:
@@ -83,15 +82,7 @@ def test_no_cors_unless_asked(serve):
 def test_graceful_shutdown_finishes_in_flight_requests(serve):
     s = serve(shutdown_grace_s=30)
     s.slow_down(0.02)
-    events: list[str] = []
-
-    def stream() -> None:
-        body = {"prompt": "The", "max_tokens": 40, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
-            events.extend(line for line in r.iter_lines() if line)
-
-    t = threading.Thread(target=stream)
-    t.start()
+    t, events = s.stream_in_background({"prompt": "The", "max_tokens": 40, "ignore_eos": True})
     wait_until(lambda: s.metric("ragtop:num_requests_running") == 1)
     s.server.handle_exit(signal.SIGTERM, None)  # what uvicorn's SIGTERM handler calls
     t.join(60)
@@ -116,14 +107,7 @@ def test_ragtop_serve_process_answers_and_exits_on_sigterm(exported):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        def up() -> bool:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                return httpx.get(url + "/health").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(up, timeout=60)
+        wait_for_process(proc, url)
         prompt = "a secret prompt text"
         r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 3})
         assert r.status_code == 200

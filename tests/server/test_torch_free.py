@@ -8,10 +8,9 @@ import signal
 import subprocess
 import sys
 
-import httpx
 import openai
 
-from .conftest import wait_until
+from .conftest import wait_for_process
 from .test_lifecycle import free_port
 
 BLOCKED = ("torch", "onnx", "onnxscript", "gguf", "safetensors", "transformers")
@@ -29,14 +28,7 @@ def test_an_exported_model_serves_without_torch(exported):
     url = f"http://127.0.0.1:{port}"
     proc = serve_without_torch(exported["topk"], port)
     try:
-        def up() -> bool:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                return httpx.get(url + "/health").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(up, timeout=60)
+        wait_for_process(proc, url)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         r = client.completions.create(model="tiny", prompt="The quick", max_tokens=5, temperature=0.8, seed=3,
                                       extra_body={"ignore_eos": True})
