@@ -164,6 +164,22 @@ class QBlocks:
         return (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
 
 
+def concat_rows(parts: list[QBlocks]) -> QBlocks | None:
+    """Matrices with the same input (q/k/v, gate/up) stacked along N into one MatMulNBits
+    (one node, one pass over the activations), or None when their forms differ (bits, or
+    zero points present in some and not others). Missing `mins` become zeros."""
+    first = parts[0]
+    if any(p.bits != first.bits or p.codes.shape[1] != first.codes.shape[1]
+           or (p.zero_points is None) != (first.zero_points is None) for p in parts):
+        return None
+    mins = None
+    if any(p.mins is not None for p in parts):
+        mins = np.concatenate([p.mins if p.mins is not None else np.zeros_like(p.scales) for p in parts])
+    zp = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])
+    return QBlocks(first.bits, np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
+                   zp, mins)
+
+
 def nibble_split(q: QBlocks) -> tuple[QBlocks, QBlocks]:
     """An 8-bit matrix as two 4-bit ones (high and low nibble of the code u = 16h + l):
     s·(u − z) = 16s·(h − 8) + s·(l − 8) + s·(136 − z), the last term as `mins` of the first.

@@ -41,10 +41,13 @@ from torch import Tensor, nn
 from ..errors import RagtopError
 from ..model import RaggedEmbedding, Transformer
 from ..model.attention import TopKAttention, apply_rotary
-from ..quant import BLOCK, QBlocks, nibble_split
+from ..quant import BLOCK, QBlocks, concat_rows, nibble_split
 from . import functions, ops
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which model.onnx keeps them outside
+ROPE_OPSET = 23  # ONNX RotaryEmbedding / RMSNormalization (onnxruntime runs both natively)
+FUSED_ATTN = ("q_proj", "k_proj", "v_proj")  # read the same input: stacked into one matrix
+FUSED_MLP = ("gate_proj", "up_proj")
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,7 @@ class ExportGraph(nn.Module):
         # block-quantized matrices: buffers (-> initializers) named after the weight. At accuracy
         # level 0/1 an 8-bit matrix runs as its two 4-bit nibble halves (quant.nibble_split).
         self.quantized: dict[str, tuple[str, list[tuple[str, QBlocks]]]] = {}
-        for name, qb in (quantized or {}).items():
+        for name, qb in self._fuse(model, spec, quantized or {}).items():
             key = name.removesuffix(".weight").replace(".", "_")
             split = qb.bits == 8 and spec.accuracy_level in (0, 1)
             parts = list(zip(("_hi", "_lo"), nibble_split(qb), strict=True)) if split else [("", qb)]
@@ -125,18 +128,55 @@ class ExportGraph(nn.Module):
                 if part.mins is not None:  # [nb, N]: per-block sums of x times these
                     self.register_buffer(f"{key}{suffix}_mins", torch.from_numpy(part.mins.T.copy()))
             self.quantized[name] = (key, parts)
+        self.rope = rope_tables(model, spec) if spec.opset >= ROPE_OPSET else None
+        if self.rope is not None:
+            self.register_buffer("rope_cos", self.rope[0])
+            self.register_buffer("rope_sin", self.rope[1])
+
+    def _fuse(self, model: Transformer, spec: ExportSpec, quantized: dict[str, QBlocks]) -> dict[str, QBlocks]:
+        """Stack the matrices that read the same input (q/k/v, gate/up) into one: one
+        MatMul(NBits) node instead of three or two. `self.fused[prefix.q_proj+k_proj+v_proj]`
+        holds the stacked matrix's name and the output sizes to split."""
+        self.fused: dict[str, tuple[str, list[int]]] = {}
+        quantized = dict(quantized)
+        for i, layer in enumerate(model.layers):
+            for sub, module, names, stacked in (("attn", layer.attn, FUSED_ATTN, "qkv_proj"),
+                                                ("mlp", layer.mlp, FUSED_MLP, "gate_up_proj")):
+                prefix = f"layers.{i}.{sub}"
+                full = [f"{prefix}.{n}.weight" for n in names]
+                mods = [getattr(module, n, None) for n in names]
+                if any(not isinstance(m, nn.Linear) or m.bias is not None for m in mods):
+                    continue
+                sizes = [m.out_features for m in mods]
+                if all(n in quantized for n in full):
+                    qb = concat_rows([quantized[n] for n in full])
+                    if qb is None:
+                        continue
+                    for n in full:
+                        del quantized[n]
+                    quantized[f"{prefix}.{stacked}.weight"] = qb
+                elif not any(n in quantized for n in full):
+                    w = torch.cat([m.weight.detach() for m in mods])
+                    self.register_buffer(f"{prefix}.{stacked}".replace(".", "_") + "_weight", w)
+                else:
+                    continue
+                self.fused[f"{prefix}.{'+'.join(names)}"] = (f"{prefix}.{stacked}", sizes)
+        return quantized
 
     def forward(self, input_ids: Tensor, past_lengths: Tensor, logits_indices: Tensor, cache: list[Tensor]):
         m = self.model
         B, S = input_ids.shape
         positions = past_lengths[:, None] + torch.arange(S, device=input_ids.device)  # [B,S]
         x = self.embed(input_ids)  # [B,S,D]
-        cos, sin = m.rotary(positions)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if self.rope is None:  # decomposed rotate-half, from cos/sin of these positions
+            cos, sin = m.rotary(positions)
+            rope: tuple = (cos.to(x.dtype), sin.to(x.dtype))
+        else:  # one RotaryEmbedding node per projection, reading the tables at these positions
+            rope = (positions,)
         presents: list[Tensor] = []
         for i, layer in enumerate(m.layers):
             past = cache[i * self.per_layer : (i + 1) * self.per_layer]
-            out, present = self.attention(layer.attn, layer.attn_norm(x), cos, sin, past_lengths, past, f"layers.{i}.attn")
+            out, present = self.attention(layer.attn, layer.attn_norm(x), rope, past_lengths, past, f"layers.{i}.attn")
             x = x + out
             x = x + self.mlp(layer.mlp, layer.mlp_norm(x), f"layers.{i}.mlp")
             presents += present
@@ -176,9 +216,20 @@ class ExportGraph(nn.Module):
                 y = y + sums @ getattr(self, f"{key}{suffix}_mins")
         return y
 
+    def project(self, prefix: str, module: nn.Module, names: tuple[str, ...], x: Tensor) -> list[Tensor]:
+        """x @ W^T for matrices that read the same x: one node when they were stacked (_fuse)."""
+        fused = self.fused.get(f"{prefix}.{'+'.join(names)}")
+        if fused is None:
+            return [self.linear(f"{prefix}.{n}", getattr(module, n), x) for n in names]
+        name, sizes = fused
+        if f"{name}.weight" in self.quantized:
+            y = self.linear(name, None, x)
+        else:
+            y = nn.functional.linear(x, getattr(self, name.replace(".", "_") + "_weight"))
+        return list(y.split(sizes, dim=-1))
+
     def mlp(self, mlp: nn.Module, x: Tensor, prefix: str) -> Tensor:
-        gate = self.linear(f"{prefix}.gate_proj", mlp.gate_proj, x)
-        up = self.linear(f"{prefix}.up_proj", mlp.up_proj, x)
+        gate, up = self.project(prefix, mlp, FUSED_MLP, x)
         return self.linear(f"{prefix}.down_proj", mlp.down_proj, nn.functional.silu(gate) * up)
 
     def embed(self, ids: Tensor) -> Tensor:
@@ -208,16 +259,22 @@ class ExportGraph(nn.Module):
             version=ops.OPSET_VERSION,
         )
 
-    def attention(self, attn, h: Tensor, cos: Tensor, sin: Tensor, past_lengths: Tensor, past: list[Tensor], prefix: str):
+    def rotary(self, x: Tensor, rope: tuple, heads: int) -> Tensor:
+        """Rotary position embedding of x [B,S,heads*Dh] (rotate-half convention)."""
+        B, S, _ = x.shape
+        if self.rope is None:  # on [B,heads,S,Dh], then back to [B,S,heads*Dh]
+            cos, sin = rope
+            x = x.view(B, S, heads, -1).transpose(1, 2)
+            return apply_rotary(x, cos, sin).transpose(1, 2).reshape(B, S, -1)
+        (positions,) = rope
+        return torch.onnx.ops.rotary_embedding(x, self.rope_cos, self.rope_sin, positions, interleaved=False,
+                                               num_heads=heads)
+
+    def attention(self, attn, h: Tensor, rope: tuple, past_lengths: Tensor, past: list[Tensor], prefix: str):
         spec = self.spec
-        B, S, _ = h.shape
-        H, Hkv, Dh = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        # rotary on [B,heads,S,Dh], then back to the op's [B,S,heads*Dh] layout
-        q = self.linear(f"{prefix}.q_proj", attn.q_proj, h).view(B, S, H, Dh).transpose(1, 2)
-        k = self.linear(f"{prefix}.k_proj", attn.k_proj, h).view(B, S, Hkv, Dh).transpose(1, 2)
-        q = apply_rotary(q, cos, sin).transpose(1, 2).reshape(B, S, H * Dh)
-        k = apply_rotary(k, cos, sin).transpose(1, 2).reshape(B, S, Hkv * Dh)
-        v = self.linear(f"{prefix}.v_proj", attn.v_proj, h)  # [B,S,Hkv*Dh]
+        H, Hkv = attn.n_heads, attn.n_kv_heads
+        q, k, v = self.project(prefix, attn, FUSED_ATTN, h)  # [B,S,heads*Dh] each
+        q, k = self.rotary(q, rope, H), self.rotary(k, rope, Hkv)
         attrs = {
             "num_heads": H, "num_kv_heads": Hkv, "topk": spec.topk, "scale": float(attn.scale),
             "block_size": spec.block_size, "block_budget": spec.block_budget,
@@ -232,6 +289,16 @@ class ExportGraph(nn.Module):
             version=ops.OPSET_VERSION,
         )
         return self.linear(f"{prefix}.o_proj", attn.o_proj, outs[0]), list(outs[1:])
+
+
+def rope_tables(model: Transformer, spec: ExportSpec) -> tuple[Tensor, Tensor]:
+    """cos/sin [rows, Dh/2] for every position a cache of the context limit can hold (rounded
+    up to whole blocks, as the runner rounds its capacity), computed exactly as the model's
+    RotaryEmbedding computes them (fp32 position * inv_freq)."""
+    rows = -(-spec.context_limit // max(spec.block_size, 1)) * max(spec.block_size, 1)
+    freqs = torch.arange(rows, dtype=torch.float32)[:, None] * model.rotary.inv_freq.float()
+    dtype = torch.float16 if spec.dtype == "fp16" else torch.float32
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 def unpack_nibbles(packed: Tensor) -> Tensor:

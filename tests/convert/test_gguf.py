@@ -260,7 +260,7 @@ def test_int4_export_computes_the_files_values(tiny_q4, tmp_path, capsys):
     assert report["validation"]["passed"] and report["validation"]["greedy_match"]
     m = onnx.load(str(out / "model.onnx"))
     ops = [n.op_type for n in m.graph.node]
-    assert ops.count("MatMulNBits") == 7 * CFG_Q.n_layers + 2  # the 8-bit head as two 4-bit halves
+    assert ops.count("MatMulNBits") == 4 * CFG_Q.n_layers + 2  # q/k/v and gate/up stacked; the 8-bit head as two 4-bit halves
     init = {i.name: i for i in m.graph.initializer}
     for half in ("embed_hi_q", "embed_lo_q"):  # read by the head's MatMulNBits and the embedding's Gather
         assert init[half].data_type == onnx.TensorProto.UINT8 and list(init[half].dims) == [CFG_Q.vocab_size, 1, 16]
