@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..runtime import AsyncEngine, EngineConfig, LoadedModel, SchedulerConfig, load_model
+from .docs import mount_docs
 from .metrics import ServerMetrics
 from .serving import ApiError, OpenAIServing
 from .settings import ServerSettings
@@ -153,8 +154,9 @@ def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None) -
     app = FastAPI(title="ragtop", version=_version(),
                   description="OpenAI-compatible completions over top-k sparse attention and ragged embeddings. "
                               "Every error has the shape {\"error\": {\"message\", \"type\", \"param\", \"code\"}}.",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ragtop = state
+    mount_docs(app)  # the pages' assets from the package, never a CDN
 
     from .routes import openai, utility
 
