@@ -7,6 +7,7 @@ Every user-facing problem is raised as RagtopError and printed as one line,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -170,17 +171,23 @@ def run_serve(a: argparse.Namespace) -> int:
     overrides = {n: getattr(a, n) for n in names}
     overrides["cors_origins"] = tuple(a.cors_origins) if a.cors_origins else None
     settings = ServerSettings.load(overrides)
-    if settings.model is None:
-        from .default_model import ensure_default_model
+    prepare = None
+    if settings.model is None:  # the default model, imported and exported on first run
+        from .default_model import SERVED_NAME, ensure_default_model
 
-        model = ensure_default_model(a.data_dir or default_data_dir())
-        settings = ServerSettings.load({**overrides, "model": model,
-                                        "served_model_name": settings.served_model_name or "SmolLM2-135M-Instruct-topk256"})
+        data_dir = a.data_dir or default_data_dir()
+        settings = dataclasses.replace(settings, served_model_name=settings.served_model_name or SERVED_NAME)
+
+        def prepare(progress: Callable[[str], None]) -> Path:
+            return ensure_default_model(data_dir, log=progress)
+
     if settings.scale_out:  # only then is Ray imported
         from .server.ray import serve_forever
 
+        if prepare is not None:  # every replica loads the prepared folder
+            settings = dataclasses.replace(settings, model=ensure_default_model(data_dir))
         return serve_forever(settings)
-    return serve(settings)
+    return serve(settings, prepare)  # the port opens before `prepare` runs (503 "loading" meanwhile)
 
 
 # -- generate / bench engine ------------------------------------------------------------

@@ -19,6 +19,7 @@ from .convert.defaults import DEFAULT_ACCURACY_LEVEL, DEFAULT_WEIGHTS
 from .errors import RagtopError
 
 NAME = "smollm2-135m-instruct-topk256"
+SERVED_NAME = "SmolLM2-135M-Instruct-topk256"  # the model id clients send
 
 
 def default_model_dirs(data_dir: Path) -> tuple[Path, Path]:

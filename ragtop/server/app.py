@@ -1,7 +1,10 @@
 """`create_app(settings)`: the FastAPI application and its lifespan.
 
 The model loads in a background thread when the app starts, so the port answers at once:
-`/health` says 503 while loading (and after a failed load), 200 when the engine runs. The
+`/health` says 503 while loading (and after a failed load), 200 when the engine runs. A
+`prepare` step (the default model's first-run import and export, minutes) runs in that thread
+too, before the load; while it runs /health and the API answer 503 `loading` with what it is
+doing (`detail`). The
 engine loop runs in its own thread (AsyncEngine); handlers only queue requests and await
 their outputs, so the event loop never waits for a forward pass.
 
@@ -18,12 +21,14 @@ request still open with a 503 (a stream with an error event and `[DONE]`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -42,6 +47,9 @@ log = logging.getLogger("ragtop.server")
 
 Status = Literal["loading", "ready", "failed", "draining"]
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# Resolves the model folder before the load (e.g. importing and exporting the default model on
+# first run), calling its argument with a line saying what it is doing at each stage.
+Prepare = Callable[[Callable[[str], None]], Path]
 
 
 @dataclass
@@ -52,6 +60,7 @@ class ServerState:
     metrics: ServerMetrics
     status: Status = "loading"
     error: str | None = None
+    detail: str | None = None  # while loading: what the loader is doing ("exporting ... to ONNX")
     serving: OpenAIServing | None = None
     engine: AsyncEngine | None = None
     on_failure: list[Callable[[str], None]] = field(default_factory=list)  # load failed or engine died
@@ -66,7 +75,13 @@ class ServerState:
                            "service_unavailable", headers=retry)
         if self.status == "failed":
             raise ApiError(503, self.error or "the server failed", "service_unavailable")
-        raise ApiError(503, "the model is still loading; retry shortly", "service_unavailable", headers=retry)
+        doing = f" ({self.detail})" if self.detail else ""
+        raise ApiError(503, f"the model is still loading{doing}; retry shortly", "service_unavailable", headers=retry)
+
+    def progress(self, message: str) -> None:
+        """What the loader does now: logged, and shown on /health and in 503s while loading."""
+        self.detail = message
+        log.info("%s", message)
 
     def fail(self, message: str) -> None:
         """The server cannot serve (the load failed, or the engine died): unhealthy, and the
@@ -110,12 +125,15 @@ def engine_config(s: ServerSettings) -> EngineConfig:
     )
 
 
-def _load(state: ServerState) -> None:
-    """The loading thread: model, engine, serving object; then status 'ready'."""
+def _load(state: ServerState, prepare: Prepare | None = None) -> None:
+    """The loading thread: the model folder (`prepare`), model, engine, serving object; then status 'ready'."""
     s = state.settings
     try:
+        if prepare is not None:
+            s = state.settings = dataclasses.replace(s, model=prepare(state.progress))
         if s.model is None:
             raise ApiError(500, "no model given (ragtop serve MODEL_DIR, or RAGTOP_MODEL)")
+        state.progress(f"loading the model from {s.model}")
         model: LoadedModel = load_model(s.model, s.runner, threads=s.threads, use_plugin=s.plugin)  # type: ignore[arg-type]
         engine = model.engine(engine_config(s))
         engine.stats_listeners.append(state.metrics.observe)
@@ -132,17 +150,19 @@ def _load(state: ServerState) -> None:
                  s.model, s.model_name, spec.name, spec.attention, getattr(model.runner, "plugin", "n/a"),
                  plan.context_limit, plan.slots, plan.total_bytes / 2**20)
         if state.status == "loading":
-            state.status = "ready"
+            state.status, state.detail = "ready", None
     except Exception as e:  # noqa: BLE001 - reported on /health and to the CLI
         state.fail(f"the model failed to load: {str(e) or type(e).__name__}")
 
 
-def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None) -> FastAPI:
+def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None, prepare: Prepare | None = None) -> FastAPI:
+    """The app; `prepare` (optional) yields the model folder in the loading thread, so the port
+    is open, answering 503 `loading`, while it runs (`settings.model` is then ignored)."""
     state = ServerState(settings, metrics or ServerMetrics(settings.model_name))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader = threading.Thread(target=_load, args=(state,), name="ragtop-load", daemon=True)
+        loader = threading.Thread(target=_load, args=(state, prepare), name="ragtop-load", daemon=True)
         loader.start()
         yield
         if state.status != "failed":

@@ -115,8 +115,10 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
-def start_server(settings: ServerSettings, exit_on_failure: bool = True) -> LiveServer:
-    app = create_app(settings)
+def start_server(settings: ServerSettings, exit_on_failure: bool = True, prepare=None, wait: bool = True) -> LiveServer:
+    """A real uvicorn serving `create_app(settings, prepare=prepare)`; with `wait`, once the
+    model has loaded (or failed to)."""
+    app = create_app(settings, prepare=prepare)
     server = RagtopServer(app, settings, "127.0.0.1", 0, log_level="warning",  # what `ragtop serve` runs
                           exit_on_failure=exit_on_failure)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -127,7 +129,8 @@ def start_server(settings: ServerSettings, exit_on_failure: bool = True) -> Live
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     live = LiveServer(f"http://127.0.0.1:{port}", server, thread, app.state.ragtop)
-    wait_until(lambda: httpx.get(live.url + "/health").status_code != 503 or live.state.status == "failed")
+    if wait:
+        wait_until(lambda: httpx.get(live.url + "/health").status_code != 503 or live.state.status == "failed")
     return live
 
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -136,3 +137,51 @@ def test_default_model_dirs_live_in_the_data_folder(tmp_path):
 
     ckpt, onnx_dir = default_model_dirs(tmp_path)
     assert ckpt.parent == onnx_dir.parent == Path(tmp_path) / "models"
+
+
+
+def test_port_answers_503_loading_with_what_it_does_while_the_model_is_prepared(exported):
+    """`prepare` (the default model's first-run import/export) runs after the port opens: /health
+    and the API answer 503 `loading` naming the stage, then the prepared folder is served."""
+    stage_reported, go_on = threading.Event(), threading.Event()
+
+    def prepare(progress) -> Path:
+        progress("first run: exporting the checkpoint to ONNX")
+        stage_reported.set()
+        assert go_on.wait(60), "the test never let preparation finish"
+        return exported["topk"]
+
+    # no model in the settings: `prepare` gives it
+    live = start_server(ServerSettings(served_model_name="tiny", threads=1), prepare=prepare, wait=False)
+    try:
+        assert stage_reported.wait(30)
+        health = httpx.get(live.url + "/health")
+        assert health.status_code == 503
+        assert health.json() == {"status": "loading", "detail": "first run: exporting the checkpoint to ONNX"}
+        r = httpx.post(live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert "still loading (first run: exporting the checkpoint to ONNX)" in r.json()["error"]["message"]
+        assert httpx.get(live.url + "/v1/models").status_code == 503
+        go_on.set()
+        wait_until(lambda: httpx.get(live.url + "/health").status_code == 200)
+        assert httpx.get(live.url + "/health").json() == {"status": "ready"}
+        (card,) = httpx.get(live.url + "/v1/models").json()["data"]
+        assert card["id"] == "tiny" and card["root"] == str(exported["topk"])
+        assert httpx.post(live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    finally:
+        go_on.set()
+        live.stop()
+
+
+def test_failed_preparation_is_503_failed_with_the_reason():
+    def prepare(progress) -> Path:
+        progress("first run: importing SmolLM2")
+        raise RagtopError("the GGUF is missing")
+
+    live = start_server(ServerSettings(threads=1), prepare=prepare, exit_on_failure=False)
+    try:
+        health = httpx.get(live.url + "/health")
+        assert health.status_code == 503
+        assert health.json() == {"status": "failed", "error": "the model failed to load: the GGUF is missing"}
+    finally:
+        live.stop()

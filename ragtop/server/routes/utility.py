@@ -21,14 +21,17 @@ router = APIRouter()
 
 @router.get("/health", response_model=None,
             responses={200: {"model": HealthResponse, "description": "the engine serves"},
-                       503: {"model": HealthResponse, "description": "loading, draining, or failed (with the error)"}})
+                       503: {"model": HealthResponse,
+                             "description": "loading (with what it is doing), draining, or failed (with the error)"}})
 async def health(request: Request) -> JSONResponse:
-    """200 when the engine serves; 503 while loading, after a failed load, or when draining."""
+    """200 when the engine serves; 503 while loading (`detail` says what the loader does: on a
+    first run, importing or exporting the default model), after a failed load, or when draining."""
     state = state_of(request)
     engine = state.engine
     if state.status == "ready" and engine is not None and engine.error is not None:
         return JSONResponse({"status": "failed", "error": f"the engine loop stopped: {engine.error}"}, status_code=503)
-    body = {"status": state.status, **({"error": state.error} if state.error else {})}
+    body = {"status": state.status, **({"error": state.error} if state.error else {}),
+            **({"detail": state.detail} if state.status == "loading" and state.detail else {})}
     return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
 
 
