@@ -123,53 +123,18 @@ def add_serve(sub) -> None:
                                    "a flag given wins. Without MODEL_DIR (or RAGTOP_MODEL), serve the default model: "
                                    "SmolLM2-135M-Instruct with top-k attention, imported and exported into the data "
                                    "folder on first run.")
-    p.add_argument("model", type=Path, nargs="?", default=None, help="exported folder (model.onnx) or checkpoint")
-    p.add_argument("--host", default=None, help="default 127.0.0.1")
-    p.add_argument("--port", type=int, default=None, help="default 8000; 0 picks a free port")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize")
-    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder's name)")
-    p.add_argument("--runner", choices=["auto", "ort", "torch"], default=None)
-    p.add_argument("--no-plugin", dest="plugin", action="store_const", const=False, default=None,
-                   help="run the standard-op fallbacks even when the ragtop plugin is built")
-    p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads of the model runner")
-    p.add_argument("--max-batch-size", type=positive_int, default=None, help="sequences running at once (default 8)")
-    p.add_argument("--max-waiting", type=positive_int, default=None, help="queued requests before 429 (default 64)")
-    p.add_argument("--max-tokens-per-step", type=positive_int, default=None)
-    p.add_argument("--prefill-chunk", type=positive_int, default=None, help="prompt tokens per sequence per step")
-    p.add_argument("--context-limit", type=positive_int, default=None, help="tokens per sequence (default: the model's)")
-    p.add_argument("--cache-memory-mb", type=positive_int, default=None, help="KV-cache budget (default: a full context per slot)")
-    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_const", const=False, default=None,
-                   help="compute every prompt in full instead of reusing cached prefixes")
-    p.add_argument("--max-body-bytes", type=positive_int, default=None, help="larger request bodies get 413 (default 4 MiB)")
-    p.add_argument("--shutdown-grace-s", type=float, default=None, help="SIGTERM: seconds in-flight requests may take (default 30)")
-    p.add_argument("--cors-origin", dest="cors_origins", action="append", default=None, help="allowed CORS origin (repeatable; none by default)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    from .server.settings import add_arguments
+
+    add_arguments(p)  # one flag per ServerSettings field
     p.add_argument("--data-dir", type=Path, default=None, help="where the default model is cached (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)")
-    ray = p.add_argument_group("scale out on Ray Serve", "With --replicas or --max-replicas the same app runs as a Ray Serve "
-                               "deployment, one engine per replica (needs `pip install 'ragtop[ray]'`; docs/scale-out.md)")
-    ray.add_argument("--replicas", type=positive_int, default=None, help="a fixed number of replicas")
-    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling: at least this many (default 1)")
-    ray.add_argument("--max-replicas", type=positive_int, default=None, help="autoscaling: at most this many")
-    ray.add_argument("--target-ongoing-requests", type=float, default=None, help="autoscaling target per replica (Ray's default 2)")
-    ray.add_argument("--max-ongoing-requests", type=positive_int, default=None,
-                     help="requests a replica takes at once (default max-batch-size + max-waiting)")
-    ray.add_argument("--max-queued-requests", type=int, default=None,
-                     help="requests waiting in Ray's router when every replica is full, before 429 (default max-waiting; -1: no bound)")
-    ray.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto', ray://HOST:10001); default: a local Ray")
-    ray.add_argument("--replica-metrics-port", type=int, default=None, help="each replica's Prometheus port (default 0: a free one)")
     p.set_defaults(func=run_serve)
 
 
 def run_serve(a: argparse.Namespace) -> int:
     from .server.run import serve
-    from .server.settings import ServerSettings
+    from .server.settings import ServerSettings, from_arguments
 
-    names = ("model", "host", "port", "api_key", "served_model_name", "runner", "plugin", "threads", "max_batch_size",
-             "max_waiting", "max_tokens_per_step", "prefill_chunk", "context_limit", "cache_memory_mb", "prefix_caching",
-             "max_body_bytes", "shutdown_grace_s", "log_level", "replicas", "min_replicas", "max_replicas",
-             "target_ongoing_requests", "max_ongoing_requests", "max_queued_requests", "ray_address", "replica_metrics_port")
-    overrides = {n: getattr(a, n) for n in names}
-    overrides["cors_origins"] = tuple(a.cors_origins) if a.cors_origins else None
+    overrides = from_arguments(a)
     settings = ServerSettings.load(overrides)
     prepare = None
     if settings.model is None:  # the default model, imported and exported on first run
