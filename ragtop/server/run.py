@@ -15,8 +15,9 @@ import logging
 import uvicorn
 from fastapi import FastAPI
 
-from .app import Prepare, ServerState, create_app
+from .app import Prepare, create_app
 from .settings import ServerSettings
+from .state import ServerState
 
 # uvicorn cancels handlers still running this long after the grace period (by then the app
 # has ended every open request itself, so this is only a backstop).

@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..app import state_of
 from ..protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -15,6 +14,7 @@ from ..protocol import (
     error_responses,
 )
 from ..serving import ApiError
+from ..state import state_of
 
 router = APIRouter()
 
