@@ -13,7 +13,6 @@ from ..protocol import (
     TokenizeResponse,
     error_responses,
 )
-from ..serving import ApiError
 from ..state import state_of
 
 router = APIRouter()
@@ -45,22 +44,9 @@ async def metrics(request: Request) -> Response:
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 401, 404, 413, 422, 500, 503))
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
-    serving = state_of(request).ready_serving()
-    serving.check_model(body.model)
-    if body.messages is not None:
-        ids = serving.encode_chat(body.messages, body.add_generation_prompt)
-    elif body.add_special_tokens:
-        ids = serving.encode_prompt(body.prompt or "")
-    else:
-        ids = serving.model.tokenizer.encode(body.prompt or "", add_special_tokens=False).ids
-    return TokenizeResponse(count=len(ids), max_model_len=serving.context_limit, tokens=ids)
+    return state_of(request).ready_serving().tokenize(body)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 401, 404, 413, 422, 500, 503))
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
-    serving = state_of(request).ready_serving()
-    serving.check_model(body.model)
-    bad = next((t for t in body.tokens if not 0 <= t < serving.vocab_size), None)
-    if bad is not None:
-        raise ApiError(400, f"token id {bad} is outside the vocabulary (0..{serving.vocab_size - 1})", param="tokens")
-    return DetokenizeResponse(prompt=serving.model.tokenizer.decode(body.tokens, skip_special_tokens=False))
+    return state_of(request).ready_serving().detokenize(body)
