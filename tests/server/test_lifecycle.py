@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from ragtop.errors import RagtopError
 from ragtop.runtime.plugin import plugin_library_path
 from ragtop.server import ServerSettings
 
-from .conftest import start_server, wait_for_process, wait_until
+from .conftest import free_port, start_server, wait_for_process, wait_until
 
 
 def answer(url: str) -> str:
@@ -92,12 +91,6 @@ def test_graceful_shutdown_finishes_in_flight_requests(serve):
     assert not s.thread.is_alive()
     with pytest.raises(httpx.ConnectError):
         httpx.get(s.url + "/health")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_ragtop_serve_process_answers_and_exits_on_sigterm(exported):
@@ -185,3 +178,45 @@ def test_failed_preparation_is_503_failed_with_the_reason():
         assert health.json() == {"status": "failed", "error": "the model failed to load: the GGUF is missing"}
     finally:
         live.stop()
+
+
+def test_ragtop_serve_without_a_model_opens_the_port_while_it_exports_the_default_model(exported, tmp_path):
+    """`ragtop serve` with no MODEL_DIR on a first run: the default model's checkpoint is in the
+    data folder (here the tiny one, so the run takes seconds) but not its export. The port
+    answers 503 `loading` saying it is exporting, then serves the export under the default name."""
+    import shutil
+
+    from ragtop.default_model import SERVED_NAME, default_model_dirs
+
+    ckpt, onnx_dir = default_model_dirs(tmp_path)
+    shutil.copytree(exported["topk-ckpt"], ckpt)
+    port = free_port()
+    env = {**os.environ, "RAGTOP_DATA_DIR": str(tmp_path), "RAGTOP_THREADS": "1"}
+    env.pop("RAGTOP_MODEL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "ragtop.cli", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    seen: list[dict] = []
+
+    def ready() -> bool:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            r = httpx.get(url + "/health")
+        except httpx.TransportError:
+            return False
+        if r.status_code == 503:
+            seen.append(r.json())
+        return r.status_code == 200
+
+    try:
+        wait_until(ready, timeout=300)
+        assert (onnx_dir / "model.onnx").is_file()
+        exporting = [s for s in seen if "exporting" in s.get("detail", "")]
+        assert exporting and exporting[0]["status"] == "loading" and "to ONNX" in exporting[0]["detail"], seen
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == [SERVED_NAME]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
