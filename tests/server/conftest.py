@@ -3,12 +3,14 @@ reach the engine, e.g. to slow its runner down and make timing-dependent cases c
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -146,11 +148,20 @@ def wait_for_process(proc: subprocess.Popen, url: str, timeout: float = 60.0) ->
     wait_until(up, timeout=timeout)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+def wait_until(condition: Callable[[], Any], timeout: float = 30.0, every: float = 0.02) -> Any:
+    """Poll `condition` until it is true (returned) or `timeout` seconds pass (an assertion)."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (value := condition()):
         assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
+        time.sleep(every)
+    return value
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a `ragtop serve` started as a process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import sys
 
 import openai
 
-from .conftest import wait_for_process
-from .test_lifecycle import free_port
+from .conftest import free_port, wait_for_process
 
 BLOCKED = ("torch", "onnx", "onnxscript", "gguf", "safetensors", "transformers")
 # sys.modules[name] = None makes `import name` raise ImportError, as if it were not installed
