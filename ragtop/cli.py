@@ -230,20 +230,26 @@ COMMANDS: list[Callable] = [add_train, add_eval, add_convert_commands, add_expor
                             add_analyze]
 
 
-# The commands each `add_*` registers, for a base install (no PyTorch) where its module
-# cannot be imported: `ragtop serve` and `ragtop generate` of exported models work there.
+# The commands each `add_*` registers: for a base install (no PyTorch), where its module
+# cannot be imported (`ragtop serve` and `ragtop generate` of exported models work there), and
+# to build only the parser of the command given (see build_parser).
 COMMAND_NAMES = {add_train: ("train",), add_eval: ("eval",), add_convert_commands: ("import", "convert", "sweep"),
-                 add_export: ("export",), add_bench: ("bench",), add_study: ("study",), add_analyze: ("analyze",)}
+                 add_export: ("export",), add_generate: ("generate",), add_serve: ("serve",), add_bench: ("bench",),
+                 add_study: ("study",), add_analyze: ("analyze",)}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or, with `command` (a known command's name), of that one
+    only: registering a command imports its module, and the training commands import PyTorch,
+    which `ragtop serve` must not carry (hundreds of MB; docs/server.md, "Footprint")."""
     parser = argparse.ArgumentParser(prog="ragtop", description="Top-k sparse attention and ragged embeddings: train, import, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in COMMANDS:
+    chosen = [add for add in COMMANDS if command in COMMAND_NAMES[add]] or COMMANDS
+    for add in chosen:
         try:
             add(sub)
         except ImportError as e:  # the train extra is not installed
-            for name in COMMAND_NAMES.get(add, ()):
+            for name in COMMAND_NAMES[add]:
                 _unavailable(sub, name, e)
     return parser
 
@@ -275,7 +281,8 @@ def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(argv, build_parser())
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run(argv, build_parser(argv[0] if argv else None))
 
 
 def export_model_main(argv: Sequence[str] | None = None) -> int:

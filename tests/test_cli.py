@@ -75,3 +75,14 @@ def test_serve_flags_refuse_bad_values(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_serving_commands_do_not_import_torch():
+    """`ragtop serve` / `ragtop generate` build only their own parser: PyTorch, installed here,
+    stays out of the serving process (hundreds of MB of RSS; docs/server.md, "Footprint")."""
+    code = ("import sys; from ragtop.cli import build_parser; "
+            "[build_parser(c).parse_args([c, 'm'] + (['--prompt', 'x'] if c == 'generate' else [])) "
+            "for c in ('serve', 'generate')]; print(sorted(m for m in ('torch', 'onnx', 'fastapi') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]"]
