@@ -7,6 +7,7 @@ Every user-facing problem is raised as RagtopError and printed as one line,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -122,65 +123,36 @@ def add_serve(sub) -> None:
                                    "a flag given wins. Without MODEL_DIR (or RAGTOP_MODEL), serve the default model: "
                                    "SmolLM2-135M-Instruct with top-k attention, imported and exported into the data "
                                    "folder on first run.")
-    p.add_argument("model", type=Path, nargs="?", default=None, help="exported folder (model.onnx) or checkpoint")
-    p.add_argument("--host", default=None, help="default 127.0.0.1")
-    p.add_argument("--port", type=int, default=None, help="default 8000; 0 picks a free port")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize")
-    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder's name)")
-    p.add_argument("--runner", choices=["auto", "ort", "torch"], default=None)
-    p.add_argument("--no-plugin", dest="plugin", action="store_const", const=False, default=None,
-                   help="run the standard-op fallbacks even when the ragtop plugin is built")
-    p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads of the model runner")
-    p.add_argument("--max-batch-size", type=positive_int, default=None, help="sequences running at once (default 8)")
-    p.add_argument("--max-waiting", type=positive_int, default=None, help="queued requests before 429 (default 64)")
-    p.add_argument("--max-tokens-per-step", type=positive_int, default=None)
-    p.add_argument("--prefill-chunk", type=positive_int, default=None, help="prompt tokens per sequence per step")
-    p.add_argument("--context-limit", type=positive_int, default=None, help="tokens per sequence (default: the model's)")
-    p.add_argument("--cache-memory-mb", type=positive_int, default=None, help="KV-cache budget (default: a full context per slot)")
-    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_const", const=False, default=None,
-                   help="compute every prompt in full instead of reusing cached prefixes")
-    p.add_argument("--max-body-bytes", type=positive_int, default=None, help="larger request bodies get 413 (default 4 MiB)")
-    p.add_argument("--shutdown-grace-s", type=float, default=None, help="SIGTERM: seconds in-flight requests may take (default 30)")
-    p.add_argument("--cors-origin", dest="cors_origins", action="append", default=None, help="allowed CORS origin (repeatable; none by default)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    from .server.settings import add_arguments
+
+    add_arguments(p)  # one flag per ServerSettings field
     p.add_argument("--data-dir", type=Path, default=None, help="where the default model is cached (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)")
-    ray = p.add_argument_group("scale out on Ray Serve", "With --replicas or --max-replicas the same app runs as a Ray Serve "
-                               "deployment, one engine per replica (needs `pip install 'ragtop[ray]'`; docs/scale-out.md)")
-    ray.add_argument("--replicas", type=positive_int, default=None, help="a fixed number of replicas")
-    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling: at least this many (default 1)")
-    ray.add_argument("--max-replicas", type=positive_int, default=None, help="autoscaling: at most this many")
-    ray.add_argument("--target-ongoing-requests", type=float, default=None, help="autoscaling target per replica (Ray's default 2)")
-    ray.add_argument("--max-ongoing-requests", type=positive_int, default=None,
-                     help="requests a replica takes at once (default max-batch-size + max-waiting)")
-    ray.add_argument("--max-queued-requests", type=int, default=None,
-                     help="requests waiting in Ray's router when every replica is full, before 429 (default max-waiting; -1: no bound)")
-    ray.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto', ray://HOST:10001); default: a local Ray")
-    ray.add_argument("--replica-metrics-port", type=int, default=None, help="each replica's Prometheus port (default 0: a free one)")
     p.set_defaults(func=run_serve)
 
 
 def run_serve(a: argparse.Namespace) -> int:
     from .server.run import serve
-    from .server.settings import ServerSettings
+    from .server.settings import ServerSettings, from_arguments
 
-    names = ("model", "host", "port", "api_key", "served_model_name", "runner", "plugin", "threads", "max_batch_size",
-             "max_waiting", "max_tokens_per_step", "prefill_chunk", "context_limit", "cache_memory_mb", "prefix_caching",
-             "max_body_bytes", "shutdown_grace_s", "log_level", "replicas", "min_replicas", "max_replicas",
-             "target_ongoing_requests", "max_ongoing_requests", "max_queued_requests", "ray_address", "replica_metrics_port")
-    overrides = {n: getattr(a, n) for n in names}
-    overrides["cors_origins"] = tuple(a.cors_origins) if a.cors_origins else None
+    overrides = from_arguments(a)
     settings = ServerSettings.load(overrides)
-    if settings.model is None:
-        from .default_model import ensure_default_model
+    prepare = None
+    if settings.model is None:  # the default model, imported and exported on first run
+        from .default_model import SERVED_NAME, ensure_default_model
 
-        model = ensure_default_model(a.data_dir or default_data_dir())
-        settings = ServerSettings.load({**overrides, "model": model,
-                                        "served_model_name": settings.served_model_name or "SmolLM2-135M-Instruct-topk256"})
+        data_dir = a.data_dir or default_data_dir()
+        settings = dataclasses.replace(settings, served_model_name=settings.served_model_name or SERVED_NAME)
+
+        def prepare(progress: Callable[[str], None]) -> Path:
+            return ensure_default_model(data_dir, log=progress)
+
     if settings.scale_out:  # only then is Ray imported
         from .server.ray import serve_forever
 
+        if prepare is not None:  # every replica loads the prepared folder
+            settings = dataclasses.replace(settings, model=ensure_default_model(data_dir))
         return serve_forever(settings)
-    return serve(settings)
+    return serve(settings, prepare)  # the port opens before `prepare` runs (503 "loading" meanwhile)
 
 
 # -- generate / bench engine ------------------------------------------------------------
@@ -258,20 +230,26 @@ COMMANDS: list[Callable] = [add_train, add_eval, add_convert_commands, add_expor
                             add_analyze]
 
 
-# The commands each `add_*` registers, for a base install (no PyTorch) where its module
-# cannot be imported: `ragtop serve` and `ragtop generate` of exported models work there.
+# The commands each `add_*` registers: for a base install (no PyTorch), where its module
+# cannot be imported (`ragtop serve` and `ragtop generate` of exported models work there), and
+# to build only the parser of the command given (see build_parser).
 COMMAND_NAMES = {add_train: ("train",), add_eval: ("eval",), add_convert_commands: ("import", "convert", "sweep"),
-                 add_export: ("export",), add_bench: ("bench",), add_study: ("study",), add_analyze: ("analyze",)}
+                 add_export: ("export",), add_generate: ("generate",), add_serve: ("serve",), add_bench: ("bench",),
+                 add_study: ("study",), add_analyze: ("analyze",)}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or, with `command` (a known command's name), of that one
+    only: registering a command imports its module, and the training commands import PyTorch,
+    which `ragtop serve` must not carry (hundreds of MB; docs/server.md, "Footprint")."""
     parser = argparse.ArgumentParser(prog="ragtop", description="Top-k sparse attention and ragged embeddings: train, import, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in COMMANDS:
+    chosen = [add for add in COMMANDS if command in COMMAND_NAMES[add]] or COMMANDS
+    for add in chosen:
         try:
             add(sub)
         except ImportError as e:  # the train extra is not installed
-            for name in COMMAND_NAMES.get(add, ()):
+            for name in COMMAND_NAMES[add]:
                 _unavailable(sub, name, e)
     return parser
 
@@ -303,7 +281,8 @@ def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(argv, build_parser())
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run(argv, build_parser(argv[0] if argv else None))
 
 
 def export_model_main(argv: Sequence[str] | None = None) -> int:

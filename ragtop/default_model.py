@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .convert.defaults import DEFAULT_ACCURACY_LEVEL, DEFAULT_WEIGHTS
 from .errors import RagtopError
 
 NAME = "smollm2-135m-instruct-topk256"
+SERVED_NAME = "SmolLM2-135M-Instruct-topk256"  # the model id clients send
 
 
 def default_model_dirs(data_dir: Path) -> tuple[Path, Path]:
@@ -27,29 +30,41 @@ def default_model_dirs(data_dir: Path) -> tuple[Path, Path]:
     return root / NAME, root / f"{NAME}-{DEFAULT_WEIGHTS}-onnx"  # a cached export of other weights is not reused
 
 
-def ensure_default_model(data_dir: Path, log=None) -> Path:
-    """The exported folder of the default model, importing and exporting it when missing."""
-    from .cli import main as ragtop
-
+def ensure_default_model(data_dir: Path, log: Callable[[str], None] | None = None) -> Path:
+    """The exported folder of the default model, importing and exporting it when missing.
+    `log` hears each stage (`ragtop serve` shows it on /health while the port is open)."""
     log = log or (lambda msg: print(f"ragtop: {msg}", file=sys.stderr, flush=True))
     ckpt, onnx_dir = default_model_dirs(data_dir)
     if (onnx_dir / "model.onnx").is_file() and (onnx_dir / "genai_config.json").is_file():
         return onnx_dir
     if not (ckpt / "model.safetensors").is_file():
-        log(f"first run: importing SmolLM2-135M-Instruct with the served defaults into {ckpt}")
+        log(f"first run: importing SmolLM2-135M-Instruct from the GGUF with the served defaults into {ckpt}")
+        with _train_extra():
+            from .convert.commands import ConversionOptions, import_model
         tmp = ckpt.with_name(ckpt.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        if ragtop(["import", "smollm2", "--out", str(tmp), "--served-defaults", "--data-dir", str(data_dir)]) != 0:
-            raise RagtopError(f"importing SmolLM2 into {tmp} failed (see above)")
+        import_model(tmp, ConversionOptions(served_defaults=True, data_dir=data_dir))
         shutil.rmtree(ckpt, ignore_errors=True)
         tmp.rename(ckpt)
     log(f"first run: exporting {ckpt} to ONNX in {onnx_dir} (with validation against PyTorch)")
+    with _train_extra():
+        from .export.commands import ExportOptions, export
     tmp = onnx_dir.with_name(onnx_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     # the validation's default tolerance is relative to the logits (docs/export.md, Validation)
-    if ragtop(["export", str(ckpt), str(tmp), "--data-dir", str(data_dir), "--weights", DEFAULT_WEIGHTS,
-               "--accuracy-level", str(DEFAULT_ACCURACY_LEVEL)]) != 0:
-        raise RagtopError(f"exporting {ckpt} to {tmp} failed (see above)")
+    options = ExportOptions(ckpt, tmp, data_dir=data_dir, weights=DEFAULT_WEIGHTS, accuracy_level=DEFAULT_ACCURACY_LEVEL)
+    if export(options) != 0:
+        raise RagtopError(f"exporting {ckpt} to {tmp} failed its validation (see {tmp / 'export_report.json'})")
     shutil.rmtree(onnx_dir, ignore_errors=True)
     tmp.rename(onnx_dir)
     return onnx_dir
+
+
+@contextmanager
+def _train_extra() -> Iterator[None]:
+    """Importing and exporting need PyTorch (the train extra); a base install only serves."""
+    try:
+        yield
+    except ImportError as e:
+        raise RagtopError(f"preparing the default model needs {e.name or e}, which is not installed: "
+                          "pip install 'ragtop[train]', or serve an exported folder (ragtop serve MODEL_DIR)") from None

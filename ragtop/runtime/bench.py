@@ -121,7 +121,9 @@ def bench_runner(model: LoadedModel, cfg: BenchConfig, progress: Callable[[str],
 
 
 def to_hf_llama(model: Transformer):
-    """A transformers LlamaForCausalLM with the same weights (dense attention, uniform embeddings)."""
+    """A transformers LlamaForCausalLM with the same weights (dense attention, uniform embeddings):
+    the peer of `ragtop bench engine`, and the reference of the parity tests (tests/model,
+    tests/convert)."""
     import transformers
 
     c = model.config
@@ -143,7 +145,10 @@ def to_hf_llama(model: Transformer):
         sd[p + "input_layernorm.weight"] = layer.attn_norm.weight
         sd[p + "post_attention_layernorm.weight"] = layer.mlp_norm.weight
     sd["lm_head.weight"] = model.embed.weight if c.tie_embeddings else model.lm_head.weight
-    hf.load_state_dict(sd, strict=False)
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if "rotary" not in m]  # buffers transformers computes itself
+    if unexpected or missing:
+        raise RagtopError(f"the transformers Llama does not match the model: missing {missing}, unexpected {unexpected}")
     return hf
 
 

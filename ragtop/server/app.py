@@ -1,7 +1,10 @@
 """`create_app(settings)`: the FastAPI application and its lifespan.
 
 The model loads in a background thread when the app starts, so the port answers at once:
-`/health` says 503 while loading (and after a failed load), 200 when the engine runs. The
+`/health` says 503 while loading (and after a failed load), 200 when the engine runs. A
+`prepare` step (the default model's first-run import and export, minutes) runs in that thread
+too, before the load; while it runs /health and the API answer 503 `loading` with what it is
+doing (`detail`). The
 engine loop runs in its own thread (AsyncEngine); handlers only queue requests and await
 their outputs, so the event loop never waits for a forward pass.
 
@@ -18,13 +21,13 @@ request still open with a 503 (a stream with an error event and `[DONE]`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,70 +36,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..runtime import AsyncEngine, EngineConfig, LoadedModel, SchedulerConfig, load_model
+from .docs import mount_docs
 from .metrics import ServerMetrics
 from .serving import ApiError, OpenAIServing
 from .settings import ServerSettings
+from .state import ServerState
 
 log = logging.getLogger("ragtop.server")
 
-Status = Literal["loading", "ready", "failed", "draining"]
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
-
-
-@dataclass
-class ServerState:
-    """What the routes reach through `request.app.state.ragtop`."""
-
-    settings: ServerSettings
-    metrics: ServerMetrics
-    status: Status = "loading"
-    error: str | None = None
-    serving: OpenAIServing | None = None
-    engine: AsyncEngine | None = None
-    on_failure: list[Callable[[str], None]] = field(default_factory=list)  # load failed or engine died
-    _drain_timer: threading.Timer | None = None
-
-    def ready_serving(self) -> OpenAIServing:
-        if self.status == "ready" and self.serving is not None:
-            return self.serving
-        retry = {"Retry-After": str(self.settings.retry_after_s)}
-        if self.status == "draining":
-            raise ApiError(503, "the server is shutting down; retry on another replica or later",
-                           "service_unavailable", headers=retry)
-        if self.status == "failed":
-            raise ApiError(503, self.error or "the server failed", "service_unavailable")
-        raise ApiError(503, "the model is still loading; retry shortly", "service_unavailable", headers=retry)
-
-    def fail(self, message: str) -> None:
-        """The server cannot serve (the load failed, or the engine died): unhealthy, and the
-        `on_failure` callbacks run (the CLI exits non-zero)."""
-        if self.status == "failed":
-            return
-        self.status, self.error = "failed", message
-        log.error("%s", message)
-        for callback in self.on_failure:
-            callback(message)
-
-    def begin_drain(self, grace_s: float) -> None:
-        """Stop admitting; after `grace_s` end whatever is still running with a 503."""
-        if self.status in ("ready", "loading"):
-            self.status = "draining"
-        if self._drain_timer is None and self.engine is not None:
-            engine = self.engine
-
-            def expire() -> None:
-                n = engine.fail_all(f"the server shut down before this request finished (grace period "
-                                    f"{grace_s:g} s); retry it", 503)
-                if n:
-                    log.warning("shutdown grace period of %g s expired: ended %d open request(s) with 503", grace_s, n)
-
-            self._drain_timer = threading.Timer(grace_s, expire)
-            self._drain_timer.daemon = True
-            self._drain_timer.start()
-
-    def end_drain(self) -> None:
-        if self._drain_timer is not None:
-            self._drain_timer.cancel()
+# Resolves the model folder before the load (e.g. importing and exporting the default model on
+# first run), calling its argument with a line saying what it is doing at each stage.
+Prepare = Callable[[Callable[[str], None]], Path]
 
 
 def engine_config(s: ServerSettings) -> EngineConfig:
@@ -109,12 +60,15 @@ def engine_config(s: ServerSettings) -> EngineConfig:
     )
 
 
-def _load(state: ServerState) -> None:
-    """The loading thread: model, engine, serving object; then status 'ready'."""
+def _load(state: ServerState, prepare: Prepare | None = None) -> None:
+    """The loading thread: the model folder (`prepare`), model, engine, serving object; then status 'ready'."""
     s = state.settings
     try:
+        if prepare is not None:
+            s = state.settings = dataclasses.replace(s, model=prepare(state.progress))
         if s.model is None:
             raise ApiError(500, "no model given (ragtop serve MODEL_DIR, or RAGTOP_MODEL)")
+        state.progress(f"loading the model from {s.model}")
         model: LoadedModel = load_model(s.model, s.runner, threads=s.threads, use_plugin=s.plugin)  # type: ignore[arg-type]
         engine = model.engine(engine_config(s))
         engine.stats_listeners.append(state.metrics.observe)
@@ -131,17 +85,19 @@ def _load(state: ServerState) -> None:
                  s.model, s.model_name, spec.name, spec.attention, getattr(model.runner, "plugin", "n/a"),
                  plan.context_limit, plan.slots, plan.total_bytes / 2**20)
         if state.status == "loading":
-            state.status = "ready"
+            state.status, state.detail = "ready", None
     except Exception as e:  # noqa: BLE001 - reported on /health and to the CLI
         state.fail(f"the model failed to load: {str(e) or type(e).__name__}")
 
 
-def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None) -> FastAPI:
+def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None, prepare: Prepare | None = None) -> FastAPI:
+    """The app; `prepare` (optional) yields the model folder in the loading thread, so the port
+    is open, answering 503 `loading`, while it runs (`settings.model` is then ignored)."""
     state = ServerState(settings, metrics or ServerMetrics(settings.model_name))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader = threading.Thread(target=_load, args=(state,), name="ragtop-load", daemon=True)
+        loader = threading.Thread(target=_load, args=(state, prepare), name="ragtop-load", daemon=True)
         loader.start()
         yield
         if state.status != "failed":
@@ -153,8 +109,9 @@ def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None) -
     app = FastAPI(title="ragtop", version=_version(),
                   description="OpenAI-compatible completions over top-k sparse attention and ragged embeddings. "
                               "Every error has the shape {\"error\": {\"message\", \"type\", \"param\", \"code\"}}.",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ragtop = state
+    mount_docs(app)  # the pages' assets from the package, never a CDN
 
     from .routes import openai, utility
 
@@ -290,6 +247,3 @@ class ApiKeyMiddleware:
                                                     "authentication_error", headers={"WWW-Authenticate": "Bearer"}))
         return await self.app(scope, receive, send)
 
-
-def state_of(request: Request) -> ServerState:
-    return request.app.state.ragtop

@@ -286,6 +286,7 @@ class ErrorResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["loading", "ready", "failed", "draining"]
     error: str | None = None
+    detail: str | None = None  # while loading: what the server is doing ("exporting ... to ONNX")
 
 
 _ERROR_WHEN = {

@@ -45,9 +45,10 @@ from prometheus_client import CollectorRegistry, Gauge, Metric, start_http_serve
 
 from ..errors import RagtopError
 from . import ray_proxy
-from .app import ServerState, create_app
+from .app import create_app
 from .metrics import ServerMetrics
 from .settings import ServerSettings, parse_setting
+from .state import ServerState
 
 try:
     import ray

@@ -15,17 +15,20 @@ import logging
 import uvicorn
 from fastapi import FastAPI
 
-from .app import ServerState, create_app
+from .app import Prepare, create_app
 from .settings import ServerSettings
+from .state import ServerState
 
 # uvicorn cancels handlers still running this long after the grace period (by then the app
 # has ended every open request itself, so this is only a backstop).
 CANCEL_MARGIN_S = 5.0
 
 
-def serve(settings: ServerSettings) -> int:
+def serve(settings: ServerSettings, prepare: Prepare | None = None) -> int:
+    """Serve until SIGTERM / Ctrl-C (exit status 0) or a failure (1). `prepare` (the default
+    model's first-run import and export) runs after the port is open; see `create_app`."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    app = create_app(settings, prepare=prepare)
     server = RagtopServer(app, settings, settings.host, settings.port)
     server.run()
     return 1 if server.failures else 0

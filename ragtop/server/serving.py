@@ -33,7 +33,16 @@ from ..runtime import (
     RequestOutput,
     SamplingParams,
 )
-from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from .protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    SamplingFields,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 
 log = logging.getLogger("ragtop.server")
 
@@ -113,6 +122,27 @@ class OpenAIServing:
     def encode_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         # The template writes every special token itself: no bos is added.
         return self.model.tokenizer.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False).ids
+
+    # -- /tokenize, /detokenize ---------------------------------------------------------------
+    def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        """A prompt (special tokens as a completion adds them, or none) or chat messages
+        (rendered with the template) as token ids, with the context they must fit."""
+        self.check_model(body.model)
+        if body.messages is not None:
+            ids = self.encode_chat(body.messages, body.add_generation_prompt)
+        elif body.add_special_tokens:
+            ids = self.encode_prompt(body.prompt or "")
+        else:
+            ids = self.model.tokenizer.encode(body.prompt or "", add_special_tokens=False).ids
+        return TokenizeResponse(count=len(ids), max_model_len=self.context_limit, tokens=ids)
+
+    def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        """Token ids as text, special tokens included; an id outside the vocabulary is a 400."""
+        self.check_model(body.model)
+        bad = next((t for t in body.tokens if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", param="tokens")
+        return DetokenizeResponse(prompt=self.model.tokenizer.decode(body.tokens, skip_special_tokens=False))
 
     # -- request -> engine --------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:

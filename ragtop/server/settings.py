@@ -8,49 +8,69 @@ on the command line wins over the environment, which wins over the default.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import RagtopError
 
 ENV_PREFIX = "RAGTOP_"
+FLAG_GROUPS = {"ray": ("scale out on Ray Serve", "With --replicas or --max-replicas the same app runs as a Ray Serve "
+                       "deployment, one engine per replica (needs `pip install 'ragtop[ray]'`; docs/scale-out.md)")}
+
+
+def setting(default: Any, help: str, *, default_text: str | None = None, **flag: Any) -> Any:
+    """A settings field with what its `ragtop serve` flag needs: `help`; optionally `flag` (the
+    flag's name when it is not the field's), `choices`, `minimum` (1: a positive integer),
+    `group` (a key of FLAG_GROUPS), and `default_text` (the default in words)."""
+    return field(default=default, metadata={"help": help, "default_text": default_text, **flag})
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    model: Path | None = None  # exported folder (model.onnx) or checkpoint (model.safetensors)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None  # when set, /v1/*, /tokenize and /detokenize need `Authorization: Bearer KEY`
-    served_model_name: str | None = None  # default: the model folder's name
-    runner: str = "auto"  # auto | ort | torch
-    plugin: bool = True  # register the ragtop onnxruntime plugin when it is built
-    threads: int | None = None  # intra-op threads of the model runner
-    max_batch_size: int = 8  # sequences running at once (one KV-cache slot each)
-    max_waiting: int = 64  # queued requests before HTTP 429
-    max_tokens_per_step: int = 512
-    prefill_chunk: int = 256  # prompt tokens per sequence per step (long prompts are chunked)
-    context_limit: int | None = None  # tokens per sequence; default the model's
-    cache_memory_mb: int | None = None  # KV-cache budget; default: a full context per slot
-    prefix_caching: bool = True  # reuse the KV of cached prompt prefixes (docs/runtime.md)
-    max_body_bytes: int = 4 << 20  # larger request bodies get HTTP 413
-    shutdown_grace_s: float = 30.0  # on SIGTERM: in-flight requests get this long to finish
-    cors_origins: tuple[str, ...] = ()  # no CORS unless origins are named
-    log_level: str = "info"
-    retry_after_s: int = 1  # Retry-After of a 429
+    """Every setting: a field here, a `ragtop serve` flag (made by `add_arguments`) and a
+    RAGTOP_<NAME> environment variable (read by `load`)."""
+
+    model: Path | None = setting(None, "exported folder (model.onnx) or checkpoint",
+                                   default_text="the default model, SmolLM2, prepared on first run")
+    host: str = setting("127.0.0.1", "the address to listen on")
+    port: int = setting(8000, "0 picks a free port")
+    api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize")
+    served_model_name: str | None = setting(None, "the model id clients send", default_text="the folder's name")
+    runner: str = setting("auto", "ort (an exported folder) or torch (a checkpoint)", choices=("auto", "ort", "torch"))
+    plugin: bool = setting(True, "run the standard-op fallbacks even when the ragtop plugin is built")
+    threads: int | None = setting(None, "intra-op threads of the model runner", minimum=1)
+    max_batch_size: int = setting(8, "sequences running at once (one KV-cache slot each)", minimum=1)
+    max_waiting: int = setting(64, "queued requests before HTTP 429", minimum=1)
+    max_tokens_per_step: int = setting(512, "prefill + decode tokens per engine step", minimum=1)
+    prefill_chunk: int = setting(256, "prompt tokens per sequence per step (long prompts are chunked)", minimum=1)
+    context_limit: int | None = setting(None, "tokens per sequence", minimum=1, default_text="the model's")
+    cache_memory_mb: int | None = setting(None, "KV-cache budget", minimum=1, default_text="a full context per slot")
+    prefix_caching: bool = setting(True, "compute every prompt in full instead of reusing cached prefixes (docs/runtime.md)")
+    max_body_bytes: int = setting(4 << 20, "larger request bodies get HTTP 413", minimum=1, default_text="4 MiB")
+    shutdown_grace_s: float = setting(30.0, "on SIGTERM: seconds in-flight requests may take to finish")
+    cors_origins: tuple[str, ...] = setting((), "allowed CORS origin (repeatable)", flag="cors-origin", default_text="none")
+    log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+    retry_after_s: int = setting(1, "the Retry-After of a 429 or a 503 while loading or draining", minimum=1)
     # -- scale out on Ray Serve (`pip install 'ragtop[ray]'`; docs/scale-out.md) ----------------
-    replicas: int | None = None  # fixed replica count; with this or max_replicas, `ragtop serve` runs on Ray
-    min_replicas: int | None = None  # autoscaling between min_replicas and max_replicas ...
-    max_replicas: int | None = None
-    target_ongoing_requests: float | None = None  # ... on ongoing requests per replica (Ray's default 2)
-    max_ongoing_requests: int | None = None  # per replica; default max_batch_size + max_waiting
-    max_queued_requests: int | None = None  # in Ray's router (-1: no bound); default replicas x max_ongoing + max_waiting
-    ray_address: str | None = None  # join this Ray cluster ("auto", "ray://host:10001"); default: start one here
-    replica_metrics_port: int = 0  # each replica's Prometheus endpoint (0: a free port; docs/scale-out.md)
+    replicas: int | None = setting(None, "a fixed number of replicas; with this or --max-replicas `ragtop serve` runs "
+                                   "on Ray", minimum=1, group="ray")
+    min_replicas: int | None = setting(None, "autoscaling: at least this many", group="ray", default_text="1")
+    max_replicas: int | None = setting(None, "autoscaling: at most this many", minimum=1, group="ray")
+    target_ongoing_requests: float | None = setting(None, "autoscaling target: ongoing requests per replica",
+                                                    group="ray", default_text="Ray's, 2")
+    max_ongoing_requests: int | None = setting(None, "requests a replica takes at once", minimum=1, group="ray",
+                                               default_text="max-batch-size + max-waiting")
+    max_queued_requests: int | None = setting(None, "requests waiting in Ray's router when every replica is full, "
+                                              "before 429 (-1: no bound)", group="ray",
+                                              default_text="replicas x max-ongoing-requests + max-waiting")
+    ray_address: str | None = setting(None, "join this Ray cluster ('auto', ray://HOST:10001)", group="ray",
+                                      default_text="a local Ray")
+    replica_metrics_port: int = setting(0, "each replica's Prometheus port (0: a free one)", group="ray")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -135,3 +155,56 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
     except ValueError:
         raise RagtopError(f"environment variable {name}={raw!r} is not a valid {kind.split(' ')[0]}") from None
 
+
+
+# -- the `ragtop serve` flags, one per field ----------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per settings field (`--max-batch-size` for max_batch_size; `--no-plugin` for a
+    setting that is on by default; MODEL_DIR positional). Every flag defaults to None, "not
+    given", so that `load` lets the environment and then the field's default decide."""
+    groups = {key: p.add_argument_group(title, description) for key, (title, description) in FLAG_GROUPS.items()}
+    for f in fields(ServerSettings):
+        target = groups[f.metadata["group"]] if f.metadata.get("group") else p
+        _add_flag(target, f)
+
+
+def _add_flag(p, f: dataclasses.Field) -> None:
+    meta, kind = f.metadata, _kind(f)
+    default = meta.get("default_text") or (None if f.default is None or isinstance(f.default, bool) else f.default)
+    help = meta["help"] + (f" (default: {default})" if default is not None else "")
+    name = "--" + meta.get("flag", f.name).replace("_", "-")
+    if f.name == "model":
+        p.add_argument(f.name, type=Path, nargs="?", default=None, help=help)
+    elif kind == "bool":  # a switch that turns the default over
+        flag = f"--no-{f.name.replace('_', '-')}" if f.default else name
+        p.add_argument(flag, dest=f.name, action="store_const", const=not f.default, default=None, help=help)
+    elif kind == "tuple":
+        p.add_argument(name, dest=f.name, action="append", default=None, help=help)
+    else:
+        convert = {"int": _int_at_least(meta.get("minimum")), "float": float, "Path": Path}.get(kind, str)
+        p.add_argument(name, dest=f.name, type=convert, choices=meta.get("choices"), default=None, help=help)
+
+
+def from_arguments(a: argparse.Namespace) -> dict[str, Any]:
+    """The flags given (the others None), as `load`'s overrides."""
+    given = {f.name: getattr(a, f.name) for f in fields(ServerSettings)}
+    return {name: tuple(v) if isinstance(v, list) else v for name, v in given.items()}
+
+
+def _kind(f: dataclasses.Field) -> str:
+    """The field's type by its leading name ("int | None" -> "int")."""
+    return str(f.type).split("[")[0].split(" ")[0]
+
+
+def _int_at_least(minimum: int | None) -> Callable[[str], int]:
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if minimum is not None and v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
+        return v
+
+    parse.__name__ = "int"  # argparse names the type in its error messages
+    return parse

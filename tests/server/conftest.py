@@ -3,12 +3,14 @@ reach the engine, e.g. to slow its runner down and make timing-dependent cases c
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -115,8 +117,10 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
-def start_server(settings: ServerSettings, exit_on_failure: bool = True) -> LiveServer:
-    app = create_app(settings)
+def start_server(settings: ServerSettings, exit_on_failure: bool = True, prepare=None, wait: bool = True) -> LiveServer:
+    """A real uvicorn serving `create_app(settings, prepare=prepare)`; with `wait`, once the
+    model has loaded (or failed to)."""
+    app = create_app(settings, prepare=prepare)
     server = RagtopServer(app, settings, "127.0.0.1", 0, log_level="warning",  # what `ragtop serve` runs
                           exit_on_failure=exit_on_failure)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -127,7 +131,8 @@ def start_server(settings: ServerSettings, exit_on_failure: bool = True) -> Live
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     live = LiveServer(f"http://127.0.0.1:{port}", server, thread, app.state.ragtop)
-    wait_until(lambda: httpx.get(live.url + "/health").status_code != 503 or live.state.status == "failed")
+    if wait:
+        wait_until(lambda: httpx.get(live.url + "/health").status_code != 503 or live.state.status == "failed")
     return live
 
 
@@ -143,11 +148,20 @@ def wait_for_process(proc: subprocess.Popen, url: str, timeout: float = 60.0) ->
     wait_until(up, timeout=timeout)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+def wait_until(condition: Callable[[], Any], timeout: float = 30.0, every: float = 0.02) -> Any:
+    """Poll `condition` until it is true (returned) or `timeout` seconds pass (an assertion)."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (value := condition()):
         assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
+        time.sleep(every)
+    return value
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a `ragtop serve` started as a process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -18,7 +18,7 @@ from ragtop.errors import RagtopError
 from ragtop.runtime.plugin import plugin_library_path
 from ragtop.server import ServerSettings
 
-from .conftest import start_server, wait_for_process, wait_until
+from .conftest import free_port, start_server, wait_for_process, wait_until
 
 
 def answer(url: str) -> str:
@@ -93,12 +93,6 @@ def test_graceful_shutdown_finishes_in_flight_requests(serve):
         httpx.get(s.url + "/health")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ragtop_serve_process_answers_and_exits_on_sigterm(exported):
     port = free_port()
     env = {**os.environ, "RAGTOP_LOG_LEVEL": "info"}
@@ -136,3 +130,93 @@ def test_default_model_dirs_live_in_the_data_folder(tmp_path):
 
     ckpt, onnx_dir = default_model_dirs(tmp_path)
     assert ckpt.parent == onnx_dir.parent == Path(tmp_path) / "models"
+
+
+
+def test_port_answers_503_loading_with_what_it_does_while_the_model_is_prepared(exported):
+    """`prepare` (the default model's first-run import/export) runs after the port opens: /health
+    and the API answer 503 `loading` naming the stage, then the prepared folder is served."""
+    stage_reported, go_on = threading.Event(), threading.Event()
+
+    def prepare(progress) -> Path:
+        progress("first run: exporting the checkpoint to ONNX")
+        stage_reported.set()
+        assert go_on.wait(60), "the test never let preparation finish"
+        return exported["topk"]
+
+    # no model in the settings: `prepare` gives it
+    live = start_server(ServerSettings(served_model_name="tiny", threads=1), prepare=prepare, wait=False)
+    try:
+        assert stage_reported.wait(30)
+        health = httpx.get(live.url + "/health")
+        assert health.status_code == 503
+        assert health.json() == {"status": "loading", "detail": "first run: exporting the checkpoint to ONNX"}
+        r = httpx.post(live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert "still loading (first run: exporting the checkpoint to ONNX)" in r.json()["error"]["message"]
+        assert httpx.get(live.url + "/v1/models").status_code == 503
+        go_on.set()
+        wait_until(lambda: httpx.get(live.url + "/health").status_code == 200)
+        assert httpx.get(live.url + "/health").json() == {"status": "ready"}
+        (card,) = httpx.get(live.url + "/v1/models").json()["data"]
+        assert card["id"] == "tiny" and card["root"] == str(exported["topk"])
+        assert httpx.post(live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    finally:
+        go_on.set()
+        live.stop()
+
+
+def test_failed_preparation_is_503_failed_with_the_reason():
+    def prepare(progress) -> Path:
+        progress("first run: importing SmolLM2")
+        raise RagtopError("the GGUF is missing")
+
+    live = start_server(ServerSettings(threads=1), prepare=prepare, exit_on_failure=False)
+    try:
+        health = httpx.get(live.url + "/health")
+        assert health.status_code == 503
+        assert health.json() == {"status": "failed", "error": "the model failed to load: the GGUF is missing"}
+    finally:
+        live.stop()
+
+
+def test_ragtop_serve_without_a_model_opens_the_port_while_it_exports_the_default_model(exported, tmp_path):
+    """`ragtop serve` with no MODEL_DIR on a first run: the default model's checkpoint is in the
+    data folder (here the tiny one, so the run takes seconds) but not its export. The port
+    answers 503 `loading` saying it is exporting, then serves the export under the default name."""
+    import shutil
+
+    from ragtop.default_model import SERVED_NAME, default_model_dirs
+
+    ckpt, onnx_dir = default_model_dirs(tmp_path)
+    shutil.copytree(exported["topk-ckpt"], ckpt)
+    port = free_port()
+    env = {**os.environ, "RAGTOP_DATA_DIR": str(tmp_path), "RAGTOP_THREADS": "1"}
+    env.pop("RAGTOP_MODEL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "ragtop.cli", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    seen: list[dict] = []
+
+    def ready() -> bool:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            r = httpx.get(url + "/health")
+        except httpx.TransportError:
+            return False
+        if r.status_code == 503:
+            seen.append(r.json())
+        return r.status_code == 200
+
+    try:
+        wait_until(ready, timeout=300)
+        assert (onnx_dir / "model.onnx").is_file()
+        exporting = [s for s in seen if "exporting" in s.get("detail", "")]
+        assert exporting and exporting[0]["status"] == "loading" and "to ONNX" in exporting[0]["detail"], seen
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == [SERVED_NAME]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out

@@ -125,3 +125,24 @@ def test_health_and_docs(live):
         assert c.get("/docs").status_code == 200
         paths = c.get("/openapi.json").json()["paths"]
         assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/metrics"} <= set(paths)
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_their_assets_from_this_server(live, page):
+    """No CDN: every script, stylesheet and icon the page names is a path on this server, and
+    each answers 200 with the packaged file (an offline machine gets a working page)."""
+    import re
+
+    with live.client() as c:
+        html = c.get(page).text
+        urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", html)
+        assert urls, html
+        assert not [u for u in urls if "//" in u], f"{page} references another host: {urls}"
+        assets = [u for u in urls if u.endswith((".js", ".css", ".png"))]
+        assert len(assets) >= 2, urls  # the page's script and (Swagger UI) stylesheet, plus the icon
+        for url in assets:
+            r = c.get(url)
+            assert r.status_code == 200 and len(r.content) > 1000, url
+            kind = {"js": "javascript", "css": "text/css", "png": "image/png"}[url.rsplit(".", 1)[1]]
+            assert kind in r.headers["content-type"], (url, r.headers["content-type"])
+        assert "/openapi.json" in html and c.get("/openapi.json").status_code == 200

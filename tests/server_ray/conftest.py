@@ -3,16 +3,15 @@ deployment of 2 replicas over a tiny exported model; torn down after the module.
 
 from __future__ import annotations
 
-import socket
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from server.conftest import tiny_checkpoint  # noqa: E402 - tests/ is on sys.path (rootdir conftest)
+from server.conftest import free_port, tiny_checkpoint  # noqa: E402 - tests/ is on sys.path (rootdir conftest)
+from server.conftest import wait_until as wait_for  # noqa: E402
 
 from ragtop.cli import main  # noqa: E402
 from ragtop.model import AttentionConfig  # noqa: E402
@@ -43,12 +42,6 @@ def tiny_model(tmp_path_factory) -> Path:
     return root / "onnx"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class RayService:
     url: str
@@ -64,13 +57,8 @@ class RayService:
 
 
 def wait_until(condition, timeout: float = 60.0, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(every)
+    """tests/server's, with Ray's slower pace."""
+    return wait_for(condition, timeout, every)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..app import state_of
 from ..protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -21,6 +20,7 @@ from ..protocol import (
     error_responses,
     generation_responses,
 )
+from ..state import state_of
 
 router = APIRouter()
 
