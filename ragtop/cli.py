@@ -196,6 +196,8 @@ def add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--device", default=None, help="where a checkpoint runs (torch runner): cpu (default) or cuda, "
+                   "which runs block-selection decode and ragged embeddings as Triton kernels")
     p.set_defaults(func=run_generate)
 
 
@@ -205,7 +207,7 @@ def run_generate(a: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
                             top_k=a.top_k, seed=a.seed, stop=tuple(a.stop))
-    generate(a.model, a.prompt, params, a.runner or "auto", threads=a.threads)
+    generate(a.model, a.prompt, params, a.runner or "auto", threads=a.threads, device=a.device)
     return 0
 
 
