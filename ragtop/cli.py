@@ -213,7 +213,7 @@ def run_generate(a: argparse.Namespace) -> int:
 
 # -- bench ----------------------------------------------------------------------------
 def add_bench(sub) -> None:
-    from .bench import block_quality, ops, retrieval, speculative
+    from .bench import block_quality, gpu, ops, retrieval, speculative
     from .runtime import bench as engine_bench
 
     p = sub.add_parser("bench", help="benchmarks measured on this machine")
@@ -230,6 +230,10 @@ def add_bench(sub) -> None:
     sp = bench.add_parser("speculative", help="self-speculative greedy decoding: acceptance of a sparse draft, dense verify")
     speculative.add_arguments(sp)
     sp.set_defaults(func=lambda a: speculative.run(a, default_data_dir()))
+    g = bench.add_parser("gpu", help="Triton kernels on the GPU: correctness, block selection vs SDPA decode, "
+                         "TorchRunner dense vs block tok/s (scripts/gpu_check.sh)")
+    gpu.add_arguments(g)
+    g.set_defaults(func=gpu.run)
     e = bench.add_parser("engine", help="decode tokens/s: OrtRunner, TorchRunner, transformers; 1/4/16 streams; prompt throughput")
     engine_bench.add_arguments(e)
     e.set_defaults(func=engine_bench.run)

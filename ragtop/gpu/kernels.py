@@ -39,22 +39,23 @@ def _p2(n: int, least: int = 2) -> int:
 @triton.jit
 def _topk_keep(x, valid, K):
     """Mask of the K largest valid entries of the 1-D tensor x (ties: lower position)."""
-    x = tl.where(x == 0.0, 0.0, x)  # -0.0 and +0.0 are equal scores: one bit pattern
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # same order as x
-    n_valid = tl.sum(valid.to(tl.int32), 0)
-    lo = tl.min(key, 0)
-    hi = tl.max(key, 0)
-    for _ in range(32):  # largest t with count(key >= t) >= K: the K-th largest key
-        mid = lo + (hi - lo + 1) // 2
-        enough = tl.sum((valid & (key >= mid)).to(tl.int32), 0) >= K
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    above = valid & (key > lo)
-    tied = valid & (key == lo)
-    room = K - tl.sum(above.to(tl.int32), 0)
-    keep = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= room))
-    return tl.where(n_valid <= K, valid, keep)
+    keep = valid
+    if tl.sum(valid.to(tl.int32), 0) > K:  # else every valid entry is kept
+        x = tl.where(x == 0.0, 0.0, x)  # -0.0 and +0.0 are equal scores: one bit pattern
+        bits = x.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # same order as x
+        lo = tl.min(key, 0)
+        hi = tl.max(key, 0)
+        for _ in range(32):  # largest t with count(key >= t) >= K: the K-th largest key
+            mid = lo + (hi - lo + 1) // 2
+            enough = tl.sum((valid & (key >= mid)).to(tl.int32), 0) >= K
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
+        above = valid & (key > lo)
+        tied = valid & (key == lo)
+        room = K - tl.sum(above.to(tl.int32), 0)
+        keep = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= room))
+    return keep
 
 
 # -- block summaries -------------------------------------------------------------------
