@@ -1,8 +1,10 @@
 """DESIGN.md's import rules: model imports nothing else from ragtop; train/convert/export/
 runtime may import model; server uses only runtime's public API; nothing imports server,
-loadtests or tests."""
+loadtests or tests; the GPU path (ragtop.gpu, Triton) stays off the torch-free serving path."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "ragtop"
@@ -39,7 +41,8 @@ def test_import_rules():
         "train": {"model", "errors", "checkpoint", "train"},
         "convert": {"model", "errors", "checkpoint", "train", "convert", "quant"},
         "export": {"model", "errors", "checkpoint", "train", "export", "runtime", "quant"},
-        "runtime": {"model", "errors", "checkpoint", "export", "runtime"},
+        "runtime": {"model", "errors", "checkpoint", "export", "runtime", "gpu"},
+        "gpu": {"model", "errors", "gpu"},
         "server": {"runtime", "errors", "server"},
         "study": {"model", "train", "errors", "study"},
         "quant": {"errors"},
@@ -79,3 +82,31 @@ def test_loadtests_talk_to_the_server_over_http_only():
         if imported & {"server", "tests"}:
             bad.append(f"{f}: imports {sorted(imported & {'server', 'tests'})}")
     assert not bad, "\n".join(bad)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module name a file imports (top level and inside functions)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_gpu_path_is_confined():
+    """triton is imported only by ragtop/gpu (and the GPU benchmark); ragtop.gpu only by the
+    torch runner and that benchmark; and `import ragtop.gpu` itself pulls in neither triton
+    nor torch, so the runner's import of it costs nothing where there is no GPU."""
+    bad = []
+    for f in PKG.rglob("*.py"):
+        rel = f.relative_to(PKG).as_posix()
+        if any(m.split(".")[0] == "triton" for m in imported_modules(f)) and not rel.startswith(("gpu/", "bench/gpu.py")):
+            bad.append(f"{rel} imports triton")
+        if "gpu" in ragtop_imports(f) and not rel.startswith(("gpu/", "bench/gpu.py", "runtime/runners/torch.py")):
+            bad.append(f"{rel} imports ragtop.gpu")
+    assert not bad, "\n".join(bad)
+    code = "import sys, ragtop.gpu; print(sorted({'triton', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
