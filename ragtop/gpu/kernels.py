@@ -221,11 +221,11 @@ def block_topk_decode(q: Tensor, keys: Tensor, values: Tensor, kmin: Tensor, kma
     G, NB = H // Hkv, triton.cdiv(L, block_size)
     positions = positions.contiguous()
     bound = torch.empty(B, H, NB, dtype=torch.float32, device=q.device)
-    tile = _p2(4096 // (_p2(G, 1) * _p2(Dh)), 8)  # keeps G x TILE x Dh per program near 4k floats
+    tile = _p2(4096 // (_p2(G) * _p2(Dh)), 8)  # keeps G x TILE x Dh per program near 4k floats
     _block_bounds_kernel[(B * Hkv, triton.cdiv(NB, tile))](
         q, kmin, kmax, positions, bound, Hkv, NB, sink_tokens, local_window,
         q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2), bound.stride(0), bound.stride(1),
-        G=G, G_P2=_p2(G, 1), BS=block_size, TILE=tile, DH=Dh, DH_P2=_p2(Dh))
+        G=G, G_P2=_p2(G), BS=block_size, TILE=tile, DH=Dh, DH_P2=_p2(Dh))
     sel_p2 = _p2(min(block_budget, NB) + 1)
     bs_p2 = _p2(block_size)
     cand_p2 = _p2((block_budget + 1) * bs_p2)

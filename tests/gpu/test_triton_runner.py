@@ -77,3 +77,14 @@ def test_device_and_triton_errors(monkeypatch):
     with pytest.raises(RagtopError, match="cannot use the Triton kernels: .*TRITON_INTERPRET=1"):
         triton_path(model, torch.device("cpu"), True)
     assert triton_path(model, torch.device("cpu"), None) is None  # the CPU default: reference code
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_generate_device_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys):
+    from ragtop.checkpoint import save_checkpoint
+    from ragtop.cli import main
+
+    save_checkpoint(tmp_path / "ckpt", tiny_model(EmbeddingConfig()))
+    assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "x", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: CUDA is not available here" in err and err.count("\n") == 1
