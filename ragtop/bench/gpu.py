@@ -177,14 +177,19 @@ def check_correctness(device: str, quick: bool = False) -> list[dict[str, Any]]:
 
 
 # -- 2. one layer, one decode step ------------------------------------------------------------
-def time_kernels(s: Settings, say: Callable[[str], None]) -> list[dict[str, Any]]:
-    rows = []
+def time_kernels(s: Settings, say: Callable[[str], None], record: Callable[[dict[str, Any]], None]) -> None:
+    """Every (shape, length, batch) case, each row handed to `record` as soon as it is measured."""
     for shape in s.shapes:
         for L in s.lengths:
             for B in s.batches:
                 say(f"kernel {shape} L={L} B={B}")
-                rows.append(time_kernel_case(s, shape, L, B))
-    return rows
+                try:  # one GPU run is all there may be: a failing case must not lose the others
+                    record(time_kernel_case(s, shape, L, B))
+                except Exception as e:  # reported in the row, with its type
+                    say(f"kernel {shape} L={L} B={B} failed: {e!r}")
+                    record({"shape": shape, "heads": "/".join(map(str, SHAPES[shape])), "tokens": L, "batch": B,
+                            "error": repr(e)[:500]})
+                    _free(s.device)
 
 
 def make_caches(s: Settings, B: int, Hkv: int, L: int, Dh: int, copies: int) -> list[tuple]:
@@ -235,9 +240,16 @@ def time_kernel_case(s: Settings, shape: str, L: int, B: int) -> dict[str, Any]:
         row[f"{name}_ms"] = statistics.median(times) * 1e3
     row["speedup"] = row["sdpa_ms"] / row["triton_block_ms"]
     del caches
-    if s.device == "cuda":
-        torch.cuda.empty_cache()
+    _free(s.device)
     return row
+
+
+def _free(device: str) -> None:
+    """Give cached GPU memory back between cases (the largest cache is several GB)."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 # -- 3. end to end ---------------------------------------------------------------------------
@@ -265,12 +277,12 @@ def decode_tokens_per_s(model, s: Settings, batch: int, triton: bool) -> float:
     return batch * s.new_tokens / total
 
 
-def time_end_to_end(s: Settings, say: Callable[[str], None]) -> list[dict[str, Any]]:
+def time_end_to_end(s: Settings, say: Callable[[str], None], record: Callable[[dict[str, Any]], None]) -> None:
+    """Dense vs block decode tok/s per (model, batch), each row handed to `record`."""
     import torch
 
     from ..model import AttentionConfig, ModelConfig, Transformer
 
-    rows = []
     for name in s.models:
         base = ModelConfig(**MODELS[name], max_seq_len=s.context + s.new_tokens + 1)
         variants = {
@@ -286,13 +298,18 @@ def time_end_to_end(s: Settings, say: Callable[[str], None]) -> list[dict[str, A
                 say(f"end to end {name} B={B} {label}")
                 model = Transformer(base.with_attention(attention)).eval()
                 model.load_state_dict(weights)
-                row[f"{label}_tok_s"] = decode_tokens_per_s(model, s, B, triton=label == "block")
+                try:
+                    row[f"{label}_tok_s"] = decode_tokens_per_s(model, s, B, triton=label == "block")
+                except ImportError:
+                    raise
+                except Exception as e:  # reported in the row
+                    say(f"end to end {name} B={B} {label} failed: {e!r}")
+                    row["error"] = f"{label}: {e!r}"[:500]
                 del model
-                if s.device == "cuda":
-                    torch.cuda.empty_cache()
-            row["speedup"] = row["block_tok_s"] / row["dense_tok_s"]
-            rows.append(row)
-    return rows
+                _free(s.device)
+            if "error" not in row:
+                row["speedup"] = row["block_tok_s"] / row["dense_tok_s"]
+            record(row)
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -314,13 +331,15 @@ def format_report(r: dict[str, Any]) -> str:
     lines += ["", f"One layer, one decode step (topk={s['topk']}, block_size={s['block_size']}, "
                   f"block_budget={s['block_budget']}, fp32); speedup = SDPA / Triton block selection.", "",
               "| shape (H/Hkv/Dh) | tokens | batch | SDPA | Triton block | speedup |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {k['shape']} ({k['heads']}) | {k['tokens']} | {k['batch']} | {k['sdpa_ms']:.3f} ms | "
-              f"{k['triton_block_ms']:.3f} ms | {k['speedup']:.2f}x |" for k in r["kernels"]]
+    lines += [f"| {k['shape']} ({k['heads']}) | {k['tokens']} | {k['batch']} | "
+              + (f"{k['sdpa_ms']:.3f} ms | {k['triton_block_ms']:.3f} ms | {k['speedup']:.2f}x |" if "error" not in k
+                 else f"failed: {k['error']} | | |") for k in r["kernels"]]
     lines += ["", f"End to end: greedy decode tokens/s of TorchRunner after a {s['context']}-token prefill "
                   f"(block: topk={s['e2e_topk']}).", "",
               "| model | batch | dense tok/s | block tok/s | speedup |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {e['model']} | {e['batch']} | {e['dense_tok_s']:.1f} | {e['block_tok_s']:.1f} | {e['speedup']:.2f}x |"
-              for e in r["end_to_end"]]
+    lines += [f"| {e['model']} | {e['batch']} | " + (
+              f"{e['dense_tok_s']:.1f} | {e['block_tok_s']:.1f} | {e['speedup']:.2f}x |" if "error" not in e
+              else f"failed: {e['error']} | | |") for e in r["end_to_end"]]
     if "end_to_end_error" in r:
         lines.append(r["end_to_end_error"])
     return "\n".join(lines)
@@ -335,22 +354,28 @@ def run(a: argparse.Namespace) -> int:
                          "or on a machine with a GPU")
     s = settings_from(a, cuda)
     say = lambda msg: print(f"[bench gpu] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    report: dict[str, Any] = {"environment": environment(s.device), "settings": s.__dict__}
+    report: dict[str, Any] = {"environment": environment(s.device), "settings": s.__dict__,
+                              "correctness": [], "kernels": [], "end_to_end": []}
+
+    def save() -> None:  # after every part: a run cut short by its timeout keeps what it measured
+        if a.json:
+            with open(a.json, "w") as f:
+                f.write(json.dumps(report, indent=1) + "\n")
+
     say("correctness")
     report["correctness"] = check_correctness(s.device, quick=a.quick)
-    report["kernels"] = time_kernels(s, say)
+    save()
+    time_kernels(s, say, lambda row: (report["kernels"].append(row), save()))
     try:  # TorchRunner needs ragtop's runtime deps (safetensors, tqdm, numpy): say so if absent
-        report["end_to_end"] = time_end_to_end(s, say)
+        time_end_to_end(s, say, lambda row: (report["end_to_end"].append(row), save()))
     except ImportError as e:
-        report["end_to_end"], report["end_to_end_error"] = [], f"end to end not measured: {e}"
+        report["end_to_end_error"] = f"end to end not measured: {e}"
         say(report["end_to_end_error"])
-    text = json.dumps(report, indent=1)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    save()
+    print(json.dumps(report, indent=1))
     print(format_report(report))
-    return 0 if all(c["ok"] for c in report["correctness"]) else 1
+    failed = [r for r in report["kernels"] + report["end_to_end"] if "error" in r]
+    return 0 if all(c["ok"] for c in report["correctness"]) and not failed else 1
 
 
 def main(argv: list[str] | None = None) -> int:
