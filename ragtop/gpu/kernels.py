@@ -226,9 +226,10 @@ def block_topk_decode(q: Tensor, keys: Tensor, values: Tensor, kmin: Tensor, kma
         q, kmin, kmax, positions, bound, Hkv, NB, sink_tokens, local_window,
         q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2), bound.stride(0), bound.stride(1),
         G=G, G_P2=_p2(G), BS=block_size, TILE=tile, DH=Dh, DH_P2=_p2(Dh))
-    sel_p2 = _p2(min(block_budget, NB) + 1)
+    budget = min(block_budget, NB)  # a larger budget keeps every eligible block all the same
+    sel_p2 = _p2(budget + 1)
     bs_p2 = _p2(block_size)
-    cand_p2 = _p2((block_budget + 1) * bs_p2)
+    cand_p2 = _p2((budget + 1) * bs_p2)
     sel = torch.empty(B * H, sel_p2, dtype=torch.int32, device=q.device)
     scratch = torch.empty(B * H, cand_p2, dtype=torch.float32, device=q.device)
     out = torch.empty(B, H, Dh, dtype=q.dtype, device=q.device)
@@ -237,7 +238,7 @@ def block_topk_decode(q: Tensor, keys: Tensor, values: Tensor, kmin: Tensor, kma
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), bound.stride(0), bound.stride(1),
         out.stride(0), out.stride(1),
-        G=G, TOPK=topk, BUDGET=min(block_budget, NB), BS=block_size, SINK=sink_tokens, WINDOW=local_window,
+        G=G, TOPK=topk, BUDGET=budget, BS=block_size, SINK=sink_tokens, WINDOW=local_window,
         DH=Dh, DH_P2=_p2(Dh), BS_P2=bs_p2, NB_P2=_p2(NB), SEL_P2=sel_p2, CAND_P2=cand_p2,
         SINK_P2=_p2(sink_tokens), WIN_P2=_p2(local_window))
     return out

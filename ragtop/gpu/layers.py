@@ -92,9 +92,6 @@ class TritonPath:
         if self.embedding:
             model.embed = _replace(model.embed, TritonRaggedEmbedding(cfg))
 
-    def describe(self) -> str:
-        return f"triton: {len(self.attention)} block-selection layers, ragged embedding {'yes' if self.embedding else 'no'}"
-
     def allocate(self, slots: int, capacity: int) -> None:
         for attn in self.attention:
             attn.allocate_summaries(slots, capacity, attn.q_proj.weight)
