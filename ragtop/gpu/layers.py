@@ -96,6 +96,11 @@ class TritonPath:
         for attn in self.attention:
             attn.allocate_summaries(slots, capacity, attn.q_proj.weight)
 
+    def release(self) -> None:
+        """Free the summaries (the runner closed its cache)."""
+        for attn in self.attention:
+            attn.kmin = attn.kmax = None
+
     def bind_rows(self, lo: int, hi: int) -> None:
         for attn in self.attention:
             attn.rows = slice(lo, hi)

@@ -110,3 +110,5 @@ class TorchRunner:
 
     def close(self) -> None:
         self.cache = None
+        if self.triton is not None:
+            self.triton.release()
