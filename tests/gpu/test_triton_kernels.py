@@ -137,3 +137,17 @@ def test_bad_layouts_are_named():
         block_topk_decode(q, torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 2, 4),
                           torch.zeros(1, 2, 2, 4), torch.zeros(1, dtype=torch.long), topk=2, block_size=4,
                           block_budget=1, scale=0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (the interpreter is too slow for these sizes)")
+def test_decode_matches_reference_at_served_sizes_on_cuda():
+    """The served settings' sizes (block 64, budget 16, k 256, sinks and a window) at 8k
+    tokens, SmolLM2's heads: the compiled kernels, not the interpreter."""
+    torch.manual_seed(5)
+    H, Hkv, Dh, L = 9, 3, 64, 8192
+    q, k, v = torch.randn(4, H, 1, Dh), torch.randn(4, Hkv, L, Dh), torch.randn(4, Hkv, L, Dh)
+    pos = torch.tensor([L - 1, 5000, 64, 1])
+    attn = attention(H, Hkv, Dh, L, topk=256, block_size=64, block_budget=16, sink_tokens=4, local_window=64)
+    out, ref = run_both(attn, *(t.to(DEVICE) for t in (q, k, v, pos)))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
