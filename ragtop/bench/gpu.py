@@ -68,13 +68,37 @@ class Settings:
     repeats: int
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """'8192,32768' -> (8192, 32768), each >= 1 (argparse turns the error into a usage line)."""
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def name_list(known: dict[str, Any]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(text.split(","))
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}: expected some of {', '.join(known)}")
+        return names
+
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes (the CPU interpreter check of this script)")
-    p.add_argument("--lengths", default="8192,32768,131072", help="cache lengths of the kernel timing")
-    p.add_argument("--batches", default="1,16", help="batch sizes of the kernel timing")
-    p.add_argument("--shapes", default="smollm2,small", help=f"attention shapes ({', '.join(SHAPES)})")
-    p.add_argument("--models", default="small,smollm2", help=f"end-to-end model shapes ({', '.join(MODELS)})")
-    p.add_argument("--e2e-batches", default="1,16", help="sequences decoding together, end to end")
+    p.add_argument("--lengths", type=int_list, default=(8192, 32768, 131072), help="cache lengths of the kernel timing")
+    p.add_argument("--batches", type=int_list, default=(1, 16), help="batch sizes of the kernel timing")
+    p.add_argument("--shapes", type=name_list(SHAPES), default=("smollm2", "small"),
+                   help=f"attention shapes ({', '.join(SHAPES)})")
+    p.add_argument("--models", type=name_list(MODELS), default=("small", "smollm2"),
+                   help=f"end-to-end model shapes ({', '.join(MODELS)})")
+    p.add_argument("--e2e-batches", type=int_list, default=(1, 16), help="sequences decoding together, end to end")
     p.add_argument("--context", type=int, default=8192, help="prompt tokens per sequence before the timed decode")
     p.add_argument("--new-tokens", type=int, default=32, help="timed decode steps, end to end")
     p.add_argument("--topk", type=int, default=32, help="keys kept per query in the kernel timing")
@@ -86,23 +110,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(a: argparse.Namespace, cuda: bool) -> Settings:
-    ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
-    names = lambda s, known: tuple(_known(x, known) for x in s.split(",") if x)  # noqa: E731
-    s = Settings(device="cuda" if cuda else "cpu", lengths=ints(a.lengths), batches=ints(a.batches),
-                 shapes=names(a.shapes, SHAPES), models=names(a.models, MODELS), e2e_batches=ints(a.e2e_batches),
-                 context=a.context, new_tokens=a.new_tokens, topk=a.topk, e2e_topk=a.e2e_topk,
-                 block_size=a.block_size, block_budget=a.block_budget, repeats=a.repeats)
     if a.quick:  # what the interpreter can do in seconds
-        s = Settings(device=s.device, lengths=(96,), batches=(1, 2), shapes=("tiny",), models=("tiny",),
-                     e2e_batches=(1,), context=40, new_tokens=2, topk=8, e2e_topk=8, block_size=16,
-                     block_budget=2, repeats=1)
-    return s
-
-
-def _known(name: str, known: dict) -> str:
-    if name not in known:
-        raise SystemExit(f"unknown name {name!r}: expected one of {', '.join(known)}")
-    return name
+        return Settings(device="cuda" if cuda else "cpu", lengths=(96,), batches=(1, 2), shapes=("tiny",),
+                        models=("tiny",), e2e_batches=(1,), context=40, new_tokens=2, topk=8, e2e_topk=8,
+                        block_size=16, block_budget=2, repeats=1)
+    return Settings(device="cuda" if cuda else "cpu", lengths=a.lengths, batches=a.batches, shapes=a.shapes,
+                    models=a.models, e2e_batches=a.e2e_batches, context=a.context, new_tokens=a.new_tokens,
+                    topk=a.topk, e2e_topk=a.e2e_topk, block_size=a.block_size, block_budget=a.block_budget,
+                    repeats=a.repeats)
 
 
 # -- timing -------------------------------------------------------------------------------
