@@ -136,7 +136,12 @@ def _block_decode_kernel(q_ptr, k_ptr, v_ptr, bound_ptr, pos_ptr, sel_ptr, w_ptr
                          SINK: tl.constexpr, WINDOW: tl.constexpr, DH: tl.constexpr, DH_P2: tl.constexpr,
                          BS_P2: tl.constexpr, NB_P2: tl.constexpr, SEL_P2: tl.constexpr,
                          CAND_P2: tl.constexpr, SINK_P2: tl.constexpr, WIN_P2: tl.constexpr):
-    """One (sequence, query head): choose blocks, score their candidates, top-k, softmax, values."""
+    """One (sequence, query head): choose blocks, score their candidates, top-k, softmax, values.
+
+    Scratch (`sel`: chosen blocks, `w`: candidate scores, then weights) is written and read
+    back by the same program across a barrier; the reads bypass L1 (`.cg`), so no thread can
+    see a stale line of what another thread of the program just wrote.
+    """
     pid = tl.program_id(0)
     b, h = (pid // H).to(tl.int64), pid % H
     kvh = h // G
@@ -159,7 +164,7 @@ def _block_decode_kernel(q_ptr, k_ptr, v_ptr, bound_ptr, pos_ptr, sel_ptr, w_ptr
     # 2. scores of the candidates (visible, not always kept) of the chosen blocks
     c = tl.arange(0, BS_P2)
     for i in range(BUDGET + 1):
-        blk = tl.load(sel_ptr + pid * SEL_P2 + i, mask=i < n_sel, other=0)
+        blk = tl.load(sel_ptr + pid * SEL_P2 + i, mask=i < n_sel, other=0, cache_modifier=".cg")
         j = blk * BS + c
         live = tl.full([BS_P2], i, tl.int32) < n_sel  # a tensor: scalar & tensor masks trip the interpreter
         cand = live & (c < BS) & (j <= p) & (j >= SINK) & (j <= p - WINDOW)
@@ -180,7 +185,7 @@ def _block_decode_kernel(q_ptr, k_ptr, v_ptr, bound_ptr, pos_ptr, sel_ptr, w_ptr
 
     # 4. top-k of the candidates, softmax over them and the always-kept keys
     cc = tl.arange(0, CAND_P2)
-    s = tl.load(w_ptr + pid * CAND_P2 + cc, mask=cc < (BUDGET + 1) * BS_P2, other=float("-inf"))
+    s = tl.load(w_ptr + pid * CAND_P2 + cc, mask=cc < (BUDGET + 1) * BS_P2, other=float("-inf"), cache_modifier=".cg")
     keep = _topk_keep(s, s > float("-inf"), TOPK)
     m = tl.maximum(tl.max(tl.where(keep, s, float("-inf")), 0), tl.maximum(tl.max(s_sink, 0), tl.max(s_win, 0)))
     w = tl.where(keep, tl.exp(s - m), 0.0)
@@ -195,9 +200,9 @@ def _block_decode_kernel(q_ptr, k_ptr, v_ptr, bound_ptr, pos_ptr, sel_ptr, w_ptr
     vw = tl.load(v_row + jw[:, None] * svl + d[None, :], mask=win[:, None] & dmask[None, :], other=0.0)
     acc = tl.sum(w_sink[:, None] * vs.to(tl.float32), axis=0) + tl.sum(w_win[:, None] * vw.to(tl.float32), axis=0)
     for i in range(BUDGET + 1):
-        blk = tl.load(sel_ptr + pid * SEL_P2 + i, mask=i < n_sel, other=0)
+        blk = tl.load(sel_ptr + pid * SEL_P2 + i, mask=i < n_sel, other=0, cache_modifier=".cg")
         j = blk * BS + c
-        wi = tl.load(w_ptr + pid * CAND_P2 + i * BS_P2 + c)
+        wi = tl.load(w_ptr + pid * CAND_P2 + i * BS_P2 + c, cache_modifier=".cg")
         used = (tl.full([BS_P2], i, tl.int32) < n_sel) & (wi > 0.0)
         vt = tl.load(v_row + j[:, None] * svl + d[None, :], mask=used[:, None] & dmask[None, :], other=0.0)
         acc += tl.sum(wi[:, None] * vt.to(tl.float32), axis=0)
