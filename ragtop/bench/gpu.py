@@ -254,9 +254,34 @@ def time_kernel_case(s: Settings, shape: str, L: int, B: int) -> dict[str, Any]:
         times = [timer(lambda c=caches[i % copies], fn=fn: fn(c)) for i in range(s.repeats)]
         row[f"{name}_ms"] = statistics.median(times) * 1e3
     row["speedup"] = row["sdpa_ms"] / row["triton_block_ms"]
+    if s.device == "cuda":  # the same steps replayed from CUDA graphs: device time, no Python launch cost
+        try:
+            for name, fn in (("sdpa", sdpa), ("triton_block", block)):
+                replays = [cuda_graph(lambda c=c, fn=fn: fn(c)) for c in caches]
+                times = [timer(replays[i % copies]) for i in range(s.repeats)]
+                row[f"{name}_graph_ms"] = statistics.median(times) * 1e3
+            row["speedup_graph"] = row["sdpa_graph_ms"] / row["triton_block_graph_ms"]
+        except Exception as e:  # the eager figures stand on their own
+            row["graph_error"] = repr(e)[:300]
     del caches
     _free(s.device)
     return row
+
+
+def cuda_graph(fn: Callable[[], Any]) -> Callable[[], None]:
+    """`fn` captured in a CUDA graph (warmed up on a side stream first, as torch requires);
+    returns the replay. How an engine runs decode steps without per-kernel launch cost."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _free(device: str) -> None:
@@ -339,16 +364,24 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
+def _graph_cells(k: dict[str, Any]) -> str:
+    if "speedup_graph" in k:
+        return f" {k['sdpa_graph_ms']:.3f} ms | {k['triton_block_graph_ms']:.3f} ms | {k['speedup_graph']:.2f}x |"
+    return f" {'failed: ' + k['graph_error'] if 'graph_error' in k else '-'} | | |"
+
+
 def format_report(r: dict[str, Any]) -> str:
     s = r["settings"]
     lines = [f"environment: {json.dumps(r['environment'])}", "", "| check | max abs err | ok |", "|---|---:|---|"]
     lines += [f"| {c['check']} | {c['max_abs_err']:.2e} | {'yes' if c['ok'] else 'NO'} |" for c in r["correctness"]]
     lines += ["", f"One layer, one decode step (topk={s['topk']}, block_size={s['block_size']}, "
-                  f"block_budget={s['block_budget']}, fp32); speedup = SDPA / Triton block selection.", "",
-              "| shape (H/Hkv/Dh) | tokens | batch | SDPA | Triton block | speedup |", "|---|---:|---:|---:|---:|---:|"]
+                  f"block_budget={s['block_budget']}, fp32); speedup = SDPA / Triton block selection; "
+                  "'graph': the same step replayed from a CUDA graph (no Python launch cost).", "",
+              "| shape (H/Hkv/Dh) | tokens | batch | SDPA | Triton block | speedup | SDPA, graph | Triton block, graph | "
+              "speedup, graph |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {k['shape']} ({k['heads']}) | {k['tokens']} | {k['batch']} | "
               + (f"{k['sdpa_ms']:.3f} ms | {k['triton_block_ms']:.3f} ms | {k['speedup']:.2f}x |" if "error" not in k
-                 else f"failed: {k['error']} | | |") for k in r["kernels"]]
+                 else f"failed: {k['error']} | | |") + _graph_cells(k) for k in r["kernels"]]
     lines += ["", f"End to end: greedy decode tokens/s of TorchRunner after a {s['context']}-token prefill "
                   f"(block: topk={s['e2e_topk']}).", "",
               "| model | batch | dense tok/s | block tok/s | speedup |", "|---|---:|---:|---:|---:|"]
