@@ -30,6 +30,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# Candidate keys one decode program scores and selects from in registers ((budget + 1) blocks,
+# each padded to a power of two). Settings beyond it (a budget of hundreds of blocks) are
+# refused here; TritonBlockTopKAttention runs the reference code for them instead.
+MAX_CANDIDATES = 16384
+
+
+def decode_candidates(block_size: int, block_budget: int, length: int) -> int:
+    """Candidate slots `block_topk_decode` holds per query for a cache of `length` keys."""
+    return (min(block_budget, triton.cdiv(length, block_size)) + 1) * _p2(block_size)
+
 
 def _p2(n: int, least: int = 2) -> int:
     """Next power of two >= max(n, least): Triton tiles have power-of-two sizes."""
@@ -224,6 +234,9 @@ def block_topk_decode(q: Tensor, keys: Tensor, values: Tensor, kmin: Tensor, kma
         raise ValueError(f"{H} query heads do not group over {Hkv} KV heads")
     _check_last_dim_contiguous(q=q, keys=keys, values=values, kmin=kmin, kmax=kmax)
     G, NB = H // Hkv, triton.cdiv(L, block_size)
+    if decode_candidates(block_size, block_budget, L) > MAX_CANDIDATES:
+        raise ValueError(f"block_budget {block_budget} x block_size {block_size} gives more than {MAX_CANDIDATES} "
+                         "candidate keys per query: too many for one decode program")
     positions = positions.contiguous()
     bound = torch.empty(B, H, NB, dtype=torch.float32, device=q.device)
     tile = _p2(4096 // (_p2(G) * _p2(Dh)), 8)  # keeps G x TILE x Dh per program near 4k floats

@@ -19,7 +19,13 @@ from ..model import Transformer
 from ..model.attention import AttnContext, TopKAttention
 from ..model.config import ModelConfig
 from ..model.embedding import RaggedEmbedding
-from .kernels import block_topk_decode, ragged_embedding, update_block_summaries
+from .kernels import (
+    MAX_CANDIDATES,
+    block_topk_decode,
+    decode_candidates,
+    ragged_embedding,
+    update_block_summaries,
+)
 
 
 class TritonBlockTopKAttention(TopKAttention):
@@ -52,8 +58,8 @@ class TritonBlockTopKAttention(TopKAttention):
             raise ValueError(f"block summaries are bound to {kmin.shape[0]} cache rows, this call has {k.shape[0]}")
         S = q.shape[2]
         update_block_summaries(k, kmin, kmax, ctx.write_at, S, self.block_size)
-        if S > 1:
-            return super().attend(q, k, v, ctx)
+        if S > 1 or decode_candidates(self.block_size, self.block_budget, k.shape[2]) > MAX_CANDIDATES:
+            return super().attend(q, k, v, ctx)  # prefill; or a budget too large for one program
         out = block_topk_decode(
             q[:, :, 0], k, v, kmin, kmax, ctx.positions[:, 0], topk=self.topk, block_size=self.block_size,
             block_budget=self.block_budget, scale=self.scale, sink_tokens=self.sink_tokens,

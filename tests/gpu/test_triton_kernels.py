@@ -151,3 +151,29 @@ def test_decode_matches_reference_at_served_sizes_on_cuda():
     attn = attention(H, Hkv, Dh, L, topk=256, block_size=64, block_budget=16, sink_tokens=4, local_window=64)
     out, ref = run_both(attn, *(t.to(DEVICE) for t in (q, k, v, pos)))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_too_many_candidates_is_refused_with_its_reason():
+    k = torch.zeros(1, 1, 32768, 4, device=DEVICE)
+    kmin = torch.zeros(1, 1, 512, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="block_budget 300 x block_size 64 gives more than 16384 candidate keys"):
+        block_topk_decode(torch.zeros(1, 1, 4, device=DEVICE), k, k, kmin, kmin,
+                          torch.zeros(1, dtype=torch.long, device=DEVICE), topk=8, block_size=64, block_budget=300,
+                          scale=0.5)
+
+
+def test_layer_runs_the_reference_for_a_budget_too_large_for_one_program():
+    from ragtop.gpu.layers import TritonBlockTopKAttention
+
+    torch.manual_seed(6)
+    L = 32768  # (300 + 1) blocks of 64 candidates > MAX_CANDIDATES
+    ref = attention(2, 1, 4, L, topk=4, block_size=64, block_budget=300)
+    layer = TritonBlockTopKAttention(ModelConfig(
+        vocab_size=8, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=8, max_seq_len=L,
+        attention=AttentionConfig(kind="topk", topk=4, block_size=64, block_budget=300))).to(DEVICE)
+    layer.allocate_summaries(1, L, layer.q_proj.weight)
+    layer.rows = slice(0, 1)
+    q, k, v = torch.randn(1, 2, 1, 4), torch.randn(1, 1, L, 4), torch.randn(1, 1, L, 4)
+    pos = torch.tensor([20000])
+    q, k, v, pos = (t.to(DEVICE) for t in (q, k, v, pos))
+    torch.testing.assert_close(layer.attend(q, k, v, decode_context(pos, L)), ref.attend(q, k, v, decode_context(pos, L)))
