@@ -16,6 +16,17 @@ how the tests check them on CPU.
 from __future__ import annotations
 
 import importlib.util
+import os
+import warnings
+from typing import TYPE_CHECKING
+
+from ..errors import RagtopError
+
+if TYPE_CHECKING:  # the annotations only: importing this package loads neither torch nor triton
+    import torch
+
+    from ..model import Transformer
+    from .layers import TritonPath
 
 
 def triton_missing_reason() -> str | None:
@@ -25,11 +36,9 @@ def triton_missing_reason() -> str | None:
     return None
 
 
-def resolve_device(name: str):
+def resolve_device(name: str) -> torch.device:
     """A torch.device for `--device NAME`, with a clear error when CUDA is asked for but absent."""
     import torch
-
-    from ..errors import RagtopError
 
     try:
         device = torch.device(name)
@@ -41,18 +50,13 @@ def resolve_device(name: str):
     return device
 
 
-def triton_path(model, device, want: bool | None):
+def triton_path(model: Transformer, device: torch.device, want: bool | None) -> TritonPath | None:
     """The `TritonPath` a TorchRunner uses on `device`, or None (reference code only).
 
     want=None: on CUDA when triton is installed (else a warning and the reference code);
     want=True: required (on CPU only under TRITON_INTERPRET=1, i.e. Triton's interpreter);
     want=False: never.
     """
-    import os
-    import warnings
-
-    from ..errors import RagtopError
-
     if want is False or (want is None and device.type != "cuda"):
         return None
     reason = triton_missing_reason()
