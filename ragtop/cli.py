@@ -168,6 +168,8 @@ def add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--device", default=None, help="where a checkpoint runs (torch runner): cpu (default) or cuda, "
+                   "which runs block-selection decode and ragged embeddings as Triton kernels")
     p.set_defaults(func=run_generate)
 
 
@@ -177,13 +179,13 @@ def run_generate(a: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
                             top_k=a.top_k, seed=a.seed, stop=tuple(a.stop))
-    generate(a.model, a.prompt, params, a.runner or "auto", threads=a.threads)
+    generate(a.model, a.prompt, params, a.runner or "auto", threads=a.threads, device=a.device)
     return 0
 
 
 # -- bench ----------------------------------------------------------------------------
 def add_bench(sub) -> None:
-    from .bench import block_quality, ops, retrieval, speculative
+    from .bench import block_quality, gpu, ops, retrieval, speculative
     from .runtime import bench as engine_bench
 
     p = sub.add_parser("bench", help="benchmarks measured on this machine")
@@ -200,6 +202,10 @@ def add_bench(sub) -> None:
     sp = bench.add_parser("speculative", help="self-speculative greedy decoding: acceptance of a sparse draft, dense verify")
     speculative.add_arguments(sp)
     sp.set_defaults(func=lambda a: speculative.run(a, default_data_dir()))
+    g = bench.add_parser("gpu", help="Triton kernels on the GPU: correctness, block selection vs SDPA decode, "
+                         "TorchRunner dense vs block tok/s (scripts/gpu_check.sh)")
+    gpu.add_arguments(g)
+    g.set_defaults(func=gpu.run)
     e = bench.add_parser("engine", help="decode tokens/s: OrtRunner, TorchRunner, transformers; 1/4/16 streams; prompt throughput")
     engine_bench.add_arguments(e)
     e.set_defaults(func=engine_bench.run)

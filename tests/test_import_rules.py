@@ -1,9 +1,12 @@
 """DESIGN.md's import rules, for every part of ragtop (docs/architecture.md lists them): model
 imports nothing else from ragtop; train/convert/export/runtime may import model; server uses
 only runtime's public API; only the CLI imports server or cli; nothing imports loadtests or
-tests; loadtests talks to the server over HTTP."""
+tests; loadtests talks to the server over HTTP; the GPU path (ragtop.gpu, Triton) stays off the
+torch-free serving path."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "ragtop"
@@ -34,7 +37,7 @@ def ragtop_imports(path: Path) -> set[str]:
     return found
 
 
-LAYERS = ("model", "errors", "quant", "checkpoint", "train", "convert", "export", "runtime", "server", "study",
+LAYERS = ("model", "errors", "quant", "checkpoint", "train", "convert", "export", "gpu", "runtime", "server", "study",
           "bench", "default_model", "cli")
 ALLOWED = {  # what each part of ragtop may import (besides itself); docs/architecture.md, "Import rules"
     "__init__": set(),
@@ -45,10 +48,11 @@ ALLOWED = {  # what each part of ragtop may import (besides itself); docs/archit
     "train": {"model", "errors", "checkpoint"},
     "convert": {"model", "errors", "checkpoint", "train", "quant"},
     "export": {"model", "errors", "checkpoint", "train", "runtime", "quant"},
-    "runtime": {"model", "errors", "checkpoint", "export"},
+    "gpu": {"model", "errors"},
+    "runtime": {"model", "errors", "checkpoint", "export", "gpu"},
     "server": {"runtime", "errors"},
     "study": {"model", "train", "errors"},
-    "bench": {"model", "errors", "checkpoint", "quant", "train", "convert", "export", "runtime"},
+    "bench": {"model", "errors", "checkpoint", "quant", "train", "convert", "export", "gpu", "runtime"},
     "default_model": {"errors", "convert", "export"},
     "cli": set(LAYERS) - {"cli"},  # the entry point: parses arguments and calls any part
 }
@@ -104,3 +108,31 @@ def test_loadtests_talk_to_the_server_over_http_only():
         if imported & {"server", "tests"}:
             bad.append(f"{f}: imports {sorted(imported & {'server', 'tests'})}")
     assert not bad, "\n".join(bad)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module name a file imports (top level and inside functions)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_gpu_path_is_confined():
+    """triton is imported only by ragtop/gpu (and the GPU benchmark); ragtop.gpu only by the
+    torch runner and that benchmark; and `import ragtop.gpu` itself pulls in neither triton
+    nor torch, so the runner's import of it costs nothing where there is no GPU."""
+    bad = []
+    for f in PKG.rglob("*.py"):
+        rel = f.relative_to(PKG).as_posix()
+        if any(m.split(".")[0] == "triton" for m in imported_modules(f)) and not rel.startswith(("gpu/", "bench/gpu.py")):
+            bad.append(f"{rel} imports triton")
+        if "gpu" in ragtop_imports(f) and not rel.startswith(("gpu/", "bench/gpu.py", "runtime/runners/torch.py")):
+            bad.append(f"{rel} imports ragtop.gpu")
+    assert not bad, "\n".join(bad)
+    code = "import sys, ragtop.gpu; print(sorted({'triton', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -58,15 +58,18 @@ def detect_runner(path: Path) -> Literal["torch", "ort"]:
 
 
 def load_model(path: Path, runner: RunnerKind = "auto", threads: int | None = None,
-               onnx_file: str | None = None, use_plugin: bool = True) -> LoadedModel:
+               onnx_file: str | None = None, use_plugin: bool = True, device: str | None = None) -> LoadedModel:
     """onnx_file: another graph of an exported folder (e.g. model.int8.onnx); use_plugin=False
-    runs the standard-op function bodies even when the ragtop plugin is built."""
+    runs the standard-op function bodies even when the ragtop plugin is built; device: where a
+    checkpoint runs (TorchRunner; "cuda" uses the Triton kernels of ragtop.gpu)."""
     path = Path(path)
     found = detect_runner(path)
     kind = found if runner == "auto" else runner
     if kind != found:
         want = "model.onnx (an exported folder)" if kind == "ort" else "model.safetensors (a checkpoint)"
         raise RagtopError(f"--runner {kind} needs {want}; {path} holds {'model.onnx' if found == 'ort' else 'model.safetensors'}")
+    if kind == "ort" and device not in (None, "cpu"):
+        raise RagtopError(f"--device {device} runs checkpoints (the torch runner); {path} is an exported ONNX folder")
     if kind == "ort":
         from .runners.onnxruntime import OrtRunner
 
@@ -82,7 +85,7 @@ def load_model(path: Path, runner: RunnerKind = "auto", threads: int | None = No
 
         if threads:
             torch.set_num_threads(threads)
-        model_runner = TorchRunner.from_checkpoint(path)
+        model_runner = TorchRunner.from_checkpoint(path, device=device)
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
         raise RagtopError(f"{path} has no tokenizer.json")

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ...checkpoint import load_checkpoint
 from ...errors import RagtopError
+from ...gpu import resolve_device, triton_path
 from ...model import KVCache, Transformer
 from .base import Chunk, RunnerSpec, group_chunks, round_up, slot_range
 
@@ -20,7 +21,13 @@ def attention_label(model: Transformer) -> str:
 
 
 class TorchRunner:
-    def __init__(self, model: Transformer, name: str = "torch") -> None:
+    def __init__(self, model: Transformer, name: str = "torch", device: str | None = None,
+                 triton: bool | None = None) -> None:
+        """device: where the model runs ("cpu", "cuda", ...; default: where its weights are).
+        triton: run block-selection decode and ragged embeddings through ragtop.gpu's Triton
+        kernels (default: on CUDA when triton is installed; on CPU only under TRITON_INTERPRET=1)."""
+        if device is not None:
+            model = model.to(resolve_device(device))
         cfg = model.config
         self.model = model.eval()
         self.dtype = next(model.parameters()).dtype
@@ -35,10 +42,11 @@ class TorchRunner:
         )
         self.cache: KVCache | None = None
         self.lengths = torch.zeros(0, dtype=torch.long)  # tokens written per slot (incl. garbage)
+        self.triton = triton_path(model, self.device, triton)  # None: the reference code only
 
     @classmethod
-    def from_checkpoint(cls, path: Path, dtype: torch.dtype = torch.float32) -> TorchRunner:
-        return cls(load_checkpoint(path, dtype=dtype).model)
+    def from_checkpoint(cls, path: Path, dtype: torch.dtype = torch.float32, device: str | None = None) -> TorchRunner:
+        return cls(load_checkpoint(path, dtype=dtype).model, device=device)
 
     def allocate(self, slots: int, capacity: int) -> None:
         capacity = round_up(capacity, self.spec.capacity_multiple)
@@ -46,6 +54,8 @@ class TorchRunner:
         self.cache.keys = [k.to(self.device) for k in self.cache.keys]
         self.cache.values = [v.to(self.device) for v in self.cache.values]
         self.lengths = torch.zeros(slots, dtype=torch.long)
+        if self.triton is not None:
+            self.triton.allocate(slots, capacity)
 
     @property
     def capacity(self) -> int:
@@ -73,6 +83,8 @@ class TorchRunner:
         # Only the first `end` positions can be visible to anyone in this call: bind
         # [lo:hi, :, :end] views of the buffers, so attention cost follows the lengths.
         end = int(lengths.max()) + S
+        if self.triton is not None:
+            self.triton.bind_rows(lo, hi)
         view = KVCache(
             keys=[k[lo:hi, :, :end] for k in self.cache.keys],
             values=[v[lo:hi, :, :end] for v in self.cache.values],
@@ -93,6 +105,10 @@ class TorchRunner:
         for buf in (*self.cache.keys, *self.cache.values):
             buf[dst, :, :length] = buf[src, :, :length]
         self.lengths[dst] = length
+        if self.triton is not None:
+            self.triton.copy_slot(src, dst, length)
 
     def close(self) -> None:
         self.cache = None
+        if self.triton is not None:
+            self.triton.release()
