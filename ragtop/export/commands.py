@@ -32,6 +32,7 @@ MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 23, 23  # 23: RMSNormalization + Rotar
 MARKERS = ("genai_config.json", "model.onnx", "export_report.json")  # what makes a folder an export
 DEFAULT_ACCURACY_LEVEL = 0
 DEFAULT_ATOL = 1e-4
+LEVEL4_RTOL = 0.25  # see tolerances()
 VALIDATION_TEXT = "The State of the Union is strong, and the people of this nation"
 
 
@@ -84,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"validation: absolute part of the tolerance atol + rtol * max|reference logits| (default {DEFAULT_ATOL:g})")
     p.add_argument("--rtol", type=float, default=None,
                    help="validation: relative part (default for fp32 and int4/int8 at accuracy level 0/1: 1e-4, "
-                        "2e-4 with top-k / block selection; 1e-2 for fp16)")
+                        f"2e-4 with top-k / block selection; 1e-2 for fp16; {LEVEL4_RTOL:g} for int4/int8 at level 4)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch validation")
     p.add_argument("--ort-format", action="store_true", help="also write model.ort and required_operators.config")
     p.add_argument("--plugin-library", type=Path, default=None,
@@ -277,12 +278,19 @@ def tolerances(a: ExportOptions, attention_mode: str = "dense") -> tuple[float, 
     1e-4 — 30 fp32 layers of SmolLM2 differ from PyTorch by up to ~6e-4 on logits of ~30 —
     and 2e-4 when the attention selects keys: there a query may keep another key on a near tie
     of its k-th score (SmolLM2 block selection: 4.3e-3 on logits of 33.6, scripts/block_ties.py).
-    Accuracy level 4 too: its reference rounds the matmul inputs to int8 as MLAS does
-    (weights.Int8ActivationLinear), so the graph matches it to fp32 rounding.
+    Accuracy level 4: its reference rounds each matmul input to int8 as MLAS does
+    (weights.Int8ActivationLinear; one node matches it to ~1e-6 of its range, tests/export/
+    test_weights.py), but a deep model amplifies the inputs that land on the other side of a
+    rounding boundary (and, with block selection, the near-tie block choices they flip):
+    SmolLM2 (30 layers) moved by up to 5 % of the logits' range in prefill and 17 % in the
+    mixed batch with random caches. rtol 0.25 still fails a wrong graph (off by the whole
+    range), and the greedy tokens must match exactly.
     """
     atol = a.atol if a.atol is not None else DEFAULT_ATOL
     if a.rtol is not None:
         return atol, a.rtol
+    if a.weights in ("int4", "int8") and a.accuracy_level == 4:
+        return atol, LEVEL4_RTOL
     if a.dtype == "fp16":
         return atol, 1e-2
     return atol, (1e-4 if attention_mode == "dense" else 2e-4)

@@ -124,15 +124,16 @@ def test_quantized_export_validates(make_checkpoint, tmp_path, capsys, variant, 
 
 def test_int8_compute_level_4(make_checkpoint, tmp_path, capsys):
     """--accuracy-level 4: MLAS int8 compute (inputs rounded to int8 per block of 32), 8-bit
-    matrices as 8-bit nodes. The reference rounds the same way (Int8ActivationLinear), so the
-    graph validates at the fp32 tolerance; without that rounding the logits differ."""
+    matrices as 8-bit nodes. The reference rounds the same way (Int8ActivationLinear): a tiny
+    model matches it to fp32 rounding; without that rounding the logits differ."""
     ckpt = make_checkpoint("dense", "uniform")
     out = tmp_path / "q"
     rc = export_model_main([str(ckpt), str(out), "--weights", "int4", "--accuracy-level", "4"])
     assert rc == 0, capsys.readouterr().err
     assert sorted(set(nbits_nodes(out / "model.onnx"))) == [(4, 4), (8, 4)]
     v = json.loads((out / "export_report.json").read_text())["validation"]
-    assert v["passed"] and v["greedy_match"] and v["rtol"] == 1e-4
+    assert v["passed"] and v["greedy_match"] and v["rtol"] == 0.25
+    assert max(c["max_abs_diff"]["logits"] for c in v["cases"]) < 1e-4  # two layers: no amplification
 
     from ragtop.checkpoint import load_checkpoint
     from ragtop.export import weights as qweights
