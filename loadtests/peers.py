@@ -309,7 +309,7 @@ def run_ragtop_engine(export_dir: Path, context: int, new_tokens: int, threads: 
         while e.has_work():
             outs = e.step()
             now = time.perf_counter()
-            times += [now] * sum(len(o.deltas) for o in outs)
+            times += [now] * sum(len(d.token_ids) for o in outs for d in o.deltas)
         return t0, times
 
     generate(prompt[:8], 2)  # warm-up

@@ -442,7 +442,7 @@ def build(context: dict[str, Any] | None, concurrency: dict[str, Any] | None, ou
     parts += context_section(context, plots, out_md)
     parts += ["", "## Concurrency: throughput and latency vs clients, and where 429 starts", ""]
     parts += concurrency_section(concurrency, plots, out_md)
-    parts += [""] + peers_section(peers, peers_path)
+    parts += peers_section(peers, peers_path)
     for extra in sorted(plots.glob("*.section.md")):  # measured outside make bench, with their commands
         parts += ["", extra.read_text().rstrip()]
     return "\n".join(parts).rstrip() + "\n"

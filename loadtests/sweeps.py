@@ -108,8 +108,9 @@ class ModelSpec:
         return ModelSpec(name, src, int(maxlen))
 
 
-def tiny_checkpoint(out: Path) -> Path:
-    """A random tiny dense model (for --quick runs and tests): nothing to download or train."""
+def tiny_checkpoint(out: Path, n_heads: int = 4) -> Path:
+    """A random tiny dense model (for --quick runs and tests): nothing to download or train.
+    n_heads=2 gives 16-wide heads (onnxruntime's GroupQueryAttention needs a multiple of 16)."""
     if (out / "model.safetensors").is_file():
         return out
     import torch
@@ -122,7 +123,8 @@ def tiny_checkpoint(out: Path) -> Path:
 
     tok = train_bpe([BASE_TEXT] * 8, vocab_size=300)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=n_heads, n_kv_heads=n_heads // 2,
+                      d_ff=64,
                       max_seq_len=256, attention=AttentionConfig(), embedding=EmbeddingConfig())
     eos = tok.token_to_id("<|endoftext|>")
     eos = 0 if eos is None else eos

@@ -278,7 +278,7 @@ def test_llama_cpp_peer_on_the_gguf(tmp_path):
 def test_ort_genai_peer_on_a_tiny_model(tmp_path):
     pytest.importorskip("onnxruntime_genai")
     pytest.importorskip("onnx_ir")
-    ckpt = sweeps.tiny_checkpoint(tmp_path / "ckpt")
+    ckpt = sweeps.tiny_checkpoint(tmp_path / "ckpt", n_heads=2)
     model = peers.prepare_ort_genai(ckpt, tmp_path / "og", max_positions=256)
     assert (model / "genai_config.json").is_file()
     again = peers.prepare_ort_genai(ckpt, tmp_path / "og", max_positions=256)  # cached: not rebuilt
