@@ -100,7 +100,7 @@ def with_bytes(facts: dict[str, Any], weight_bytes_read: int | None, kv_dtype_by
 
 
 ONNX_ELEM_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 21: 1, 22: 1}
-GATHERS = {"Gather": (0,), "GatherBlockQuantized": (0, 2, 3)}  # inputs of which a lookup reads one row
+GATHERS = {"Gather": (0,), "GatherND": (0,), "GatherBlockQuantized": (0, 2, 3)}  # inputs of which a lookup reads one row
 
 
 def onnx_weight_bytes(model_path: Path) -> int:

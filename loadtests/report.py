@@ -217,7 +217,7 @@ def peers_section(doc: dict[str, Any] | None, path: Path) -> list[str]:
     for r in sorted(doc["rows"], key=lambda r: (r["model"], r["context"], order.get(r["mode"], 99))):
         name = MODE_NAMES.get(r["mode"], r["mode"])
         if not r["ok"]:
-            lines.append(f"| {r['model']} | {r['context']} | {name} | failed: {(r['error'] or '')[:100]} | | | | |")
+            lines.append(f"| {r['model']} | {r['context']} | {name} | failed: {(r['error'] or '')[:240]} | | | | |")
             continue
         lines.append(f"| {r['model']} | {r['context']} | {name} | {f(r['decode_tokens_per_s'])} | {f(r['ttft_s'], '.3f')} | "
                      f"{f(r['peak_rss_bytes'], '.0f', 1e-6)} | {f(r['bytes_per_token'], '.1f', 1e-6)} | "
