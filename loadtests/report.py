@@ -229,9 +229,27 @@ def peers_section(doc: dict[str, Any] | None, path: Path) -> list[str]:
         for c in comps:
             lines.append(f"| {c['model']} | {c['context']} | {MODE_NAMES.get(c['ragtop'], c['ragtop'])} | {c['peer']} | "
                          f"{f(c['decode'])} | {f(c['ttft'])} | {f(c['rss'])} | {verdict(c)} |")
-    lines += ["", *peer_targets(doc, comps), ""]
+    lines += ["", *peer_summary(comps), "", *peer_targets(doc, comps), ""]
     if doc["notes"]:
         lines += ["Notes from the run:", ""] + [f"- {n}" for n in doc["notes"]] + [""]
+    return lines
+
+
+def peer_summary(comps: list[dict[str, Any]]) -> list[str]:
+    """Per ragtop system and peer, the prompt lengths where ragtop decodes faster / answers the
+    first token sooner, and where not: the plain statement a reader looks for."""
+    lines = ["In short (decode tok/s and TTFT, ragtop vs the peer at each prompt length):"]
+    for rmode in dict.fromkeys(c["ragtop"] for c in comps):
+        for peer in dict.fromkeys(c["peer"] for c in comps if c["ragtop"] == rmode):
+            cs = sorted((c for c in comps if c["ragtop"] == rmode and c["peer"] == peer), key=lambda c: c["context"])
+
+            def where(key, good, cs=cs):
+                hits = [f"{c['context']} ({c[key]:.2f}×)" for c in cs if c[key] is not None and good(c[key])]
+                return ", ".join(hits) or "none"
+
+            lines.append(f"- {MODE_NAMES.get(rmode, rmode)} vs {peer}: decode ahead at {where('decode', lambda x: x >= 1)}, "
+                         f"behind at {where('decode', lambda x: x < 1)}; TTFT ahead at {where('ttft', lambda x: x <= 1)}, "
+                         f"behind at {where('ttft', lambda x: x > 1)}")
     return lines
 
 

@@ -224,6 +224,8 @@ def test_report_peers_section(tmp_path):
     assert "decode vs llama.cpp at 8k ≥ 2×: 1.20×, missed (ragtop ahead)" in sec
     assert "decode vs ort-genai at 8k ≥ 2×: 1.00×, missed" in sec
     assert "TTFT at 8k ≤ llama.cpp's: 0.25× llama.cpp's, met" in sec
+    assert ("- top-k exact (plugin) vs llama.cpp: decode ahead at 8192 (1.20×), behind at 1024 (0.50×); "
+            "TTFT ahead at 1024 (0.25×), 8192 (0.25×), behind at none") in sec
     assert "failed: onnxruntime-genai is not installed; install with make bench-peers" in sec
     assert "3 interleaved round(s)" in sec and "weights: int4" in sec and "peer note" in sec
     assert main(["report", "--context", str(tmp_path / "none.json"), "--concurrency", str(tmp_path / "none.json"),
