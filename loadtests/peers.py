@@ -219,8 +219,31 @@ def read_result(path: Path) -> dict[str, Any]:
     return r
 
 
+def open_llama(llama_cpp, gguf: Path, n_ctx: int, threads: int, repack: bool):
+    """llama_cpp.Llama with llama.cpp's defaults, or with its extra CPU buffer types (weight
+    repacking, AMX) off: the CLI's `--no-repack`, which the Python class does not expose (it
+    reads llama_model_default_params, so that is wrapped while the model loads)."""
+    if repack:
+        return llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                               n_batch=512, verbose=False)
+    low = llama_cpp.llama_cpp  # the ctypes module, whose function llama.py calls
+    defaults = low.llama_model_default_params
+
+    def no_repack():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = no_repack
+    try:
+        return llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                               n_batch=512, verbose=False)
+    finally:
+        low.llama_model_default_params = defaults
+
+
 def run_llama_cpp(gguf: Path, context: int, new_tokens: int, threads: int | None,
-                  tokenizer_json: Path) -> dict[str, Any]:
+                  tokenizer_json: Path, repack: bool = True) -> dict[str, Any]:
     """llama.cpp on the GGUF itself: prefill with eval (batches of 512), then one eval per token;
     the next token is the argmax of the last logits (greedy, as the other systems)."""
     if not Path(gguf).is_file() or Path(gguf).suffix != ".gguf":
@@ -229,8 +252,7 @@ def run_llama_cpp(gguf: Path, context: int, new_tokens: int, threads: int | None
     import os
 
     threads = threads or os.cpu_count() or 1
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=context + new_tokens + 16, n_threads=threads,
-                          n_threads_batch=threads, n_batch=512, verbose=False)
+    llm = open_llama(llama_cpp, gguf, context + new_tokens + 16, threads, repack)
     prompt = prompt_ids(tokenizer_json, context)
 
     def last_token() -> int:
@@ -253,7 +275,7 @@ def run_llama_cpp(gguf: Path, context: int, new_tokens: int, threads: int | None
     own = {"prompt_ms": perf.t_p_eval_ms, "prompt_tokens": perf.n_p_eval, "eval_ms": perf.t_eval_ms,
            "eval_tokens": perf.n_eval}
     return {"peer": "llama.cpp", "context": context, "new_tokens": new_tokens, **timing("llama.cpp", t0, times),
-            "peak_rss_bytes": peak_rss(), "threads": threads, "n_batch": 512, "gguf": str(gguf),
+            "peak_rss_bytes": peak_rss(), "threads": threads, "n_batch": 512, "gguf": str(gguf), "repack": repack,
             "llama_perf": own, "llama_cpp_python": getattr(llama_cpp, "__version__", "?")}
 
 
@@ -392,6 +414,8 @@ def add_arguments(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int)
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json giving the prompt token ids (default: PATH/tokenizer.json)")
+    p.add_argument("--no-repack", dest="repack", action="store_false",
+                   help="llama.cpp: its extra CPU buffer types off (weight repacking, AMX; the CLI's --no-repack)")
     p.add_argument("--json", type=Path)
     p.set_defaults(func=run)
 
@@ -412,8 +436,9 @@ def run(a: argparse.Namespace) -> int:
     elif a.kind == "stock-ort":
         r = run_stock_ort(a.path, a.context, a.new_tokens, a.threads)
     else:
+        extra = {"repack": a.repack} if a.kind == "llama.cpp" else {}
         try:
-            r = RUNNERS[a.kind](a.path, a.context, a.new_tokens, a.threads, tokenizer_for(a))
+            r = RUNNERS[a.kind](a.path, a.context, a.new_tokens, a.threads, tokenizer_for(a), **extra)
         except PeerMissing as e:
             raise SystemExit(str(e)) from None
     text = json.dumps(r, indent=1)

@@ -230,8 +230,9 @@ def peers_section(doc: dict[str, Any] | None, path: Path) -> list[str]:
             lines.append(f"| {c['model']} | {c['context']} | {MODE_NAMES.get(c['ragtop'], c['ragtop'])} | {c['peer']} | "
                          f"{f(c['decode'])} | {f(c['ttft'])} | {f(c['rss'])} | {verdict(c)} |")
     lines += ["", *peer_summary(comps), "", *peer_targets(doc, comps), ""]
-    if doc["notes"]:
-        lines += ["Notes from the run:", ""] + [f"- {n}" for n in doc["notes"]] + [""]
+    row_notes = list(dict.fromkeys(f"{r['mode']}: {r['note']}" for r in doc["rows"] if r.get("note")))
+    if doc["notes"] or row_notes:
+        lines += ["Notes from the run:", ""] + [f"- {n}" for n in doc["notes"] + row_notes] + [""]
     return lines
 
 

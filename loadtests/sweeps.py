@@ -258,7 +258,9 @@ def served_row(model_dir: Path, mode: str, spec: ModelSpec, context: int, s: arg
 
 def peer_row(kind: str, path: Path, spec: ModelSpec, context: int, s: argparse.Namespace, logs: Path,
              tokenizer: Path | None = None) -> dict[str, Any]:
-    """One peer measurement in its own process (its peak RSS is its own)."""
+    """One peer measurement in its own process (its peak RSS is its own). llama.cpp killed by a
+    signal (its AMX kernels crash on some virtual machines: SIGSEGV in ggml_backend_amx_mul_mat)
+    is run again with `--no-repack`, and the row says so."""
     row = _blank_peer_row(kind, spec, context, s)
     out = logs / f"peer-{spec.name}-{kind}-{context}.json"
     cmd = [sys.executable, "-m", "loadtests", "peer", kind, str(path), "--context", str(context),
@@ -270,6 +272,13 @@ def peer_row(kind: str, path: Path, spec: ModelSpec, context: int, s: argparse.N
         out.unlink(missing_ok=True)
         with open(err_log, "wb") as err:
             rc = subprocess.run(cmd, timeout=s.request_timeout, stdout=subprocess.DEVNULL, stderr=err).returncode
+        if rc < 0 and kind == "llama.cpp":
+            log(f"  llama.cpp died of signal {-rc}: again with --no-repack (no AMX / repacked weights)")
+            row["note"] = (f"llama.cpp with its defaults died of signal {-rc} here; measured with --no-repack "
+                           "(llama.cpp's extra CPU buffer types, AMX and weight repacking, off)")
+            with open(err_log, "ab") as err:
+                rc = subprocess.run(cmd + ["--no-repack"], timeout=s.request_timeout, stdout=subprocess.DEVNULL,
+                                    stderr=err).returncode
         if rc != 0:
             tail = err_log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
             raise RuntimeError(f"peer exited with {rc}: {tail[0][:300]} (log: {err_log})")

@@ -262,18 +262,22 @@ def test_hf_folder_holds_the_checkpoint_exactly(tmp_path):
 @pytest.mark.slow
 @pytest.mark.smollm2
 def test_llama_cpp_peer_on_the_gguf(tmp_path):
+    """In its own process, as the sweep runs it (a crash of llama.cpp's AMX kernels is retried
+    with --no-repack there, and must not take pytest down)."""
     pytest.importorskip("llama_cpp")
     from ragtop.convert.gguf import read_gguf, smollm2_path
 
     gguf = smollm2_path()
     tok = tmp_path / "tokenizer.json"
     tok.write_text(read_gguf(gguf).tokenizer_json)  # ragtop's tokenizer of the same GGUF: what every system is fed
-    out = tmp_path / "r.json"
-    assert main(["peer", "llama.cpp", str(gguf), "--context", "48", "--new-tokens", "4", "--threads", "1",
-                 "--tokenizer", str(tok), "--json", str(out)]) == 0
-    r = peers.read_result(out)
-    assert r["peer"] == "llama.cpp" and r["decode_tokens_per_s"] > 0
-    assert r["llama_perf"]["prompt_tokens"] == 48 and r["llama_perf"]["eval_tokens"] == 3
+    s = argparse.Namespace(new_tokens=4, threads=1, request_timeout=600)
+    spec = sweeps.ModelSpec.parse("smollm2=smollm2:8192")
+    r = sweeps.peer_row("llama.cpp", gguf, spec, 48, s, tmp_path, tokenizer=tok)
+    assert r["ok"], r["error"]
+    d = r["peer_details"]
+    assert d["peer"] == "llama.cpp" and d["threads"] == 1 and r["decode_tokens_per_s"] > 0
+    assert d["llama_perf"]["prompt_tokens"] == 48 and d["llama_perf"]["eval_tokens"] == 3
+    assert d["repack"] or "--no-repack" in r["note"]
 
 
 @pytest.mark.slow
