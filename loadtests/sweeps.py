@@ -268,17 +268,23 @@ def peer_row(kind: str, path: Path, spec: ModelSpec, context: int, s: argparse.N
     if tokenizer is not None and kind in ("llama.cpp", "ort-genai", "ragtop-engine"):
         cmd += ["--tokenizer", str(tokenizer)]
     err_log = logs / f"peer-{spec.name}-{kind}-{context}.log"
+    crashed = LLAMA_CRASHED.get("signal")
+    if kind == "llama.cpp" and crashed:  # once is enough: later points of this run go straight to --no-repack
+        cmd.append("--no-repack")
     try:
         out.unlink(missing_ok=True)
         with open(err_log, "wb") as err:
             rc = subprocess.run(cmd, timeout=s.request_timeout, stdout=subprocess.DEVNULL, stderr=err).returncode
-        if rc < 0 and kind == "llama.cpp":
+        if rc < 0 and kind == "llama.cpp" and not crashed:
             log(f"  llama.cpp died of signal {-rc}: again with --no-repack (no AMX / repacked weights)")
-            row["note"] = (f"llama.cpp with its defaults died of signal {-rc} here; measured with --no-repack "
-                           "(llama.cpp's extra CPU buffer types, AMX and weight repacking, off)")
+            LLAMA_CRASHED["signal"] = crashed = -rc
             with open(err_log, "ab") as err:
                 rc = subprocess.run(cmd + ["--no-repack"], timeout=s.request_timeout, stdout=subprocess.DEVNULL,
                                     stderr=err).returncode
+        if kind == "llama.cpp" and crashed:
+            row["note"] = (f"llama.cpp with its defaults died of signal {crashed} here (in its AMX kernels on this "
+                           "machine); measured with --no-repack (its extra CPU buffer types, AMX and weight "
+                           "repacking, off)")
         if rc != 0:
             tail = err_log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
             raise RuntimeError(f"peer exited with {rc}: {tail[0][:300]} (log: {err_log})")
@@ -289,6 +295,9 @@ def peer_row(kind: str, path: Path, spec: ModelSpec, context: int, s: argparse.N
         row["error"] = f"{type(e).__name__}: {e}"
         log(f"  {spec.name} {kind} {context}: FAILED {row['error'][:300]}")
     return row
+
+
+LLAMA_CRASHED: dict[str, int] = {}  # the signal llama.cpp died of with its defaults, in this run
 
 
 def _blank_peer_row(kind: str, spec: ModelSpec, context: int, s: argparse.Namespace) -> dict[str, Any]:
@@ -450,6 +459,11 @@ def context_sweep(s: argparse.Namespace) -> dict[str, Any]:
                 dirs[suffix] = exported(ck, work / "exports" / f"{spec.name}-{suffix}{wsuffix}", export_ctx, logs,
                                         ops=ops, weights=weights)
         peer_paths, peer_errors = prepare_peers(s, spec, base, dirs, export_ctx, work, logs, notes)
+        if weights != "fp32" and dirs:
+            first = next(iter(dirs.values()))
+            notes.append(f"{spec.name}: ragtop's served modes ran `ragtop export --weights {weights}`: "
+                         f"{served_facts(facts, first, weights)['weight_bytes_read'] / 1e6:.1f} MB of weights read "
+                         "per decoded token (the bytes/token column counts each system's own weights and cache dtype)")
         slow_cap = getattr(s, "slow_max_length", None)
         rounds = max(1, getattr(s, "rounds", 1) or 1)
         for L in lengths:
