@@ -71,6 +71,30 @@ bench: install prometheus
 	    --concurrency build/bench/quick-concurrency.json --out build/bench/benchmarks.md --plots build/bench; \
 	else $(BIN)/python -m loadtests report; fi
 
+# The peers a user would choose instead of ragtop (docs/benchmarks.md, "Peers"): llama.cpp
+# (llama-cpp-python, compiled here from source: the library only, no tools, tests, examples or
+# multimodal part; 15-50 minutes on 2 cores, once) on the GGUF ragtop imports, and ONNX Runtime
+# GenAI (its model builder makes the int4 model from the same weights, offline, cached under
+# build/bench-peers), both beside ragtop's int4 modes (served over HTTP, and its engine in-process)
+# in one context sweep, the same threads and prompt token ids, 2 interleaved rounds. A quiet
+# machine: about an hour at 1k/4k/8k with one thread. make test never runs it.
+PEERS_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+PEERS_ARGS ?= --lengths 1024,4096,8192 --new-tokens 64 --repeats 2 --rounds 2 --threads 1
+PEERS_OUT ?= docs/benchmarks/peers.json
+.PHONY: install-peers bench-peers
+install-peers: install
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+	  CMAKE_ARGS="$(PEERS_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	  $(BIN)/python -m pip install -q llama-cpp-python==0.3.36
+	$(BIN)/python -c "import onnxruntime_genai, onnx_ir" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[peers]'
+
+bench-peers: install-peers
+	RAGTOP_DATA_DIR=$${RAGTOP_DATA_DIR:-$(DATA_DIR)} $(BIN)/python -m loadtests context-sweep \
+	  --model smollm2=smollm2:8192 --weights int4 --modes topk,topk-block \
+	  --peers llama.cpp,ort-genai,ragtop-engine $(PEERS_ARGS) --work-dir build/bench-peers --out $(PEERS_OUT)
+	$(BIN)/python -m loadtests report --peers $(PEERS_OUT)
+
 # Debian's Prometheus, which the sweeps start on loopback to quote the server's own rate();
 # without it (not root, no apt) they compute the same ratio from two scrapes of /metrics.
 prometheus:

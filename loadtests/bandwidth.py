@@ -88,6 +88,74 @@ def model_facts(checkpoint: Path) -> dict[str, Any]:
             "attention": att.get("kind", "dense"), "max_seq_len": cfg.get("max_seq_len")}
 
 
+def with_bytes(facts: dict[str, Any], weight_bytes_read: int | None, kv_dtype_bytes: int | None) -> dict[str, Any]:
+    """`facts` with another system's weight bytes per token (quantized weights) and KV dtype."""
+    out = dict(facts)
+    if weight_bytes_read:
+        out["weight_bytes_read"] = int(weight_bytes_read)
+    if kv_dtype_bytes:
+        row = facts["n_kv_heads"] * facts["head_dim"] * kv_dtype_bytes
+        out.update(dtype_bytes=kv_dtype_bytes, kv_row_bytes=row, kv_bytes_per_token=2 * facts["n_layers"] * row)
+    return out
+
+
+ONNX_ELEM_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 21: 1, 22: 1}
+GATHERS = {"Gather": (0,), "GatherND": (0,), "GatherBlockQuantized": (0, 2, 3)}  # inputs of which a lookup reads one row
+
+
+def onnx_weight_bytes(model_path: Path) -> int:
+    """Bytes of the initializers one decode step reads: all of them, except a table that only a
+    Gather / GatherBlockQuantized looks up (one row of it, with its scales), as an embedding."""
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    uses: dict[str, set[bool]] = {}
+    for node in m.graph.node:
+        rows_only = GATHERS.get(node.op_type, ())
+        for i, name in enumerate(node.input):
+            uses.setdefault(name, set()).add(i in rows_only)
+    total = 0
+    for t in m.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        if "length" in ext:
+            n = int(ext["length"])
+        elif t.raw_data:
+            n = len(t.raw_data)
+        else:
+            n = math.prod(t.dims) * ONNX_ELEM_BYTES.get(t.data_type, 4)
+        if uses.get(t.name) == {True} and t.dims and t.dims[0] > 0:
+            n //= t.dims[0]
+        total += n
+    return total
+
+
+def onnx_kv_dtype_bytes(model_path: Path) -> int | None:
+    """Bytes per element of a graph's KV-cache inputs (past_key_values.*), None if it has none."""
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    for inp in m.graph.input:
+        if "past_key" in inp.name:
+            return ONNX_ELEM_BYTES.get(inp.type.tensor_type.elem_type)
+    return None
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes of a GGUF's tensors one decode step reads (llama.cpp): a tied token_embd serves as
+    the head and is read whole; with a separate output.weight the input table reads one row."""
+    import gguf
+
+    tensors = gguf.GGUFReader(str(path)).tensors
+    untied = any(t.name == "output.weight" for t in tensors)
+    total = 0
+    for t in tensors:
+        n = int(t.n_bytes)
+        if untied and t.name == "token_embd.weight":
+            n //= max(1, int(t.n_elements) // int(t.shape[0]))
+        total += n
+    return total
+
+
 def bytes_per_token(facts: dict[str, Any], mode: str, context: int, topk: int | None = None,
                     block_size: int | None = None, block_budget: int | None = None,
                     capacity: int | None = None) -> dict[str, int]:

@@ -17,10 +17,21 @@ from typing import Any
 
 from .schema import validate
 
-MODE_ORDER = ("dense", "dense-plugin", "topk", "topk-block", "fallback", "transformers", "stock-ort")
+MODE_ORDER = ("dense", "dense-plugin", "topk", "topk-block", "fallback", "ragtop-engine", "transformers", "stock-ort",
+              "llama.cpp", "ort-genai")
 MODE_NAMES = {"dense": "dense, standard ops", "dense-plugin": "dense, TopKAttention k = context (plugin)", "topk": "top-k exact (plugin)", "topk-block": "top-k block selection (plugin)",
               "fallback": "top-k, standard-op fallback (no plugin)", "transformers": "peer: transformers generate (CPU)",
-              "stock-ort": "peer: stock onnxruntime, standard ops"}
+              "stock-ort": "peer: stock onnxruntime, standard ops", "llama.cpp": "peer: llama.cpp (llama-cpp-python, the GGUF)",
+              "ort-genai": "peer: ONNX Runtime GenAI (its builder's int4 model)",
+              "ragtop-engine": "top-k exact, ragtop's engine in-process (no HTTP)"}
+# What a user would choose instead of ragtop (issue 14): ragtop's rows are compared with these.
+EXTERNAL_PEERS = ("llama.cpp", "ort-genai")
+RAGTOP_MODES = ("topk", "ragtop-engine", "topk-block", "dense-plugin", "dense", "fallback")
+DEFAULT_MODE = "topk"  # ragtop serve's default attention (ragtop/convert/defaults.py), over HTTP
+# issue 14's targets for the default served model: decode ratio per context vs each peer, and
+# TTFT at 8k no longer than llama.cpp's
+PEER_TARGETS = {"llama.cpp": {1024: 1.0, 8192: 2.0}, "ort-genai": {1024: 1.0, 8192: 2.0}}
+PEERS_CMD = "make bench-peers"
 TARGETS = {8192: 2.0, 32768: 5.0}  # top-k block selection vs dense, decode tokens/s
 PLOTS = {"tokens": "tokens_per_s_vs_context.png", "ttft": "ttft_vs_context.png",
          "speedup": "speedup_vs_context.png", "concurrency": "latency_vs_concurrency.png"}
@@ -147,6 +158,122 @@ def targets_section(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def peer_comparisons(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """ragtop row vs peer row at the same model and context: ratios ragtop ÷ peer
+    (decode > 1: ragtop faster; TTFT and RSS < 1: ragtop better)."""
+    out = []
+    ok = [r for r in doc["rows"] if r["ok"]]
+    for r in ok:
+        if r["mode"] not in RAGTOP_MODES:
+            continue
+        for p in ok:
+            if p["mode"] in EXTERNAL_PEERS and p["model"] == r["model"] and p["context"] == r["context"]:
+                def ratio(key, r=r, p=p):
+                    return r[key] / p[key] if r.get(key) and p.get(key) else None
+
+                out.append({"model": r["model"], "context": r["context"], "ragtop": r["mode"], "peer": p["mode"],
+                            "decode": ratio("decode_tokens_per_s"), "ttft": ratio("ttft_s"),
+                            "rss": ratio("peak_rss_bytes")})
+    return out
+
+
+def verdict(c: dict[str, Any]) -> str:
+    """One plain sentence: where this ragtop row is ahead of the peer and where behind."""
+    ahead, behind = [], []
+    for key, name, better_high in (("decode", "decode", True), ("ttft", "time to first token", False),
+                                   ("rss", "peak memory", False)):
+        x = c[key]
+        if x is None:
+            continue
+        good = x >= 1 if better_high else x <= 1
+        shown = f"{name} {x:.2f}×"
+        (ahead if good else behind).append(shown)
+    parts = []
+    if ahead:
+        parts.append("ahead in " + ", ".join(ahead))
+    if behind:
+        parts.append("behind in " + ", ".join(behind))
+    return "; ".join(parts) or "not comparable"
+
+
+def peers_section(doc: dict[str, Any] | None, path: Path) -> list[str]:
+    """ragtop beside llama.cpp and ONNX Runtime GenAI (make bench-peers), with ratios and verdicts."""
+    head = ["## Peers: ragtop beside llama.cpp and ONNX Runtime GenAI", ""]
+    if doc is None:
+        return head + [f"**Not yet measured.** Run `{PEERS_CMD}` on a quiet machine (it builds llama.cpp's library "
+                       f"once, makes ONNX Runtime GenAI's int4 model from the same weights, and writes {path}).", ""]
+    s = doc["settings"]
+    lines = head + [f"Command: `{doc['command']}` (machine: {doc['machine'].get('cpu', '?')}, load average at start "
+                    f"{doc['machine'].get('loadavg', '?')})", "",
+                    f"Every system is fed the same prompt token ids; {s['new_tokens']} new tokens, greedy; threads: "
+                    f"{s.get('threads') or 'all cores'} for every system; ragtop's weights: {s.get('weights', 'fp32')}; "
+                    f"{s.get('rounds', 1)} interleaved round(s), the median round shown; ragtop's served modes are "
+                    f"measured through its HTTP server (best of {s['repeats']} requests), its in-process engine and "
+                    "the peers each in their own process. Ratios are ragtop ÷ peer: decode above 1 and TTFT / "
+                    "peak RSS below 1 mean ragtop is ahead.", "",
+                    "| model | context | system | decode tok/s | TTFT s | peak RSS MB | bytes/token MB | % of bandwidth bound |",
+                    "|---|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(MODE_ORDER)}
+    for r in sorted(doc["rows"], key=lambda r: (r["model"], r["context"], order.get(r["mode"], 99))):
+        name = MODE_NAMES.get(r["mode"], r["mode"])
+        if not r["ok"]:
+            lines.append(f"| {r['model']} | {r['context']} | {name} | failed: {(r['error'] or '')[:240]} | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['context']} | {name} | {f(r['decode_tokens_per_s'])} | {f(r['ttft_s'], '.3f')} | "
+                     f"{f(r['peak_rss_bytes'], '.0f', 1e-6)} | {f(r['bytes_per_token'], '.1f', 1e-6)} | "
+                     f"{f(r['bandwidth_bound_pct'], '.1f')} |")
+    comps = peer_comparisons(doc)
+    if comps:
+        lines += ["", "| model | context | ragtop | peer | decode ragtop ÷ peer | TTFT ragtop ÷ peer | peak RSS ragtop ÷ peer | in words |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in comps:
+            lines.append(f"| {c['model']} | {c['context']} | {MODE_NAMES.get(c['ragtop'], c['ragtop'])} | {c['peer']} | "
+                         f"{f(c['decode'])} | {f(c['ttft'])} | {f(c['rss'])} | {verdict(c)} |")
+    lines += ["", *peer_summary(comps), "", *peer_targets(doc, comps), ""]
+    row_notes = list(dict.fromkeys(f"{r['mode']}: {r['note']}" for r in doc["rows"] if r.get("note")))
+    if doc["notes"] or row_notes:
+        lines += ["Notes from the run:", ""] + [f"- {n}" for n in doc["notes"] + row_notes] + [""]
+    return lines
+
+
+def peer_summary(comps: list[dict[str, Any]]) -> list[str]:
+    """Per ragtop system and peer, the prompt lengths where ragtop decodes faster / answers the
+    first token sooner, and where not: the plain statement a reader looks for."""
+    lines = ["In short (decode tok/s and TTFT, ragtop vs the peer at each prompt length):"]
+    for rmode in dict.fromkeys(c["ragtop"] for c in comps):
+        for peer in dict.fromkeys(c["peer"] for c in comps if c["ragtop"] == rmode):
+            cs = sorted((c for c in comps if c["ragtop"] == rmode and c["peer"] == peer), key=lambda c: c["context"])
+
+            def where(key, good, cs=cs):
+                hits = [f"{c['context']} ({c[key]:.2f}×)" for c in cs if c[key] is not None and good(c[key])]
+                return ", ".join(hits) or "none"
+
+            lines.append(f"- {MODE_NAMES.get(rmode, rmode)} vs {peer}: decode ahead at {where('decode', lambda x: x >= 1)}, "
+                         f"behind at {where('decode', lambda x: x < 1)}; TTFT ahead at {where('ttft', lambda x: x <= 1)}, "
+                         f"behind at {where('ttft', lambda x: x > 1)}")
+    return lines
+
+
+def peer_targets(doc: dict[str, Any], comps: list[dict[str, Any]]) -> list[str]:
+    """Issue 14's targets for the default served model (top-k exact over HTTP), met or missed."""
+    lines = [f"Targets (issue 14) for ragtop's default served model ({MODE_NAMES[DEFAULT_MODE]}, over HTTP):"]
+    for peer, wants in PEER_TARGETS.items():
+        for L, want in wants.items():
+            c = next((c for c in comps if c["ragtop"] == DEFAULT_MODE and c["peer"] == peer and c["context"] == L), None)
+            if c is None or c["decode"] is None:
+                lines.append(f"- decode vs {peer} at {L // 1024}k ≥ {want:g}×: not measured")
+                continue
+            ok = c["decode"] >= want
+            lines.append(f"- decode vs {peer} at {L // 1024}k ≥ {want:g}×: {c['decode']:.2f}×, "
+                         f"{'met' if ok else 'missed'} (ragtop {'ahead' if c['decode'] >= 1 else 'behind'})")
+    c = next((c for c in comps if c["ragtop"] == DEFAULT_MODE and c["peer"] == "llama.cpp" and c["context"] == 8192), None)
+    if c is None or c["ttft"] is None:
+        lines.append("- TTFT at 8k ≤ llama.cpp's: not measured")
+    else:
+        lines.append(f"- TTFT at 8k ≤ llama.cpp's: {c['ttft']:.2f}× llama.cpp's, {'met' if c['ttft'] <= 1 else 'missed'}")
+    return lines
+
+
 def concurrency_section(doc: dict[str, Any] | None, plots: Path, out_md: Path) -> list[str]:
     if doc is None:
         return ["**Not yet measured.** Run `make bench` (or the concurrency-sweep command above).", "",
@@ -211,7 +338,7 @@ def plot(context: dict[str, Any] | None, concurrency: dict[str, Any] | None, fol
                                  if r["model"] == model and r["mode"] == mode and r[field] is not None)
                     if pts:
                         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                                linestyle="--" if mode in ("transformers", "stock-ort") else "-",
+                                linestyle="--" if mode in ("transformers", "stock-ort", *EXTERNAL_PEERS) else "-",
                                 label=f"{model}: {mode}")
             ax.set_xscale("log", base=2)
             if logy:
@@ -270,6 +397,7 @@ machines or runs.
 
 ```
 make bench                      # ragtop bench ops, both sweeps, then this report and its plots
+make bench-peers                # ragtop's int4 modes beside llama.cpp and ONNX Runtime GenAI ("Peers" below)
 python -m loadtests context-sweep [--model NAME=CKPT:MAXCTX ...] [--lengths 1024,4096,...] [--threads N]
 python -m loadtests concurrency-sweep [--model EXPORT_DIR] [--clients 1,4,16,64] [--burst 128]
 python -m loadtests report      # docs/benchmarks/*.json -> this page + docs/benchmarks/*.png
@@ -297,7 +425,11 @@ concurrency sweep runs `ragtop serve`'s default model (SmolLM2-135M-Instruct, to
 - **Peers** on the same weights, each in its own process: transformers `generate` (a
   `LlamaForCausalLM` holding the weights, SDPA attention, CPU, greedy), and a stock
   onnxruntime session on the `--ops standard` export (no custom ops, no plugin), with
-  preallocated cache buffers bound as past and present and chunked prefill.
+  preallocated cache buffers bound as past and present and chunked prefill. `make bench-peers`
+  adds what a user would run instead (the "Peers" section): llama.cpp (llama-cpp-python, built
+  from source, library only) on the very GGUF ragtop imports, and ONNX Runtime GenAI on the int4
+  model its own builder makes from the same weights (a Hugging Face folder written from ragtop's
+  checkpoint, offline); both fed the same prompt token ids, with the same threads.
 - **Client side** (`loadtests/loadgen.py`, httpx, streaming SSE): TTFT = request sent → first
   chunk with text; decode tokens/s = (output tokens − 1) / (E2E − TTFT); ITL = gaps between
   chunks; TPOT = (E2E − TTFT) / (output tokens − 1); goodput = requests meeting every SLO per
@@ -322,12 +454,14 @@ concurrency sweep runs `ragtop serve`'s default model (SmolLM2-135M-Instruct, to
 """
 
 
-def build(context: dict[str, Any] | None, concurrency: dict[str, Any] | None, out_md: Path, plots: Path) -> str:
+def build(context: dict[str, Any] | None, concurrency: dict[str, Any] | None, out_md: Path, plots: Path,
+          peers: dict[str, Any] | None = None, peers_path: Path = Path("docs/benchmarks/peers.json")) -> str:
     parts = [HEADER, "## Machine", ""] + machine_section([d for d in (context, concurrency) if d]) + [""]
     parts += ["## Long context: decode speed, TTFT and memory vs prompt length", ""]
     parts += context_section(context, plots, out_md)
     parts += ["", "## Concurrency: throughput and latency vs clients, and where 429 starts", ""]
     parts += concurrency_section(concurrency, plots, out_md)
+    parts += peers_section(peers, peers_path)
     for extra in sorted(plots.glob("*.section.md")):  # measured outside make bench, with their commands
         parts += ["", extra.read_text().rstrip()]
     return "\n".join(parts).rstrip() + "\n"
@@ -337,15 +471,17 @@ def add_arguments(sub) -> None:
     p = sub.add_parser("report", help="docs/benchmarks.md and the plots from the sweeps' JSON")
     p.add_argument("--context", type=Path, default=Path("docs/benchmarks/context.json"))
     p.add_argument("--concurrency", type=Path, default=Path("docs/benchmarks/concurrency.json"))
+    p.add_argument("--peers", type=Path, default=Path("docs/benchmarks/peers.json"),
+                   help="the context sweep of `make bench-peers` (ragtop beside llama.cpp and ONNX Runtime GenAI)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--plots", type=Path, default=Path("docs/benchmarks"))
     p.set_defaults(func=run)
 
 
 def run(a: argparse.Namespace) -> int:
-    context, concurrency = load(a.context), load(a.concurrency)
+    context, concurrency, peer_doc = load(a.context), load(a.concurrency), load(a.peers)
     written = plot(context, concurrency, a.plots)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(build(context, concurrency, a.out, a.plots))
+    a.out.write_text(build(context, concurrency, a.out, a.plots, peer_doc, a.peers))
     print(f"wrote {a.out}" + "".join(f", {p}" for p in written))
     return 0

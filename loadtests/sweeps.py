@@ -14,6 +14,13 @@ then the peers run on the same weights in their own processes. Modes:
 | fallback | the topk export served with `--no-plugin`: the standard-op function bodies |
 | transformers (peer) | `generate` on a LlamaForCausalLM with the same weights, SDPA, CPU |
 | stock-ort (peer) | the dense weights exported with `--ops standard`, plain onnxruntime, shared buffers |
+| llama.cpp (peer) | llama-cpp-python on the GGUF ragtop imports (SmolLM2 only; `make bench-peers`) |
+| ort-genai (peer) | onnxruntime-genai on the int4 model its builder makes from the same weights |
+| ragtop-engine | ragtop's LLMEngine in-process on the topk export (the served mode without HTTP) |
+
+`--weights int4` (or int8, fp16) exports every served mode with those weights (`ragtop export
+--weights`; a GGUF import keeps the file's own blocks); `--rounds N` repeats every mode and
+peer at a length N times, interleaved (A, B, C, A, B, C), and reports the median round.
 
 Figures per row: decode tokens/s (best request: (n-1)/(e2e-ttft)), TTFT (best), peak
 resident memory of the serving process (VmHWM), speedup vs dense at the same length in the
@@ -40,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import SCHEMA, bandwidth
+from . import SCHEMA, bandwidth, peers
 from .loadgen import LoadConfig, machine, run_load
 from .metrics import format_summary, parse_slos
 from .server import ServerProcess
@@ -53,7 +60,8 @@ MODE_EXPORTS = {"dense": ("dense", "standard", "dense-standard"), "dense-plugin"
                 "topk": ("topk", "custom", "topk"), "topk-block": ("topk-block", "custom", "topk-block"),
                 "fallback": ("topk", "custom", "topk")}
 DENSE_MODES = ("dense", "dense-plugin")
-PEERS = ("transformers", "stock-ort")
+PEERS = ("transformers", "stock-ort")  # the default peers (make bench): no extra packages
+ALL_PEERS = peers.KINDS  # + llama.cpp and ort-genai (the `peers` extra) and ragtop's in-process engine
 DEFAULT_MODELS = ("small=runs/small-dense-uniform:32768", "smollm2=smollm2:8192")
 RESULTS = Path("docs/benchmarks")
 
@@ -100,8 +108,9 @@ class ModelSpec:
         return ModelSpec(name, src, int(maxlen))
 
 
-def tiny_checkpoint(out: Path) -> Path:
-    """A random tiny dense model (for --quick runs and tests): nothing to download or train."""
+def tiny_checkpoint(out: Path, n_heads: int = 4) -> Path:
+    """A random tiny dense model (for --quick runs and tests): nothing to download or train.
+    n_heads=2 gives 16-wide heads (onnxruntime's GroupQueryAttention needs a multiple of 16)."""
     if (out / "model.safetensors").is_file():
         return out
     import torch
@@ -114,7 +123,8 @@ def tiny_checkpoint(out: Path) -> Path:
 
     tok = train_bpe([BASE_TEXT] * 8, vocab_size=300)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=n_heads, n_kv_heads=n_heads // 2,
+                      d_ff=64,
                       max_seq_len=256, attention=AttentionConfig(), embedding=EmbeddingConfig())
     eos = tok.token_to_id("<|endoftext|>")
     eos = 0 if eos is None else eos
@@ -158,14 +168,17 @@ def variant_checkpoint(base: Path, mode: str, s: argparse.Namespace, work: Path,
     return out
 
 
-def exported(ckpt: Path, out: Path, max_context: int, logs: Path, ops: str = "custom") -> Path:
-    """`ragtop export` once per (variant, max context); reused by later runs."""
+def exported(ckpt: Path, out: Path, max_context: int, logs: Path, ops: str = "custom", weights: str = "fp32") -> Path:
+    """`ragtop export` once per (variant, max context, weights); reused by later runs."""
     stamp = out / "loadtests.json"
     want = {"checkpoint": str(ckpt.resolve()), "max_context": max_context, "ops": ops}
+    if weights != "fp32":
+        want["weights"] = weights
     if stamp.is_file() and json.loads(stamp.read_text()) == want and (out / "model.onnx").is_file():
         return out
+    extra = ["--weights", weights] if weights != "fp32" else []
     sh(ragtop_cmd("export", str(ckpt), str(out), "--max-context", str(max_context), "--ops", ops, "--no-validate",
-                  "--overwrite"), logs / f"{out.name}-export.log")
+                  "--overwrite", *extra), logs / f"{out.name}-export.log")
     stamp.write_text(json.dumps(want))
     return out
 
@@ -243,25 +256,160 @@ def served_row(model_dir: Path, mode: str, spec: ModelSpec, context: int, s: arg
     return row
 
 
-def peer_row(kind: str, path: Path, spec: ModelSpec, context: int, s: argparse.Namespace, logs: Path) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": spec.name, "mode": kind, "context": context, "new_tokens": s.new_tokens,
-                           "ok": False, "error": None, "decode_tokens_per_s": None, "ttft_s": None,
-                           "peak_rss_bytes": None, "speedup_vs_dense": None, "bytes_per_token": None,
-                           "bandwidth_bound_pct": None, "server_decode_tokens_per_s": None, "peer": True}
+def peer_row(kind: str, path: Path, spec: ModelSpec, context: int, s: argparse.Namespace, logs: Path,
+             tokenizer: Path | None = None) -> dict[str, Any]:
+    """One peer measurement in its own process (its peak RSS is its own). llama.cpp killed by a
+    signal (its AMX kernels crash on some virtual machines: SIGSEGV in ggml_backend_amx_mul_mat)
+    is run again with `--no-repack`, and the row says so."""
+    row = _blank_peer_row(kind, spec, context, s)
     out = logs / f"peer-{spec.name}-{kind}-{context}.json"
     cmd = [sys.executable, "-m", "loadtests", "peer", kind, str(path), "--context", str(context),
            "--new-tokens", str(s.new_tokens), "--json", str(out)] + (["--threads", str(s.threads)] if s.threads else [])
+    if tokenizer is not None and kind in ("llama.cpp", "ort-genai", "ragtop-engine"):
+        cmd += ["--tokenizer", str(tokenizer)]
+    err_log = logs / f"peer-{spec.name}-{kind}-{context}.log"
+    crashed = LLAMA_CRASHED.get("signal")
+    if kind == "llama.cpp" and crashed:  # once is enough: later points of this run go straight to --no-repack
+        cmd.append("--no-repack")
     try:
         out.unlink(missing_ok=True)
-        subprocess.run(cmd, check=True, timeout=s.request_timeout, stdout=subprocess.DEVNULL,
-                       stderr=open(logs / f"peer-{spec.name}-{kind}-{context}.log", "wb"))  # noqa: SIM115
-        r = json.loads(out.read_text())
+        with open(err_log, "wb") as err:
+            rc = subprocess.run(cmd, timeout=s.request_timeout, stdout=subprocess.DEVNULL, stderr=err).returncode
+        if rc < 0 and kind == "llama.cpp" and not crashed:
+            log(f"  llama.cpp died of signal {-rc}: again with --no-repack (no AMX / repacked weights)")
+            LLAMA_CRASHED["signal"] = crashed = -rc
+            with open(err_log, "ab") as err:
+                rc = subprocess.run(cmd + ["--no-repack"], timeout=s.request_timeout, stdout=subprocess.DEVNULL,
+                                    stderr=err).returncode
+        if kind == "llama.cpp" and crashed:
+            row["note"] = (f"llama.cpp with its defaults died of signal {crashed} here (in its AMX kernels on this "
+                           "machine); measured with --no-repack (its extra CPU buffer types, AMX and weight "
+                           "repacking, off)")
+        if rc != 0:
+            tail = err_log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            raise RuntimeError(f"peer exited with {rc}: {tail[0][:300]} (log: {err_log})")
+        r = peers.read_result(out)
         row.update(decode_tokens_per_s=r["decode_tokens_per_s"], ttft_s=r["ttft_s"], peak_rss_bytes=r["peak_rss_bytes"],
                    ok=True, peer_details=r)
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}"
         log(f"  {spec.name} {kind} {context}: FAILED {row['error'][:300]}")
     return row
+
+
+LLAMA_CRASHED: dict[str, int] = {}  # the signal llama.cpp died of with its defaults, in this run
+
+
+def _blank_peer_row(kind: str, spec: ModelSpec, context: int, s: argparse.Namespace) -> dict[str, Any]:
+    return {"model": spec.name, "mode": kind, "context": context, "new_tokens": s.new_tokens,
+            "ok": False, "error": None, "decode_tokens_per_s": None, "ttft_s": None,
+            "peak_rss_bytes": None, "speedup_vs_dense": None, "bytes_per_token": None,
+            "bandwidth_bound_pct": None, "server_decode_tokens_per_s": None, "peer": True}
+
+
+def failed_peer_row(kind: str, spec: ModelSpec, context: int, s: argparse.Namespace, error: str) -> dict[str, Any]:
+    """The row of a peer that could not be prepared (its package missing, no GGUF for this model)."""
+    return {**_blank_peer_row(kind, spec, context, s), "error": error}
+
+
+def prepare_peers(s: argparse.Namespace, spec: ModelSpec, base: Path, dirs: dict[str, Path], export_ctx: int,
+                  work: Path, logs: Path, notes: list[str]) -> tuple[dict[str, Path], dict[str, str]]:
+    """What each requested peer runs on, made once and cached under the work folder; a peer that
+    cannot be prepared gets an error (written into its rows), the others still run."""
+    paths: dict[str, Path] = {}
+    errors: dict[str, str] = {}
+    for kind in s.peers:
+        try:
+            if kind == "stock-ort":
+                dense = variant_checkpoint(base, "dense", s, work, spec.name, logs)
+                paths[kind] = exported(dense, work / "exports" / f"{spec.name}-dense-standard", export_ctx, logs,
+                                       ops="standard")
+            elif kind == "transformers":
+                paths[kind] = variant_checkpoint(base, "dense", s, work, spec.name, logs)
+            elif kind == "llama.cpp":
+                paths[kind] = gguf_of(spec)
+                peers.require(kind)
+            elif kind == "ort-genai":
+                peers.require(kind)  # before the conversion: a missing package fails at once
+                dense = variant_checkpoint(base, "dense", s, work, spec.name, logs)
+                log(f"{spec.name}: onnxruntime-genai's builder (int4, cached in {work / 'peers'})")
+                paths[kind] = peers.prepare_ort_genai(dense, work / "peers" / f"{spec.name}-ort-genai-int4", export_ctx,
+                                                      logs / f"{spec.name}-ort-genai-build.log")
+            elif kind == "ragtop-engine":
+                paths[kind] = dirs["topk"]
+            else:
+                raise ValueError(f"unknown peer {kind!r}; choose from {', '.join(ALL_PEERS)}")
+        except Exception as e:
+            errors[kind] = str(e) if isinstance(e, peers.PeerMissing) else f"{type(e).__name__}: {e}"
+            notes.append(f"{spec.name}: peer {kind} not run: {errors[kind]}")
+            log(notes[-1])
+    return paths, errors
+
+
+def gguf_of(spec: ModelSpec) -> Path:
+    """The GGUF llama.cpp runs: the file ragtop imported (only SmolLM2's is known here)."""
+    if spec.source != "smollm2":
+        raise ValueError(f"llama.cpp needs a GGUF file: model {spec.name} ({spec.source}) has none "
+                         "(only smollm2, imported from its GGUF, has)")
+    from ragtop.convert.gguf import smollm2_path
+
+    return smollm2_path()
+
+
+def served_facts(facts: dict[str, Any], export_dir: Path, weights: str) -> dict[str, Any]:
+    """The byte model of an export: its own weight bytes (quantized weights) and KV dtype."""
+    try:
+        kv = bandwidth.onnx_kv_dtype_bytes(export_dir / "model.onnx")
+        wbytes = bandwidth.onnx_weight_bytes(export_dir / "model.onnx") if weights != "fp32" else None
+    except Exception as e:  # the byte model must never lose a measurement
+        log(f"  bytes per token of {export_dir}: {type(e).__name__}: {e}; fp32 assumed")
+        return facts
+    return bandwidth.with_bytes(facts, wbytes, kv)
+
+
+def peer_facts(kind: str, facts: dict[str, Any], path: Path | None, topk_dir: Path | None,
+               weights: str) -> dict[str, Any]:
+    """The byte model of what a peer reads: llama.cpp the GGUF's tensors and an fp16 KV cache
+    (its default), ORT GenAI its own graph's initializers and cache dtype."""
+    try:
+        if kind == "llama.cpp" and path is not None:
+            return bandwidth.with_bytes(facts, bandwidth.gguf_weight_bytes(path), 2)
+        if kind == "ort-genai" and path is not None:
+            model = path / "model.onnx"
+            return bandwidth.with_bytes(facts, bandwidth.onnx_weight_bytes(model), bandwidth.onnx_kv_dtype_bytes(model))
+        if kind == "ragtop-engine" and topk_dir is not None:
+            return served_facts(facts, topk_dir, weights)
+    except Exception as e:
+        log(f"  bytes per token of {kind}: {type(e).__name__}: {e}; fp32 weights assumed")
+    return facts
+
+
+def combine_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, mode, context) from interleaved rounds: the round with the median
+    decode speed stands for the point, with the median TTFT and the largest peak RSS; every
+    round's figures stay in `rounds`."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["mode"], r["context"]), []).append(r)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        ok = [r for r in group if r["ok"] and r["decode_tokens_per_s"]]
+        if not ok:
+            out.append({**group[0], "rounds": [{"ok": r["ok"], "error": r["error"]} for r in group]})
+            continue
+        ok.sort(key=lambda r: r["decode_tokens_per_s"])
+        ttfts = sorted(r["ttft_s"] for r in ok if r["ttft_s"] is not None)
+        rss = [r["peak_rss_bytes"] for r in ok if r["peak_rss_bytes"]]
+        row = dict(ok[(len(ok) - 1) // 2])  # the lower median: no invented average of two runs
+        row["ttft_s"] = ttfts[(len(ttfts) - 1) // 2] if ttfts else None
+        row["peak_rss_bytes"] = max(rss) if rss else None
+        row["rounds"] = [{"ok": r["ok"], "error": r["error"], "decode_tokens_per_s": r["decode_tokens_per_s"],
+                          "ttft_s": r["ttft_s"], "peak_rss_bytes": r["peak_rss_bytes"]} for r in group]
+        out.append(row)
+    return out
 
 
 def context_sweep(s: argparse.Namespace) -> dict[str, Any]:
@@ -300,38 +448,51 @@ def context_sweep(s: argparse.Namespace) -> dict[str, Any]:
             continue
         facts = bandwidth.model_facts(base)
         export_ctx = -(-(max(lengths) + s.new_tokens + 16) // 256) * 256
+        weights = getattr(s, "weights", "fp32")
+        wsuffix = "" if weights == "fp32" else f"-{weights}"
         dirs: dict[str, Path] = {}
-        for mode in s.modes:
+        wanted = list(s.modes) + (["topk"] if "ragtop-engine" in s.peers and "topk" not in s.modes else [])
+        for mode in wanted:
             variant, ops, suffix = MODE_EXPORTS[mode]
             if suffix not in dirs:
                 ck = variant_checkpoint(base, variant, s, work, spec.name, logs)
-                dirs[suffix] = exported(ck, work / "exports" / f"{spec.name}-{suffix}", export_ctx, logs, ops=ops)
-        peer_paths: dict[str, Path] = {}
-        if "stock-ort" in s.peers:
-            dense = variant_checkpoint(base, "dense", s, work, spec.name, logs)
-            peer_paths["stock-ort"] = exported(dense, work / "exports" / f"{spec.name}-dense-standard", export_ctx,
-                                               logs, ops="standard")
-        if "transformers" in s.peers:
-            peer_paths["transformers"] = variant_checkpoint(base, "dense", s, work, spec.name, logs)
+                dirs[suffix] = exported(ck, work / "exports" / f"{spec.name}-{suffix}{wsuffix}", export_ctx, logs,
+                                        ops=ops, weights=weights)
+        peer_paths, peer_errors = prepare_peers(s, spec, base, dirs, export_ctx, work, logs, notes)
+        if weights != "fp32" and dirs:
+            first = next(iter(dirs.values()))
+            notes.append(f"{spec.name}: ragtop's served modes ran `ragtop export --weights {weights}`: "
+                         f"{served_facts(facts, first, weights)['weight_bytes_read'] / 1e6:.1f} MB of weights read "
+                         "per decoded token (the bytes/token column counts each system's own weights and cache dtype)")
         slow_cap = getattr(s, "slow_max_length", None)
+        rounds = max(1, getattr(s, "rounds", 1) or 1)
         for L in lengths:
             slow_ok = slow_cap is None or L <= slow_cap
-            for mode in s.modes:
-                if mode == "fallback" and not slow_ok:
-                    continue
-                log(f"{spec.name}: {mode} at {L} tokens")
-                row = served_row(dirs[MODE_EXPORTS[mode][2]], mode, spec, L, s, logs)
-                capacity = L + s.new_tokens + 16
-                b = bandwidth.bytes_per_token(facts, "dense" if mode in DENSE_MODES else mode, L, s.topk, s.block_size,
-                                              s.block_budget, capacity)
-                row["bytes_per_token"], row["bytes_per_token_split"] = b["total"], b
-                rows.append(row)
-            for kind in s.peers if slow_ok else ():
-                log(f"{spec.name}: peer {kind} at {L} tokens")
-                row = peer_row(kind, peer_paths[kind], spec, L, s, logs)
-                b = bandwidth.bytes_per_token(facts, "dense", L)
-                row["bytes_per_token"], row["bytes_per_token_split"] = b["total"], b
-                rows.append(row)
+            measured: list[dict[str, Any]] = []
+            for rnd in range(rounds):  # interleaved: every mode and peer once per round
+                for mode in s.modes:
+                    if mode == "fallback" and not slow_ok:
+                        continue
+                    log(f"{spec.name}: {mode} at {L} tokens" + (f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""))
+                    row = served_row(dirs[MODE_EXPORTS[mode][2]], mode, spec, L, s, logs)
+                    capacity = L + s.new_tokens + 16
+                    mfacts = served_facts(facts, dirs[MODE_EXPORTS[mode][2]], weights)
+                    b = bandwidth.bytes_per_token(mfacts, "dense" if mode in DENSE_MODES else mode, L, s.topk,
+                                                  s.block_size, s.block_budget, capacity)
+                    row["bytes_per_token"], row["bytes_per_token_split"] = b["total"], b
+                    row["weights"] = weights
+                    measured.append(row)
+                for kind in s.peers if slow_ok else ():
+                    log(f"{spec.name}: peer {kind} at {L} tokens" + (f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""))
+                    if kind in peer_errors:
+                        row = failed_peer_row(kind, spec, L, s, peer_errors[kind])
+                    else:
+                        row = peer_row(kind, peer_paths[kind], spec, L, s, logs, tokenizer=base / "tokenizer.json")
+                    pfacts = peer_facts(kind, facts, peer_paths.get(kind), dirs.get("topk"), weights)
+                    b = bandwidth.bytes_per_token(pfacts, "topk" if kind == "ragtop-engine" else "dense", L, s.topk)
+                    row["bytes_per_token"], row["bytes_per_token_split"] = b["total"], b
+                    measured.append(row)
+            rows.extend(combine_rounds(measured))
             _speedups(rows, spec.name, L)
             if bw:
                 for r in rows:
@@ -465,7 +626,14 @@ def add_arguments(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2, help="requests per point (the best is reported)")
     p.add_argument("--modes", type=_names(SERVED_MODES), default=list(SERVED_MODES))
-    p.add_argument("--peers", type=_names(PEERS), default=list(PEERS))
+    p.add_argument("--peers", type=_names(ALL_PEERS), default=list(PEERS),
+                   help=f"comma-separated, from {', '.join(ALL_PEERS)} (default: {','.join(PEERS)}; "
+                        "llama.cpp and ort-genai need `make bench-peers`); an empty string: none")
+    p.add_argument("--weights", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
+                   help="weights of every served mode's export (`ragtop export --weights`; default %(default)s)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="interleaved rounds: every mode and peer runs once per round at each length, the median "
+                        "round is reported (default %(default)s)")
     p.add_argument("--merge-into", default=None, help="an earlier context JSON: this run's rows replace its rows of the "
                                                       "same (model, mode, context); the result goes to --out")
     p.add_argument("--slow-max-length", type=int, default=8192,

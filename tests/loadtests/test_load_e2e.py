@@ -63,7 +63,7 @@ def test_quick_sweeps_and_report(tmp_path):
     conc = json.loads((work / "quick-concurrency.json").read_text())
     assert validate(ctx) == [] and validate(conc) == []
     modes = {r["mode"] for r in ctx["rows"] if r["ok"]}
-    assert modes == {"dense", "topk", "topk-block", "fallback", "transformers", "stock-ort"}
+    assert modes == {"dense", "dense-plugin", "topk", "topk-block", "fallback", "transformers", "stock-ort"}
     assert all(r["speedup_vs_dense"] for r in ctx["rows"] if r["ok"])
     assert conc["first_429_clients"] is not None  # the quick burst overflows 2 running + 2 waiting
     md = tmp_path / "benchmarks.md"
