@@ -335,7 +335,7 @@ def add_dense_flag(proto: onnx.ModelProto, spec: ExportSpec) -> None:
     # [batch] when fed; its default (an initializer of the same name) is [0]: one flag, off,
     # for every sequence, so callers that never speculate need not feed it
     flag = onnx.helper.make_tensor_value_info(ops.ATTENTION_DENSE, onnx.TensorProto.INT64, ["dense_flags"])
-    proto.graph.input.insert(spec.input_names().index("logits_indices") + 1, flag)
+    proto.graph.input.append(flag)  # last: inputs keep their positions of older files
     proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.int64), ops.ATTENTION_DENSE))
     if spec.attention_mode == "exact":  # the summaries' places hold empty tensors (ops.py)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(
