@@ -139,6 +139,10 @@ def add_serve(sub) -> None:
     p.add_argument("--cache-memory-mb", type=positive_int, default=None, help="KV-cache budget (default: a full context per slot)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_const", const=False, default=None,
                    help="compute every prompt in full instead of reusing cached prefixes")
+    p.add_argument("--speculative-tokens", type=int, default=None,
+                   help="self-speculative decoding of greedy requests by default: the sparse model drafts this many "
+                        "tokens, one dense pass verifies them, output identical to dense (0: off, the default; "
+                        "a request's num_speculative_tokens overrides it; docs/server.md)")
     p.add_argument("--max-body-bytes", type=positive_int, default=None, help="larger request bodies get 413 (default 4 MiB)")
     p.add_argument("--shutdown-grace-s", type=float, default=None, help="SIGTERM: seconds in-flight requests may take (default 30)")
     p.add_argument("--cors-origin", dest="cors_origins", action="append", default=None, help="allowed CORS origin (repeatable; none by default)")
@@ -165,7 +169,7 @@ def run_serve(a: argparse.Namespace) -> int:
 
     names = ("model", "host", "port", "api_key", "served_model_name", "runner", "plugin", "threads", "max_batch_size",
              "max_waiting", "max_tokens_per_step", "prefill_chunk", "context_limit", "cache_memory_mb", "prefix_caching",
-             "max_body_bytes", "shutdown_grace_s", "log_level", "replicas", "min_replicas", "max_replicas",
+             "speculative_tokens", "max_body_bytes", "shutdown_grace_s", "log_level", "replicas", "min_replicas", "max_replicas",
              "target_ongoing_requests", "max_ongoing_requests", "max_queued_requests", "ray_address", "replica_metrics_port")
     overrides = {n: getattr(a, n) for n in names}
     overrides["cors_origins"] = tuple(a.cors_origins) if a.cors_origins else None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RagtopError
+from ..runtime import MAX_SPECULATIVE_TOKENS
 
 ENV_PREFIX = "RAGTOP_"
 
@@ -37,6 +38,7 @@ class ServerSettings:
     context_limit: int | None = None  # tokens per sequence; default the model's
     cache_memory_mb: int | None = None  # KV-cache budget; default: a full context per slot
     prefix_caching: bool = True  # reuse the KV of cached prompt prefixes (docs/runtime.md)
+    speculative_tokens: int = 0  # self-speculative decoding of greedy requests: drafts per dense pass (0: off)
     max_body_bytes: int = 4 << 20  # larger request bodies get HTTP 413
     shutdown_grace_s: float = 30.0  # on SIGTERM: in-flight requests get this long to finish
     cors_origins: tuple[str, ...] = ()  # no CORS unless origins are named
@@ -58,6 +60,8 @@ class ServerSettings:
         for name in ("max_batch_size", "max_waiting", "max_tokens_per_step", "prefill_chunk", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise RagtopError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise RagtopError(f"speculative_tokens must be in 0..{MAX_SPECULATIVE_TOKENS} (0: off), got {self.speculative_tokens}")
         if self.runner not in ("auto", "ort", "torch"):
             raise RagtopError(f"runner must be auto, ort or torch, got {self.runner!r}")
         self._check_scale_out()
