@@ -40,7 +40,7 @@ import httpx
 
 from .multiturn import document
 from .server import ServerProcess
-from .sweeps import ModelSpec, base_checkpoint, exported, ragtop_cmd, sh
+from .sweeps import ModelSpec, base_checkpoint, ragtop_cmd, sh
 
 
 def stream_completion(url: str, prompt: list[int], new_tokens: int, extra: dict[str, Any]) -> dict[str, Any]:
@@ -155,8 +155,20 @@ def build_models(a: argparse.Namespace) -> tuple[Path, Path]:
         if not (stamp.is_file() and json.loads(stamp.read_text()) == [str(base), *args]):
             sh(ragtop_cmd("convert", str(base), "--out", str(out), *args), logs / f"{out.name}-convert.log")
             stamp.write_text(json.dumps([str(base), *args]))
-    return (exported(sparse_ckpt, work / "exports" / sparse_ckpt.name, max_context, logs),
-            exported(dense_ckpt, work / "exports" / dense_ckpt.name, max_context, logs))
+    return (export(sparse_ckpt, work / "exports" / f"{sparse_ckpt.name}-{a.weights}", max_context, a.weights, logs),
+            export(dense_ckpt, work / "exports" / f"{dense_ckpt.name}-{a.weights}", max_context, a.weights, logs))
+
+
+def export(ckpt: Path, out: Path, max_context: int, weights: str, logs: Path) -> Path:
+    """`ragtop export` once per (checkpoint, context, weights); reused by later runs."""
+    stamp = out / "loadtests-speculative.json"
+    want = {"checkpoint": str(ckpt.resolve()), "max_context": max_context, "weights": weights}
+    if stamp.is_file() and json.loads(stamp.read_text()) == want and (out / "model.onnx").is_file():
+        return out
+    sh(ragtop_cmd("export", str(ckpt), str(out), "--max-context", str(max_context), "--weights", weights,
+                  "--no-validate", "--overwrite"), logs / f"{out.name}-export.log")
+    stamp.write_text(json.dumps(want))
+    return out
 
 
 def section(doc: dict[str, Any], command: str) -> str:
@@ -190,6 +202,9 @@ def add_arguments(sub) -> None:
     g.add_argument("--sink-tokens", type=int, default=None)
     g.add_argument("--local-window", type=int, default=None)
     g.add_argument("--dense-layers", type=int, default=None)
+    g.add_argument("--weights", choices=["fp32", "int4", "int8"], default="int4",
+                   help="both exports' weights (default int4, as served: speculation pays where the KV cache, "
+                        "not the weights, dominates the bytes read per token)")
     p.add_argument("--contexts", default="4096,8192,16384", help="prompt tokens, comma-separated (default %(default)s)")
     p.add_argument("--gammas", default="2,4", help="drafts per dense pass, comma-separated (default %(default)s)")
     p.add_argument("--new-tokens", type=int, default=64)
