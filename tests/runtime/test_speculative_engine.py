@@ -206,3 +206,24 @@ def test_bad_settings_are_clear_errors(exported):
         engine(exported["dense"], 2)
     with pytest.raises(EngineError, match="num_speculative_tokens must be in"):
         EngineConfig(speculative_tokens=-2)
+
+
+def test_rollback_leaves_exact_block_summaries(exported):
+    """Rejected drafts merged their keys into the block summaries; after each verification
+    the runner rebuilds them, so every written block's min/max is exactly that of the keys
+    the sequence kept (what a run without drafts holds)."""
+    import numpy as np
+
+    eng = engine(exported["topk-block"], 4)
+    eng.run_until_done([Request("r", prompts(1)[0], GREEDY)])
+    drafted, accepted = spec_counts(eng)
+    assert accepted < drafted  # some drafts were rejected and rolled back
+    runner, slot = eng.runner, 0
+    kept = len(eng.cache.held[slot])
+    bs = runner.block_size
+    for i in range(runner.n_layers):
+        keys = runner.buffers[i, "key"][slot]
+        for blk in range(-(-kept // bs)):
+            rows = keys[:, blk * bs : min((blk + 1) * bs, kept)]
+            np.testing.assert_array_equal(runner.buffers[i, "key_min"][slot, :, blk], rows.min(axis=1))
+            np.testing.assert_array_equal(runner.buffers[i, "key_max"][slot, :, blk], rows.max(axis=1))
