@@ -32,7 +32,7 @@ def main() -> None:
     model = load_model(a.export, threads=a.threads)
     prompt = model.encode(TEXT * (a.prompt_tokens // 30 + 1))[: a.prompt_tokens]
     forward = model.runner.forward
-    engine = model.engine(EngineConfig(SchedulerConfig(max_batch_size=2, prefill_chunk=256),
+    engine = model.engine(EngineConfig(SchedulerConfig(max_batch_size=4, prefill_chunk=256),
                                        context_limit=a.prompt_tokens + a.new_tokens + a.gamma + 64))
     stats = []
     engine.stats_listeners.append(stats.append)
