@@ -54,10 +54,14 @@ soak: install
 # block selection vs standard-op fallback vs dense), then through the server the long-context
 # sweep (1k..32k tokens, every attention mode + transformers and stock-ORT peers; needs the
 # `small` dense model, trained here when missing) and the concurrency sweep (the default model),
+# then self-speculative decoding vs dense (`loadtests speculative`, SmolLM2, 4k..16k),
 # then the report. Smoke run in minutes: `make bench BENCH_QUICK=--quick` (results in build/bench).
 BENCH_QUICK ?=
 CONTEXT_ARGS ?= --new-tokens 32 --repeats 1 --threads 1
 CONCURRENCY_ARGS ?=
+# self-speculative decoding vs dense through two servers (loadtests/speculative.py): SmolLM2
+# int4, block-selection drafts, 4k / 8k / 16k prompts
+SPEC_ARGS ?= --threads 2
 SMALL_DENSE := runs/small-dense-uniform
 bench: install prometheus
 	$(BIN)/ragtop bench ops
@@ -66,6 +70,11 @@ bench: install prometheus
 	  --embedding uniform --out $(SMALL_DENSE) --no-progress
 	RAGTOP_DATA_DIR=$${RAGTOP_DATA_DIR:-$(DATA_DIR)} $(BIN)/python -m loadtests context-sweep $(BENCH_QUICK) $(CONTEXT_ARGS)
 	RAGTOP_DATA_DIR=$${RAGTOP_DATA_DIR:-$(DATA_DIR)} $(BIN)/python -m loadtests concurrency-sweep $(BENCH_QUICK) $(CONCURRENCY_ARGS)
+	if [ -n "$(BENCH_QUICK)" ]; then \
+	  $(BIN)/python -m loadtests speculative --source tiny --topk 8 --block-size 4 --block-budget 2 --weights fp32 \
+	    --contexts 48,96 --new-tokens 16 --repeats 1 --threads 1 --out build/bench/speculative; \
+	else RAGTOP_DATA_DIR=$${RAGTOP_DATA_DIR:-$(DATA_DIR)} $(BIN)/python -m loadtests speculative $(SPEC_ARGS) \
+	  --section docs/benchmarks/speculative.section.md; fi
 	if [ -n "$(BENCH_QUICK)" ]; then \
 	  $(BIN)/python -m loadtests report --context build/bench/quick-context.json \
 	    --concurrency build/bench/quick-concurrency.json --out build/bench/benchmarks.md --plots build/bench; \

@@ -13,6 +13,9 @@
 //     `block_budget` earlier eligible blocks (holding a candidate) with the largest upper
 //     bound sum_d max(q_d * kmin_d, q_d * kmax_d) (ties: lower block), then runs exact
 //     top-k over the candidates of the chosen blocks.
+//   * optional input 8, attention_dense [B] (or [1]) int64: a sequence with a non-zero flag attends
+//     to all its visible keys (exact dense softmax; how a speculative verification pass
+//     runs on the same graph); its cache and summary writes are unchanged.
 //
 // Performance notes (see docs/kernels.md):
 //   * the KV cache is updated in place when present_* is bound to the same memory as
@@ -449,13 +452,14 @@ struct TopKAttentionKernel {
                       const Tensor<float>& value, const Tensor<float>& past_key,
                       const Tensor<float>& past_value, const Tensor<int64_t>& past_lengths,
                       std::optional<const Tensor<float>*> past_key_min,
-                      std::optional<const Tensor<float>*> past_key_max, Tensor<float>& output,
+                      std::optional<const Tensor<float>*> past_key_max,
+                      std::optional<const Tensor<int64_t>*> attention_dense, Tensor<float>& output,
                       Tensor<float>& present_key, Tensor<float>& present_value,
                       std::optional<Tensor<float>*> present_key_min,
                       std::optional<Tensor<float>*> present_key_max) {
     try {
       return run(ctx, query, key, value, past_key, past_value, past_lengths, past_key_min, past_key_max,
-                 output, present_key, present_value, present_key_min, present_key_max);
+                 attention_dense, output, present_key, present_value, present_key_min, present_key_max);
     } catch (const std::exception& e) {
       return Ort::Status(e);
     }
@@ -465,7 +469,8 @@ struct TopKAttentionKernel {
                   const Tensor<float>& value, const Tensor<float>& past_key,
                   const Tensor<float>& past_value, const Tensor<int64_t>& past_lengths,
                   std::optional<const Tensor<float>*> past_key_min,
-                  std::optional<const Tensor<float>*> past_key_max, Tensor<float>& output,
+                  std::optional<const Tensor<float>*> past_key_max,
+                  std::optional<const Tensor<int64_t>*> attention_dense, Tensor<float>& output,
                   Tensor<float>& present_key, Tensor<float>& present_value,
                   std::optional<Tensor<float>*> present_key_min,
                   std::optional<Tensor<float>*> present_key_max) const {
@@ -490,6 +495,16 @@ struct TopKAttentionKernel {
       RAGTOP_CHECK(lens[b] >= 0 && lens[b] + P.S <= P.C, "TopKAttention: sequence " + std::to_string(b) + " holds " +
                                                              std::to_string(lens[b]) + " tokens; + " + std::to_string(P.S) +
                                                              " new exceeds the cache capacity " + std::to_string(P.C));
+    // attention_dense[b] != 0: sequence b attends densely (a speculative verification pass);
+    // shape [B], or [1]: one flag for every sequence (the graph's default)
+    std::vector<char> dense;
+    if (attention_dense) {
+      const auto& fs = (*attention_dense)->Shape();
+      RAGTOP_CHECK(fs.size() == 1 && (fs[0] == P.B || fs[0] == 1),
+                   "TopKAttention: attention_dense must be [B] or [1], got " + shape_str(fs));
+      const int64_t* f = (*attention_dense)->Data();
+      for (int64_t b = 0; b < P.B; ++b) dense.push_back(f[fs[0] == 1 ? 0 : b] != 0);
+    }
     const bool blocks = block_size > 0;
     std::vector<int64_t> sum_shape;
     if (blocks) {
@@ -560,6 +575,10 @@ struct TopKAttentionKernel {
     const int64_t nh = (P.B * P.Hkv * nchunks < 2 * hw) ? 1 : P.G;
     const int64_t groups = P.G / nh;
     const int64_t total = P.B * P.Hkv * groups * nchunks;
+    // flagged sequences: exact attention keeping every visible key (no selection, no
+    // sink/window split); the cache and summary writes above are the same for them
+    AttnProblem dense_problem = P;
+    dense_problem.topk = P.C, dense_problem.sink = 0, dense_problem.window = 0;
     parallel_for(ctx, static_cast<size_t>(total), [&](size_t i) {
       int64_t r = static_cast<int64_t>(i);
       // the last chunks (longest causal spans) first, for load balance
@@ -569,7 +588,9 @@ struct TopKAttentionKernel {
       r /= groups;
       const int64_t kvh = r % P.Hkv, b = r / P.Hkv;
       AttnItem it{b, kvh, kvh * P.G + g * nh, nh, c * qc, std::min(P.S, (c + 1) * qc)};
-      if (blocks)
+      if (!dense.empty() && dense[b])
+        attend_exact(dense_problem, it);
+      else if (blocks)
         attend_blocks(P, it);
       else
         attend_exact(P, it);

@@ -25,12 +25,14 @@ def _model(nodes, inputs, outputs, domains: dict[str, int], initializers=(), fun
 
 def topk_attention_model(num_heads: int, num_kv_heads: int, head_dim: int, topk: int,
                          block_size: int = 0, block_budget: int = 0, sink_tokens: int | None = None,
-                         local_window: int | None = None, with_function: bool = False) -> bytes:
+                         local_window: int | None = None, with_function: bool = False,
+                         attention_dense: bool = False) -> bytes:
     """One ragtop::TopKAttention node; block mode adds the summary inputs/outputs.
 
     sink_tokens / local_window None: the attribute is left out (as in files written before
     it existed). with_function: the file carries the op's standard-op body, so a stock
-    onnxruntime (no plugin) runs it.
+    onnxruntime (no plugin) runs it. attention_dense: the node takes the optional per-sequence
+    dense flag (graph input `attention_dense` [B] int64; exact mode passes empty summaries).
     """
     hd, kvd = num_heads * head_dim, num_kv_heads * head_dim
     cache = ["B", num_kv_heads, "C", head_dim]
@@ -51,8 +53,15 @@ def topk_attention_model(num_heads: int, num_kv_heads: int, head_dim: int, topk:
         summary = ["B", num_kv_heads, "NB", head_dim]
         inputs += [helper.make_tensor_value_info(n, F, summary) for n in ("past_key_min", "past_key_max")]
         outputs += [helper.make_tensor_value_info(n, F, summary) for n in ("present_key_min", "present_key_max")]
+    names, inits = [i.name for i in inputs], []
+    if attention_dense:
+        if not block_size:  # exact mode: empty tensors in the summaries' places (ops.py)
+            inits.append(onnx.numpy_helper.from_array(np.zeros(0, np.float32), ops.NO_BLOCK_SUMMARY))
+            names += [ops.NO_BLOCK_SUMMARY] * 2
+        names.append(ops.ATTENTION_DENSE)
+        inputs.append(helper.make_tensor_value_info(ops.ATTENTION_DENSE, I64, ["B"]))
     node = helper.make_node(
-        ops.TOPK_ATTENTION, [i.name for i in inputs], [o.name for o in outputs], domain=ops.DOMAIN,
+        ops.TOPK_ATTENTION, names, [o.name for o in outputs], domain=ops.DOMAIN,
         num_heads=num_heads, num_kv_heads=num_kv_heads, topk=topk, scale=head_dim**-0.5,
         block_size=block_size, block_budget=block_budget,
         **{k: v for k, v in dict(sink_tokens=sink_tokens, local_window=local_window).items() if v is not None},
@@ -61,8 +70,8 @@ def topk_attention_model(num_heads: int, num_kv_heads: int, head_dim: int, topk:
     if with_function:
         from ragtop.export.functions import topk_attention_function
 
-        body = [topk_attention_function("block" if block_size else "exact", 21)]
-    return _model([node], inputs, outputs, {ops.DOMAIN: ops.OPSET_VERSION}, functions=body)
+        body = [topk_attention_function("block" if block_size else "exact", 21, dense_flag=attention_dense)]
+    return _model([node], inputs, outputs, {ops.DOMAIN: ops.OPSET_VERSION}, initializers=inits, functions=body)
 
 
 def ragged_embedding_model(tables, projs, tier_of, row_of) -> bytes:

@@ -90,8 +90,13 @@ def attention_mode(topk: int | None, block_size: int | None, context_limit: int)
     return "block" if block_size else "exact"
 
 
-def topk_attention_function(mode: str, opset: int) -> FunctionProto:
+def topk_attention_function(mode: str, opset: int, dense_flag: bool = False) -> FunctionProto:
     """ragtop::TopKAttention in one mode (see ops.py for the contract).
+
+    dense_flag: the function takes the optional input `attention_dense` [B] (after the block
+    summaries, for which an exact-mode node passes empty tensors): a flagged sequence's queries attend to
+    all their visible keys, as in dense mode (the verification pass of self-speculative
+    decoding). Only files whose nodes pass the input get this arity.
 
     dense:  masked softmax over the visible keys (the node's topk covers them all)
     exact:  + keep each query's always-kept keys (the first `sink_tokens`, the last
@@ -108,9 +113,12 @@ def topk_attention_function(mode: str, opset: int) -> FunctionProto:
     inputs = ["query", "key", "value", "past_key", "past_value", "past_lengths"]
     outputs = ["output", "present_key", "present_value"]
     attributes = ["num_heads", "num_kv_heads", "topk", "scale", "block_size", "block_budget"]  # + defaulted ones
-    if blocks:
+    if blocks or dense_flag:  # an exact-mode node passes empty tensors here (ops.NO_BLOCK_SUMMARY)
         inputs += ["past_key_min", "past_key_max"]
+    if blocks:
         outputs += ["present_key_min", "present_key_max"]
+    if dense_flag and mode != "dense":
+        inputs.append(ops.ATTENTION_DENSE)
     b = _Body("a")
     c = b.const
     # sizes: B, S from the query; Hkv, C, Dh from the cache; G = H / Hkv
@@ -145,8 +153,9 @@ def topk_attention_function(mode: str, opset: int) -> FunctionProto:
     allowed = b.op("Unsqueeze", visible, c([1, 2]))  # [B,1,1,S,C]
     neg_inf = b.op("CastLike", b.const(float("-inf"), "float"), "query")
 
+    dense_scores = b.op("Where", allowed, scores, neg_inf)
     if mode == "dense":
-        scores = b.op("Where", allowed, scores, neg_inf)
+        scores = dense_scores
     else:
         # always kept: forced[b,s,j] = visible and (j < sink_tokens or j > pos - local_window)
         sink = b.op("Reshape", b.ref("sink_tokens", AttributeProto.INT), c([1]))
@@ -164,6 +173,9 @@ def topk_attention_function(mode: str, opset: int) -> FunctionProto:
         ones_b = b.op("Expand", b.op("Cast", c([1]), to=9), b.op("Shape", best))
         keep = b.op("And", b.op("ScatterElements", zeros_b, best, ones_b, axis=-1), cand)
         scores = b.op("Where", b.op("Or", keep, forced), scores, neg_inf)
+        if dense_flag:  # flagged sequences: every visible key, no selection
+            flag = b.op("Unsqueeze", b.op("Cast", ops.ATTENTION_DENSE, to=9), c([1, 2, 3, 4]))  # [B,1,1,1,1]
+            scores = b.op("Where", flag, dense_scores, scores)
     probs = b.op("Softmax", scores, axis=-1)
     out5 = b.op("MatMul", probs, values5)  # [B,Hkv,G,S,Dh]
     # [B,Hkv,G,S,Dh] -> [B,S,Hkv,G,Dh] -> [B,S,H*Dh]

@@ -6,6 +6,10 @@ Graph interface (one graph for prefill and decode; names follow Hugging Face / O
              past_lengths                 [B]            int64  tokens cached per sequence
              logits_indices               [B, K]         int64  positions (0..S-1) whose
                                                                 logits are computed
+             attention_dense              [B]            int64  top-k modes only: non-zero =
+                                                                this sequence attends densely
+                                                                (speculative verification);
+                                                                optional, default [0] = all off
              past_key_values.{i}.key      [B, Hkv, C, Dh] float  C = cache capacity
              past_key_values.{i}.value    [B, Hkv, C, Dh]
              past_key_values.{i}.key_min  [B, Hkv, C/bs, Dh]  block selection only
@@ -33,8 +37,10 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 import onnx.inliner
+import onnx.numpy_helper
 import torch
 from torch import Tensor, nn
 
@@ -365,8 +371,11 @@ def finish_model(proto: onnx.ModelProto, spec: ExportSpec) -> onnx.ModelProto:
     """Attach the function bodies (custom) or inline them away (standard); add metadata."""
     del proto.functions[:]  # the exporter adds none for our ops; start clean either way
     used = {(n.domain, n.op_type) for n in proto.graph.node}
+    dense_flag = spec.attention_mode != "dense" and (ops.DOMAIN, ops.TOPK_ATTENTION) in used
+    if dense_flag:
+        add_dense_flag(proto, spec)
     if (ops.DOMAIN, ops.TOPK_ATTENTION) in used:
-        proto.functions.append(functions.topk_attention_function(spec.attention_mode, spec.opset))
+        proto.functions.append(functions.topk_attention_function(spec.attention_mode, spec.opset, dense_flag))
     if (ops.DOMAIN, ops.RAGGED_EMBEDDING) in used:
         proto.functions.append(functions.ragged_embedding_function(spec.num_tiers, spec.opset))
     if not any(o.domain == ops.DOMAIN for o in proto.opset_import):
@@ -382,6 +391,28 @@ def finish_model(proto: onnx.ModelProto, spec: ExportSpec) -> onnx.ModelProto:
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
     return proto
+
+
+def add_dense_flag(proto: onnx.ModelProto, spec: ExportSpec) -> None:
+    """Give a top-k graph the input `attention_dense` [batch] int64 and feed it to every
+    TopKAttention node (its optional input 8, ops.py): a flagged sequence attends densely.
+    Self-speculative decoding drafts with the sparse graph and verifies with the same graph
+    flagged, so the weights are loaded once. Done on the finished graph rather than traced:
+    the torch module stays the model's own code."""
+    # [batch] when fed; its default (an initializer of the same name) is [0]: one flag, off,
+    # for every sequence, so callers that never speculate need not feed it
+    flag = onnx.helper.make_tensor_value_info(ops.ATTENTION_DENSE, onnx.TensorProto.INT64, ["dense_flags"])
+    proto.graph.input.append(flag)  # last: inputs keep their positions of older files
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.int64), ops.ATTENTION_DENSE))
+    if spec.attention_mode == "exact":  # the summaries' places hold empty tensors (ops.py)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(
+            onnx.TensorProto.FLOAT16 if spec.dtype == "fp16" else onnx.TensorProto.FLOAT)
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(0, dtype), ops.NO_BLOCK_SUMMARY))
+    for node in proto.graph.node:
+        if node.domain == ops.DOMAIN and node.op_type == ops.TOPK_ATTENTION:
+            if len(node.input) == 6:
+                node.input.extend([ops.NO_BLOCK_SUMMARY] * 2)
+            node.input.append(ops.ATTENTION_DENSE)
 
 
 def weight_bytes(proto: onnx.ModelProto) -> int:

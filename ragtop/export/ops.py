@@ -15,6 +15,11 @@ ragtop::TopKAttention (version 1) -- attention over a preallocated, shared KV ca
       block selection only (block_size > 0):
       6 past_key_min [B, Hkv, C/bs, Dh] element-wise min of each block's written keys
       7 past_key_max [B, Hkv, C/bs, Dh] element-wise max (C a multiple of bs)
+      optional (files exported with it; an exact-mode node passes the empty float tensor
+      NO_BLOCK_SUMMARY ([0]) as inputs 6 and 7 -- not "", which onnxruntime's lite
+      custom-op API cannot take in the middle of the inputs):
+      8 attention_dense [B] or [1]     int64: non-zero = this sequence attends densely
+                                       ([1]: one flag for all; exported graphs default to [0])
     outputs
       0 output       [B, S, H*Dh]
       1 present_key  [B, Hkv, C, Dh]   past_key with the new keys written at
@@ -45,6 +50,12 @@ ragtop::TopKAttention (version 1) -- attention over a preallocated, shared KV ca
       block-mode file runs its dense first layers: same arity, per-node attributes).
       With sink_tokens = local_window = 0 this is the version-1 semantics unchanged, so
       files written before these attributes existed keep their meaning.
+      attention_dense[b] != 0: every query of sequence b keeps ALL its visible keys j <= p
+      (exact dense causal softmax: no top-k, no block selection, no sink/window split),
+      whatever the attributes; the cache write and the block summary update are the same.
+      One exported graph thus serves a sparse draft and its dense verification
+      (self-speculative decoding, ragtop/runtime/engine.py) without loading weights twice.
+      Absent input = all zeros (files written before it existed keep their meaning).
       When present_* is bound to the same memory as past_*, a kernel writes only
       the new positions (and, with blocks, only the touched summaries). A model uses one
       mode in every layer, so its file carries one TopKAttention function of that arity.
@@ -65,5 +76,8 @@ DOMAIN = "ragtop"
 OPSET_VERSION = 1
 TOPK_ATTENTION = "TopKAttention"
 RAGGED_EMBEDDING = "RaggedEmbedding"
+# the optional per-sequence dense flag of TopKAttention (input 8) and the graph input feeding it
+ATTENTION_DENSE = "attention_dense"
+NO_BLOCK_SUMMARY = "ragtop.no_block_summary"  # float [0] initializer: inputs 6-7 of an exact-mode node with input 8
 # TopKAttention attributes that may be absent (files written before them): default 0
 TOPK_ATTENTION_DEFAULT_ZERO = ("sink_tokens", "local_window")

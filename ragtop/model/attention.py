@@ -33,6 +33,7 @@ class AttnContext:
     visible: Tensor  # [B, 1, S, L] bool: key j visible to query s
     write_at: Tensor | None  # [B] cache slot of the first new token (None: no cache)
     causal: bool  # True when there is no cache: visible is the plain causal mask
+    dense_rows: Tensor | None = None  # [B] bool: these sequences attend densely (ops.py attention_dense)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -176,6 +177,8 @@ class TopKAttention(Attention):
             else:
                 _, idx = select_topk(scores.masked_fill(~cand, float("-inf")), self.topk)  # [B,H,c,k]
                 keep = torch.zeros_like(cand.expand_as(scores)).scatter(-1, idx, True) & cand | forced
+            if ctx.dense_rows is not None:  # a verification pass: every visible key
+                keep = torch.where(ctx.dense_rows[:, None, None, None], ac, keep)
             probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
             outs.append(probs @ vc)
         return torch.cat(outs, dim=2)

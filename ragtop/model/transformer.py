@@ -107,11 +107,14 @@ class Transformer(nn.Module):
             elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight", "lm_head.weight")):
                 nn.init.normal_(p, std=0.02)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False,
+                dense_rows: Tensor | None = None) -> Tensor:
         """input_ids [B,S] -> logits [B,S,V] (or [B,1,V] with last_only).
 
         With a cache, token s of sequence b goes to position cache.lengths[b] + s, and the
-        lengths advance by S once the pass is done.
+        lengths advance by S once the pass is done. dense_rows [B] bool: those sequences
+        attend to every visible key in top-k layers (the reference of the ONNX op's
+        `attention_dense` input: a speculative verification pass).
         """
         B, S = input_ids.shape
         arange = torch.arange(S, device=input_ids.device)
@@ -127,7 +130,7 @@ class Transformer(nn.Module):
             visible = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,S,L]
             write_at = cache.lengths
         cos, sin = self.rotary(positions)
-        ctx = AttnContext(cos, sin, positions, visible, write_at, causal=cache is None)
+        ctx = AttnContext(cos, sin, positions, visible, write_at, causal=cache is None, dense_rows=dense_rows)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, None if cache is None else (cache.keys[i], cache.values[i]))

@@ -9,6 +9,7 @@ loader (plugin.py). The server imports only what this module exports.
 
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
 from .engine import (
+    MAX_SPECULATIVE_TOKENS,
     AsyncEngine,
     CompletionDelta,
     EngineConfig,
@@ -28,6 +29,7 @@ from .stats import FinishedRequestStats, IterationStats
 
 __all__ = [
     "MAX_LOGPROBS",
+    "MAX_SPECULATIVE_TOKENS",
     "AsyncEngine",
     "CachePlan",
     "CacheUsage",

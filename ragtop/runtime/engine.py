@@ -51,6 +51,19 @@ class EngineConfig:
     context_limit: int | None = None  # per sequence; default the model's
     cache_memory_bytes: int | None = None  # KV-cache budget; default: one slot per batch row
     prefix_caching: bool = True  # reuse cached prompt prefixes (kv_cache.py)
+    speculative_tokens: int = 0  # default draft length of self-speculative decoding (0: off)
+
+    def __post_init__(self) -> None:
+        check_speculative_tokens(self.speculative_tokens, EngineError)
+
+
+MAX_SPECULATIVE_TOKENS = 16  # drafts per round: more costs a longer dense pass for little gain
+
+
+def check_speculative_tokens(gamma: int, error: type[Exception] = InvalidRequest) -> None:
+    if not 0 <= gamma <= MAX_SPECULATIVE_TOKENS:
+        args = ("num_speculative_tokens",) if error is InvalidRequest else ()
+        raise error(f"num_speculative_tokens must be in 0..{MAX_SPECULATIVE_TOKENS} (0: off), got {gamma}", *args)
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,9 @@ class Request:
     request_id: str
     prompt_token_ids: Sequence[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+    # self-speculative decoding: drafts per dense verification; None = EngineConfig's default.
+    # Greedy requests only (sampled ones decode normally); the output is the dense model's.
+    num_speculative_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,12 +116,33 @@ class RequestOutput:
 
 
 @dataclass(eq=False)
+class _Speculation:
+    """A speculating sequence's round: `drafts` proposed so far by the sparse model from the
+    round's start (the sequence's `computed`, which stays put until the verification)."""
+
+    gamma: int
+    drafts: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
 class _SeqState:
     sampler: SequenceSampler
     detok: IncrementalDetokenizer
     stops: StopStringMatcher
     last_token_time: float | None = None
     stop_reason: str | int | None = None
+    spec: _Speculation | None = None  # self-speculative decoding (greedy requests that ask for it)
+
+
+@dataclass(eq=False)
+class _Call:
+    """One chunk of a step as the runner sees it. `plain`: what the scheduler planned (dense
+    for a speculating sequence); `draft`: one sparse token of a speculation round, kept out
+    of the sequence; `verify`: the round's dense pass over its last token + the drafts."""
+
+    chunk: ScheduledChunk
+    run: Chunk
+    kind: Literal["plain", "draft", "verify"] = "plain"
 
 
 @dataclass(eq=False)
@@ -131,6 +168,8 @@ class LLMEngine:
         self.cache = KVCacheManager(self.cache_plan, self.config.prefix_caching,
                                     max(PREFIX_BLOCK, spec.capacity_multiple))
         self.scheduler = Scheduler(sc, self.cache)
+        if self.config.speculative_tokens and not spec.dense_chunks:
+            raise EngineError(self._no_speculation_reason())
         self._lock = threading.Lock()
         self._aborts: list[str] = []
         self._groups: dict[str, SequenceGroup] = {}
@@ -153,17 +192,39 @@ class LLMEngine:
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})", "prompt")
+        gamma = self._speculative_tokens(request)
         state = _RequestState(request, time.monotonic())
-        group = SequenceGroup(request.request_id, prompt, p.n, data=state)
+        # a speculating request's cache holds dense keys/values: kept apart in the prefix cache
+        group = SequenceGroup(request.request_id, prompt, p.n, data=state, dense_kv=gamma > 0)
         parent = SequenceSampler(p, prompt, self.runner.spec.vocab_size, self.eos_token_ids, p.seed)
         for s in group.seqs:
             sampler = parent if s.index == 0 else parent.fork(None if p.seed is None else p.seed + s.index)
-            state.seqs[s.index] = _SeqState(sampler, IncrementalDetokenizer(self.tokenizer, prompt), StopStringMatcher(p.stop))
+            state.seqs[s.index] = _SeqState(sampler, IncrementalDetokenizer(self.tokenizer, prompt), StopStringMatcher(p.stop),
+                                            spec=_Speculation(gamma) if gamma else None)
         with self._lock:
             if request.request_id in self._groups:
                 raise EngineError(f"request id {request.request_id!r} is already running")
             self.scheduler.add(group)
             self._groups[request.request_id] = group
+
+    def _speculative_tokens(self, request: Request) -> int:
+        """The request's draft length: its own or the default; 0 for sampled requests (they
+        decode normally: rejection sampling is not implemented). InvalidRequest when the
+        request asks for speculation the model cannot do."""
+        asked = request.num_speculative_tokens
+        if asked is not None:
+            check_speculative_tokens(asked)
+            if asked and not self.runner.spec.dense_chunks:
+                raise InvalidRequest(self._no_speculation_reason(), "num_speculative_tokens")
+        gamma = self.config.speculative_tokens if asked is None else asked
+        return gamma if request.params.greedy else 0
+
+    def _no_speculation_reason(self) -> str:
+        spec = self.runner.spec
+        if spec.attention == "dense":
+            return "self-speculative decoding needs a sparse (top-k) model: this model is dense already"
+        return (f"this {spec.name} model cannot verify drafts densely: re-export it with this ragtop "
+                "(its graph needs the attention_dense input)")
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request; its slots are freed at the start of the next step."""
@@ -199,8 +260,9 @@ class LLMEngine:
                 group = next(g for g in plan.admitted if g.seqs[0].slot == dst)
                 errors[group.request_id] = _request_failure(e, "copying a cached prefix")
 
-        decode = [c for c in plan.chunks if len(c.tokens) == 1 and c.seq.status == "decode"]
-        prefill = [c for c in plan.chunks if not (len(c.tokens) == 1 and c.seq.status == "decode")]
+        calls = [self._call(c) for c in plan.chunks]
+        decode = [c for c in calls if len(c.run.tokens) == 1 and c.chunk.seq.status == "decode"]
+        prefill = [c for c in calls if not (len(c.run.tokens) == 1 and c.chunk.seq.status == "decode")]
         t0 = time.perf_counter()
         decode_logits = self._forward(decode, errors)
         t1 = time.perf_counter()
@@ -209,13 +271,21 @@ class LLMEngine:
 
         ttfts: list[float] = []
         itls: list[float] = []
+        spec_counts = [0, 0]  # drafted, accepted
         with self._lock:
             now = time.monotonic()
-            for chunk, logits in (*zip(decode, decode_logits, strict=True), *zip(prefill, prefill_logits, strict=True)):
+            for call, logits in (*zip(decode, decode_logits, strict=True), *zip(prefill, prefill_logits, strict=True)):
+                chunk = call.chunk
                 rid = chunk.seq.group.request_id
-                if rid in errors:
+                if rid in errors or chunk.seq.finished:  # finished: aborted during the forward
                     continue
                 try:
+                    if call.kind == "draft":
+                        chunk.seq.group.data.seqs[chunk.seq.index].spec.drafts.append(int(np.asarray(logits).argmax()))
+                        continue
+                    if call.kind == "verify":
+                        outputs.setdefault(rid, []).append(self._verify(call, logits, now, ttfts, itls, spec_counts))
+                        continue
                     self.scheduler.advance(chunk)
                     if logits is None or not chunk.samples:
                         continue
@@ -232,26 +302,74 @@ class LLMEngine:
             num_running, num_waiting = self.scheduler.num_running, len(self.scheduler.waiting)
         t3 = time.perf_counter()
         generated = sum(len(d.token_ids) for deltas in outputs.values() for d in deltas)
-        self._emit_stats(plan, decode, t1 - t0, t2 - t1, t3 - t2, num_running, num_waiting,
-                         generated, ttfts, itls, finished)
+        prompt_tokens = sum(len(c.run.tokens) for c in prefill if c.kind == "plain")
+        self._emit_stats(plan, decode, prompt_tokens, t1 - t0, t2 - t1, t3 - t2, num_running, num_waiting,
+                         generated, ttfts, itls, finished, spec_counts)
         return results
 
-    def _forward(self, chunks: list[ScheduledChunk], errors: dict[str, RequestFailed]) -> list[np.ndarray | None]:
+    # -- self-speculative decoding ------------------------------------------------------
+    def _call(self, c: ScheduledChunk) -> _Call:
+        """What the runner computes for a scheduled chunk. A speculating sequence prefills
+        densely, then per round drafts up to gamma tokens one step at a time with the sparse
+        model (one-token chunks in the decode batch, beside everyone else's decodes), then
+        verifies them in one dense chunk over [last token, drafts] at the round's start."""
+        seq = c.seq
+        spec = seq.group.data.seqs[seq.index].spec
+        plain = Chunk(seq.slot, c.tokens, c.start, "last" if c.samples else "none", dense=spec is not None)
+        if spec is None or seq.status != "decode":
+            return _Call(c, plain)
+        gamma = self._round_gamma(seq, spec)
+        if len(spec.drafts) < gamma:
+            token = spec.drafts[-1] if spec.drafts else seq.tokens[-1]
+            return _Call(c, Chunk(seq.slot, [token], c.start + len(spec.drafts), "last"), "draft")
+        if not spec.drafts:  # no room left for a draft: one dense decode
+            return _Call(c, plain)
+        return _Call(c, Chunk(seq.slot, [seq.tokens[-1], *spec.drafts], c.start, "all", dense=True), "verify")
+
+    def _round_gamma(self, seq: Seq, spec: _Speculation) -> int:
+        """Drafts this round: gamma, fewer when max_tokens or the context would end the
+        sequence sooner (a verification yields up to drafts + 1 tokens)."""
+        p = seq.group.data.request.params
+        left = min(p.max_tokens - (len(seq.tokens) - seq.prompt_len), self.context_limit - len(seq.tokens))
+        return max(0, min(spec.gamma, left - 1))
+
+    def _verify(self, call: _Call, logits, now: float, ttfts: list[float], itls: list[float],
+                spec_counts: list[int]) -> CompletionDelta:
+        """Sample from dense's logits after each position, keeping drafts while they agree:
+        the tokens are exactly those of plain dense decoding (same sampler, same stops). The
+        cache keeps the positions whose input tokens were accepted; drafts' traces in the
+        runner (block summaries) are rebuilt from the kept keys."""
+        seq, start = call.chunk.seq, call.run.start
+        spec = seq.group.data.seqs[seq.index].spec
+        drafts, rows = spec.drafts, np.asarray(logits)
+        deltas = []
+        for i in range(len(drafts) + 1):
+            # positions start..start+i hold the sequence's own tokens (drafts 1..i matched)
+            seq.computed = self.cache.lengths[seq.slot] = start + i + 1
+            deltas.append(self._sample(seq, rows[i], now, ttfts, itls))
+            if seq.finished or i == len(drafts) or deltas[-1].token_ids[0] != drafts[i]:
+                break
+            spec_counts[1] += 1
+        spec_counts[0] += len(drafts)
+        self.runner.rollback(seq.slot, start + len(deltas), start)
+        spec.drafts = []
+        return _merge_deltas(deltas)
+
+    def _forward(self, calls: list[_Call], errors: dict[str, RequestFailed]) -> list[np.ndarray | None]:
         """Run the chunks; if the runner raises, their requests go to `errors` (and the
         runner is probed: EngineDead if it is broken)."""
-        if not chunks:
+        if not calls:
             return []
         try:
-            out = self.runner.forward([Chunk(c.seq.slot, c.tokens, c.start, "last" if c.samples else "none")
-                                       for c in chunks])
+            out = self.runner.forward([c.run for c in calls])
         except Exception as e:  # noqa: BLE001 - this batch fails, the engine goes on if it can
             self._forward_failures += 1
             failure = _request_failure(e, "running the model")
-            for c in chunks:
-                errors.setdefault(c.seq.group.request_id, failure)
+            for c in calls:
+                errors.setdefault(c.chunk.seq.group.request_id, failure)
             with self._lock:
                 self._check_runner(e)
-            return [None] * len(chunks)
+            return [None] * len(calls)
         self._forward_failures = 0
         return out
 
@@ -340,9 +458,10 @@ class LLMEngine:
             e2e_latency_s=now - req.arrival,
         )
 
-    def _emit_stats(self, plan: SchedulerOutput, decode: list[ScheduledChunk], decode_s: float,
+    def _emit_stats(self, plan: SchedulerOutput, decode: list[_Call], prompt_tokens: int, decode_s: float,
                     prefill_s: float, sample_s: float, num_running: int, num_waiting: int, generated: int,
-                    ttfts: list[float], itls: list[float], finished: list[FinishedRequestStats]) -> None:
+                    ttfts: list[float], itls: list[float], finished: list[FinishedRequestStats],
+                    spec_counts: list[int]) -> None:
         if not self.stats_listeners:
             return
         chunks = plan.chunks
@@ -354,12 +473,12 @@ class LLMEngine:
             batch_size=len(chunks),
             num_running=num_running,
             num_waiting=num_waiting,
-            prompt_tokens=sum(len(c.tokens) for c in chunks if c not in decode),
+            prompt_tokens=prompt_tokens,
             generation_tokens=generated,
             prefill_time_s=prefill_s,
             decode_time_s=decode_s,
             sample_time_s=sample_s,
-            context_lengths=[c.start + 1 for c in decode],
+            context_lengths=[c.run.start + 1 for c in decode],
             kv_cache_bytes_used=usage.bytes_used,
             kv_cache_bytes_total=usage.bytes_total,
             kv_cache_usage_perc=usage.used_perc,
@@ -369,6 +488,8 @@ class LLMEngine:
             time_to_first_tokens_s=ttfts,
             inter_token_latencies_s=itls,
             finished=finished,
+            spec_draft_tokens=spec_counts[0],
+            spec_accepted_tokens=spec_counts[1],
         )
         for listener in self.stats_listeners:
             try:
@@ -390,6 +511,17 @@ class LLMEngine:
             for out in self.step():
                 outputs.setdefault(out.request_id, []).append(out)
         return outputs
+
+
+def _merge_deltas(deltas: list[CompletionDelta]) -> CompletionDelta:
+    """One delta for the tokens one sequence produced in one step (a verification yields
+    several): what a stream sends as one event."""
+    if len(deltas) == 1:
+        return deltas[0]
+    last = deltas[-1]
+    logprobs = None if last.logprobs is None else tuple(lp for d in deltas for lp in d.logprobs or ())
+    return CompletionDelta(last.index, "".join(d.text for d in deltas), tuple(t for d in deltas for t in d.token_ids),
+                           logprobs, last.finish_reason, last.stop_reason)
 
 
 def _request_failure(e: BaseException, doing: str) -> RequestFailed:

@@ -111,6 +111,7 @@ class KVCacheManager:
         self._free: set[int] = set(range(plan.slots))
         self.lengths = [0] * plan.slots  # tokens cached per slot (kept by the scheduler)
         self.held: list[np.ndarray | None] = [None] * plan.slots  # a free slot's still-valid tokens
+        self.held_dense = [False] * plan.slots  # ... written with dense attention (speculation)
         self._freed_at = [0] * plan.slots  # LRU clock of free slots
         self._clock = 0
 
@@ -130,10 +131,12 @@ class KVCacheManager:
     def can_allocate(self, n: int) -> bool:
         return len(self._free) >= n
 
-    def match(self, prompt: Sequence[int], running: Iterable[tuple[int, Sequence[int]]] = (), n: int = 1) -> PrefixHit | None:
+    def match(self, prompt: Sequence[int], running: Iterable[tuple[int, Sequence[int]]] = (), n: int = 1,
+              dense: bool = False) -> PrefixHit | None:
         """The longest cached prefix of `prompt`, in whole blocks, leaving >= 1 token to compute:
         among free slots' held tokens, and `running` (slot, computed tokens) pairs. `n`: the
-        slots the request needs (a copy from a free slot needs one more)."""
+        slots the request needs (a copy from a free slot needs one more). `dense`: only
+        caches written with dense attention (speculating requests), else only the others."""
         if not self.prefix_caching:
             return None
         limit = (len(prompt) - 1) // self.prefix_block * self.prefix_block
@@ -141,7 +144,8 @@ class KVCacheManager:
             return None
         want = np.asarray(prompt[:limit], dtype=np.int64)
         best: PrefixHit | None = None
-        candidates = [(s, self.held[s], False) for s in self._free if self.held[s] is not None]
+        candidates = [(s, self.held[s], False) for s in self._free
+                      if self.held[s] is not None and self.held_dense[s] == dense]
         candidates += [(s, tokens, True) for s, tokens in running]
         for slot, tokens, copy in candidates:
             m = min(limit, len(tokens))
@@ -170,13 +174,14 @@ class KVCacheManager:
             self.lengths[s], self.held[s] = 0, None
         return slots
 
-    def free(self, slot: int, tokens: Sequence[int] = ()) -> None:
+    def free(self, slot: int, tokens: Sequence[int] = (), dense: bool = False) -> None:
         """Give the slot back; `tokens` (whose keys and values it holds, from position 0) stay
         matchable until the slot is reused. The last position is never kept: a decode step may
         write one garbage position at a full slot's end (see runners/base.py group_chunks)."""
         self.lengths[slot] = 0
         keep = min(len(tokens), self.plan.context_limit - 1)
         self.held[slot] = np.asarray(tokens[:keep], dtype=np.int64) if self.prefix_caching and keep else None
+        self.held_dense[slot] = dense
         self._clock += 1
         self._freed_at[slot] = self._clock
         self._free.add(slot)

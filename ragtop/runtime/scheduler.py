@@ -90,6 +90,9 @@ class SequenceGroup:
     data: Any = None  # the engine's per-request state
     seqs: list[Sequence] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    # the cache holds dense-attention keys/values (a speculating request, engine.py): shared
+    # only with such requests, as sparse attention writes other values from layer 2 on
+    dense_kv: bool = False
 
     def __post_init__(self) -> None:
         if not self.seqs:
@@ -196,7 +199,7 @@ class Scheduler:
             if self.num_running + g.n > cfg.max_batch_size or not self.cache.can_allocate(g.n):
                 break  # FIFO: the head waits for room, nobody overtakes it
             self.waiting.popleft()
-            hit = self.cache.match(g.prompt, self._computed_prefixes(), g.n)
+            hit = self.cache.match(g.prompt, self._computed_prefixes(g.dense_kv), g.n, g.dense_kv)
             slots = self.cache.allocate(g.n, prefer=None if hit is None or hit.copy else hit.slot,
                                         avoid=None if hit is None or not hit.copy else hit.slot)
             for s, slot in zip(g.seqs, slots, strict=True):
@@ -214,10 +217,12 @@ class Scheduler:
             budget -= len(chunks[-1].tokens)
         return SchedulerOutput(chunks, admitted, copies)
 
-    def _computed_prefixes(self) -> Iterator[tuple[int, list[int]]]:
-        """(slot, tokens whose KV is written) of every running sequence."""
+    def _computed_prefixes(self, dense_kv: bool) -> Iterator[tuple[int, list[int]]]:
+        """(slot, tokens whose KV is written) of every running sequence whose cache is of the
+        kind asked (dense or sparse keys/values). Speculative drafts never count: they sit
+        past `computed`."""
         return ((s.slot, s.tokens[: s.computed]) for g in self.running for s in g.seqs
-                if not s.finished and s.computed > 0)
+                if not s.finished and s.computed > 0 and g.dense_kv == dense_kv)
 
     def _running_seqs(self, status: Status) -> Iterator[Sequence]:
         return (s for g in self.running for s in g.seqs if s.status == status)
@@ -254,6 +259,6 @@ class Scheduler:
             return
         s.status, s.finish_reason = "finished", reason
         if s.slot >= 0:  # a failed request's cache may be half-written: not kept for reuse
-            self.cache.free(s.slot, () if reason == "error" else s.tokens[: s.computed])
+            self.cache.free(s.slot, () if reason == "error" else s.tokens[: s.computed], s.group.dense_kv)
         if s.group.finished and s.group in self.running:
             self.running.remove(s.group)

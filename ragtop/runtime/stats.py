@@ -42,3 +42,5 @@ class IterationStats:
     time_to_first_tokens_s: list[float] = field(default_factory=list)  # requests whose first token came now
     inter_token_latencies_s: list[float] = field(default_factory=list)  # per sequence that decoded
     finished: list[FinishedRequestStats] = field(default_factory=list)
+    spec_draft_tokens: int = 0  # self-speculative decoding: drafts verified this step
+    spec_accepted_tokens: int = 0  # of those, drafts the dense pass agreed with

@@ -57,6 +57,7 @@ def engine_config(s: ServerSettings) -> EngineConfig:
         context_limit=s.context_limit,
         cache_memory_bytes=None if s.cache_memory_mb is None else s.cache_memory_mb << 20,
         prefix_caching=s.prefix_caching,
+        speculative_tokens=s.speculative_tokens,
     )
 
 

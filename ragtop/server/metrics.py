@@ -102,6 +102,11 @@ class ServerMetrics:
         self.gen_tokens = counter("generation_tokens_total", "Tokens generated.")
         self.prefix_queries = counter("prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not computed).")
+        # vLLM's speculative-decoding names; acceptance rate = accepted / draft
+        self.spec_draft = counter("spec_decode_num_draft_tokens_total",
+                                  "Self-speculative decoding: tokens drafted by the sparse model and verified densely.")
+        self.spec_accepted = counter("spec_decode_num_accepted_tokens_total",
+                                     "Self-speculative decoding: drafted tokens the dense verification accepted.")
         success = Counter("ragtop:request_success_total", "Finished requests by finish reason.",
                           ["model_name", "finished_reason"], registry=r)
         self.success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
@@ -126,6 +131,8 @@ class ServerMetrics:
         self.gen_tokens.inc(s.generation_tokens)
         self.prefix_queries.inc(s.prefix_cache_queries)
         self.prefix_hits.inc(s.prefix_cache_hits)
+        self.spec_draft.inc(s.spec_draft_tokens)
+        self.spec_accepted.inc(s.spec_accepted_tokens)
         for t in s.time_to_first_tokens_s:
             self.ttft.observe(t)
         for t in s.inter_token_latencies_s:

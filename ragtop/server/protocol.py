@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..runtime import MAX_LOGPROBS
+from ..runtime import MAX_LOGPROBS, MAX_SPECULATIVE_TOKENS
 
 MAX_N = 16
 TOKEN_ID_KEY = re.compile(r"-?(0|[1-9][0-9]{0,18})")  # a token id as JSON object keys carry it
@@ -60,6 +60,9 @@ class SamplingFields(_Request):
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    # ragtop's extra (vLLM's --num-speculative-tokens, per request): self-speculative decoding
+    # of a greedy request, output identical to dense; 0 = off, None = the server's default
+    num_speculative_tokens: Annotated[int, Field(ge=0, le=MAX_SPECULATIVE_TOKENS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None

@@ -181,14 +181,15 @@ class OpenAIServing:
             logit_bias=req.logit_bias or {},
         )
 
-    async def submit(self, rid: str, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[AsyncIterator[RequestOutput]]:
+    async def submit(self, rid: str, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
+                     speculative_tokens: int | None = None) -> list[AsyncIterator[RequestOutput]]:
         """Queue one engine request per prompt; all of them or none (a refusal aborts the rest).
         The engine owns the checks that need the model (token ids in the vocabulary, the
         context); its refusals become 400 / 429 / 503 here, naming the field."""
         streams: list[AsyncIterator[RequestOutput]] = []
         try:
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
-                streams.append(await self.engine.generate(Request(f"{rid}-{i}", ids, p)))
+                streams.append(await self.engine.generate(Request(f"{rid}-{i}", ids, p, speculative_tokens)))
         except BaseException as e:
             for s in streams:
                 await s.aclose()  # leaving the stream aborts its request
@@ -221,7 +222,7 @@ class OpenAIServing:
         prompts = self.completion_prompts(req)
         params = [self.sampling_params(req, len(ids), req.max_tokens, req.logprobs) for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        return rid, prompts, await self.submit(rid, prompts, params)
+        return rid, prompts, await self.submit(rid, prompts, params, req.num_speculative_tokens)
 
     async def completion_response(self, rid: str, prompts: list[list[int]], streams: list[AsyncIterator[RequestOutput]],
                                   req: CompletionRequest) -> dict[str, Any]:
@@ -293,7 +294,7 @@ class OpenAIServing:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, len(ids), req.max_new_tokens, logprobs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        return rid, ids, await self.submit(rid, [ids], [params])
+        return rid, ids, await self.submit(rid, [ids], [params], req.num_speculative_tokens)
 
     async def chat_response(self, rid: str, streams: list[AsyncIterator[RequestOutput]],
                             req: ChatCompletionRequest) -> dict[str, Any]:

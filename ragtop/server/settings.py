@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RagtopError
+from ..runtime import MAX_SPECULATIVE_TOKENS
 
 ENV_PREFIX = "RAGTOP_"
 FLAG_GROUPS = {"ray": ("scale out on Ray Serve", "With --replicas or --max-replicas the same app runs as a Ray Serve "
@@ -51,6 +52,9 @@ class ServerSettings:
     context_limit: int | None = setting(None, "tokens per sequence", minimum=1, default_text="the model's")
     cache_memory_mb: int | None = setting(None, "KV-cache budget", minimum=1, default_text="a full context per slot")
     prefix_caching: bool = setting(True, "compute every prompt in full instead of reusing cached prefixes (docs/runtime.md)")
+    speculative_tokens: int = setting(0, "self-speculative decoding of greedy requests by default: the sparse model "
+                                      "drafts this many tokens, one dense pass verifies them, output identical to "
+                                      "dense (0: off; a request's num_speculative_tokens overrides it; docs/server.md)")
     max_body_bytes: int = setting(4 << 20, "larger request bodies get HTTP 413", minimum=1, default_text="4 MiB")
     shutdown_grace_s: float = setting(30.0, "on SIGTERM: seconds in-flight requests may take to finish")
     cors_origins: tuple[str, ...] = setting((), "allowed CORS origin (repeatable)", flag="cors-origin", default_text="none")
@@ -78,6 +82,8 @@ class ServerSettings:
         for name in ("max_batch_size", "max_waiting", "max_tokens_per_step", "prefill_chunk", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise RagtopError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise RagtopError(f"speculative_tokens must be in 0..{MAX_SPECULATIVE_TOKENS} (0: off), got {self.speculative_tokens}")
         if self.runner not in ("auto", "ort", "torch"):
             raise RagtopError(f"runner must be auto, ort or torch, got {self.runner!r}")
         self._check_scale_out()

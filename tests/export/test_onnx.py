@@ -8,12 +8,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny_models import PROMPT, VARIANTS, tiny_model
+from tiny_models import CYCLE, PROMPT, VARIANTS, tiny_model
 
+from ragtop.convert.sparsify import with_attention
 from ragtop.export import functions, ops
 from ragtop.export.onnx import export_graph, make_spec, save_model
-from ragtop.export.verify import SharedCacheRunner, block_summaries, session, validate
-from ragtop.model import KVCache
+from ragtop.export.verify import SharedCacheRunner, block_summaries, onnx_feeds, session, validate
+from ragtop.model import AttentionConfig, KVCache
 
 ATOL = 1e-4
 
@@ -64,6 +65,32 @@ def test_export_matches_pytorch(exported, attention, embedding, ops_mode):
     assert v.passed, v.table()
     assert [c.name for c in v.cases] == ["prefill", "decode", "mixed_batch", "empty_batch"]
     assert v.greedy_onnx == v.greedy_torch and len(set(v.greedy_torch)) > 1
+
+
+@pytest.mark.parametrize("ops_mode", ["custom", "standard"])
+@pytest.mark.parametrize("attention", ["topk-sinks", "block-sinks"])
+def test_dense_flag_runs_the_dense_model(exported, attention, ops_mode):
+    """A top-k graph's attention_dense input (default [0]: sparse) makes the flagged
+    sequences attend densely: the same file computes the model under dense attention
+    (the verification pass of self-speculative decoding), sequence by sequence."""
+    model, spec, path = exported(attention, "uniform", ops_mode)
+    proto = onnx.load(str(path))
+    assert proto.graph.input[-1].name == ops.ATTENTION_DENSE
+    assert ops.ATTENTION_DENSE in {t.name for t in proto.graph.initializer}  # its default
+    sess = session(path)
+    dense_model = with_attention(model, AttentionConfig())
+    ids = torch.tensor([CYCLE[:20], CYCLE[::-1][:20]])  # [2, 20]: long enough for selection to matter
+    cache = KVCache.allocate(model.config, 2, 32)
+    keep = torch.arange(20).expand(2, 20)
+    feeds = onnx_feeds(spec, ids, cache, keep)
+    with torch.no_grad():
+        sparse, dense = model(ids), dense_model(ids)
+    assert (sparse - dense).abs().max() > 1e-3  # the case tells them apart
+    logits = sess.run(["logits"], feeds)[0]  # the default: sparse
+    np.testing.assert_allclose(logits, sparse.numpy(), atol=ATOL)
+    logits = sess.run(["logits"], {**feeds, ops.ATTENTION_DENSE: np.array([0, 1])})[0]
+    np.testing.assert_allclose(logits[0], sparse[0].numpy(), atol=ATOL)
+    np.testing.assert_allclose(logits[1], dense[1].numpy(), atol=ATOL)
 
 
 def test_shared_buffers_are_updated_in_place(exported):

@@ -35,8 +35,9 @@ def session(model: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
-def reference(q, k, v, past_k, past_v, lens, H, Hkv, topk, block_size=0, block_budget=0, sink=0, window=0):
-    """TopKAttention.attend over the cache after writing the new keys: (out, present_k, present_v)."""
+def reference(q, k, v, past_k, past_v, lens, H, Hkv, topk, block_size=0, block_budget=0, sink=0, window=0, dense=None):
+    """TopKAttention.attend over the cache after writing the new keys: (out, present_k, present_v).
+    dense: [B] flags of the sequences that attend densely (the op's attention_dense)."""
     B, S, _ = q.shape
     C, Dh = past_k.shape[2], past_k.shape[3]
     att = AttentionConfig(kind="topk", topk=topk, block_size=block_size or None, block_budget=block_budget or None,
@@ -50,7 +51,8 @@ def reference(q, k, v, past_k, past_v, lens, H, Hkv, topk, block_size=0, block_b
     write_cache((kc, vc), to_heads(k, Hkv), to_heads(v, Hkv), lens_t)
     positions = lens_t[:, None] + torch.arange(S)
     visible = (torch.arange(C)[None, None, :] <= positions[:, :, None])[:, None]
-    ctx = AttnContext(None, None, positions, visible, lens_t, causal=False)
+    dense_rows = None if dense is None else torch.from_numpy(np.asarray(dense) != 0)
+    ctx = AttnContext(None, None, positions, visible, lens_t, causal=False, dense_rows=dense_rows)
     with torch.no_grad():
         out = attn.attend(to_heads(q, H), kc, vc, ctx)
     return out.transpose(1, 2).reshape(B, S, H * Dh).numpy(), kc.numpy(), vc.numpy()
@@ -266,6 +268,55 @@ def test_files_without_the_new_attributes_mean_zero(bs, budget):
     want = run_plugin(session(new), q, k, v, past_k, past_v, lens, *sums)[0]
     for sess in (session(old), stock_session(old)):
         np.testing.assert_allclose(run_plugin(sess, q, k, v, past_k, past_v, lens, *sums)[0], want, **TOL)
+
+
+DENSE_FLAG_CASES = [  # B, S, H, Hkv, Dh, C, lens, topk, block_size, budget, sink, window, flags
+    (3, 1, 4, 2, 8, 64, [40, 10, 63], 3, 0, 0, 0, 0, [1, 0, 1]),  # exact decode
+    (2, 5, 4, 2, 8, 64, [30, 50], 2, 0, 0, 2, 3, [0, 1]),  # exact, sinks + window, a verify-like chunk
+    (2, 40, 2, 1, 16, 96, [0, 20], 4, 0, 0, 1, 4, [1, 1]),  # exact prefill, > one query chunk
+    (3, 1, 4, 2, 8, 64, [40, 10, 63], 3, 8, 1, 0, 0, [0, 1, 1]),  # blocks decode
+    (2, 6, 6, 2, 8, 96, [33, 70], 4, 8, 2, 8, 8, [1, 0]),  # blocks, sinks + window, mid-block chunk
+]
+
+
+@pytest.mark.parametrize("B,S,H,Hkv,Dh,C,lens,topk,bs,budget,sink,window,flags", DENSE_FLAG_CASES)
+def test_dense_flag_kernel_body_and_reference_agree(B, S, H, Hkv, Dh, C, lens, topk, bs, budget, sink, window, flags):
+    """attention_dense: flagged sequences get exact dense attention, the others exactly what
+    they get without the input; the cache and the block summaries are written the same.
+    The C++ kernel, the standard-op function body and the PyTorch reference agree."""
+    rng = np.random.default_rng(B * 100 + S + sum(flags))
+    q, k, v, past_k, past_v, lens = random_case(rng, B, S, H, Hkv, Dh, C, lens)
+    flags = np.asarray(flags, np.int64)
+    sums = [np.nan_to_num(x) for x in summaries(past_k, lens, bs)] if bs else []
+    model = topk_attention_model(H, Hkv, Dh, topk, bs, budget, sink, window, with_function=True, attention_dense=True)
+    want = reference(q, k, v, past_k, past_v, lens, H, Hkv, topk, bs, budget, sink, window, dense=flags)[0]
+    dense = reference(q, k, v, past_k, past_v, lens, H, Hkv, 10 * C)[0]  # top-k beyond every key: dense
+    sparse = reference(q, k, v, past_k, past_v, lens, H, Hkv, topk, bs, budget, sink, window)[0]
+    on = flags != 0
+    np.testing.assert_allclose(want[on], dense[on], **TOL)
+    np.testing.assert_array_equal(want[~on], sparse[~on])
+    assert np.abs(dense - sparse).max() > 1e-3  # the case tells dense from sparse apart
+    unflagged = topk_attention_model(H, Hkv, Dh, topk, bs, budget, sink, window, with_function=True)
+    for sess in (session(model), stock_session(model)):
+        feeds = dict(query=q, key=k, value=v, past_key=past_k, past_value=past_v, past_lengths=lens, attention_dense=flags)
+        if bs:
+            feeds.update(past_key_min=sums[0], past_key_max=sums[1])
+        got = sess.run(None, feeds)
+        np.testing.assert_allclose(got[0], want, **TOL)
+        plain = run_plugin(session(unflagged), q, k, v, past_k, past_v, lens, *sums)
+        for a, b in zip(got[1:], plain[1:], strict=True):  # cache and summaries: as without the flag
+            np.testing.assert_array_equal(a, b)
+        # one flag for all sequences ([1]): the exported graphs' default is [0]
+        feeds["attention_dense"] = np.array([0], np.int64)
+        np.testing.assert_allclose(sess.run(None, feeds)[0], sparse, **TOL)
+
+
+def test_dense_flag_of_a_wrong_length_is_a_clear_error():
+    sess = session(topk_attention_model(2, 2, 8, 4, attention_dense=True))
+    q, k, v, past_k, past_v, lens = random_case(np.random.default_rng(0), 2, 1, 2, 2, 8, 16, [3, 5])
+    with pytest.raises(Exception, match="attention_dense must be"):
+        sess.run(None, dict(query=q, key=k, value=v, past_key=past_k, past_value=past_v, past_lengths=lens,
+                            attention_dense=np.zeros(3, np.int64)))
 
 
 def test_cache_overflow_is_a_clear_error():

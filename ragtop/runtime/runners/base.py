@@ -5,7 +5,9 @@ per-layer buffers of [slots, Hkv, capacity, Dh]. A step hands it some `Chunk`s, 
 new tokens of one slot written at positions start..start+len-1; it returns, per chunk,
 the logits of the last new token ([V]), of every new token ([len, V]), or nothing
 (a middle chunk of a chunked prefill). The runner never copies the whole cache per step:
-it binds (a contiguous slot range of) the buffers in place.
+it binds (a contiguous slot range of) the buffers in place. A chunk may ask for dense
+attention (`Chunk.dense`, when `spec.dense_chunks`): the verification pass of
+self-speculative decoding runs on the same weights and cache as the sparse draft.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class RunnerSpec:
     kv_bytes_per_token: int  # all layers, keys + values (+ block summaries)
     attention: str  # "dense", "topk", "topk-block": a label for stats
     capacity_multiple: int = 1  # cache capacity must be a multiple of this (block size)
+    dense_chunks: bool = False  # Chunk.dense works: the same weights attend densely on demand
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class Chunk:
     tokens: Sequence[int]
     start: int  # tokens already cached in this slot; the first new token's position
     logits: LogitsWanted = "last"
+    dense: bool = False  # attend to every visible key (speculative verification; spec.dense_chunks)
 
 
 @runtime_checkable
@@ -53,6 +57,11 @@ class ModelRunner(Protocol):
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of slot src into slot dst (n > 1)."""
+
+    def rollback(self, slot: int, length: int, since: int) -> None:
+        """Keep the first `length` positions of the slot; positions from `since` on were
+        rewritten since the slot last held exactly its tokens (speculative drafts). Whatever
+        the runner keeps about the cached keys (block summaries) is made exact again."""
 
     def close(self) -> None:
         """Free the cache and the session."""

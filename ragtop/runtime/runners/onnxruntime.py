@@ -11,6 +11,7 @@ whole serving path of an exported model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,12 @@ from .base import Chunk, RunnerSpec, group_chunks, round_up, slot_range
 
 GENAI_CONFIG = "genai_config.json"
 DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def ort_value(array: np.ndarray):
+    import onnxruntime as ort
+
+    return ort.OrtValue.ortvalue_from_numpy(array)
 
 
 def contiguous_runs(slots: Sequence[int]) -> list[list[int]]:
@@ -79,6 +86,13 @@ class OrtRunner:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's own exception types
             raise RagtopError(f"cannot open {path} with onnxruntime: {e}") from None
+        # graphs exported with the per-sequence dense flag (ops.py attention_dense) can verify
+        # speculative drafts densely on the same weights; older ones cannot
+        # (an input with a default value: onnxruntime lists it among the overridable initializers)
+        feedable = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
+        self.dense_flag = any(i.name == "attention_dense" for i in feedable)
+        if self.dense_flag:
+            self.spec = dataclasses.replace(self.spec, dense_chunks=True)
         self.buffers: dict[tuple[int, str], np.ndarray] = {}
         self.lengths = np.zeros(0, dtype=np.int64)
         self.capacity = 0
@@ -106,6 +120,24 @@ class OrtRunner:
             n = -(-length // self.block_size) if kind.startswith("key_m") else length
             buf[dst, :, :n] = buf[src, :, :n]
         self.lengths[dst] = length
+
+    def rollback(self, slot: int, length: int, since: int) -> None:
+        """Speculative drafts wrote (and merged into the block summaries) keys at positions
+        >= `since` that are gone now: recompute the summaries of the blocks from `since`'s
+        to `length`'s from the keys kept, so they are exactly what a run without drafts holds
+        (min/max are exact, so the result is bit-identical). Keys past `length` need nothing:
+        no query sees them before they are rewritten."""
+        self.lengths[slot] = length
+        if not self.block_size or length <= 0:
+            return
+        bs = self.block_size
+        first, last = min(since, length - 1) // bs, (length - 1) // bs
+        for i in range(self.n_layers):
+            keys = self.buffers[i, "key"][slot]  # [Hkv, C, Dh]
+            for blk in range(first, last + 1):
+                rows = keys[:, blk * bs : min((blk + 1) * bs, length)]
+                self.buffers[i, "key_min"][slot, :, blk] = rows.min(axis=1)
+                self.buffers[i, "key_max"][slot, :, blk] = rows.max(axis=1)
 
     def close(self) -> None:
         self.buffers, self._bindings = {}, {}
@@ -152,6 +184,14 @@ class OrtRunner:
         io.bind_cpu_input(self.io_names["input_ids"], ids)
         io.bind_cpu_input(self.io_names["past_lengths"], np.ascontiguousarray(lengths))
         io.bind_cpu_input(self.io_names["logits_indices"], keep)
+        if self.dense_flag:
+            dense = np.zeros(hi - lo, dtype=np.int64)
+            for c in chunks:
+                dense[c.slot - lo] = c.dense
+            # by OrtValue: bind_cpu_input knows only inputs without a default value
+            io.bind_ortvalue_input("attention_dense", ort_value(dense))
+        elif any(c.dense for c in chunks) and self.spec.attention != "dense":
+            raise RagtopError("this graph has no attention_dense input: re-export it to verify speculative drafts")
         logits = np.empty((hi - lo, keep.shape[1], self.spec.vocab_size), dtype=np.float32)
         io.bind_output(self.out_names["logits"], "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(io)  # writes logits [b, 1|S, V] and the cache in place

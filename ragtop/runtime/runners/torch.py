@@ -39,6 +39,7 @@ class TorchRunner:
             max_model_len=cfg.max_seq_len,
             kv_bytes_per_token=2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize,
             attention=attention_label(model),
+            dense_chunks=cfg.attention.kind == "topk",
         )
         self.cache: KVCache | None = None
         self.lengths = torch.zeros(0, dtype=torch.long)  # tokens written per slot (incl. garbage)
@@ -91,7 +92,14 @@ class TorchRunner:
             lengths=lengths.to(self.device),
         )
         want_all = any(c.logits == "all" for c in chunks)
-        logits = self.model(ids.to(self.device), cache=view, last_only=not want_all).float().cpu()  # [b,S|1,V]
+        dense = None
+        if any(c.dense for c in chunks):
+            dense = torch.zeros(hi - lo, dtype=torch.bool)
+            for c in chunks:
+                dense[c.slot - lo] = c.dense
+            dense = dense.to(self.device)
+        logits = self.model(ids.to(self.device), cache=view, last_only=not want_all,
+                            dense_rows=dense).float().cpu()  # [b,S|1,V]
         for c in chunks:
             self.lengths[c.slot] = c.start + S
         rows: list[Tensor | None] = []
@@ -107,6 +115,11 @@ class TorchRunner:
         self.lengths[dst] = length
         if self.triton is not None:
             self.triton.copy_slot(src, dst, length)
+
+    def rollback(self, slot: int, length: int, since: int) -> None:
+        """Only the length: this runner keeps nothing else about the keys (block summaries
+        are computed from the visible keys in each call)."""
+        self.lengths[slot] = length
 
     def close(self) -> None:
         self.cache = None
