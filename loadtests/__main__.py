@@ -28,10 +28,16 @@ def add_run(sub) -> None:
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens (median for --dataset mix)")
     p.add_argument("--output-len", type=int, default=64, help="new tokens (median for --dataset mix)")
-    p.add_argument("--dataset", choices=["fixed", "mix"], default="fixed",
-                   help="fixed lengths (speed claims) or a log-normal mix of lengths (load)")
-    arr = p.add_argument_group("arrivals: --request-rate inf + --max-concurrency C = C clients in a closed "
-                               "loop; a finite rate = Poisson arrivals; neither = all at once")
+    p.add_argument(
+        "--dataset",
+        choices=["fixed", "mix"],
+        default="fixed",
+        help="fixed lengths (speed claims) or a log-normal mix of lengths (load)",
+    )
+    arr = p.add_argument_group(
+        "arrivals: --request-rate inf + --max-concurrency C = C clients in a closed "
+        "loop; a finite rate = Poisson arrivals; neither = all at once"
+    )
     arr.add_argument("--request-rate", type=_rate, default=float("inf"), help="requests/s (default inf)")
     arr.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
     arr.add_argument("--max-concurrency", "--concurrency", type=int, dest="max_concurrency")
@@ -46,7 +52,6 @@ def add_run(sub) -> None:
     p.add_argument("--json", type=Path, help="write the result document here")
 
 
-
 def cmd_run(a: argparse.Namespace) -> int:
     import os
 
@@ -55,12 +60,26 @@ def cmd_run(a: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"loadtests: error: {e}", file=sys.stderr)
         return 2
-    cfg = LoadConfig(url=a.url, model=a.model, api_key=a.api_key or os.environ.get("OPENAI_API_KEY"),
-                     num_requests=a.num_requests, input_len=a.input_len, output_len=a.output_len,
-                     dataset=a.dataset, request_rate=a.request_rate, burstiness=a.burstiness,
-                     max_concurrency=a.max_concurrency, seed=a.seed, temperature=a.temperature,
-                     ignore_eos=a.ignore_eos, slos=slos, percentiles=tuple(float(x) for x in a.percentiles.split(",")),
-                     warmup=a.warmup, progress=a.progress, label=a.label)
+    cfg = LoadConfig(
+        url=a.url,
+        model=a.model,
+        api_key=a.api_key or os.environ.get("OPENAI_API_KEY"),
+        num_requests=a.num_requests,
+        input_len=a.input_len,
+        output_len=a.output_len,
+        dataset=a.dataset,
+        request_rate=a.request_rate,
+        burstiness=a.burstiness,
+        max_concurrency=a.max_concurrency,
+        seed=a.seed,
+        temperature=a.temperature,
+        ignore_eos=a.ignore_eos,
+        slos=slos,
+        percentiles=tuple(float(x) for x in a.percentiles.split(",")),
+        warmup=a.warmup,
+        progress=a.progress,
+        label=a.label,
+    )
     try:
         doc = asyncio.run(run_load(cfg))
     except Exception as e:  # a CLI names the problem in one line

@@ -56,10 +56,16 @@ def probe(size_mb: int = 1024, threads: int = 2, repeats: int = 5) -> dict[str, 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         read_n = nbytes / best(lambda: list(pool.map(np.sum, parts))) / 1e9
     copy = 2 * nbytes / best(lambda: np.copyto(b, a)) / 1e9  # read + write
-    return {"array_mib": size_mb, "threads": threads, "repeats": repeats,
-            "read_gbps_1_thread": read_1, "read_gbps_threads": read_n, "copy_gbps": copy,
-            "read_gbps": max(read_1, read_n),
-            "method": "numpy float32 sum (read) and copyto (read+write), best of repeats"}
+    return {
+        "array_mib": size_mb,
+        "threads": threads,
+        "repeats": repeats,
+        "read_gbps_1_thread": read_1,
+        "read_gbps_threads": read_n,
+        "copy_gbps": copy,
+        "read_gbps": max(read_1, read_n),
+        "method": "numpy float32 sum (read) and copyto (read+write), best of repeats",
+    }
 
 
 def safetensors_bytes(path: Path) -> dict[str, int]:
@@ -81,11 +87,18 @@ def model_facts(checkpoint: Path) -> dict[str, Any]:
         read = total - embed + embed // cfg["vocab_size"]  # one row of the input table
     bytes_per = 4  # fp32 exports and cache
     att = cfg.get("attention") or {}
-    return {"n_layers": cfg["n_layers"], "n_kv_heads": cfg["n_kv_heads"], "head_dim": cfg["head_dim"],
-            "weight_bytes": total, "weight_bytes_read": read, "dtype_bytes": bytes_per,
-            "kv_row_bytes": cfg["n_kv_heads"] * cfg["head_dim"] * bytes_per,
-            "kv_bytes_per_token": 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * bytes_per,
-            "attention": att.get("kind", "dense"), "max_seq_len": cfg.get("max_seq_len")}
+    return {
+        "n_layers": cfg["n_layers"],
+        "n_kv_heads": cfg["n_kv_heads"],
+        "head_dim": cfg["head_dim"],
+        "weight_bytes": total,
+        "weight_bytes_read": read,
+        "dtype_bytes": bytes_per,
+        "kv_row_bytes": cfg["n_kv_heads"] * cfg["head_dim"] * bytes_per,
+        "kv_bytes_per_token": 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * bytes_per,
+        "attention": att.get("kind", "dense"),
+        "max_seq_len": cfg.get("max_seq_len"),
+    }
 
 
 def with_bytes(facts: dict[str, Any], weight_bytes_read: int | None, kv_dtype_bytes: int | None) -> dict[str, Any]:
@@ -100,7 +113,11 @@ def with_bytes(facts: dict[str, Any], weight_bytes_read: int | None, kv_dtype_by
 
 
 ONNX_ELEM_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 21: 1, 22: 1}
-GATHERS = {"Gather": (0,), "GatherND": (0,), "GatherBlockQuantized": (0, 2, 3)}  # inputs of which a lookup reads one row
+GATHERS = {
+    "Gather": (0,),
+    "GatherND": (0,),
+    "GatherBlockQuantized": (0, 2, 3),
+}  # inputs of which a lookup reads one row
 
 
 def onnx_weight_bytes(model_path: Path) -> int:
@@ -156,9 +173,15 @@ def gguf_weight_bytes(path: Path) -> int:
     return total
 
 
-def bytes_per_token(facts: dict[str, Any], mode: str, context: int, topk: int | None = None,
-                    block_size: int | None = None, block_budget: int | None = None,
-                    capacity: int | None = None) -> dict[str, int]:
+def bytes_per_token(
+    facts: dict[str, Any],
+    mode: str,
+    context: int,
+    topk: int | None = None,
+    block_size: int | None = None,
+    block_budget: int | None = None,
+    capacity: int | None = None,
+) -> dict[str, int]:
     """Bytes one decoded token reads (batch 1) at `context` tokens, split by where they come from."""
     n, s, L = facts["n_layers"], facts["kv_row_bytes"], context
     selector = 0
@@ -191,8 +214,10 @@ def add_arguments(sub) -> None:
 
 def run(a: argparse.Namespace) -> int:
     r = probe(a.size_mb, a.threads, a.repeats)
-    print(f"read {r['read_gbps_1_thread']:.2f} GB/s (1 thread), {r['read_gbps_threads']:.2f} GB/s "
-          f"({r['threads']} threads); copy {r['copy_gbps']:.2f} GB/s")
+    print(
+        f"read {r['read_gbps_1_thread']:.2f} GB/s (1 thread), {r['read_gbps_threads']:.2f} GB/s "
+        f"({r['threads']} threads); copy {r['copy_gbps']:.2f} GB/s"
+    )
     if a.json:
         a.json.write_text(json.dumps(r, indent=1))
     return 0

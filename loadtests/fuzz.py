@@ -38,8 +38,10 @@ TEXTS = [
     "Numbers 1234567890 and punctuation !?;:,.",
 ]
 EOS = "<|endoftext|>"
-CHAT_TEMPLATE = ("{% for m in messages %}" + EOS + "{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}" + EOS + "assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}" + EOS + "{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}" + EOS + "assistant\n{% endif %}"
+)
 
 
 def build_tiny_model(root: Path, context: int = 96) -> Path:
@@ -53,11 +55,24 @@ def build_tiny_model(root: Path, context: int = 96) -> Path:
 
     tok = train_bpe(TEXTS * 4, vocab_size=300)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                      max_seq_len=context, attention=AttentionConfig(kind="topk", topk=8), embedding=EmbeddingConfig())
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=64,
+        max_seq_len=context,
+        attention=AttentionConfig(kind="topk", topk=8),
+        embedding=EmbeddingConfig(),
+    )
     eos = tok.token_to_id(EOS)
-    ckpt = save_checkpoint(root / "ckpt", Transformer(cfg).eval(), tok.to_str(),
-                           generation={"bos_token_id": eos, "eos_token_id": eos, "chat_template": CHAT_TEMPLATE})
+    ckpt = save_checkpoint(
+        root / "ckpt",
+        Transformer(cfg).eval(),
+        tok.to_str(),
+        generation={"bos_token_id": eos, "eos_token_id": eos, "chat_template": CHAT_TEMPLATE},
+    )
     out = root / "onnx"
     if ragtop_main(["export", str(ckpt), str(out), "--no-validate", "--overwrite"]) != 0:
         raise RuntimeError("exporting the tiny model failed")
@@ -68,9 +83,28 @@ def schemathesis_command(url: str, examples: int, seed: int, workers: int, repor
     st = shutil.which("st", path=str(Path(sys.executable).parent)) or shutil.which("st")
     if st is None:
         raise RuntimeError("schemathesis is not installed (pip install -e '.[test]')")
-    cmd = [st, "run", f"{url}/openapi.json", "--checks", CHECKS, "--max-examples", str(examples),
-           "--seed", str(seed), "--workers", str(workers), "--no-color", "--request-timeout", "60",
-           "--phases", "examples,coverage,fuzzing", "--suppress-health-check", "all", "--generation-database", "none"]
+    cmd = [
+        st,
+        "run",
+        f"{url}/openapi.json",
+        "--checks",
+        CHECKS,
+        "--max-examples",
+        str(examples),
+        "--seed",
+        str(seed),
+        "--workers",
+        str(workers),
+        "--no-color",
+        "--request-timeout",
+        "60",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--suppress-health-check",
+        "all",
+        "--generation-database",
+        "none",
+    ]
     if report is not None:
         cmd += ["--report", "ndjson", "--report-ndjson-path", str(report)]
     return cmd
@@ -98,8 +132,9 @@ def still_serves(url: str) -> str:
     return r.json()["choices"][0]["text"]
 
 
-def run_fuzz(model: Path | None, examples: int, seed: int, workers: int, out_dir: Path | None = None,
-             threads: int = 1) -> dict:
+def run_fuzz(
+    model: Path | None, examples: int, seed: int, workers: int, out_dir: Path | None = None, threads: int = 1
+) -> dict:
     """Serve, fuzz, check the server afterwards, stop it; a result document."""
     tmp = Path(tempfile.mkdtemp(prefix="ragtop-fuzz-"))
     out_dir = out_dir or tmp
@@ -107,8 +142,9 @@ def run_fuzz(model: Path | None, examples: int, seed: int, workers: int, out_dir
     try:
         t0 = time.monotonic()
         model = model or build_tiny_model(tmp)
-        server = ServerProcess(model, ["--threads", str(threads), "--served-model-name", "fuzz"],
-                               log_path=out_dir / "server.log").start()
+        server = ServerProcess(
+            model, ["--threads", str(threads), "--served-model-name", "fuzz"], log_path=out_dir / "server.log"
+        ).start()
         try:
             report = out_dir / "schemathesis.ndjson"
             cmd = schemathesis_command(server.url, examples, seed, workers, report)
@@ -123,11 +159,20 @@ def run_fuzz(model: Path | None, examples: int, seed: int, workers: int, out_dir
         log = (out_dir / "server.log").read_text(errors="replace")
         counts = count_requests(report)
         return {
-            "command": " ".join(cmd), "examples_per_operation": examples, "seed": seed, "workers": workers,
-            "schemathesis_exit": st.returncode, "summary": _summary(st.stdout), "requests_by_operation": counts,
-            "requests_total": sum(counts.values()), "fuzz_seconds": round(fuzz_s, 1),
-            "total_seconds": round(time.monotonic() - t0, 1), "answer_after": answer, "health_after": health,
-            "server_exit_code": exit_code, "server_tracebacks": log.count("Traceback"),
+            "command": " ".join(cmd),
+            "examples_per_operation": examples,
+            "seed": seed,
+            "workers": workers,
+            "schemathesis_exit": st.returncode,
+            "summary": _summary(st.stdout),
+            "requests_by_operation": counts,
+            "requests_total": sum(counts.values()),
+            "fuzz_seconds": round(fuzz_s, 1),
+            "total_seconds": round(time.monotonic() - t0, 1),
+            "answer_after": answer,
+            "health_after": health,
+            "server_exit_code": exit_code,
+            "server_tracebacks": log.count("Traceback"),
             "ok": st.returncode == 0 and exit_code == 0,
             "output_tail": (st.stdout + st.stderr)[-3000:],
         }
@@ -155,11 +200,15 @@ def add_arguments(sub) -> None:
 def cmd_fuzz(a: argparse.Namespace) -> int:
     doc = run_fuzz(a.model, a.examples, a.seed, a.workers, a.out, a.threads)
     print(doc["output_tail"])
-    print(f"requests sent: {doc['requests_total']} in {doc['fuzz_seconds']} s; by operation: "
-          + ", ".join(f"{k} {v}" for k, v in sorted(doc["requests_by_operation"].items())))
-    print(f"schemathesis exit {doc['schemathesis_exit']}; after the run the server answered {doc['answer_after']!r}, "
-          f"health {doc['health_after']['status']}; SIGTERM exit {doc['server_exit_code']}; "
-          f"tracebacks in the server log: {doc['server_tracebacks']}")
+    print(
+        f"requests sent: {doc['requests_total']} in {doc['fuzz_seconds']} s; by operation: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(doc["requests_by_operation"].items()))
+    )
+    print(
+        f"schemathesis exit {doc['schemathesis_exit']}; after the run the server answered {doc['answer_after']!r}, "
+        f"health {doc['health_after']['status']}; SIGTERM exit {doc['server_exit_code']}; "
+        f"tracebacks in the server log: {doc['server_tracebacks']}"
+    )
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({k: v for k, v in doc.items() if k != "output_tail"}, indent=1))

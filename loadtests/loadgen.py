@@ -29,22 +29,22 @@ from .workload import BASE_TEXT, RequestSpec, arrival_times, make_requests
 @dataclass
 class LoadConfig:
     url: str
-    model: str | None = None           # default: the first id of GET /v1/models
+    model: str | None = None  # default: the first id of GET /v1/models
     api_key: str | None = None
     num_requests: int = 32
     input_len: int = 128
     output_len: int = 64
-    dataset: str = "fixed"             # fixed | mix
+    dataset: str = "fixed"  # fixed | mix
     request_rate: float = float("inf")
     burstiness: float = 1.0
     max_concurrency: int | None = None
     seed: int = 0
     temperature: float = 0.0
     ignore_eos: bool = True
-    slos: dict[str, float] = field(default_factory=dict)   # seconds
+    slos: dict[str, float] = field(default_factory=dict)  # seconds
     percentiles: tuple[float, ...] = (90, 99)
-    warmup: int = 1                    # requests sent (and not counted) before the run
-    settle_s: float = 0.0              # pause after the warm-up (lets an external scraper sample)
+    warmup: int = 1  # requests sent (and not counted) before the run
+    settle_s: float = 0.0  # pause after the warm-up (lets an external scraper sample)
     timeout_s: float = 3600.0
     progress: bool = True
     label: str = ""
@@ -82,13 +82,20 @@ async def base_tokens(client: httpx.AsyncClient, cfg: LoadConfig, notes: list[st
 
 
 def request_body(cfg: LoadConfig, model: str, spec: RequestSpec) -> dict[str, Any]:
-    return {"model": model, "prompt": spec.prompt, "max_tokens": spec.max_tokens,
-            "temperature": cfg.temperature, "ignore_eos": cfg.ignore_eos, "stream": True,
-            "stream_options": {"include_usage": True}}
+    return {
+        "model": model,
+        "prompt": spec.prompt,
+        "max_tokens": spec.max_tokens,
+        "temperature": cfg.temperature,
+        "ignore_eos": cfg.ignore_eos,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
-async def send(client: httpx.AsyncClient, cfg: LoadConfig, body: dict[str, Any], result: RequestResult,
-               t0: float) -> RequestResult:
+async def send(
+    client: httpx.AsyncClient, cfg: LoadConfig, body: dict[str, Any], result: RequestResult, t0: float
+) -> RequestResult:
     """POST one streaming completion and time it into `result` (offsets from t0)."""
     result.sent = time.perf_counter() - t0
     chunks = 0
@@ -143,8 +150,11 @@ def _error_message(text: str) -> str:
 
 def machine() -> dict[str, Any]:
     """A description of the machine a run measured (for the report)."""
-    info: dict[str, Any] = {"platform": platform.platform(), "python": sys.version.split()[0],
-                            "cpu_count": _cpu_count()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": _cpu_count(),
+    }
     try:
         for line in open("/proc/cpuinfo", encoding="utf-8"):
             if line.startswith("model name"):
@@ -184,8 +194,13 @@ async def run_load(cfg: LoadConfig) -> dict[str, Any]:
         base = await base_tokens(client, cfg, notes)
         specs = make_requests(base, cfg.num_requests, cfg.input_len, cfg.output_len, cfg.dataset, cfg.seed)
         for i in range(cfg.warmup):
-            w = await send(client, cfg, request_body(cfg, model, RequestSpec(base[:16], 4)),
-                           RequestResult(-1 - i, 16, 4), time.perf_counter())
+            w = await send(
+                client,
+                cfg,
+                request_body(cfg, model, RequestSpec(base[:16], 4)),
+                RequestResult(-1 - i, 16, 4),
+                time.perf_counter(),
+            )
             if not w.ok:
                 notes.append(f"warm-up request failed: {w.status} {w.error}")
         if cfg.settle_s:
@@ -219,9 +234,19 @@ async def run_load(cfg: LoadConfig) -> dict[str, Any]:
     server = prom.server_summary(before, after)
     if server is None:
         notes.append("GET /metrics unavailable: no server-side figures")
-    return {"schema": SCHEMA, "kind": "run", "label": cfg.label, "started_at": started_at,
-            "model": model, "config": cfg.to_json(), "machine": machine(), "summary": summary,
-            "server": server, "notes": notes, "requests": [r.to_json() for r in results]}
+    return {
+        "schema": SCHEMA,
+        "kind": "run",
+        "label": cfg.label,
+        "started_at": started_at,
+        "model": model,
+        "config": cfg.to_json(),
+        "machine": machine(),
+        "summary": summary,
+        "server": server,
+        "notes": notes,
+        "requests": [r.to_json() for r in results],
+    }
 
 
 def _progress(cfg: LoadConfig):
@@ -229,5 +254,11 @@ def _progress(cfg: LoadConfig):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.num_requests, desc=cfg.label or "requests", unit="req", file=sys.stderr,
-                dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=cfg.num_requests,
+        desc=cfg.label or "requests",
+        unit="req",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
+    )

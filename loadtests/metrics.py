@@ -31,14 +31,14 @@ class RequestResult:
     index: int
     prompt_tokens: int
     max_tokens: int
-    sent: float = 0.0                 # when the request was sent
+    sent: float = 0.0  # when the request was sent
     ok: bool = False
-    status: int = 0                   # HTTP status (0: no response)
+    status: int = 0  # HTTP status (0: no response)
     error: str = ""
     first_token: float | None = None  # the first text-carrying chunk
     chunk_times: list[float] = field(default_factory=list)  # every text-carrying chunk
-    done: float | None = None         # end of the stream
-    output_tokens: int = 0            # usage.completion_tokens (else the chunk count)
+    done: float | None = None  # end of the stream
+    output_tokens: int = 0  # usage.completion_tokens (else the chunk count)
     usage_prompt_tokens: int | None = None
     retry_after: str | None = None
 
@@ -108,8 +108,9 @@ def stats(values: list[float], percentiles: tuple[float, ...]) -> dict[str, floa
         out.update({f"p{_pct_name(p)}": None for p in percentiles})
         return out
     a = np.asarray(values, dtype=np.float64)
-    out.update(mean=float(a.mean()), std=float(a.std()), median=float(np.median(a)),
-               min=float(a.min()), max=float(a.max()))
+    out.update(
+        mean=float(a.mean()), std=float(a.std()), median=float(np.median(a)), min=float(a.min()), max=float(a.max())
+    )
     for p in percentiles:
         out[f"p{_pct_name(p)}"] = float(np.percentile(a, p))
     return out
@@ -119,8 +120,12 @@ def _pct_name(p: float) -> str:
     return str(int(p)) if float(p).is_integer() else str(p).replace(".", "_")
 
 
-def summarize(results: list[RequestResult], slos: dict[str, float] | None = None,
-              percentiles: tuple[float, ...] = (90, 99), duration: float | None = None) -> dict[str, Any]:
+def summarize(
+    results: list[RequestResult],
+    slos: dict[str, float] | None = None,
+    percentiles: tuple[float, ...] = (90, 99),
+    duration: float | None = None,
+) -> dict[str, Any]:
     """The run's figures from its requests. `duration` defaults to first send -> last end."""
     slos = slos or {}
     done = [r for r in results if r.ok]
@@ -171,26 +176,35 @@ def fmt_ms(x: float | None) -> str:
 
 def format_summary(summary: dict[str, Any], title: str = "load test") -> str:
     """The terminal summary (vllm bench serve's layout)."""
+
     def num(x: float | None, spec: str = ".2f") -> str:
         return "-" if x is None else format(x, spec)
 
-    lines = [f"{'=' * 20} {title} {'=' * 20}",
-             f"{'Successful requests:':<40}{summary['completed']:>12}",
-             f"{'Failed requests:':<40}{summary['failed']:>12}"]
+    lines = [
+        f"{'=' * 20} {title} {'=' * 20}",
+        f"{'Successful requests:':<40}{summary['completed']:>12}",
+        f"{'Failed requests:':<40}{summary['failed']:>12}",
+    ]
     if summary["failed_by_status"]:
         by = ", ".join(f"{k}: {v}" for k, v in sorted(summary["failed_by_status"].items()))
         lines.append(f"{'  by status:':<40}{by:>12}")
-    lines += [f"{'Benchmark duration (s):':<40}{num(summary['duration_s']):>12}",
-              f"{'Total input tokens:':<40}{summary['total_prompt_tokens']:>12}",
-              f"{'Total generated tokens:':<40}{summary['total_output_tokens']:>12}",
-              f"{'Request throughput (req/s):':<40}{num(summary['request_throughput']):>12}",
-              f"{'Output token throughput (tok/s):':<40}{num(summary['output_throughput']):>12}",
-              f"{'Total token throughput (tok/s):':<40}{num(summary['total_token_throughput']):>12}"]
+    lines += [
+        f"{'Benchmark duration (s):':<40}{num(summary['duration_s']):>12}",
+        f"{'Total input tokens:':<40}{summary['total_prompt_tokens']:>12}",
+        f"{'Total generated tokens:':<40}{summary['total_output_tokens']:>12}",
+        f"{'Request throughput (req/s):':<40}{num(summary['request_throughput']):>12}",
+        f"{'Output token throughput (tok/s):':<40}{num(summary['output_throughput']):>12}",
+        f"{'Total token throughput (tok/s):':<40}{num(summary['total_token_throughput']):>12}",
+    ]
     if summary["goodput"] is not None:
         slos = ", ".join(f"{k} <= {v * 1000:g} ms" for k, v in summary["slos_s"].items())
         lines.append(f"{'Request goodput (req/s):':<40}{num(summary['goodput']):>12}   ({slos})")
-    names = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
-             "itl": "Inter-token Latency", "e2e": "End-to-end Latency"}
+    names = {
+        "ttft": "Time to First Token",
+        "tpot": "Time per Output Token (excl. 1st token)",
+        "itl": "Inter-token Latency",
+        "e2e": "End-to-end Latency",
+    }
     for key in LATENCIES:
         s = summary[f"{key}_s"]
         lines.append(f"{'-' * 10}{names[key]}{'-' * 10}")

@@ -30,8 +30,13 @@ SENTENCES = [
     "In {year} the nation counted {n} new schools, {m} miles of railroad and a growing number of public libraries.",
     "Congress debated the treaty for many weeks before the vote, and the final text added three articles on fisheries.",
 ]
-QUESTIONS = ["What did the committee find about the costs?", "How many new schools were counted?",
-             "What did the farmers report?", "What did the treaty add?", "Summarize the document in one sentence."]
+QUESTIONS = [
+    "What did the committee find about the costs?",
+    "How many new schools were counted?",
+    "What did the farmers report?",
+    "What did the treaty add?",
+    "Summarize the document in one sentence.",
+]
 
 
 def document(tokenize, n_tokens: int) -> str:
@@ -46,8 +51,14 @@ def document(tokenize, n_tokens: int) -> str:
 
 
 def ask(client: httpx.Client, model: str, messages: list[dict], max_tokens: int) -> dict:
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     ttft, text, usage = None, [], None
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -76,17 +87,26 @@ def conversation(url: str, doc: str, questions: list[str], max_tokens: int) -> l
             messages.append({"role": "user", "content": q})
             turn = ask(client, model, messages, max_tokens)
             messages.append({"role": "assistant", "content": turn["text"]})
-            turns.append({"question": q, "ttft_s": turn["ttft_s"], "e2e_s": turn["e2e_s"],
-                          "prompt_tokens": turn["usage"]["prompt_tokens"],
-                          "cached_tokens": turn["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0),
-                          "answer": turn["text"]})
+            turns.append(
+                {
+                    "question": q,
+                    "ttft_s": turn["ttft_s"],
+                    "e2e_s": turn["e2e_s"],
+                    "prompt_tokens": turn["usage"]["prompt_tokens"],
+                    "cached_tokens": turn["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0),
+                    "answer": turn["text"],
+                }
+            )
         return turns
 
 
 def run(model: Path, doc_tokens: int, questions: int, max_tokens: int, threads: int, log_dir: Path) -> dict:
     results = {}
     for label, extra in (("prefix caching", []), ("no prefix caching", ["--no-prefix-caching"])):
-        with ServerProcess(model, ["--threads", str(threads), *extra], log_path=log_dir / f"server-{len(results)}.log") as srv:
+        with ServerProcess(
+            model, ["--threads", str(threads), *extra], log_path=log_dir / f"server-{len(results)}.log"
+        ) as srv:
+
             def tokenize(text: str) -> int:
                 return httpx.post(srv.url + "/tokenize", json={"prompt": text}, timeout=600).json()["count"]
 
@@ -99,13 +119,18 @@ def summarize(results: dict) -> dict:
     out = {}
     for label, turns in results.items():
         follow = [t["ttft_s"] for t in turns[1:]]
-        out[label] = {"first_ttft_s": turns[0]["ttft_s"], "follow_up_ttft_s_median": statistics.median(follow) if follow else None,
-                      "follow_up_cached_tokens": [t["cached_tokens"] for t in turns[1:]],
-                      "prompt_tokens": [t["prompt_tokens"] for t in turns]}
+        out[label] = {
+            "first_ttft_s": turns[0]["ttft_s"],
+            "follow_up_ttft_s_median": statistics.median(follow) if follow else None,
+            "follow_up_cached_tokens": [t["cached_tokens"] for t in turns[1:]],
+            "prompt_tokens": [t["prompt_tokens"] for t in turns],
+        }
     on, off = out.get("prefix caching"), out.get("no prefix caching")
     if on and off and on["follow_up_ttft_s_median"]:
         out["follow_up_ttft_ratio"] = off["follow_up_ttft_s_median"] / on["follow_up_ttft_s_median"]
-        out["same_answers"] = [a["answer"] for a in results["prefix caching"]] == [b["answer"] for b in results["no prefix caching"]]
+        out["same_answers"] = [a["answer"] for a in results["prefix caching"]] == [
+            b["answer"] for b in results["no prefix caching"]
+        ]
     return out
 
 
@@ -124,13 +149,22 @@ def cmd_multiturn(a: argparse.Namespace) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     results = run(a.model, a.doc_tokens, a.questions, a.max_tokens, a.threads, a.out)
     summary = summarize(results)
-    (a.out / "multiturn.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items() if k != "func"},
-                                                      "summary": summary, "turns": results}, indent=1))
+    (a.out / "multiturn.json").write_text(
+        json.dumps(
+            {"args": {k: str(v) for k, v in vars(a).items() if k != "func"}, "summary": summary, "turns": results},
+            indent=1,
+        )
+    )
     for label in ("prefix caching", "no prefix caching"):
         s = summary[label]
-        print(f"{label:>18}: first turn TTFT {s['first_ttft_s']:.2f} s; follow-ups median TTFT "
-              f"{s['follow_up_ttft_s_median']:.2f} s, cached tokens {s['follow_up_cached_tokens']}, prompts {s['prompt_tokens']}")
+        print(
+            f"{label:>18}: first turn TTFT {s['first_ttft_s']:.2f} s; follow-ups median TTFT "
+            f"{s['follow_up_ttft_s_median']:.2f} s, cached tokens {s['follow_up_cached_tokens']}, prompts "
+            f"{s['prompt_tokens']}"
+        )
     if "follow_up_ttft_ratio" in summary:
-        print(f"follow-up TTFT without / with prefix caching: {summary['follow_up_ttft_ratio']:.1f}x; "
-              f"same answers: {summary['same_answers']}")
+        print(
+            f"follow-up TTFT without / with prefix caching: {summary['follow_up_ttft_ratio']:.1f}x; "
+            f"same answers: {summary['same_answers']}"
+        )
     return 0

@@ -72,8 +72,10 @@ def run_transformers(checkpoint: Path, context: int, new_tokens: int, threads: i
     ckpt = load_checkpoint(checkpoint)
     c = ckpt.model.config
     if c.attention.kind != "dense" or c.embedding.kind != "uniform":
-        raise SystemExit(f"transformers peer: {checkpoint} is {c.attention.kind}/{c.embedding.kind}; "
-                         "only dense + uniform models have a transformers twin")
+        raise SystemExit(
+            f"transformers peer: {checkpoint} is {c.attention.kind}/{c.embedding.kind}; "
+            "only dense + uniform models have a transformers twin"
+        )
     hf = to_hf_llama(ckpt.model)
     hf.config.max_position_embeddings = max(hf.config.max_position_embeddings, context + new_tokens)
     attn = "sdpa"
@@ -100,19 +102,27 @@ def run_transformers(checkpoint: Path, context: int, new_tokens: int, threads: i
         hf.generate(ids[:, :16], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
         clock = Clock()
         t0 = time.perf_counter()
-        out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=0, streamer=clock)
+        out = hf.generate(
+            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock
+        )
     assert out.shape[1] == context + new_tokens
     t = clock.times
-    return {"peer": "transformers", "attention_implementation": attn, "context": context,
-            "new_tokens": new_tokens, "ttft_s": t[0] - t0,
-            "decode_tokens_per_s": (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else None,
-            "peak_rss_bytes": peak_rss(), "threads": torch.get_num_threads(),
-            "transformers": __import__("transformers").__version__}
+    return {
+        "peer": "transformers",
+        "attention_implementation": attn,
+        "context": context,
+        "new_tokens": new_tokens,
+        "ttft_s": t[0] - t0,
+        "decode_tokens_per_s": (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else None,
+        "peak_rss_bytes": peak_rss(),
+        "threads": torch.get_num_threads(),
+        "transformers": __import__("transformers").__version__,
+    }
 
 
-def run_stock_ort(export_dir: Path, context: int, new_tokens: int, threads: int | None,
-                  prefill_chunk: int = 256) -> dict[str, Any]:
+def run_stock_ort(
+    export_dir: Path, context: int, new_tokens: int, threads: int | None, prefill_chunk: int = 256
+) -> dict[str, Any]:
     import onnxruntime as ort
 
     g = json.loads((export_dir / "genai_config.json").read_text())
@@ -155,15 +165,23 @@ def run_stock_ort(export_dir: Path, context: int, new_tokens: int, threads: int 
     length = 0
     t0 = time.perf_counter()
     for s in range(0, len(prompt), prefill_chunk):
-        tok = step(prompt[s:s + prefill_chunk])
+        tok = step(prompt[s : s + prefill_chunk])
     times = [time.perf_counter()]
     for _ in range(new_tokens - 1):
         tok = step([tok])
         times.append(time.perf_counter())
-    return {"peer": "stock-ort", "context": context, "new_tokens": new_tokens, "ttft_s": times[0] - t0,
-            "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None,
-            "peak_rss_bytes": peak_rss(), "capacity": capacity, "prefill_chunk": prefill_chunk,
-            "threads": threads, "onnxruntime": ort.__version__}
+    return {
+        "peer": "stock-ort",
+        "context": context,
+        "new_tokens": new_tokens,
+        "ttft_s": times[0] - t0,
+        "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None,
+        "peak_rss_bytes": peak_rss(),
+        "capacity": capacity,
+        "prefill_chunk": prefill_chunk,
+        "threads": threads,
+        "onnxruntime": ort.__version__,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,16 +205,20 @@ def require(kind: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise PeerMissing(f"{kind} peer: the Python package {dist!r} is not installed ({e}); install it with "
-                          f"`make bench-peers` (builds llama.cpp's library only) or `pip install 'ragtop[peers]'`") from e
+        raise PeerMissing(
+            f"{kind} peer: the Python package {dist!r} is not installed ({e}); install it with "
+            f"`make bench-peers` (builds llama.cpp's library only) or `pip install 'ragtop[peers]'`"
+        ) from e
 
 
 def timing(peer: str, t0: float, times: list[float]) -> dict[str, Any]:
     """TTFT and decode tokens/s from the start time and the time each new token was known."""
     if not times:
         raise ValueError(f"{peer}: no token was generated")
-    return {"ttft_s": times[0] - t0,
-            "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None}
+    return {
+        "ttft_s": times[0] - t0,
+        "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None,
+    }
 
 
 def read_result(path: Path) -> dict[str, Any]:
@@ -224,8 +246,9 @@ def open_llama(llama_cpp, gguf: Path, n_ctx: int, threads: int, repack: bool):
     repacking, AMX) off: the CLI's `--no-repack`, which the Python class does not expose (it
     reads llama_model_default_params, so that is wrapped while the model loads)."""
     if repack:
-        return llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                               n_batch=512, verbose=False)
+        return llama_cpp.Llama(
+            model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False
+        )
     low = llama_cpp.llama_cpp  # the ctypes module, whose function llama.py calls
     defaults = low.llama_model_default_params
 
@@ -236,14 +259,16 @@ def open_llama(llama_cpp, gguf: Path, n_ctx: int, threads: int, repack: bool):
 
     low.llama_model_default_params = no_repack
     try:
-        return llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                               n_batch=512, verbose=False)
+        return llama_cpp.Llama(
+            model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False
+        )
     finally:
         low.llama_model_default_params = defaults
 
 
-def run_llama_cpp(gguf: Path, context: int, new_tokens: int, threads: int | None,
-                  tokenizer_json: Path, repack: bool = True) -> dict[str, Any]:
+def run_llama_cpp(
+    gguf: Path, context: int, new_tokens: int, threads: int | None, tokenizer_json: Path, repack: bool = True
+) -> dict[str, Any]:
     """llama.cpp on the GGUF itself: prefill with eval (batches of 512), then one eval per token;
     the next token is the argmax of the last logits (greedy, as the other systems)."""
     if not Path(gguf).is_file() or Path(gguf).suffix != ".gguf":
@@ -272,15 +297,30 @@ def run_llama_cpp(gguf: Path, context: int, new_tokens: int, threads: int | None
         tok = last_token()
         times.append(time.perf_counter())
     perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
-    own = {"prompt_ms": perf.t_p_eval_ms, "prompt_tokens": perf.n_p_eval, "eval_ms": perf.t_eval_ms,
-           "eval_tokens": perf.n_eval}
-    return {"peer": "llama.cpp", "context": context, "new_tokens": new_tokens, **timing("llama.cpp", t0, times),
-            "peak_rss_bytes": peak_rss(), "threads": threads, "n_batch": 512, "gguf": str(gguf), "repack": repack,
-            "llama_perf": own, "llama_cpp_python": getattr(llama_cpp, "__version__", "?")}
+    own = {
+        "prompt_ms": perf.t_p_eval_ms,
+        "prompt_tokens": perf.n_p_eval,
+        "eval_ms": perf.t_eval_ms,
+        "eval_tokens": perf.n_eval,
+    }
+    return {
+        "peer": "llama.cpp",
+        "context": context,
+        "new_tokens": new_tokens,
+        **timing("llama.cpp", t0, times),
+        "peak_rss_bytes": peak_rss(),
+        "threads": threads,
+        "n_batch": 512,
+        "gguf": str(gguf),
+        "repack": repack,
+        "llama_perf": own,
+        "llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
+    }
 
 
-def run_ort_genai(model_dir: Path, context: int, new_tokens: int, threads: int | None,
-                  tokenizer_json: Path) -> dict[str, Any]:
+def run_ort_genai(
+    model_dir: Path, context: int, new_tokens: int, threads: int | None, tokenizer_json: Path
+) -> dict[str, Any]:
     """ONNX Runtime GenAI's Generator: append_tokens runs the prefill (and computes the first
     logits); each generate_next_token picks a token (greedy) and runs the model on the previous one."""
     if not (Path(model_dir) / "genai_config.json").is_file():
@@ -309,13 +349,21 @@ def run_ort_genai(model_dir: Path, context: int, new_tokens: int, threads: int |
 
     generate(prompt[:8], 2)  # warm-up
     t0, times = generate(prompt, new_tokens)
-    return {"peer": "ort-genai", "context": context, "new_tokens": new_tokens, **timing("ort-genai", t0, times),
-            "peak_rss_bytes": peak_rss(), "threads": threads, "model_dir": str(model_dir),
-            "onnxruntime_genai": getattr(og, "__version__", "?")}
+    return {
+        "peer": "ort-genai",
+        "context": context,
+        "new_tokens": new_tokens,
+        **timing("ort-genai", t0, times),
+        "peak_rss_bytes": peak_rss(),
+        "threads": threads,
+        "model_dir": str(model_dir),
+        "onnxruntime_genai": getattr(og, "__version__", "?"),
+    }
 
 
-def run_ragtop_engine(export_dir: Path, context: int, new_tokens: int, threads: int | None,
-                      tokenizer_json: Path) -> dict[str, Any]:
+def run_ragtop_engine(
+    export_dir: Path, context: int, new_tokens: int, threads: int | None, tokenizer_json: Path
+) -> dict[str, Any]:
     """ragtop's LLMEngine in this process on an export: the served mode without HTTP."""
     from ragtop.runtime import EngineConfig, Request, SamplingParams, SchedulerConfig, load_model
 
@@ -323,8 +371,9 @@ def run_ragtop_engine(export_dir: Path, context: int, new_tokens: int, threads: 
     prompt = prompt_ids(tokenizer_json, context)
 
     def generate(ids: list[int], n: int) -> tuple[float, list[float]]:
-        e = m.engine(EngineConfig(SchedulerConfig(max_batch_size=1), context_limit=len(ids) + n + 16,
-                                  prefix_caching=False))
+        e = m.engine(
+            EngineConfig(SchedulerConfig(max_batch_size=1), context_limit=len(ids) + n + 16, prefix_caching=False)
+        )
         t0 = time.perf_counter()
         e.add_request(Request("peer", ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))
         times: list[float] = []
@@ -336,9 +385,15 @@ def run_ragtop_engine(export_dir: Path, context: int, new_tokens: int, threads: 
 
     generate(prompt[:8], 2)  # warm-up
     t0, times = generate(prompt, new_tokens)
-    return {"peer": "ragtop-engine", "context": context, "new_tokens": new_tokens,
-            **timing("ragtop-engine", t0, times), "peak_rss_bytes": peak_rss(), "threads": threads,
-            "export_dir": str(export_dir)}
+    return {
+        "peer": "ragtop-engine",
+        "context": context,
+        "new_tokens": new_tokens,
+        **timing("ragtop-engine", t0, times),
+        "peak_rss_bytes": peak_rss(),
+        "threads": threads,
+        "export_dir": str(export_dir),
+    }
 
 
 def write_hf_folder(checkpoint: Path, out: Path, max_positions: int) -> Path:
@@ -352,12 +407,17 @@ def write_hf_folder(checkpoint: Path, out: Path, max_positions: int) -> Path:
     ckpt = load_checkpoint(checkpoint)
     c = ckpt.model.config
     if c.attention.kind != "dense" or c.embedding.kind != "uniform":
-        raise SystemExit(f"{checkpoint} is {c.attention.kind}/{c.embedding.kind}: only dense + uniform "
-                         "checkpoints have a Hugging Face Llama twin")
+        raise SystemExit(
+            f"{checkpoint} is {c.attention.kind}/{c.embedding.kind}: only dense + uniform "
+            "checkpoints have a Hugging Face Llama twin"
+        )
     hf = to_hf_llama(ckpt.model)
     hf.config.max_position_embeddings = max(hf.config.max_position_embeddings, max_positions)
-    gen = json.loads((checkpoint / "generation_config.json").read_text()) \
-        if (checkpoint / "generation_config.json").is_file() else {}
+    gen = (
+        json.loads((checkpoint / "generation_config.json").read_text())
+        if (checkpoint / "generation_config.json").is_file()
+        else {}
+    )
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if isinstance(gen.get(key), int):
             setattr(hf.config, key, gen[key])
@@ -370,8 +430,9 @@ def write_hf_folder(checkpoint: Path, out: Path, max_positions: int) -> Path:
     return out
 
 
-def prepare_ort_genai(checkpoint: Path, out: Path, max_positions: int, log_path: Path | None = None,
-                      precision: str = "int4") -> Path:
+def prepare_ort_genai(
+    checkpoint: Path, out: Path, max_positions: int, log_path: Path | None = None, precision: str = "int4"
+) -> Path:
     """ONNX Runtime GenAI's model, made by its own builder from the checkpoint's weights, offline;
     cached: a folder stamped with what it was built from is reused."""
     import shutil
@@ -387,9 +448,23 @@ def prepare_ort_genai(checkpoint: Path, out: Path, max_positions: int, log_path:
     hf_dir = out.with_name(out.name + "-hf")
     shutil.rmtree(hf_dir, ignore_errors=True)
     write_hf_folder(Path(checkpoint), hf_dir, max_positions)
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
-           "-p", precision, "-e", "cpu", "-c", str(out.with_name(out.name + "-cache")),
-           "--extra_options", "prune_lm_head=true"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(hf_dir),
+        "-o",
+        str(out),
+        "-p",
+        precision,
+        "-e",
+        "cpu",
+        "-c",
+        str(out.with_name(out.name + "-cache")),
+        "--extra_options",
+        "prune_lm_head=true",
+    ]
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with open(log_path or out.with_name(out.name + "-build.log"), "ab") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -408,14 +483,24 @@ RUNNERS = {"llama.cpp": run_llama_cpp, "ort-genai": run_ort_genai, "ragtop-engin
 def add_arguments(sub) -> None:
     p = sub.add_parser("peer", help="one peer measurement in this process (used by context-sweep)")
     p.add_argument("kind", choices=list(KINDS))
-    p.add_argument("path", type=Path, help="checkpoint (transformers), --ops standard export (stock-ort), .gguf file "
-                                           "(llama.cpp), builder output (ort-genai) or export (ragtop-engine)")
+    p.add_argument(
+        "path",
+        type=Path,
+        help="checkpoint (transformers), --ops standard export (stock-ort), .gguf file "
+        "(llama.cpp), builder output (ort-genai) or export (ragtop-engine)",
+    )
     p.add_argument("--context", type=int, required=True)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int)
-    p.add_argument("--tokenizer", type=Path, help="tokenizer.json giving the prompt token ids (default: PATH/tokenizer.json)")
-    p.add_argument("--no-repack", dest="repack", action="store_false",
-                   help="llama.cpp: its extra CPU buffer types off (weight repacking, AMX; the CLI's --no-repack)")
+    p.add_argument(
+        "--tokenizer", type=Path, help="tokenizer.json giving the prompt token ids (default: PATH/tokenizer.json)"
+    )
+    p.add_argument(
+        "--no-repack",
+        dest="repack",
+        action="store_false",
+        help="llama.cpp: its extra CPU buffer types off (weight repacking, AMX; the CLI's --no-repack)",
+    )
     p.add_argument("--json", type=Path)
     p.set_defaults(func=run)
 

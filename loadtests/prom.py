@@ -20,13 +20,16 @@ Key = tuple[str, tuple[tuple[str, str], ...]]
 
 @dataclass
 class Scrape:
-    at: float                                   # time.time() of the scrape
+    at: float  # time.time() of the scrape
     samples: dict[Key, float] = field(default_factory=dict)
 
     def get(self, name: str, **labels: str) -> float | None:
         """Sum of the samples called `name` whose labels include `labels`."""
-        found = [v for (n, ls), v in self.samples.items()
-                 if n == name and all(dict(ls).get(k) == want for k, want in labels.items())]
+        found = [
+            v
+            for (n, ls), v in self.samples.items()
+            if n == name and all(dict(ls).get(k) == want for k, want in labels.items())
+        ]
         return sum(found) if found else None
 
     def series(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -80,7 +83,10 @@ def decode_throughput(before: Scrape, after: Scrape) -> dict[str, dict[str, floa
             continue
         d = dict(labels)
         out[f"{d.get('attention', '?')}/{d.get('context_bucket', '?')}"] = {
-            "tokens": dt, "seconds": ds, "tokens_per_s": dt / ds}
+            "tokens": dt,
+            "seconds": ds,
+            "tokens_per_s": dt / ds,
+        }
         total_tok, total_s = total_tok + dt, total_s + ds
     if total_s > 0:
         out["all"] = {"tokens": total_tok, "seconds": total_s, "tokens_per_s": total_tok / total_s}
@@ -104,6 +110,8 @@ def server_summary(before: Scrape | None, after: Scrape | None) -> dict | None:
         "peak_resident_memory_bytes": after.get("ragtop:peak_resident_memory_bytes"),
         "resident_memory_bytes": after.get("ragtop:resident_memory_bytes"),
         "kv_cache_total_bytes": after.get("ragtop:kv_cache_total_bytes"),
-        "http_errors": {dict(ls).get("status", "?"): v - before.samples.get(("ragtop:http_errors_total", ls), 0.0)
-                        for ls, v in after.series("ragtop:http_errors_total").items()},
+        "http_errors": {
+            dict(ls).get("status", "?"): v - before.samples.get(("ragtop:http_errors_total", ls), 0.0)
+            for ls, v in after.series("ragtop:http_errors_total").items()
+        },
     }

@@ -31,11 +31,17 @@ class PrometheusServer:
         folder.mkdir(parents=True, exist_ok=True)
         target = target_url.split("://", 1)[-1].rstrip("/")
         config = folder / "prometheus.yml"
-        config.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-                          "scrape_configs:\n  - job_name: ragtop\n    static_configs:\n"
-                          f"      - targets: ['{target}']\n")
-        self.cmd = [binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}"]
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: ragtop\n    static_configs:\n"
+            f"      - targets: ['{target}']\n"
+        )
+        self.cmd = [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+        ]
         self.log = open(folder / "prometheus.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
 

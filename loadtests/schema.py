@@ -16,40 +16,98 @@ OPT_NUM = (int, float, type(None))
 LAT = {"count": int, "mean": OPT_NUM, "median": OPT_NUM, "std": OPT_NUM, "min": OPT_NUM, "max": OPT_NUM}
 
 SUMMARY = {
-    "requests": int, "completed": int, "failed": int, "failed_by_status": dict, "rejected_429": int,
-    "duration_s": NUM, "total_prompt_tokens": int, "total_output_tokens": int,
-    "request_throughput": OPT_NUM, "output_throughput": OPT_NUM, "total_token_throughput": OPT_NUM,
-    "slos_s": dict, "good_requests": (int, type(None)), "goodput": OPT_NUM,
-    "ttft_s": LAT, "tpot_s": LAT, "itl_s": LAT, "e2e_s": LAT, "decode_tokens_per_s": LAT,
+    "requests": int,
+    "completed": int,
+    "failed": int,
+    "failed_by_status": dict,
+    "rejected_429": int,
+    "duration_s": NUM,
+    "total_prompt_tokens": int,
+    "total_output_tokens": int,
+    "request_throughput": OPT_NUM,
+    "output_throughput": OPT_NUM,
+    "total_token_throughput": OPT_NUM,
+    "slos_s": dict,
+    "good_requests": (int, type(None)),
+    "goodput": OPT_NUM,
+    "ttft_s": LAT,
+    "tpot_s": LAT,
+    "itl_s": LAT,
+    "e2e_s": LAT,
+    "decode_tokens_per_s": LAT,
 }
 
 REQUEST = {
-    "index": int, "prompt_tokens": int, "max_tokens": int, "sent": NUM, "ok": bool, "status": int,
-    "error": str, "output_tokens": int, "ttft": OPT_NUM, "tpot": OPT_NUM, "e2e": OPT_NUM, "itl": list,
+    "index": int,
+    "prompt_tokens": int,
+    "max_tokens": int,
+    "sent": NUM,
+    "ok": bool,
+    "status": int,
+    "error": str,
+    "output_tokens": int,
+    "ttft": OPT_NUM,
+    "tpot": OPT_NUM,
+    "e2e": OPT_NUM,
+    "itl": list,
 }
 
 RUN = {
-    "schema": str, "kind": str, "label": str, "started_at": NUM, "model": str, "config": dict,
-    "machine": dict, "summary": SUMMARY, "server": (dict, type(None)), "notes": list, "requests": [REQUEST],
+    "schema": str,
+    "kind": str,
+    "label": str,
+    "started_at": NUM,
+    "model": str,
+    "config": dict,
+    "machine": dict,
+    "summary": SUMMARY,
+    "server": (dict, type(None)),
+    "notes": list,
+    "requests": [REQUEST],
 }
 
 CONTEXT_ROW = {
-    "model": str, "mode": str, "context": int, "new_tokens": int, "ok": bool, "error": (str, type(None)),
-    "decode_tokens_per_s": OPT_NUM, "ttft_s": OPT_NUM, "peak_rss_bytes": OPT_NUM,
-    "speedup_vs_dense": OPT_NUM, "bytes_per_token": OPT_NUM, "bandwidth_bound_pct": OPT_NUM,
+    "model": str,
+    "mode": str,
+    "context": int,
+    "new_tokens": int,
+    "ok": bool,
+    "error": (str, type(None)),
+    "decode_tokens_per_s": OPT_NUM,
+    "ttft_s": OPT_NUM,
+    "peak_rss_bytes": OPT_NUM,
+    "speedup_vs_dense": OPT_NUM,
+    "bytes_per_token": OPT_NUM,
+    "bandwidth_bound_pct": OPT_NUM,
     "server_decode_tokens_per_s": OPT_NUM,
 }
 
 CONTEXT_SWEEP = {
-    "schema": str, "kind": str, "started_at": NUM, "finished_at": NUM, "machine": dict, "command": str,
-    "settings": dict, "bandwidth": (dict, type(None)), "rows": [CONTEXT_ROW], "notes": list,
+    "schema": str,
+    "kind": str,
+    "started_at": NUM,
+    "finished_at": NUM,
+    "machine": dict,
+    "command": str,
+    "settings": dict,
+    "bandwidth": (dict, type(None)),
+    "rows": [CONTEXT_ROW],
+    "notes": list,
 }
 
 CONCURRENCY_ROW = {"clients": int, "summary": SUMMARY, "server": (dict, type(None))}
 
 CONCURRENCY_SWEEP = {
-    "schema": str, "kind": str, "started_at": NUM, "finished_at": NUM, "machine": dict, "command": str,
-    "settings": dict, "levels": [CONCURRENCY_ROW], "first_429_clients": (int, type(None)), "notes": list,
+    "schema": str,
+    "kind": str,
+    "started_at": NUM,
+    "finished_at": NUM,
+    "machine": dict,
+    "command": str,
+    "settings": dict,
+    "levels": [CONCURRENCY_ROW],
+    "first_429_clients": (int, type(None)),
+    "notes": list,
 }
 
 SPECS = {"run": RUN, "context-sweep": CONTEXT_SWEEP, "concurrency-sweep": CONCURRENCY_SWEEP}

@@ -40,8 +40,14 @@ def proc_status_bytes(pid: int, field: str) -> int | None:
 class ServerProcess:
     """`ragtop serve MODEL --port N ARGS...` in a child process (its log in `log_path`)."""
 
-    def __init__(self, model: str | Path | None, args: list[str] | None = None, env: dict[str, str] | None = None,
-                 log_path: Path | None = None, nice: int = 0) -> None:
+    def __init__(
+        self,
+        model: str | Path | None,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+        nice: int = 0,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-c", "import sys; from ragtop.cli import main; sys.exit(main())", "serve"]
@@ -57,13 +63,14 @@ class ServerProcess:
     def start(self, timeout: float = 600.0) -> ServerProcess:
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         pre = (lambda: os.nice(self.nice)) if self.nice else None
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     preexec_fn=pre)
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=pre)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ragtop serve exited with {self.proc.returncode} before it was ready"
-                                   + (f" (log: {self.log_path})\n{self.log_tail()}" if self.log_path else ""))
+                raise RuntimeError(
+                    f"ragtop serve exited with {self.proc.returncode} before it was ready"
+                    + (f" (log: {self.log_path})\n{self.log_tail()}" if self.log_path else "")
+                )
             try:
                 if httpx.get(self.url + "/health", timeout=5).status_code == 200:
                     return self

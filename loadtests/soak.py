@@ -49,24 +49,41 @@ class SoakResult:
 def body_for(kind: str, rng: random.Random, max_tokens: int) -> tuple[str, dict]:
     """(path, body) of one request of this kind."""
     prompt = rng.choice(["The quick brown fox", "State of the Union", "Numbers 12345 and", "Unicode: café 日本"])
-    sampling = rng.choice([{"temperature": 0}, {"temperature": 0.7, "top_p": 0.9, "seed": rng.randrange(2**31)},
-                           {"temperature": 1e-9}, {"temperature": 1.5, "top_k": 5, "repetition_penalty": 1.3}])
+    sampling = rng.choice(
+        [
+            {"temperature": 0},
+            {"temperature": 0.7, "top_p": 0.9, "seed": rng.randrange(2**31)},
+            {"temperature": 1e-9},
+            {"temperature": 1.5, "top_k": 5, "repetition_penalty": 1.3},
+        ]
+    )
     n_tokens = rng.randint(1, max_tokens)
     if kind in ("chat", "chat_stream"):
-        return "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], "max_tokens": n_tokens,
-                                        "stream": kind == "chat_stream", **sampling}
+        return "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": n_tokens,
+            "stream": kind == "chat_stream",
+            **sampling,
+        }
     if kind == "bad":
-        return "/v1/completions", rng.choice([
-            {"prompt": prompt, "max_tokens": 0}, {"prompt": prompt, "logit_bias": {"--5": 1}},
-            {"prompt": prompt, "seed": 2**64}, {"prompt": [10**9]}, {"messages": "not a prompt"},
-        ])
+        return "/v1/completions", rng.choice(
+            [
+                {"prompt": prompt, "max_tokens": 0},
+                {"prompt": prompt, "logit_bias": {"--5": 1}},
+                {"prompt": prompt, "seed": 2**64},
+                {"prompt": [10**9]},
+                {"messages": "not a prompt"},
+            ]
+        )
     body = {"prompt": prompt, "max_tokens": n_tokens, "stream": kind in ("stream", "disconnect"), **sampling}
     if kind == "n":
         body.update(n=rng.randint(2, 3), temperature=0.8)
     return "/v1/completions", body
 
 
-async def one_request(client: httpx.AsyncClient, kind: str, rng: random.Random, res: SoakResult, max_tokens: int) -> None:
+async def one_request(
+    client: httpx.AsyncClient, kind: str, rng: random.Random, res: SoakResult, max_tokens: int
+) -> None:
     path, body = body_for(kind, rng, max_tokens)
     t0 = time.perf_counter()
     try:
@@ -111,8 +128,9 @@ async def one_request(client: httpx.AsyncClient, kind: str, rng: random.Random, 
     res.outcomes["ok"] += 1
 
 
-async def soak(url: str, duration: float, concurrency: int, seed: int, max_tokens: int,
-               pid: int | None, warmup: float = 5.0) -> SoakResult:
+async def soak(
+    url: str, duration: float, concurrency: int, seed: int, max_tokens: int, pid: int | None, warmup: float = 5.0
+) -> SoakResult:
     res = SoakResult()
     start = time.monotonic()
     deadline = start + duration
@@ -152,11 +170,18 @@ def summarize(res: SoakResult, duration: float, concurrency: int) -> dict:
     errors = {k.removeprefix("error:"): v for k, v in res.outcomes.items() if k.startswith("error:")}
     rss0, rss1 = (res.rss[0][1], res.rss[-1][1]) if res.rss else (None, None)
     return {
-        "duration_s": duration, "concurrency": concurrency, "requests": sum(res.requests.values()),
-        "requests_by_kind": dict(res.requests), "outcomes": dict(res.outcomes), "errors": sum(errors.values()),
-        "errors_by_class": errors, "first_errors": res.errors,
-        "latency_s": {f"p{q}": percentile(res.latencies, q) for q in (50, 90, 99)} | {"max": max(res.latencies, default=None)},
-        "rss_first_bytes": rss0, "rss_last_bytes": rss1,
+        "duration_s": duration,
+        "concurrency": concurrency,
+        "requests": sum(res.requests.values()),
+        "requests_by_kind": dict(res.requests),
+        "outcomes": dict(res.outcomes),
+        "errors": sum(errors.values()),
+        "errors_by_class": errors,
+        "first_errors": res.errors,
+        "latency_s": {f"p{q}": percentile(res.latencies, q) for q in (50, 90, 99)}
+        | {"max": max(res.latencies, default=None)},
+        "rss_first_bytes": rss0,
+        "rss_last_bytes": rss1,
         "rss_growth_perc": None if not rss0 else round(100 * (rss1 - rss0) / rss0, 2),
         "rss_samples": res.rss,
     }
@@ -184,8 +209,9 @@ def cmd_soak(a: argparse.Namespace) -> int:
 
         tmp = tempfile.TemporaryDirectory(prefix="ragtop-soak-")
         model = a.model or build_tiny_model(Path(tmp.name))
-        server = ServerProcess(model, ["--threads", str(a.threads), "--max-batch-size", "8"],
-                               log_path=Path(tmp.name) / "server.log").start()
+        server = ServerProcess(
+            model, ["--threads", str(a.threads), "--max-batch-size", "8"], log_path=Path(tmp.name) / "server.log"
+        ).start()
         url, pid = server.url, server.proc.pid
     else:
         url, pid = a.url, a.pid
@@ -196,8 +222,10 @@ def cmd_soak(a: argparse.Namespace) -> int:
         log = (Path(tmp.name) / "server.log").read_text(errors="replace") if tmp else ""
         if tmp is not None:
             tmp.cleanup()
-    doc = summarize(res, a.duration, a.concurrency) | {"server_exit_code": exit_code,
-                                                       "server_tracebacks": log.count("Traceback")}
+    doc = summarize(res, a.duration, a.concurrency) | {
+        "server_exit_code": exit_code,
+        "server_tracebacks": log.count("Traceback"),
+    }
     lat = doc["latency_s"]
     print(f"{doc['requests']} requests in {a.duration:g} s with {a.concurrency} clients: {doc['outcomes']}")
     print(f"errors: {doc['errors']} {doc['errors_by_class'] or ''}")
@@ -205,8 +233,10 @@ def cmd_soak(a: argparse.Namespace) -> int:
         print(f"  {e}")
     print("latency of completed requests: " + ", ".join(f"{k} {v:.3f} s" for k, v in lat.items() if v is not None))
     if doc["rss_growth_perc"] is not None:
-        print(f"server RSS {doc['rss_first_bytes'] / 2**20:.1f} -> {doc['rss_last_bytes'] / 2**20:.1f} MiB "
-              f"({doc['rss_growth_perc']:+.2f} %)")
+        print(
+            f"server RSS {doc['rss_first_bytes'] / 2**20:.1f} -> {doc['rss_last_bytes'] / 2**20:.1f} MiB "
+            f"({doc['rss_growth_perc']:+.2f} %)"
+        )
     if exit_code is not None:
         print(f"server exit status after SIGTERM: {exit_code}; tracebacks in its log: {doc['server_tracebacks']}")
     if a.json:

@@ -8,7 +8,7 @@ then the peers run on the same weights in their own processes. Modes:
 | mode | what is served |
 |---|---|
 | dense | the dense weights exported with `--ops standard` (MatMul/Softmax attention over the shared, in-place cache) |
-| dense-plugin | the dense checkpoint's custom-op export (TopKAttention with k = context: the plugin runs it as dense attention over the written keys) |
+| dense-plugin | the dense checkpoint's custom-op export (TopKAttention, k = context: the plugin's dense path) |
 | topk | `ragtop convert --attention topk --topk K` of the same weights, plugin (exact top-k) |
 | topk-block | `... --block-size BS --block-budget BB`, plugin (block selection, then exact top-k) |
 | fallback | the topk export served with `--no-plugin`: the standard-op function bodies |
@@ -24,7 +24,8 @@ peer at a length N times, interleaved (A, B, C, A, B, C), and reports the median
 
 Figures per row: decode tokens/s (best request: (n-1)/(e2e-ttft)), TTFT (best), peak
 resident memory of the serving process (VmHWM), speedup vs dense at the same length in the
-same run (against the faster of the two served dense paths), bytes read per decoded token and % of the bandwidth bound (bandwidth.py), and the
+same run (against the faster of the two served dense paths), bytes read per decoded token and %
+of the bandwidth bound (bandwidth.py), and the
 server's own decode tokens/s from its counters (Δ decode_tokens / Δ decode_seconds; a real
 Prometheus' rate() when `prometheus` is installed) next to the client's aggregate figure.
 
@@ -56,9 +57,13 @@ SERVED_MODES = ("dense", "dense-plugin", "topk", "topk-block", "fallback")
 # mode -> (checkpoint variant, export ops, export folder suffix). dense: the standard-op graph
 # (MatMul/Softmax over the shared cache); dense-plugin: TopKAttention with k = context through
 # the plugin; fallback: the top-k export served with --no-plugin.
-MODE_EXPORTS = {"dense": ("dense", "standard", "dense-standard"), "dense-plugin": ("dense", "custom", "dense"),
-                "topk": ("topk", "custom", "topk"), "topk-block": ("topk-block", "custom", "topk-block"),
-                "fallback": ("topk", "custom", "topk")}
+MODE_EXPORTS = {
+    "dense": ("dense", "standard", "dense-standard"),
+    "dense-plugin": ("dense", "custom", "dense"),
+    "topk": ("topk", "custom", "topk"),
+    "topk-block": ("topk-block", "custom", "topk-block"),
+    "fallback": ("topk", "custom", "topk"),
+}
 DENSE_MODES = ("dense", "dense-plugin")
 PEERS = ("transformers", "stock-ort")  # the default peers (make bench): no extra packages
 ALL_PEERS = peers.KINDS  # + llama.cpp and ort-genai (the `peers` extra) and ragtop's in-process engine
@@ -80,8 +85,13 @@ def sh(cmd: list[str], log_path: Path | None = None, nice: int = 0, env: dict | 
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115
     try:
         pre = (lambda: os.nice(nice)) if nice else None
-        rc = subprocess.call(cmd, stdout=out or subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=pre,
-                             env={**os.environ, **(env or {})})
+        rc = subprocess.call(
+            cmd,
+            stdout=out or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            preexec_fn=pre,
+            env={**os.environ, **(env or {})},
+        )
     finally:
         if out:
             out.close()
@@ -96,7 +106,7 @@ def sh(cmd: list[str], log_path: Path | None = None, nice: int = 0, env: dict | 
 @dataclass
 class ModelSpec:
     name: str
-    source: str       # checkpoint folder, or "smollm2" (imported), or "tiny" (a random tiny model)
+    source: str  # checkpoint folder, or "smollm2" (imported), or "tiny" (a random tiny model)
     max_context: int
 
     @staticmethod
@@ -123,13 +133,22 @@ def tiny_checkpoint(out: Path, n_heads: int = 4) -> Path:
 
     tok = train_bpe([BASE_TEXT] * 8, vocab_size=300)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=n_heads, n_kv_heads=n_heads // 2,
-                      d_ff=64,
-                      max_seq_len=256, attention=AttentionConfig(), embedding=EmbeddingConfig())
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        d_model=32,
+        n_layers=2,
+        n_heads=n_heads,
+        n_kv_heads=n_heads // 2,
+        d_ff=64,
+        max_seq_len=256,
+        attention=AttentionConfig(),
+        embedding=EmbeddingConfig(),
+    )
     eos = tok.token_to_id("<|endoftext|>")
     eos = 0 if eos is None else eos
-    return save_checkpoint(out, Transformer(cfg).eval(), tok.to_str(),
-                           generation={"bos_token_id": eos, "eos_token_id": eos})
+    return save_checkpoint(
+        out, Transformer(cfg).eval(), tok.to_str(), generation={"bos_token_id": eos, "eos_token_id": eos}
+    )
 
 
 def base_checkpoint(spec: ModelSpec, work: Path, logs: Path) -> Path:
@@ -157,8 +176,16 @@ def variant_checkpoint(base: Path, mode: str, s: argparse.Namespace, work: Path,
     elif mode == "topk":
         args = ["--attention", "topk", "--topk", str(s.topk)]
     elif mode == "topk-block":
-        args = ["--attention", "topk", "--topk", str(s.topk), "--block-size", str(s.block_size),
-                "--block-budget", str(s.block_budget)]
+        args = [
+            "--attention",
+            "topk",
+            "--topk",
+            str(s.topk),
+            "--block-size",
+            str(s.block_size),
+            "--block-budget",
+            str(s.block_budget),
+        ]
     else:
         raise ValueError(mode)
     out = work / "checkpoints" / f"{name}-{mode}"
@@ -177,8 +204,21 @@ def exported(ckpt: Path, out: Path, max_context: int, logs: Path, ops: str = "cu
     if stamp.is_file() and json.loads(stamp.read_text()) == want and (out / "model.onnx").is_file():
         return out
     extra = ["--weights", weights] if weights != "fp32" else []
-    sh(ragtop_cmd("export", str(ckpt), str(out), "--max-context", str(max_context), "--ops", ops, "--no-validate",
-                  "--overwrite", *extra), logs / f"{out.name}-export.log")
+    sh(
+        ragtop_cmd(
+            "export",
+            str(ckpt),
+            str(out),
+            "--max-context",
+            str(max_context),
+            "--ops",
+            ops,
+            "--no-validate",
+            "--overwrite",
+            *extra,
+        ),
+        logs / f"{out.name}-export.log",
+    )
     stamp.write_text(json.dumps(want))
     return out
 
@@ -187,38 +227,75 @@ def exported(ckpt: Path, out: Path, max_context: int, logs: Path, ops: str = "cu
 # context sweep
 
 
-def served_row(model_dir: Path, mode: str, spec: ModelSpec, context: int, s: argparse.Namespace,
-               logs: Path) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": spec.name, "mode": mode, "context": context, "new_tokens": s.new_tokens,
-                           "ok": False, "error": None, "decode_tokens_per_s": None, "ttft_s": None,
-                           "peak_rss_bytes": None, "speedup_vs_dense": None, "bytes_per_token": None,
-                           "bandwidth_bound_pct": None, "server_decode_tokens_per_s": None}
+def served_row(
+    model_dir: Path, mode: str, spec: ModelSpec, context: int, s: argparse.Namespace, logs: Path
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "model": spec.name,
+        "mode": mode,
+        "context": context,
+        "new_tokens": s.new_tokens,
+        "ok": False,
+        "error": None,
+        "decode_tokens_per_s": None,
+        "ttft_s": None,
+        "peak_rss_bytes": None,
+        "speedup_vs_dense": None,
+        "bytes_per_token": None,
+        "bandwidth_bound_pct": None,
+        "server_decode_tokens_per_s": None,
+    }
     limit = context + s.new_tokens + 16
-    args = ["--max-batch-size", "1", "--max-waiting", "4", "--context-limit", str(limit),
-            "--log-level", "warning", "--served-model-name", f"{spec.name}-{mode}"]
+    args = [
+        "--max-batch-size",
+        "1",
+        "--max-waiting",
+        "4",
+        "--context-limit",
+        str(limit),
+        "--log-level",
+        "warning",
+        "--served-model-name",
+        f"{spec.name}-{mode}",
+    ]
     if s.threads:
         args += ["--threads", str(s.threads)]
     if mode == "fallback":
         args.append("--no-plugin")
     row["server_args"] = args
-    server = ServerProcess(model_dir, args, env={"RAGTOP_PLUGIN": "0"} if mode == "fallback" else None,
-                           log_path=logs / f"serve-{spec.name}-{mode}-{context}.log")
+    server = ServerProcess(
+        model_dir,
+        args,
+        env={"RAGTOP_PLUGIN": "0"} if mode == "fallback" else None,
+        log_path=logs / f"serve-{spec.name}-{mode}-{context}.log",
+    )
     prom = None
     try:
         server.start(timeout=s.start_timeout)
         if s.prometheus != "off":
             from .prometheus_server import PrometheusServer
 
-            prom = PrometheusServer.maybe_start(server.url, logs / f"prometheus-{spec.name}-{mode}-{context}",
-                                                required=s.prometheus == "require")
-        cfg = LoadConfig(url=server.url, num_requests=s.repeats, input_len=context, output_len=s.new_tokens,
-                         max_concurrency=1, warmup=1, progress=False, label=f"{spec.name} {mode} {context}",
-                         timeout_s=s.request_timeout, settle_s=2.0 if prom is not None else 0.0)
+            prom = PrometheusServer.maybe_start(
+                server.url, logs / f"prometheus-{spec.name}-{mode}-{context}", required=s.prometheus == "require"
+            )
+        cfg = LoadConfig(
+            url=server.url,
+            num_requests=s.repeats,
+            input_len=context,
+            output_len=s.new_tokens,
+            max_concurrency=1,
+            warmup=1,
+            progress=False,
+            label=f"{spec.name} {mode} {context}",
+            timeout_s=s.request_timeout,
+            settle_s=2.0 if prom is not None else 0.0,
+        )
         doc = asyncio.run(run_load(cfg))
         row["peak_rss_bytes"] = server.peak_rss()
         ok = [r for r in doc["requests"] if r["ok"]]
-        row["requests"] = [{k: r[k] for k in ("ttft", "tpot", "e2e", "output_tokens", "status", "error")}
-                           for r in doc["requests"]]
+        row["requests"] = [
+            {k: r[k] for k in ("ttft", "tpot", "e2e", "output_tokens", "status", "error")} for r in doc["requests"]
+        ]
         if not ok:
             raise RuntimeError(f"no request succeeded: {doc['requests'][0]['status']} {doc['requests'][0]['error']}")
         rates = [1 / r["tpot"] for r in ok if r["tpot"]]
@@ -256,15 +333,34 @@ def served_row(model_dir: Path, mode: str, spec: ModelSpec, context: int, s: arg
     return row
 
 
-def peer_row(kind: str, path: Path, spec: ModelSpec, context: int, s: argparse.Namespace, logs: Path,
-             tokenizer: Path | None = None) -> dict[str, Any]:
+def peer_row(
+    kind: str,
+    path: Path,
+    spec: ModelSpec,
+    context: int,
+    s: argparse.Namespace,
+    logs: Path,
+    tokenizer: Path | None = None,
+) -> dict[str, Any]:
     """One peer measurement in its own process (its peak RSS is its own). llama.cpp killed by a
     signal (its AMX kernels crash on some virtual machines: SIGSEGV in ggml_backend_amx_mul_mat)
     is run again with `--no-repack`, and the row says so."""
     row = _blank_peer_row(kind, spec, context, s)
     out = logs / f"peer-{spec.name}-{kind}-{context}.json"
-    cmd = [sys.executable, "-m", "loadtests", "peer", kind, str(path), "--context", str(context),
-           "--new-tokens", str(s.new_tokens), "--json", str(out)] + (["--threads", str(s.threads)] if s.threads else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadtests",
+        "peer",
+        kind,
+        str(path),
+        "--context",
+        str(context),
+        "--new-tokens",
+        str(s.new_tokens),
+        "--json",
+        str(out),
+    ] + (["--threads", str(s.threads)] if s.threads else [])
     if tokenizer is not None and kind in ("llama.cpp", "ort-genai", "ragtop-engine"):
         cmd += ["--tokenizer", str(tokenizer)]
     err_log = logs / f"peer-{spec.name}-{kind}-{context}.log"
@@ -279,18 +375,26 @@ def peer_row(kind: str, path: Path, spec: ModelSpec, context: int, s: argparse.N
             log(f"  llama.cpp died of signal {-rc}: again with --no-repack (no AMX / repacked weights)")
             LLAMA_CRASHED["signal"] = crashed = -rc
             with open(err_log, "ab") as err:
-                rc = subprocess.run(cmd + ["--no-repack"], timeout=s.request_timeout, stdout=subprocess.DEVNULL,
-                                    stderr=err).returncode
+                rc = subprocess.run(
+                    cmd + ["--no-repack"], timeout=s.request_timeout, stdout=subprocess.DEVNULL, stderr=err
+                ).returncode
         if kind == "llama.cpp" and crashed:
-            row["note"] = (f"llama.cpp with its defaults died of signal {crashed} here (in its AMX kernels on this "
-                           "machine); measured with --no-repack (its extra CPU buffer types, AMX and weight "
-                           "repacking, off)")
+            row["note"] = (
+                f"llama.cpp with its defaults died of signal {crashed} here (in its AMX kernels on this "
+                "machine); measured with --no-repack (its extra CPU buffer types, AMX and weight "
+                "repacking, off)"
+            )
         if rc != 0:
             tail = err_log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
             raise RuntimeError(f"peer exited with {rc}: {tail[0][:300]} (log: {err_log})")
         r = peers.read_result(out)
-        row.update(decode_tokens_per_s=r["decode_tokens_per_s"], ttft_s=r["ttft_s"], peak_rss_bytes=r["peak_rss_bytes"],
-                   ok=True, peer_details=r)
+        row.update(
+            decode_tokens_per_s=r["decode_tokens_per_s"],
+            ttft_s=r["ttft_s"],
+            peak_rss_bytes=r["peak_rss_bytes"],
+            ok=True,
+            peer_details=r,
+        )
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}"
         log(f"  {spec.name} {kind} {context}: FAILED {row['error'][:300]}")
@@ -301,10 +405,22 @@ LLAMA_CRASHED: dict[str, int] = {}  # the signal llama.cpp died of with its defa
 
 
 def _blank_peer_row(kind: str, spec: ModelSpec, context: int, s: argparse.Namespace) -> dict[str, Any]:
-    return {"model": spec.name, "mode": kind, "context": context, "new_tokens": s.new_tokens,
-            "ok": False, "error": None, "decode_tokens_per_s": None, "ttft_s": None,
-            "peak_rss_bytes": None, "speedup_vs_dense": None, "bytes_per_token": None,
-            "bandwidth_bound_pct": None, "server_decode_tokens_per_s": None, "peer": True}
+    return {
+        "model": spec.name,
+        "mode": kind,
+        "context": context,
+        "new_tokens": s.new_tokens,
+        "ok": False,
+        "error": None,
+        "decode_tokens_per_s": None,
+        "ttft_s": None,
+        "peak_rss_bytes": None,
+        "speedup_vs_dense": None,
+        "bytes_per_token": None,
+        "bandwidth_bound_pct": None,
+        "server_decode_tokens_per_s": None,
+        "peer": True,
+    }
 
 
 def failed_peer_row(kind: str, spec: ModelSpec, context: int, s: argparse.Namespace, error: str) -> dict[str, Any]:
@@ -312,8 +428,16 @@ def failed_peer_row(kind: str, spec: ModelSpec, context: int, s: argparse.Namesp
     return {**_blank_peer_row(kind, spec, context, s), "error": error}
 
 
-def prepare_peers(s: argparse.Namespace, spec: ModelSpec, base: Path, dirs: dict[str, Path], export_ctx: int,
-                  work: Path, logs: Path, notes: list[str]) -> tuple[dict[str, Path], dict[str, str]]:
+def prepare_peers(
+    s: argparse.Namespace,
+    spec: ModelSpec,
+    base: Path,
+    dirs: dict[str, Path],
+    export_ctx: int,
+    work: Path,
+    logs: Path,
+    notes: list[str],
+) -> tuple[dict[str, Path], dict[str, str]]:
     """What each requested peer runs on, made once and cached under the work folder; a peer that
     cannot be prepared gets an error (written into its rows), the others still run."""
     paths: dict[str, Path] = {}
@@ -322,8 +446,9 @@ def prepare_peers(s: argparse.Namespace, spec: ModelSpec, base: Path, dirs: dict
         try:
             if kind == "stock-ort":
                 dense = variant_checkpoint(base, "dense", s, work, spec.name, logs)
-                paths[kind] = exported(dense, work / "exports" / f"{spec.name}-dense-standard", export_ctx, logs,
-                                       ops="standard")
+                paths[kind] = exported(
+                    dense, work / "exports" / f"{spec.name}-dense-standard", export_ctx, logs, ops="standard"
+                )
             elif kind == "transformers":
                 paths[kind] = variant_checkpoint(base, "dense", s, work, spec.name, logs)
             elif kind == "llama.cpp":
@@ -333,8 +458,12 @@ def prepare_peers(s: argparse.Namespace, spec: ModelSpec, base: Path, dirs: dict
                 peers.require(kind)  # before the conversion: a missing package fails at once
                 dense = variant_checkpoint(base, "dense", s, work, spec.name, logs)
                 log(f"{spec.name}: onnxruntime-genai's builder (int4, cached in {work / 'peers'})")
-                paths[kind] = peers.prepare_ort_genai(dense, work / "peers" / f"{spec.name}-ort-genai-int4", export_ctx,
-                                                      logs / f"{spec.name}-ort-genai-build.log")
+                paths[kind] = peers.prepare_ort_genai(
+                    dense,
+                    work / "peers" / f"{spec.name}-ort-genai-int4",
+                    export_ctx,
+                    logs / f"{spec.name}-ort-genai-build.log",
+                )
             elif kind == "ragtop-engine":
                 paths[kind] = dirs["topk"]
             else:
@@ -349,8 +478,10 @@ def prepare_peers(s: argparse.Namespace, spec: ModelSpec, base: Path, dirs: dict
 def gguf_of(spec: ModelSpec) -> Path:
     """The GGUF llama.cpp runs: the file ragtop imported (only SmolLM2's is known here)."""
     if spec.source != "smollm2":
-        raise ValueError(f"llama.cpp needs a GGUF file: model {spec.name} ({spec.source}) has none "
-                         "(only smollm2, imported from its GGUF, has)")
+        raise ValueError(
+            f"llama.cpp needs a GGUF file: model {spec.name} ({spec.source}) has none "
+            "(only smollm2, imported from its GGUF, has)"
+        )
     from ragtop.convert.gguf import smollm2_path
 
     return smollm2_path()
@@ -367,8 +498,9 @@ def served_facts(facts: dict[str, Any], export_dir: Path, weights: str) -> dict[
     return bandwidth.with_bytes(facts, wbytes, kv)
 
 
-def peer_facts(kind: str, facts: dict[str, Any], path: Path | None, topk_dir: Path | None,
-               weights: str) -> dict[str, Any]:
+def peer_facts(
+    kind: str, facts: dict[str, Any], path: Path | None, topk_dir: Path | None, weights: str
+) -> dict[str, Any]:
     """The byte model of what a peer reads: llama.cpp the GGUF's tensors and an fp16 KV cache
     (its default), ORT GenAI its own graph's initializers and cache dtype."""
     try:
@@ -406,8 +538,16 @@ def combine_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = dict(ok[(len(ok) - 1) // 2])  # the lower median: no invented average of two runs
         row["ttft_s"] = ttfts[(len(ttfts) - 1) // 2] if ttfts else None
         row["peak_rss_bytes"] = max(rss) if rss else None
-        row["rounds"] = [{"ok": r["ok"], "error": r["error"], "decode_tokens_per_s": r["decode_tokens_per_s"],
-                          "ttft_s": r["ttft_s"], "peak_rss_bytes": r["peak_rss_bytes"]} for r in group]
+        row["rounds"] = [
+            {
+                "ok": r["ok"],
+                "error": r["error"],
+                "decode_tokens_per_s": r["decode_tokens_per_s"],
+                "ttft_s": r["ttft_s"],
+                "peak_rss_bytes": r["peak_rss_bytes"],
+            }
+            for r in group
+        ]
         out.append(row)
     return out
 
@@ -456,14 +596,17 @@ def context_sweep(s: argparse.Namespace) -> dict[str, Any]:
             variant, ops, suffix = MODE_EXPORTS[mode]
             if suffix not in dirs:
                 ck = variant_checkpoint(base, variant, s, work, spec.name, logs)
-                dirs[suffix] = exported(ck, work / "exports" / f"{spec.name}-{suffix}{wsuffix}", export_ctx, logs,
-                                        ops=ops, weights=weights)
+                dirs[suffix] = exported(
+                    ck, work / "exports" / f"{spec.name}-{suffix}{wsuffix}", export_ctx, logs, ops=ops, weights=weights
+                )
         peer_paths, peer_errors = prepare_peers(s, spec, base, dirs, export_ctx, work, logs, notes)
         if weights != "fp32" and dirs:
             first = next(iter(dirs.values()))
-            notes.append(f"{spec.name}: ragtop's served modes ran `ragtop export --weights {weights}`: "
-                         f"{served_facts(facts, first, weights)['weight_bytes_read'] / 1e6:.1f} MB of weights read "
-                         "per decoded token (the bytes/token column counts each system's own weights and cache dtype)")
+            notes.append(
+                f"{spec.name}: ragtop's served modes ran `ragtop export --weights {weights}`: "
+                f"{served_facts(facts, first, weights)['weight_bytes_read'] / 1e6:.1f} MB of weights read "
+                "per decoded token (the bytes/token column counts each system's own weights and cache dtype)"
+            )
         slow_cap = getattr(s, "slow_max_length", None)
         rounds = max(1, getattr(s, "rounds", 1) or 1)
         for L in lengths:
@@ -477,13 +620,23 @@ def context_sweep(s: argparse.Namespace) -> dict[str, Any]:
                     row = served_row(dirs[MODE_EXPORTS[mode][2]], mode, spec, L, s, logs)
                     capacity = L + s.new_tokens + 16
                     mfacts = served_facts(facts, dirs[MODE_EXPORTS[mode][2]], weights)
-                    b = bandwidth.bytes_per_token(mfacts, "dense" if mode in DENSE_MODES else mode, L, s.topk,
-                                                  s.block_size, s.block_budget, capacity)
+                    b = bandwidth.bytes_per_token(
+                        mfacts,
+                        "dense" if mode in DENSE_MODES else mode,
+                        L,
+                        s.topk,
+                        s.block_size,
+                        s.block_budget,
+                        capacity,
+                    )
                     row["bytes_per_token"], row["bytes_per_token_split"] = b["total"], b
                     row["weights"] = weights
                     measured.append(row)
                 for kind in s.peers if slow_ok else ():
-                    log(f"{spec.name}: peer {kind} at {L} tokens" + (f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""))
+                    log(
+                        f"{spec.name}: peer {kind} at {L} tokens"
+                        + (f" (round {rnd + 1}/{rounds})" if rounds > 1 else "")
+                    )
                     if kind in peer_errors:
                         row = failed_peer_row(kind, spec, L, s, peer_errors[kind])
                     else:
@@ -497,7 +650,9 @@ def context_sweep(s: argparse.Namespace) -> dict[str, Any]:
             if bw:
                 for r in rows:
                     if r["decode_tokens_per_s"] and r["bytes_per_token"]:
-                        r["bandwidth_bound_pct"] = 100 * r["decode_tokens_per_s"] * r["bytes_per_token"] / (bw["read_gbps"] * 1e9)
+                        r["bandwidth_bound_pct"] = (
+                            100 * r["decode_tokens_per_s"] * r["bytes_per_token"] / (bw["read_gbps"] * 1e9)
+                        )
             doc = _context_doc(s, started, bw, rows, notes, plugin)
             out_json.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(doc, indent=1))  # after every length: a long run keeps what it measured
@@ -524,28 +679,41 @@ def merge_context(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
             r["bandwidth_bound_pct"] = 100 * r["decode_tokens_per_s"] * r["bytes_per_token"] / (bw["read_gbps"] * 1e9)
     notes = list(dict.fromkeys(old["notes"] + new["notes"]))
     notes.append(f"merged: rows of `{new['command']}` replaced those of `{old['command']}`")
-    return {**old, "rows": rows, "notes": notes, "finished_at": new["finished_at"],
-            "command": old["command"] + " ; then " + new["command"], "merged": [old.get("settings"), new.get("settings")]}
+    return {
+        **old,
+        "rows": rows,
+        "notes": notes,
+        "finished_at": new["finished_at"],
+        "command": old["command"] + " ; then " + new["command"],
+        "merged": [old.get("settings"), new.get("settings")],
+    }
 
 
 def _model_facts_note(facts: dict[str, Any], spec: ModelSpec, notes: list[str], rows: list[dict]) -> None:
-    notes.append(f"{spec.name}: {facts['weight_bytes'] / 1e6:.1f} MB of fp32 weights, "
-                 f"{facts['kv_bytes_per_token']} KV-cache bytes per token (all layers, keys + values)")
+    notes.append(
+        f"{spec.name}: {facts['weight_bytes'] / 1e6:.1f} MB of fp32 weights, "
+        f"{facts['kv_bytes_per_token']} KV-cache bytes per token (all layers, keys + values)"
+    )
 
 
 def _speedups(rows: list[dict[str, Any]], model: str, context: int) -> None:
     same = [r for r in rows if r["model"] == model and r["context"] == context]
     # the faster of the served dense paths at this length
-    dense = max((r for r in same if r["mode"] in DENSE_MODES and r["decode_tokens_per_s"]),
-                key=lambda r: r["decode_tokens_per_s"], default=None)
+    dense = max(
+        (r for r in same if r["mode"] in DENSE_MODES and r["decode_tokens_per_s"]),
+        key=lambda r: r["decode_tokens_per_s"],
+        default=None,
+    )
     for r in same:
         if dense and r["decode_tokens_per_s"]:
             r["speedup_vs_dense"] = r["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
             if r["ttft_s"] and dense["ttft_s"]:
                 r["ttft_vs_dense"] = r["ttft_s"] / dense["ttft_s"]
     # the strongest dense path measured at this length: served dense or a peer (no server overhead)
-    best = max((r["decode_tokens_per_s"] for r in same if r["mode"] in (*DENSE_MODES, *PEERS) and r["decode_tokens_per_s"]),
-               default=None)
+    best = max(
+        (r["decode_tokens_per_s"] for r in same if r["mode"] in (*DENSE_MODES, *PEERS) and r["decode_tokens_per_s"]),
+        default=None,
+    )
     for r in same:
         r["speedup_vs_best_dense"] = r["decode_tokens_per_s"] / best if best and r["decode_tokens_per_s"] else None
 
@@ -553,9 +721,18 @@ def _speedups(rows: list[dict[str, Any]], model: str, context: int) -> None:
 def _context_doc(s, started, bw, rows, notes, plugin) -> dict[str, Any]:
     settings = {k: v for k, v in vars(s).items() if k != "func"}
     settings["plugin_library"] = str(plugin) if plugin else None
-    return {"schema": SCHEMA, "kind": "context-sweep", "started_at": started, "finished_at": time.time(),
-            "machine": machine(), "command": " ".join(["python -m loadtests"] + sys.argv[1:]),
-            "settings": settings, "bandwidth": bw, "rows": rows, "notes": notes}
+    return {
+        "schema": SCHEMA,
+        "kind": "context-sweep",
+        "started_at": started,
+        "finished_at": time.time(),
+        "machine": machine(),
+        "command": " ".join(["python -m loadtests"] + sys.argv[1:]),
+        "settings": settings,
+        "bandwidth": bw,
+        "rows": rows,
+        "notes": notes,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -590,27 +767,51 @@ def concurrency_sweep(s: argparse.Namespace) -> dict[str, Any]:
             burst = s.burst and i == len(runs) - 1
             label = f"burst of {clients}" if burst else f"{clients} clients"
             log(f"concurrency: {label}, {n} requests")
-            cfg = LoadConfig(url=server.url, num_requests=n, input_len=s.input_len, output_len=out_len,
-                             max_concurrency=None if burst else clients, slos=slos, warmup=1 if i == 0 else 0,
-                             progress=s.progress, label=label, seed=s.seed, timeout_s=s.request_timeout)
+            cfg = LoadConfig(
+                url=server.url,
+                num_requests=n,
+                input_len=s.input_len,
+                output_len=out_len,
+                max_concurrency=None if burst else clients,
+                slos=slos,
+                warmup=1 if i == 0 else 0,
+                progress=s.progress,
+                label=label,
+                seed=s.seed,
+                timeout_s=s.request_timeout,
+            )
             doc = asyncio.run(run_load(cfg))
             print(format_summary(doc["summary"], label), file=sys.stderr)
             rejected = [r for r in doc["requests"] if r["status"] == 429]
-            level = {"clients": clients, "burst": bool(burst), "num_requests": n, "output_len": out_len,
-                     "summary": doc["summary"], "server": doc["server"],
-                     "retry_after": sorted({r["retry_after"] for r in rejected if r["retry_after"]}),
-                     "accepted_in_flight": n - len(rejected) if burst else None}
+            level = {
+                "clients": clients,
+                "burst": bool(burst),
+                "num_requests": n,
+                "output_len": out_len,
+                "summary": doc["summary"],
+                "server": doc["server"],
+                "retry_after": sorted({r["retry_after"] for r in rejected if r["retry_after"]}),
+                "accepted_in_flight": n - len(rejected) if burst else None,
+            }
             levels.append(level)
             if rejected and first_429 is None:
                 first_429 = clients
         peak = server.peak_rss()
     finally:
         server.stop()
-    return {"schema": SCHEMA, "kind": "concurrency-sweep", "started_at": started, "finished_at": time.time(),
-            "machine": machine(), "command": " ".join(["python -m loadtests"] + sys.argv[1:]),
-            "settings": {k: v for k, v in vars(s).items() if k != "func"} | {"server_args": args,
-                                                                             "model_served": model},
-            "levels": levels, "first_429_clients": first_429, "peak_rss_bytes": peak, "notes": notes}
+    return {
+        "schema": SCHEMA,
+        "kind": "concurrency-sweep",
+        "started_at": started,
+        "finished_at": time.time(),
+        "machine": machine(),
+        "command": " ".join(["python -m loadtests"] + sys.argv[1:]),
+        "settings": {k: v for k, v in vars(s).items() if k != "func"} | {"server_args": args, "model_served": model},
+        "levels": levels,
+        "first_429_clients": first_429,
+        "peak_rss_bytes": peak,
+        "notes": notes,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -619,39 +820,70 @@ def concurrency_sweep(s: argparse.Namespace) -> dict[str, Any]:
 
 def add_arguments(sub) -> None:
     p = sub.add_parser("context-sweep", help="decode tokens/s, TTFT and memory vs prompt length, every mode")
-    p.add_argument("--model", dest="models", action="append", metavar="NAME=CHECKPOINT:MAX_CONTEXT",
-                   help=f"repeatable; CHECKPOINT 'smollm2' imports it, 'tiny' makes a random tiny model "
-                        f"(default: {' '.join(DEFAULT_MODELS)})")
+    p.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="NAME=CHECKPOINT:MAX_CONTEXT",
+        help=f"repeatable; CHECKPOINT 'smollm2' imports it, 'tiny' makes a random tiny model "
+        f"(default: {' '.join(DEFAULT_MODELS)})",
+    )
     p.add_argument("--lengths", type=_ints, default=[1024, 4096, 8192, 16384, 32768])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2, help="requests per point (the best is reported)")
     p.add_argument("--modes", type=_names(SERVED_MODES), default=list(SERVED_MODES))
-    p.add_argument("--peers", type=_names(ALL_PEERS), default=list(PEERS),
-                   help=f"comma-separated, from {', '.join(ALL_PEERS)} (default: {','.join(PEERS)}; "
-                        "llama.cpp and ort-genai need `make bench-peers`); an empty string: none")
-    p.add_argument("--weights", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
-                   help="weights of every served mode's export (`ragtop export --weights`; default %(default)s)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="interleaved rounds: every mode and peer runs once per round at each length, the median "
-                        "round is reported (default %(default)s)")
-    p.add_argument("--merge-into", default=None, help="an earlier context JSON: this run's rows replace its rows of the "
-                                                      "same (model, mode, context); the result goes to --out")
-    p.add_argument("--slow-max-length", type=int, default=8192,
-                   help="the standard-op fallback and the peers run only up to this prompt length (their "
-                        "prefill is quadratic and unchunked or slow: 32k takes tens of minutes on 2 cores)")
+    p.add_argument(
+        "--peers",
+        type=_names(ALL_PEERS),
+        default=list(PEERS),
+        help=f"comma-separated, from {', '.join(ALL_PEERS)} (default: {','.join(PEERS)}; "
+        "llama.cpp and ort-genai need `make bench-peers`); an empty string: none",
+    )
+    p.add_argument(
+        "--weights",
+        choices=["fp32", "fp16", "int8", "int4"],
+        default="fp32",
+        help="weights of every served mode's export (`ragtop export --weights`; default %(default)s)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="interleaved rounds: every mode and peer runs once per round at each length, the median "
+        "round is reported (default %(default)s)",
+    )
+    p.add_argument(
+        "--merge-into",
+        default=None,
+        help="an earlier context JSON: this run's rows replace its rows of the "
+        "same (model, mode, context); the result goes to --out",
+    )
+    p.add_argument(
+        "--slow-max-length",
+        type=int,
+        default=8192,
+        help="the standard-op fallback and the peers run only up to this prompt length (their "
+        "prefill is quadratic and unchunked or slow: 32k takes tens of minutes on 2 cores)",
+    )
     p.add_argument("--topk", type=int, default=256)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--block-budget", type=int, default=16)
     p.add_argument("--bandwidth-mb", type=int, default=1024)
     p.add_argument("--no-bandwidth", action="store_true")
-    p.add_argument("--prometheus", choices=["auto", "off", "require"], default="auto",
-                   help="a real Prometheus when the binary is installed (auto), never, or fail without it")
+    p.add_argument(
+        "--prometheus",
+        choices=["auto", "off", "require"],
+        default="auto",
+        help="a real Prometheus when the binary is installed (auto), never, or fail without it",
+    )
     _common(p, RESULTS / "context.json")
     p.set_defaults(func=cmd_context)
 
     p = sub.add_parser("concurrency-sweep", help="throughput and latency vs concurrent clients; where 429 starts")
-    p.add_argument("--model", help="exported folder or checkpoint (default: ragtop serve's default model; "
-                                   "'tiny' makes a random tiny model)")
+    p.add_argument(
+        "--model",
+        help="exported folder or checkpoint (default: ragtop serve's default model; 'tiny' makes a random tiny model)",
+    )
     p.add_argument("--clients", type=_ints, default=[1, 4, 16, 64])
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--min-requests", type=int, default=8)
@@ -689,6 +921,7 @@ def _names(allowed: tuple[str, ...]):
         if bad:
             raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(allowed)}")
         return names
+
     return parse
 
 
@@ -728,15 +961,19 @@ def cmd_concurrency(a: argparse.Namespace) -> int:
 
 
 def format_context(doc: dict[str, Any]) -> str:
-    lines = [f"{'model':<10}{'mode':<14}{'context':>8}{'decode tok/s':>14}{'TTFT s':>9}{'peak RSS MB':>13}"
-             f"{'x dense':>9}{'% bound':>9}{'server tok/s':>14}"]
+    lines = [
+        f"{'model':<10}{'mode':<14}{'context':>8}{'decode tok/s':>14}{'TTFT s':>9}{'peak RSS MB':>13}"
+        f"{'x dense':>9}{'% bound':>9}{'server tok/s':>14}"
+    ]
 
     def f(x, spec):
         return "-" if x is None else format(x, spec)
 
     for r in doc["rows"]:
-        lines.append(f"{r['model']:<10}{r['mode']:<14}{r['context']:>8}{f(r['decode_tokens_per_s'], '.2f'):>14}"
-                     f"{f(r['ttft_s'], '.3f'):>9}{f(r['peak_rss_bytes'] and r['peak_rss_bytes'] / 1e6, '.0f'):>13}"
-                     f"{f(r['speedup_vs_dense'], '.2f'):>9}{f(r['bandwidth_bound_pct'], '.1f'):>9}"
-                     f"{f(r['server_decode_tokens_per_s'], '.2f'):>14}" + ("" if r["ok"] else f"  {r['error'][:60]}"))
+        lines.append(
+            f"{r['model']:<10}{r['mode']:<14}{r['context']:>8}{f(r['decode_tokens_per_s'], '.2f'):>14}"
+            f"{f(r['ttft_s'], '.3f'):>9}{f(r['peak_rss_bytes'] and r['peak_rss_bytes'] / 1e6, '.0f'):>13}"
+            f"{f(r['speedup_vs_dense'], '.2f'):>9}{f(r['bandwidth_bound_pct'], '.1f'):>9}"
+            f"{f(r['server_decode_tokens_per_s'], '.2f'):>14}" + ("" if r["ok"] else f"  {r['error'][:60]}")
+        )
     return "\n".join(lines + [f"note: {n}" for n in doc["notes"]])

@@ -62,12 +62,20 @@ def tile(base: list[int], length: int, offset: int = 0) -> list[int]:
     if not base:
         raise ValueError("cannot build prompts from an empty token list")
     reps = (offset + length) // len(base) + 1
-    return (base * reps)[offset:offset + length]
+    return (base * reps)[offset : offset + length]
 
 
-def make_requests(base_tokens: list[int], n: int, input_len: int, output_len: int,
-                  dataset: str = "fixed", seed: int = 0, sigma: float = 0.6,
-                  max_input: int | None = None, max_output: int | None = None) -> list[RequestSpec]:
+def make_requests(
+    base_tokens: list[int],
+    n: int,
+    input_len: int,
+    output_len: int,
+    dataset: str = "fixed",
+    seed: int = 0,
+    sigma: float = 0.6,
+    max_input: int | None = None,
+    max_output: int | None = None,
+) -> list[RequestSpec]:
     """n requests of `input_len` prompt tokens and `output_len` new tokens (fixed), or lengths
     drawn around those (mix: log-normal with median input_len / output_len and shape sigma,
     clipped to [1, max_*])."""

@@ -1,10 +1,10 @@
 """Checkpoint folders: the on-disk form of a model (no pickle anywhere).
 
-    config.json             {"model": ModelConfig.to_dict(), ...extra metadata}
-    model.safetensors       the state dict (tier buffers included)
-    tokenizer.json          a Hugging Face `tokenizers` file
-    tiers.json              ragged embeddings only: token ids of each tier, human-readable
-    generation_config.json  bos/eos ids, chat template, sampling defaults
+config.json             {"model": ModelConfig.to_dict(), ...extra metadata}
+model.safetensors       the state dict (tier buffers included)
+tokenizer.json          a Hugging Face `tokenizers` file
+tiers.json              ragged embeddings only: token ids of each tier, human-readable
+generation_config.json  bos/eos ids, chat template, sampling defaults
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> Checkpoin
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RagtopError(
-            f"weights in {w} do not match config.json: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            f"weights in {w} do not match config.json: missing {sorted(missing)[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]}"
         )
     gen_file = path / GENERATION
     generation = json.loads(gen_file.read_text()) if gen_file.is_file() else {}

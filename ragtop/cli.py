@@ -47,7 +47,9 @@ def add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=positive_int, default=200)
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder (resumed if it holds a run)")
-    p.add_argument("--data-dir", type=Path, default=None, help="corpus cache (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)")
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="corpus cache (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
 
@@ -55,8 +57,17 @@ def add_train(sub) -> None:
 def run_train(a: argparse.Namespace) -> int:
     from .train.trainer import TrainConfig, train
 
-    tc = TrainConfig(preset=a.preset, attention=a.attention, topk=a.topk, embedding=a.embedding,
-                     steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, eval_every=a.eval_every)
+    tc = TrainConfig(
+        preset=a.preset,
+        attention=a.attention,
+        topk=a.topk,
+        embedding=a.embedding,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=a.seed,
+        eval_every=a.eval_every,
+    )
     tc.resolved()  # validate before fetching anything
     out = train(tc, a.out, a.data_dir or default_data_dir(), progress=not a.no_progress)
     print(f"checkpoint written to {out}")
@@ -69,7 +80,9 @@ def add_eval(sub) -> None:
     p.add_argument("checkpoint", type=Path, nargs="+", help="one or more checkpoint folders")
     p.add_argument("--text", type=Path, default=None, help="score this UTF-8 file instead of the held-out speeches")
     p.add_argument("--context", type=positive_int, default=None, help="window length (default: the model's context)")
-    p.add_argument("--max-tokens", type=positive_int, default=None, help="stop after the document that reaches this many tokens")
+    p.add_argument(
+        "--max-tokens", type=positive_int, default=None, help="stop after the document that reaches this many tokens"
+    )
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     p.add_argument("--data-dir", type=Path, default=None)
     p.set_defaults(func=run_eval)
@@ -98,8 +111,16 @@ def run_eval(a: argparse.Namespace) -> int:
         bos = gen.get("document_separator_id", gen.get("bos_token_id", 0))
         r = evaluate_texts(ckpt.model, ckpt.tokenizer(), texts, bos, a.context, a.max_tokens)
         if a.json:
-            print(json.dumps({"checkpoint": str(path), "source": source, **r.as_dict(),
-                              "parameters": ckpt.model.parameter_counts()}))
+            print(
+                json.dumps(
+                    {
+                        "checkpoint": str(path),
+                        "source": source,
+                        **r.as_dict(),
+                        "parameters": ckpt.model.parameter_counts(),
+                    }
+                )
+            )
         else:
             print(f"{str(path):<40} {r.context:>7} {r.tokens:>9} {r.perplexity:>9.3f} {r.bits_per_byte:>9.4f}")
     return 0
@@ -109,24 +130,35 @@ def run_eval(a: argparse.Namespace) -> int:
 def add_export(sub) -> None:
     from .export import commands
 
-    p = sub.add_parser("export", help="export a checkpoint to a validated ONNX folder (also `export-model`)",
-                       description=commands.__doc__.split("\n\n")[0])
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to a validated ONNX folder (also `export-model`)",
+        description=commands.__doc__.split("\n\n")[0],
+    )
     commands.add_arguments(p)
     p.set_defaults(func=commands.run)
 
 
 # -- serve ------------------------------------------------------------------------------
 def add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default model: SmolLM2, prepared on first run)",
-                       description="Serve MODEL_DIR (an exported folder or a checkpoint) over OpenAI-compatible HTTP. "
-                                   "Every flag also reads RAGTOP_<NAME> from the environment (e.g. RAGTOP_API_KEY); "
-                                   "a flag given wins. Without MODEL_DIR (or RAGTOP_MODEL), serve the default model: "
-                                   "SmolLM2-135M-Instruct with top-k attention, imported and exported into the data "
-                                   "folder on first run.")
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (default model: SmolLM2, prepared on first run)",
+        description="Serve MODEL_DIR (an exported folder or a checkpoint) over OpenAI-compatible HTTP. "
+        "Every flag also reads RAGTOP_<NAME> from the environment (e.g. RAGTOP_API_KEY); "
+        "a flag given wins. Without MODEL_DIR (or RAGTOP_MODEL), serve the default model: "
+        "SmolLM2-135M-Instruct with top-k attention, imported and exported into the data "
+        "folder on first run.",
+    )
     from .server.settings import add_arguments
 
     add_arguments(p)  # one flag per ServerSettings field
-    p.add_argument("--data-dir", type=Path, default=None, help="where the default model is cached (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where the default model is cached (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)",
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -168,8 +200,12 @@ def add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--threads", type=positive_int, default=None)
-    p.add_argument("--device", default=None, help="where a checkpoint runs (torch runner): cpu (default) or cuda, "
-                   "which runs block-selection decode and ragged embeddings as Triton kernels")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where a checkpoint runs (torch runner): cpu (default) or cuda, "
+        "which runs block-selection decode and ragged embeddings as Triton kernels",
+    )
     p.set_defaults(func=run_generate)
 
 
@@ -177,8 +213,14 @@ def run_generate(a: argparse.Namespace) -> int:
     from .runtime.generate import generate
     from .runtime.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
-                            top_k=a.top_k, seed=a.seed, stop=tuple(a.stop))
+    params = SamplingParams(
+        max_tokens=a.max_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        seed=a.seed,
+        stop=tuple(a.stop),
+    )
     generate(a.model, a.prompt, params, a.runner or "auto", threads=a.threads, device=a.device)
     return 0
 
@@ -196,17 +238,26 @@ def add_bench(sub) -> None:
     q = bench.add_parser("block-quality", help="perplexity and greedy agreement of block selection vs exact top-k")
     block_quality.add_arguments(q)
     q.set_defaults(func=lambda a: block_quality.run(a, default_data_dir()))
-    r = bench.add_parser("retrieval", help="pass key hidden at varying depth in long filler text: accuracy of dense vs sparse settings")
+    r = bench.add_parser(
+        "retrieval", help="pass key hidden at varying depth in long filler text: accuracy of dense vs sparse settings"
+    )
     retrieval.add_arguments(r)
     r.set_defaults(func=retrieval.run)
-    sp = bench.add_parser("speculative", help="self-speculative greedy decoding: acceptance of a sparse draft, dense verify")
+    sp = bench.add_parser(
+        "speculative", help="self-speculative greedy decoding: acceptance of a sparse draft, dense verify"
+    )
     speculative.add_arguments(sp)
     sp.set_defaults(func=lambda a: speculative.run(a, default_data_dir()))
-    g = bench.add_parser("gpu", help="Triton kernels on the GPU: correctness, block selection vs SDPA decode, "
-                         "TorchRunner dense vs block tok/s (scripts/gpu_check.sh)")
+    g = bench.add_parser(
+        "gpu",
+        help="Triton kernels on the GPU: correctness, block selection vs SDPA decode, "
+        "TorchRunner dense vs block tok/s (scripts/gpu_check.sh)",
+    )
     gpu.add_arguments(g)
     g.set_defaults(func=gpu.run)
-    e = bench.add_parser("engine", help="decode tokens/s: OrtRunner, TorchRunner, transformers; 1/4/16 streams; prompt throughput")
+    e = bench.add_parser(
+        "engine", help="decode tokens/s: OrtRunner, TorchRunner, transformers; 1/4/16 streams; prompt throughput"
+    )
     engine_bench.add_arguments(e)
     e.set_defaults(func=engine_bench.run)
 
@@ -232,23 +283,42 @@ def add_convert_commands(sub) -> None:
 
 
 # -- entry points ---------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_train, add_eval, add_convert_commands, add_export, add_generate, add_serve, add_bench, add_study,
-                            add_analyze]
+COMMANDS: list[Callable] = [
+    add_train,
+    add_eval,
+    add_convert_commands,
+    add_export,
+    add_generate,
+    add_serve,
+    add_bench,
+    add_study,
+    add_analyze,
+]
 
 
 # The commands each `add_*` registers: for a base install (no PyTorch), where its module
 # cannot be imported (`ragtop serve` and `ragtop generate` of exported models work there), and
 # to build only the parser of the command given (see build_parser).
-COMMAND_NAMES = {add_train: ("train",), add_eval: ("eval",), add_convert_commands: ("import", "convert", "sweep"),
-                 add_export: ("export",), add_generate: ("generate",), add_serve: ("serve",), add_bench: ("bench",),
-                 add_study: ("study",), add_analyze: ("analyze",)}
+COMMAND_NAMES = {
+    add_train: ("train",),
+    add_eval: ("eval",),
+    add_convert_commands: ("import", "convert", "sweep"),
+    add_export: ("export",),
+    add_generate: ("generate",),
+    add_serve: ("serve",),
+    add_bench: ("bench",),
+    add_study: ("study",),
+    add_analyze: ("analyze",),
+}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or, with `command` (a known command's name), of that one
     only: registering a command imports its module, and the training commands import PyTorch,
     which `ragtop serve` must not carry (hundreds of MB; docs/server.md, "Footprint")."""
-    parser = argparse.ArgumentParser(prog="ragtop", description="Top-k sparse attention and ragged embeddings: train, import, export, serve.")
+    parser = argparse.ArgumentParser(
+        prog="ragtop", description="Top-k sparse attention and ragged embeddings: train, import, export, serve."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = [add for add in COMMANDS if command in COMMAND_NAMES[add]] or COMMANDS
     for add in chosen:
@@ -268,8 +338,9 @@ def _unavailable(sub, name: str, error: ImportError) -> None:
 
     # prefix_chars that no argument uses: every argument lands in `args`, so any command line
     # of the real command gets this error rather than a usage message
-    p = sub.add_parser(name, help="(needs the train extra: pip install 'ragtop[train]')", add_help=False,
-                       prefix_chars="\0")
+    p = sub.add_parser(
+        name, help="(needs the train extra: pip install 'ragtop[train]')", add_help=False, prefix_chars="\0"
+    )
     p.add_argument("args", nargs="*")
     p.set_defaults(func=refuse)
 

@@ -28,7 +28,10 @@ SERVED_NAME = "SmolLM2-135M-Instruct"  # the model id clients send
 def default_model_dirs(data_dir: Path) -> tuple[Path, Path]:
     """(checkpoint folder, exported ONNX folder)."""
     root = Path(data_dir) / "models"
-    return root / NAME, root / f"{NAME}-{DEFAULT_WEIGHTS}-level{DEFAULT_ACCURACY_LEVEL}-onnx"  # other exports are not reused
+    return (
+        root / NAME,
+        root / f"{NAME}-{DEFAULT_WEIGHTS}-level{DEFAULT_ACCURACY_LEVEL}-onnx",
+    )  # other exports are not reused
 
 
 def ensure_default_model(data_dir: Path, log: Callable[[str], None] | None = None) -> Path:
@@ -53,7 +56,9 @@ def ensure_default_model(data_dir: Path, log: Callable[[str], None] | None = Non
     tmp = onnx_dir.with_name(onnx_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     # the validation's default tolerance is relative to the logits (docs/export.md, Validation)
-    options = ExportOptions(ckpt, tmp, data_dir=data_dir, weights=DEFAULT_WEIGHTS, accuracy_level=DEFAULT_ACCURACY_LEVEL)
+    options = ExportOptions(
+        ckpt, tmp, data_dir=data_dir, weights=DEFAULT_WEIGHTS, accuracy_level=DEFAULT_ACCURACY_LEVEL
+    )
     if export(options) != 0:
         raise RagtopError(f"exporting {ckpt} to {tmp} failed its validation (see {tmp / 'export_report.json'})")
     shutil.rmtree(onnx_dir, ignore_errors=True)
@@ -67,5 +72,7 @@ def _train_extra() -> Iterator[None]:
     try:
         yield
     except ImportError as e:
-        raise RagtopError(f"preparing the default model needs {e.name or e}, which is not installed: "
-                          "pip install 'ragtop[train]', or serve an exported folder (ragtop serve MODEL_DIR)") from None
+        raise RagtopError(
+            f"preparing the default model needs {e.name or e}, which is not installed: "
+            "pip install 'ragtop[train]', or serve an exported folder (ragtop serve MODEL_DIR)"
+        ) from None

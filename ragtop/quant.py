@@ -113,9 +113,15 @@ def load_file_blocks(folder: Path) -> dict[str, FileBlocks]:
             if meta.get("format") != FORMAT:
                 raise RagtopError(f"{path}: unknown format {meta.get('format')!r} (expected {FORMAT})")
             kinds = json.loads(meta["kinds"])
-            return {name: FileBlocks(kind, f.get_tensor(f"{name}.codes"), f.get_tensor(f"{name}.d"),
-                                     f.get_tensor(f"{name}.m") if kind == "q4_1" else None)
-                    for name, kind in kinds.items()}
+            return {
+                name: FileBlocks(
+                    kind,
+                    f.get_tensor(f"{name}.codes"),
+                    f.get_tensor(f"{name}.d"),
+                    f.get_tensor(f"{name}.m") if kind == "q4_1" else None,
+                )
+                for name, kind in kinds.items()
+            }
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise RagtopError(f"corrupt {path}: {e}") from None
 
@@ -137,7 +143,11 @@ class QBlocks:
     def dequantize(self, k: int | None = None) -> np.ndarray:
         N, Kp = self.codes.shape
         nb = Kp // BLOCK
-        zp = np.float32(1 << (self.bits - 1)) if self.zero_points is None else self.zero_points.astype(np.float32)[..., None]
+        zp = (
+            np.float32(1 << (self.bits - 1))
+            if self.zero_points is None
+            else self.zero_points.astype(np.float32)[..., None]
+        )
         c = self.codes.reshape(N, nb, BLOCK).astype(np.float32)
         w = self.scales[..., None] * (c - zp)
         if self.mins is not None:
@@ -169,15 +179,20 @@ def concat_rows(parts: list[QBlocks]) -> QBlocks | None:
     (one node, one pass over the activations), or None when their forms differ (bits, or
     zero points present in some and not others). Missing `mins` become zeros."""
     first = parts[0]
-    if any(p.bits != first.bits or p.codes.shape[1] != first.codes.shape[1]
-           or (p.zero_points is None) != (first.zero_points is None) for p in parts):
+    if any(
+        p.bits != first.bits
+        or p.codes.shape[1] != first.codes.shape[1]
+        or (p.zero_points is None) != (first.zero_points is None)
+        for p in parts
+    ):
         return None
     mins = None
     if any(p.mins is not None for p in parts):
         mins = np.concatenate([p.mins if p.mins is not None else np.zeros_like(p.scales) for p in parts])
     zp = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])
-    return QBlocks(first.bits, np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
-                   zp, mins)
+    return QBlocks(
+        first.bits, np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]), zp, mins
+    )
 
 
 def nibble_split(q: QBlocks) -> tuple[QBlocks, QBlocks]:

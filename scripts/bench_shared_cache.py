@@ -53,8 +53,15 @@ def main() -> None:
         copied = []
         for t in range(a.steps):
             t0 = time.perf_counter()
-            outs = sess.run(None, {"input_ids": np.array([[t % spec.vocab_size]]), "past_lengths": lengths,
-                                   "logits_indices": np.zeros((1, 1), np.int64), **feeds})
+            outs = sess.run(
+                None,
+                {
+                    "input_ids": np.array([[t % spec.vocab_size]]),
+                    "past_lengths": lengths,
+                    "logits_indices": np.zeros((1, 1), np.int64),
+                    **feeds,
+                },
+            )
             for name, value in zip(spec.output_names()[1:], outs[1:], strict=True):
                 feeds[name.replace("present", "past_key_values")] = value
             lengths = lengths + 1

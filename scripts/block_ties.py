@@ -65,7 +65,9 @@ def main() -> None:
             n += int(differ.sum())
             pos |= {j * att.Q_CHUNK + int(p) for p in differ.nonzero()[:, 2]}
         if n:
-            print(f"layer {i}: top-k kept a different key set for {n} (query, head) pairs; positions {sorted(pos)[:12]}")
+            print(
+                f"layer {i}: top-k kept a different key set for {n} (query, head) pairs; positions {sorted(pos)[:12]}"
+            )
     diff = (l32.double() - l64).abs()  # [1,S,V]
     per_pos = diff.amax(-1)[0]
     first_layer = None
@@ -77,10 +79,15 @@ def main() -> None:
         if n:
             pos = sorted(set(differ.nonzero()[:, 2].tolist()))
             print(f"layer {i}: {n} (query, head) pairs chose different blocks in fp32 and fp64; positions {pos[:12]}")
-    print(f"prefill {long} tokens: max |logits fp32 - fp64| = {float(diff.max()):.2e} "
-          f"(max |logits| {float(l64.abs().max()):.1f}); median over positions {float(per_pos.median()):.2e}")
+    print(
+        f"prefill {long} tokens: max |logits fp32 - fp64| = {float(diff.max()):.2e} "
+        f"(max |logits| {float(l64.abs().max()):.1f}); median over positions {float(per_pos.median()):.2e}"
+    )
     top = per_pos.topk(5)
-    print("largest per-position differences:", [(int(p), f"{float(v):.1e}") for v, p in zip(top.values, top.indices, strict=True)])
+    print(
+        "largest per-position differences:",
+        [(int(p), f"{float(v):.1e}") for v, p in zip(top.values, top.indices, strict=True)],
+    )
     if first_layer is None:
         print("no query chose a different block in fp32 and fp64")
 

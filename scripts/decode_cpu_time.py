@@ -9,6 +9,7 @@ the plugin loaded, numpy argmax). Decode is counted in tokens per CPU-second of 
 one-thread process's CPU time is disturbed far less (cache sharing still counts: compare
 ratios). Prefill is reported in wall seconds. Medians over the repeats; ratios vs the first.
 """
+
 import statistics
 import sys
 import time
@@ -48,8 +49,10 @@ def main(argv: list[str]) -> None:
     base = statistics.median(decode[folders[0]])
     for f in folders:
         m = statistics.median(decode[f])
-        print(f"{f}: decode {m:.2f} tokens/CPU-s ({m / base:.2f}x the first) {[round(x, 1) for x in decode[f]]}, "
-              f"prefill {statistics.median(prefill[f]):.2f} s (wall)")
+        print(
+            f"{f}: decode {m:.2f} tokens/CPU-s ({m / base:.2f}x the first) {[round(x, 1) for x in decode[f]]}, "
+            f"prefill {statistics.median(prefill[f]):.2f} s (wall)"
+        )
 
 
 if __name__ == "__main__":

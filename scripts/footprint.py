@@ -70,8 +70,17 @@ def tiny_model(root: Path) -> Path:
 
     tok = train_bpe(["The quick brown fox jumps over the lazy dog. " * 20], vocab_size=300)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                      max_seq_len=2048, attention=AttentionConfig(kind="topk", topk=32), embedding=EmbeddingConfig())
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=128,
+        max_seq_len=2048,
+        attention=AttentionConfig(kind="topk", topk=32),
+        embedding=EmbeddingConfig(),
+    )
     ckpt = save_checkpoint(root / "tiny-ckpt", Transformer(cfg).eval(), tok.to_str(), generation={"bos_token_id": 0})
     if main(["export", str(ckpt), str(root / "tiny"), "--no-validate"]) != 0:
         raise SystemExit("exporting the tiny model failed")
@@ -81,19 +90,37 @@ def tiny_model(root: Path) -> Path:
 def measure(model: Path, with_torch: bool, context: int | None, threads: int) -> dict:
     """Start `ragtop serve MODEL`, read its RSS idle (and after one full-context request)."""
     port = free_port()
-    args = ["serve", str(model), "--port", str(port), "--threads", str(threads), "--log-level", "info",
-            "--max-batch-size", "1"]
+    args = [
+        "serve",
+        str(model),
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--log-level",
+        "info",
+        "--max-batch-size",
+        "1",
+    ]
     if context:
         args += ["--context-limit", str(context)]
     log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen([sys.executable, "-c", RUN_CLI_WITH_TORCH if with_torch else RUN_CLI, *args],
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_CLI_WITH_TORCH if with_torch else RUN_CLI, *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, url)
         time.sleep(3)  # idle: the loader thread has finished, nothing is running
-        row = {"model": str(model), "torch_imported": has_torch(proc.pid), "weights_mb": weights_bytes(model) / 2**20,
-               "idle_rss_mb": proc_status(proc.pid)["VmRSS"] / 2**20}
+        row = {
+            "model": str(model),
+            "torch_imported": has_torch(proc.pid),
+            "weights_mb": weights_bytes(model) / 2**20,
+            "idle_rss_mb": proc_status(proc.pid)["VmRSS"] / 2**20,
+        }
         if context:
             row.update(full_context_request(proc.pid, url, context))
             log.seek(0)
@@ -123,11 +150,16 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
 
 def full_context_request(pid: int, url: str, context: int, new_tokens: int = 8) -> dict:
     """One completion whose prompt (token ids) plus output fills `context` tokens; the peak RSS after it."""
-    ids = httpx.post(url + "/tokenize", json={"prompt": "The quick brown fox jumps over the lazy dog. " * 50,
-                                              "add_special_tokens": False}).json()["tokens"]
+    ids = httpx.post(
+        url + "/tokenize",
+        json={"prompt": "The quick brown fox jumps over the lazy dog. " * 50, "add_special_tokens": False},
+    ).json()["tokens"]
     prompt = (ids * (context // len(ids) + 1))[: context - new_tokens]
-    r = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": new_tokens, "ignore_eos": True,
-                                                  "temperature": 0}, timeout=1800)
+    r = httpx.post(
+        url + "/v1/completions",
+        json={"prompt": prompt, "max_tokens": new_tokens, "ignore_eos": True, "temperature": 0},
+        timeout=1800,
+    )
     r.raise_for_status()
     return {"context": context, "peak_rss_mb": proc_status(pid)["VmHWM"] / 2**20}
 

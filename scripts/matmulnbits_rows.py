@@ -6,6 +6,7 @@ accuracy levels 0 and 4, timed per CPU-second for M = 1 .. 256 input rows (one t
 Decode runs M = 1, a speculative verification M = gamma + 1, prefill M = the chunk length:
 which accuracy level is faster depends on M (docs/export.md, "The lean graph").
 """
+
 import sys
 import time
 
@@ -19,12 +20,31 @@ from ragtop.quant import concat_rows, load_file_blocks
 
 
 def session(qb, K: int, N: int, level: int) -> ort.InferenceSession:
-    inits = [numpy_helper.from_array(qb.packed_codes(), "B"), numpy_helper.from_array(qb.scales.astype(np.float32), "S")]
-    node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=K, N=N, bits=qb.bits,
-                            block_size=32, accuracy_level=level)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    inits = [
+        numpy_helper.from_array(qb.packed_codes(), "B"),
+        numpy_helper.from_array(qb.scales.astype(np.float32), "S"),
+    ]
+    node = helper.make_node(
+        "MatMulNBits",
+        ["A", "B", "S"],
+        ["Y"],
+        domain="com.microsoft",
+        K=K,
+        N=N,
+        bits=qb.bits,
+        block_size=32,
+        accuracy_level=level,
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

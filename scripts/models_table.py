@@ -1,6 +1,6 @@
 """The docs/models.md table of the `small` models from `ragtop eval --json` lines.
 
-    ragtop eval runs/small-dense-uniform runs/small-topk32-uniform ... --json | python scripts/models_table.py
+ragtop eval runs/small-dense-uniform runs/small-topk32-uniform ... --json | python scripts/models_table.py
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ def main() -> None:
         p = r["parameters"]
         name = r["checkpoint"].rstrip("/").split("/")[-1]
         delta = 100 * (r["perplexity"] / base["perplexity"] - 1)
-        print(f"| {name} | {r['perplexity']:.1f} | {delta:+.1f} % | {r['bits_per_byte']:.4f} | "
-              f"{(p['embedding'] + p['head']) / 1e6:.3f}M | {p['attention'] / 1e6:.3f}M | {p['mlp'] / 1e6:.3f}M | "
-              f"{p['total'] / 1e6:.3f}M |")
+        print(
+            f"| {name} | {r['perplexity']:.1f} | {delta:+.1f} % | {r['bits_per_byte']:.4f} | "
+            f"{(p['embedding'] + p['head']) / 1e6:.3f}M | {p['attention'] / 1e6:.3f}M | {p['mlp'] / 1e6:.3f}M | "
+            f"{p['total'] / 1e6:.3f}M |"
+        )
 
 
 if __name__ == "__main__":

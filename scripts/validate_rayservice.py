@@ -37,10 +37,16 @@ def check(manifest: dict, crd: dict | None = None) -> list[str]:
         if app.import_path == "ragtop.server.ray:build":
             deployment = build(app.args or {})._bound_deployment
             auto = deployment._deployment_config.autoscaling_config
-            scale = (f"{auto.min_replicas}..{auto.max_replicas} replicas (autoscaling, target "
-                     f"{auto.target_ongoing_requests} ongoing)" if auto else f"{deployment.num_replicas} replicas")
-            done.append(f"application {app.name!r}: ragtop settings fine; deployment {deployment.name!r}, {scale}, "
-                        f"max_ongoing_requests {deployment.max_ongoing_requests}")
+            scale = (
+                f"{auto.min_replicas}..{auto.max_replicas} replicas (autoscaling, target "
+                f"{auto.target_ongoing_requests} ongoing)"
+                if auto
+                else f"{deployment.num_replicas} replicas"
+            )
+            done.append(
+                f"application {app.name!r}: ragtop settings fine; deployment {deployment.name!r}, {scale}, "
+                f"max_ongoing_requests {deployment.max_ongoing_requests}"
+            )
     return done
 
 

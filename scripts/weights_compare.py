@@ -65,7 +65,9 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("RAGTOP_DATA_DIR") or Path.home() / ".cache" / "ragtop"))
+    p.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("RAGTOP_DATA_DIR") or Path.home() / ".cache" / "ragtop")
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--no-quality", action="store_true", help="decode speed and greedy agreement only")
     a = p.parse_args()
@@ -76,7 +78,9 @@ def main() -> None:
     for f in a.folders:
         onnx_file = f / "model.onnx"
         data = f / "model.onnx.data"
-        results[f]["model_mb"] = round((onnx_file.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6, 1)
+        results[f]["model_mb"] = round(
+            (onnx_file.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6, 1
+        )
     # quality: perplexity, and next-token argmax agreement with the first folder, per window
     ref_top1: list[np.ndarray] = []
     for f in [] if a.no_quality else a.folders:
@@ -112,17 +116,26 @@ def main() -> None:
         results[f]["decode_tok_s"] = [round(s, 2) for s in speeds[f]]
         results[f]["decode_tok_s_median"] = round(statistics.median(speeds[f]), 2)
     base = results[a.folders[0]]["decode_tok_s_median"]
-    print(f"load average {os.getloadavg()[0]:.2f}; {a.windows} x {a.window} held-out tokens; prompt {len(prompt)} tokens, "
-          f"{a.decode} decode steps x {a.repeats} interleaved repeats, {a.threads} thread(s)")
-    print("| folder | model MB | perplexity | top-1 agreement | greedy (same first tokens) | decode tok/s (median) | vs first |")
+    print(
+        f"load average {os.getloadavg()[0]:.2f}; {a.windows} x {a.window} held-out tokens; prompt {len(prompt)} "
+        "tokens, "
+        f"{a.decode} decode steps x {a.repeats} interleaved repeats, {a.threads} thread(s)"
+    )
+    print(
+        "| folder | model MB | perplexity | top-1 agreement | greedy (same first tokens) | decode tok/s (median) | vs "
+        "first |"
+    )
     print("|---|---|---|---|---|---|---|")
     for f in a.folders:
         r = results[f]
         r.setdefault("ppl", "-")
         r.setdefault("top1_agreement", None)
-        print(f"| {f.name} | {r['model_mb']} | {r['ppl']} | {r['top1_agreement'] if r['top1_agreement'] is not None else '-'} "
-              f"| {r['greedy_same_prefix']} | {r['decode_tok_s_median']} ({', '.join(map(str, r['decode_tok_s']))}) "
-              f"| {r['decode_tok_s_median'] / base:.2f}x |")
+        print(
+            f"| {f.name} | {r['model_mb']} | {r['ppl']} | "
+            f"{r['top1_agreement'] if r['top1_agreement'] is not None else '-'} "
+            f"| {r['greedy_same_prefix']} | {r['decode_tok_s_median']} ({', '.join(map(str, r['decode_tok_s']))}) "
+            f"| {r['decode_tok_s_median'] / base:.2f}x |"
+        )
     if a.json:
         a.json.write_text(json.dumps(list(results.values()), indent=2) + "\n")
 

@@ -37,8 +37,22 @@ def ragtop_imports(path: Path) -> set[str]:
     return found
 
 
-LAYERS = ("model", "errors", "quant", "checkpoint", "train", "convert", "export", "gpu", "runtime", "server", "study",
-          "bench", "default_model", "cli")
+LAYERS = (
+    "model",
+    "errors",
+    "quant",
+    "checkpoint",
+    "train",
+    "convert",
+    "export",
+    "gpu",
+    "runtime",
+    "server",
+    "study",
+    "bench",
+    "default_model",
+    "cli",
+)
 ALLOWED = {  # what each part of ragtop may import (besides itself); docs/architecture.md, "Import rules"
     "__init__": set(),
     "model": set(),
@@ -128,7 +142,9 @@ def test_gpu_path_is_confined():
     bad = []
     for f in PKG.rglob("*.py"):
         rel = f.relative_to(PKG).as_posix()
-        if any(m.split(".")[0] == "triton" for m in imported_modules(f)) and not rel.startswith(("gpu/", "bench/gpu.py")):
+        if any(m.split(".")[0] == "triton" for m in imported_modules(f)) and not rel.startswith(
+            ("gpu/", "bench/gpu.py")
+        ):
             bad.append(f"{rel} imports triton")
         if "gpu" in ragtop_imports(f) and not rel.startswith(("gpu/", "bench/gpu.py", "runtime/runners/torch.py")):
             bad.append(f"{rel} imports ragtop.gpu")

@@ -49,6 +49,7 @@ def _score(model, windows, batch: int = 4):
     """Mean NLL and the argmax prediction at every position (no grad)."""
     import torch
     import torch.nn.functional as F
+
     nll, preds = 0.0, []
     for i in range(0, len(windows), batch):
         w = windows[i : i + batch]
@@ -81,8 +82,12 @@ def _run(args: argparse.Namespace, default_data_dir: Path) -> int:
     for bs in args.block_sizes:
         for budget in args.budgets:
             if budget * bs < context:  # a budget covering the whole window is exact top-k
-                variants.append((f"top-{args.topk} bs={bs} budget={budget}",
-                                 AttentionConfig("topk", topk=args.topk, block_size=bs, block_budget=budget)))
+                variants.append(
+                    (
+                        f"top-{args.topk} bs={bs} budget={budget}",
+                        AttentionConfig("topk", topk=args.topk, block_size=bs, block_budget=budget),
+                    )
+                )
     results, ref = [], {}
     for name, att in variants:
         model = Transformer(cfg.with_attention(att)).eval()
@@ -94,17 +99,27 @@ def _run(args: argparse.Namespace, default_data_dir: Path) -> int:
             ref["exact"] = preds
         agree = {k: round(float((preds == r).float().mean()), 4) for k, r in ref.items()}
         keys = None if att.block_size is None else (att.block_budget + 1) * att.block_size
-        results.append({"variant": name, "perplexity": round(math.exp(loss), 3),
-                        "greedy_agreement_vs_dense": agree.get("dense"),
-                        "greedy_agreement_vs_exact": agree.get("exact"),
-                        "candidate_keys_per_query": keys})
+        results.append(
+            {
+                "variant": name,
+                "perplexity": round(math.exp(loss), 3),
+                "greedy_agreement_vs_dense": agree.get("dense"),
+                "greedy_agreement_vs_exact": agree.get("exact"),
+                "candidate_keys_per_query": keys,
+            }
+        )
         if not args.json:
-            print(f"{name:<32} ppl {math.exp(loss):9.3f}  greedy agreement vs dense {agree.get('dense', '-')}"
-                  f"  vs exact top-k {agree.get('exact', '-')}", flush=True)
-    report = {"checkpoint": str(args.checkpoint), "context": context, "tokens": int(windows.shape[0] * context),
-              "results": results}
+            print(
+                f"{name:<32} ppl {math.exp(loss):9.3f}  greedy agreement vs dense {agree.get('dense', '-')}"
+                f"  vs exact top-k {agree.get('exact', '-')}",
+                flush=True,
+            )
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "context": context,
+        "tokens": int(windows.shape[0] * context),
+        "results": results,
+    }
     if args.json:
         print(json.dumps(report, indent=2))
     return 0
-
-

@@ -43,8 +43,9 @@ SHAPES = {  # name: (query heads, KV heads, head dim), as `ragtop bench ops`
 }
 MODELS = {  # name: ModelConfig fields (random weights)
     "small": dict(vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, d_ff=688),
-    "smollm2": dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
-                    rope_theta=100000.0),
+    "smollm2": dict(
+        vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536, rope_theta=100000.0
+    ),
     "tiny": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=176),
 }
 L2_SPAN = 256 << 20  # kernel timing rotates over up to 16 cache copies totalling about this (H200 L2: 50 MB)
@@ -94,10 +95,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes (the CPU interpreter check of this script)")
     p.add_argument("--lengths", type=int_list, default=(8192, 32768, 131072), help="cache lengths of the kernel timing")
     p.add_argument("--batches", type=int_list, default=(1, 16), help="batch sizes of the kernel timing")
-    p.add_argument("--shapes", type=name_list(SHAPES), default=("smollm2", "small"),
-                   help=f"attention shapes ({', '.join(SHAPES)})")
-    p.add_argument("--models", type=name_list(MODELS), default=("small", "smollm2"),
-                   help=f"end-to-end model shapes ({', '.join(MODELS)})")
+    p.add_argument(
+        "--shapes", type=name_list(SHAPES), default=("smollm2", "small"), help=f"attention shapes ({', '.join(SHAPES)})"
+    )
+    p.add_argument(
+        "--models",
+        type=name_list(MODELS),
+        default=("small", "smollm2"),
+        help=f"end-to-end model shapes ({', '.join(MODELS)})",
+    )
     p.add_argument("--e2e-batches", type=int_list, default=(1, 16), help="sequences decoding together, end to end")
     p.add_argument("--context", type=int, default=8192, help="prompt tokens per sequence before the timed decode")
     p.add_argument("--new-tokens", type=int, default=32, help="timed decode steps, end to end")
@@ -111,13 +117,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def settings_from(a: argparse.Namespace, cuda: bool) -> Settings:
     if a.quick:  # what the interpreter can do in seconds
-        return Settings(device="cuda" if cuda else "cpu", lengths=(96,), batches=(1, 2), shapes=("tiny",),
-                        models=("tiny",), e2e_batches=(1,), context=40, new_tokens=2, topk=8, e2e_topk=8,
-                        block_size=16, block_budget=2, repeats=1)
-    return Settings(device="cuda" if cuda else "cpu", lengths=a.lengths, batches=a.batches, shapes=a.shapes,
-                    models=a.models, e2e_batches=a.e2e_batches, context=a.context, new_tokens=a.new_tokens,
-                    topk=a.topk, e2e_topk=a.e2e_topk, block_size=a.block_size, block_budget=a.block_budget,
-                    repeats=a.repeats)
+        return Settings(
+            device="cuda" if cuda else "cpu",
+            lengths=(96,),
+            batches=(1, 2),
+            shapes=("tiny",),
+            models=("tiny",),
+            e2e_batches=(1,),
+            context=40,
+            new_tokens=2,
+            topk=8,
+            e2e_topk=8,
+            block_size=16,
+            block_budget=2,
+            repeats=1,
+        )
+    return Settings(
+        device="cuda" if cuda else "cpu",
+        lengths=a.lengths,
+        batches=a.batches,
+        shapes=a.shapes,
+        models=a.models,
+        e2e_batches=a.e2e_batches,
+        context=a.context,
+        new_tokens=a.new_tokens,
+        topk=a.topk,
+        e2e_topk=a.e2e_topk,
+        block_size=a.block_size,
+        block_budget=a.block_budget,
+        repeats=a.repeats,
+    )
 
 
 # -- timing -------------------------------------------------------------------------------
@@ -153,12 +182,23 @@ def check_correctness(device: str, quick: bool = False) -> list[dict[str, Any]]:
         ("quest (topk >= candidates)", 2, 4, 4, 16, 300, 256, 16, 3, 0, 0),
     ]
     if quick:  # the interpreter runs one program at a time: fewer heads and sequences
-        cases = [(name, 2, H // Hkv, 1, Dh, L, topk, bs, budget, sinks, window)
-                 for name, B, H, Hkv, Dh, L, topk, bs, budget, sinks, window in cases]
+        cases = [
+            (name, 2, H // Hkv, 1, Dh, L, topk, bs, budget, sinks, window)
+            for name, B, H, Hkv, Dh, L, topk, bs, budget, sinks, window in cases
+        ]
     for name, B, H, Hkv, Dh, L, topk, bs, budget, sinks, window in cases:
-        cfg = ModelConfig(vocab_size=8, d_model=H * Dh, n_layers=1, n_heads=H, n_kv_heads=Hkv, d_ff=8, max_seq_len=L,
-                          attention=AttentionConfig(kind="topk", topk=topk, block_size=bs, block_budget=budget,
-                                                    sink_tokens=sinks, local_window=window))
+        cfg = ModelConfig(
+            vocab_size=8,
+            d_model=H * Dh,
+            n_layers=1,
+            n_heads=H,
+            n_kv_heads=Hkv,
+            d_ff=8,
+            max_seq_len=L,
+            attention=AttentionConfig(
+                kind="topk", topk=topk, block_size=bs, block_budget=budget, sink_tokens=sinks, local_window=window
+            ),
+        )
         ref = TopKAttention(cfg).to(device)
         q = torch.randn(B, H, 1, Dh, generator=gen).to(device)
         k = torch.randn(B, Hkv, L, Dh, generator=gen).to(device)
@@ -171,15 +211,37 @@ def check_correctness(device: str, quick: bool = False) -> list[dict[str, Any]]:
         kmin = torch.zeros(B, Hkv, nb, Dh, device=device)
         kmax = torch.zeros_like(kmin)
         update_block_summaries(k, kmin, kmax, torch.zeros(B, dtype=torch.long, device=device), L, bs)
-        want_min, want_max = ref.block_summaries(k, AttnContext(None, None, None, (j < L)[None, None, None, :], None, False))
+        want_min, want_max = ref.block_summaries(
+            k, AttnContext(None, None, None, (j < L)[None, None, None, :], None, False)
+        )
         summary_err = max((kmin - want_min).abs().max().item(), (kmax - want_max).abs().max().item())
-        out = block_topk_decode(q[:, :, 0], k, v, kmin, kmax, pos, topk=topk, block_size=bs, block_budget=budget,
-                                scale=ref.scale, sink_tokens=sinks, local_window=window)
+        out = block_topk_decode(
+            q[:, :, 0],
+            k,
+            v,
+            kmin,
+            kmax,
+            pos,
+            topk=topk,
+            block_size=bs,
+            block_budget=budget,
+            scale=ref.scale,
+            sink_tokens=sinks,
+            local_window=window,
+        )
         err = (out - ref.attend(q, k, v, ctx)[:, :, 0]).abs().max().item()
         rows.append({"check": f"block_topk_decode: {name}", "max_abs_err": err, "ok": err <= TOLERANCE})
         rows.append({"check": f"update_block_summaries: {name}", "max_abs_err": summary_err, "ok": summary_err == 0.0})
-    cfg = ModelConfig(vocab_size=1000, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=8, max_seq_len=8,
-                      embedding=EmbeddingConfig(kind="ragged", tier_sizes=(100, 300, 600), tier_widths=(64, 24, 8)))
+    cfg = ModelConfig(
+        vocab_size=1000,
+        d_model=64,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=8,
+        max_seq_len=8,
+        embedding=EmbeddingConfig(kind="ragged", tier_sizes=(100, 300, 600), tier_widths=(64, 24, 8)),
+    )
     emb = RaggedEmbedding(cfg)
     perm = torch.randperm(1000, generator=gen).tolist()
     emb.set_tiers([perm[:100], perm[100:400], perm[400:]])
@@ -202,8 +264,15 @@ def time_kernels(s: Settings, say: Callable[[str], None], record: Callable[[dict
                     record(time_kernel_case(s, shape, L, B))
                 except Exception as e:  # reported in the row, with its type
                     say(f"kernel {shape} L={L} B={B} failed: {e!r}")
-                    record({"shape": shape, "heads": "/".join(map(str, SHAPES[shape])), "tokens": L, "batch": B,
-                            "error": repr(e)[:500]})
+                    record(
+                        {
+                            "shape": shape,
+                            "heads": "/".join(map(str, SHAPES[shape])),
+                            "tokens": L,
+                            "batch": B,
+                            "error": repr(e)[:500],
+                        }
+                    )
                     _free(s.device)
 
 
@@ -244,8 +313,9 @@ def time_kernel_case(s: Settings, shape: str, L: int, B: int) -> dict[str, Any]:
 
     def block(c: tuple) -> Any:  # the decode step's whole attention work: summary of the new key too
         update_block_summaries(c[0], c[2], c[3], pos, 1, s.block_size)
-        return block_topk_decode(q[:, :, 0], *c, pos, topk=s.topk, block_size=s.block_size,
-                                 block_budget=s.block_budget, scale=scale)
+        return block_topk_decode(
+            q[:, :, 0], *c, pos, topk=s.topk, block_size=s.block_size, block_budget=s.block_budget, scale=scale
+        )
 
     timer = _timer(s.device)
     row: dict[str, Any] = {"shape": shape, "heads": f"{H}/{Hkv}/{Dh}", "tokens": L, "batch": B, "cache_copies": copies}
@@ -327,8 +397,9 @@ def time_end_to_end(s: Settings, say: Callable[[str], None], record: Callable[[d
         base = ModelConfig(**MODELS[name], max_seq_len=s.context + s.new_tokens + 1)
         variants = {
             "dense": AttentionConfig(),
-            "block": AttentionConfig(kind="topk", topk=s.e2e_topk, block_size=s.block_size,
-                                     block_budget=s.block_budget),
+            "block": AttentionConfig(
+                kind="topk", topk=s.e2e_topk, block_size=s.block_size, block_budget=s.block_budget
+            ),
         }
         torch.manual_seed(0)
         weights = Transformer(base).state_dict()
@@ -357,8 +428,12 @@ def environment(device: str) -> dict[str, Any]:
     import torch
     import triton
 
-    env = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-           "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
+    env = {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+    }
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     return env
@@ -374,20 +449,43 @@ def format_report(r: dict[str, Any]) -> str:
     s = r["settings"]
     lines = [f"environment: {json.dumps(r['environment'])}", "", "| check | max abs err | ok |", "|---|---:|---|"]
     lines += [f"| {c['check']} | {c['max_abs_err']:.2e} | {'yes' if c['ok'] else 'NO'} |" for c in r["correctness"]]
-    lines += ["", f"One layer, one decode step (topk={s['topk']}, block_size={s['block_size']}, "
-                  f"block_budget={s['block_budget']}, fp32); speedup = SDPA / Triton block selection; "
-                  "'graph': the same step replayed from a CUDA graph (no Python launch cost).", "",
-              "| shape (H/Hkv/Dh) | tokens | batch | SDPA | Triton block | speedup | SDPA, graph | Triton block, graph | "
-              "speedup, graph |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {k['shape']} ({k['heads']}) | {k['tokens']} | {k['batch']} | "
-              + (f"{k['sdpa_ms']:.3f} ms | {k['triton_block_ms']:.3f} ms | {k['speedup']:.2f}x |" if "error" not in k
-                 else f"failed: {k['error']} | | |") + _graph_cells(k) for k in r["kernels"]]
-    lines += ["", f"End to end: greedy decode tokens/s of TorchRunner after a {s['context']}-token prefill "
-                  f"(block: topk={s['e2e_topk']}).", "",
-              "| model | batch | dense tok/s | block tok/s | speedup |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {e['model']} | {e['batch']} | " + (
-              f"{e['dense_tok_s']:.1f} | {e['block_tok_s']:.1f} | {e['speedup']:.2f}x |" if "error" not in e
-              else f"failed: {e['error']} | | |") for e in r["end_to_end"]]
+    lines += [
+        "",
+        f"One layer, one decode step (topk={s['topk']}, block_size={s['block_size']}, "
+        f"block_budget={s['block_budget']}, fp32); speedup = SDPA / Triton block selection; "
+        "'graph': the same step replayed from a CUDA graph (no Python launch cost).",
+        "",
+        "| shape (H/Hkv/Dh) | tokens | batch | SDPA | Triton block | speedup | SDPA, graph | Triton block, graph | "
+        "speedup, graph |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {k['shape']} ({k['heads']}) | {k['tokens']} | {k['batch']} | "
+        + (
+            f"{k['sdpa_ms']:.3f} ms | {k['triton_block_ms']:.3f} ms | {k['speedup']:.2f}x |"
+            if "error" not in k
+            else f"failed: {k['error']} | | |"
+        )
+        + _graph_cells(k)
+        for k in r["kernels"]
+    ]
+    lines += [
+        "",
+        f"End to end: greedy decode tokens/s of TorchRunner after a {s['context']}-token prefill "
+        f"(block: topk={s['e2e_topk']}).",
+        "",
+        "| model | batch | dense tok/s | block tok/s | speedup |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {e['model']} | {e['batch']} | "
+        + (
+            f"{e['dense_tok_s']:.1f} | {e['block_tok_s']:.1f} | {e['speedup']:.2f}x |"
+            if "error" not in e
+            else f"failed: {e['error']} | | |"
+        )
+        for e in r["end_to_end"]
+    ]
     if "end_to_end_error" in r:
         lines.append(r["end_to_end_error"])
     return "\n".join(lines)
@@ -398,12 +496,19 @@ def run(a: argparse.Namespace) -> int:
 
     cuda = torch.cuda.is_available()
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("no CUDA device: run with TRITON_INTERPRET=1 (Triton's interpreter, --quick sizes) "
-                         "or on a machine with a GPU")
+        raise SystemExit(
+            "no CUDA device: run with TRITON_INTERPRET=1 (Triton's interpreter, --quick sizes) "
+            "or on a machine with a GPU"
+        )
     s = settings_from(a, cuda)
     say = lambda msg: print(f"[bench gpu] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    report: dict[str, Any] = {"environment": environment(s.device), "settings": s.__dict__,
-                              "correctness": [], "kernels": [], "end_to_end": []}
+    report: dict[str, Any] = {
+        "environment": environment(s.device),
+        "settings": s.__dict__,
+        "correctness": [],
+        "kernels": [],
+        "end_to_end": [],
+    }
 
     def save() -> None:  # after every part: a run cut short by its timeout keeps what it measured
         if a.json:

@@ -23,10 +23,18 @@ def _model(nodes, inputs, outputs, domains: dict[str, int], initializers=(), fun
     return model.SerializeToString()
 
 
-def topk_attention_model(num_heads: int, num_kv_heads: int, head_dim: int, topk: int,
-                         block_size: int = 0, block_budget: int = 0, sink_tokens: int | None = None,
-                         local_window: int | None = None, with_function: bool = False,
-                         attention_dense: bool = False) -> bytes:
+def topk_attention_model(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    topk: int,
+    block_size: int = 0,
+    block_budget: int = 0,
+    sink_tokens: int | None = None,
+    local_window: int | None = None,
+    with_function: bool = False,
+    attention_dense: bool = False,
+) -> bytes:
     """One ragtop::TopKAttention node; block mode adds the summary inputs/outputs.
 
     sink_tokens / local_window None: the attribute is left out (as in files written before
@@ -61,9 +69,16 @@ def topk_attention_model(num_heads: int, num_kv_heads: int, head_dim: int, topk:
         names.append(ops.ATTENTION_DENSE)
         inputs.append(helper.make_tensor_value_info(ops.ATTENTION_DENSE, I64, ["B"]))
     node = helper.make_node(
-        ops.TOPK_ATTENTION, names, [o.name for o in outputs], domain=ops.DOMAIN,
-        num_heads=num_heads, num_kv_heads=num_kv_heads, topk=topk, scale=head_dim**-0.5,
-        block_size=block_size, block_budget=block_budget,
+        ops.TOPK_ATTENTION,
+        names,
+        [o.name for o in outputs],
+        domain=ops.DOMAIN,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        topk=topk,
+        scale=head_dim**-0.5,
+        block_size=block_size,
+        block_budget=block_budget,
         **{k: v for k, v in dict(sink_tokens=sink_tokens, local_window=local_window).items() if v is not None},
     )
     body = []
@@ -91,8 +106,9 @@ def ragged_embedding_model(tables, projs, tier_of, row_of) -> bytes:
     )
 
 
-def fallback_attention_model(num_heads: int, num_kv_heads: int, head_dim: int, topk: int | None,
-                             capacity: int) -> bytes:
+def fallback_attention_model(
+    num_heads: int, num_kv_heads: int, head_dim: int, topk: int | None, capacity: int
+) -> bytes:
     """Exact top-k attention over a shared cache in standard ONNX ops (the fallback path).
 
     topk=None gives plain dense attention in the same ops (Softmax over all visible keys).
@@ -121,14 +137,19 @@ def fallback_attention_model(num_heads: int, num_kv_heads: int, head_dim: int, t
     ]
     const = lambda name, arr: onnx.numpy_helper.from_array(arr, name)  # noqa: E731
     inits = [
-        const("zero", np.array(0, np.int64)), const("one", np.array(1, np.int64)),
-        const("ax2", np.array([2], np.int64)), const("ax_last", np.array([-1], np.int64)),
+        const("zero", np.array(0, np.int64)),
+        const("one", np.array(1, np.int64)),
+        const("ax2", np.array([2], np.int64)),
+        const("ax_last", np.array([-1], np.int64)),
         const("keys_idx", np.arange(C, dtype=np.int64)),
         const("kv_heads_shape", np.array([0, 0, Hkv, Dh], np.int64)),
         const("q_heads_shape", np.array([0, 0, Hkv, G, Dh], np.int64)),
-        const("k", np.array([k], np.int64)), const("neg_inf", np.array(-np.inf, np.float32)),
-        const("zero_f", np.array(0.0, np.float32)), const("out_shape", np.array([0, 0, H * Dh], np.int64)),
-        const("ax_pos", np.array([1, 3], np.int64)), const("ax_mask", np.array([1, 2], np.int64)),
+        const("k", np.array([k], np.int64)),
+        const("neg_inf", np.array(-np.inf, np.float32)),
+        const("zero_f", np.array(0.0, np.float32)),
+        const("out_shape", np.array([0, 0, H * Dh], np.int64)),
+        const("ax_pos", np.array([1, 3], np.int64)),
+        const("ax_mask", np.array([1, 2], np.int64)),
     ]
     n = helper.make_node
     nodes = [
@@ -139,14 +160,18 @@ def fallback_attention_model(num_heads: int, num_kv_heads: int, head_dim: int, t
         n("Unsqueeze", ["past_lengths", "ax_last"], ["lens_col"]),
         n("Add", ["lens_col", "arange_s"], ["pos"]),  # [B,S]
         # cache write: indices [B,Hkv,S,Dh]
-        n("Reshape", ["key", "kv_heads_shape"], ["k4"]), n("Transpose", ["k4"], ["k_new"], perm=[0, 2, 1, 3]),
-        n("Reshape", ["value", "kv_heads_shape"], ["v4"]), n("Transpose", ["v4"], ["v_new"], perm=[0, 2, 1, 3]),
+        n("Reshape", ["key", "kv_heads_shape"], ["k4"]),
+        n("Transpose", ["k4"], ["k_new"], perm=[0, 2, 1, 3]),
+        n("Reshape", ["value", "kv_heads_shape"], ["v4"]),
+        n("Transpose", ["v4"], ["v_new"], perm=[0, 2, 1, 3]),
         n("Unsqueeze", ["pos", "ax_pos"], ["pos4"]),  # [B,1,S,1]
-        n("Shape", ["k_new"], ["kn_shape"]), n("Expand", ["pos4", "kn_shape"], ["widx"]),
+        n("Shape", ["k_new"], ["kn_shape"]),
+        n("Expand", ["pos4", "kn_shape"], ["widx"]),
         n("ScatterElements", ["past_key", "widx", "k_new"], ["present_key"], axis=2),
         n("ScatterElements", ["past_value", "widx", "v_new"], ["present_value"], axis=2),
         # scores [B,Hkv,G,S,C]
-        n("Reshape", ["query", "q_heads_shape"], ["q5"]), n("Transpose", ["q5"], ["qh"], perm=[0, 2, 3, 1, 4]),
+        n("Reshape", ["query", "q_heads_shape"], ["q5"]),
+        n("Transpose", ["q5"], ["qh"], perm=[0, 2, 3, 1, 4]),
         n("Constant", [], ["scale"], value=onnx.numpy_helper.from_array(np.array(Dh**-0.5, np.float32))),
         n("Mul", ["qh", "scale"], ["qs"]),
         n("Unsqueeze", ["present_key", "ax2"], ["k5"]),  # [B,Hkv,1,C,Dh]
@@ -197,7 +222,12 @@ def gqa_model(num_heads: int, num_kv_heads: int, head_dim: int) -> bytes:
         helper.make_tensor_value_info("present_value", F, cache),
     ]
     node = helper.make_node(
-        "GroupQueryAttention", [i.name for i in inputs], [o.name for o in outputs], domain="com.microsoft",
-        num_heads=H, kv_num_heads=Hkv, scale=Dh**-0.5,
+        "GroupQueryAttention",
+        [i.name for i in inputs],
+        [o.name for o in outputs],
+        domain="com.microsoft",
+        num_heads=H,
+        kv_num_heads=Hkv,
+        scale=Dh**-0.5,
     )
     return _model([node], inputs, outputs, {"com.microsoft": 1})

@@ -53,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["small", "smollm2"])
     parser.add_argument("--decode-lengths", type=int, nargs="+", default=[1024, 8192, 32768])
     parser.add_argument("--prefill-lengths", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--topk", type=int, default=32, help="keys kept per query (default: the small top-k models' 32)")
+    parser.add_argument(
+        "--topk", type=int, default=32, help="keys kept per query (default: the small top-k models' 32)"
+    )
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--block-budget", type=int, default=16, help="earlier blocks kept per query besides its own")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime intra-op threads")
@@ -92,8 +94,9 @@ class _Runner:
             if not register_plugin(so):
                 raise RuntimeError("the plugin library is not built: run `make install`")
         self.ort, self.sess = ort, ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-        self.shared = [{name: ort.OrtValue.ortvalue_from_numpy(a.copy()) for name, a in shared.items()}
-                       for _ in range(sets)]
+        self.shared = [
+            {name: ort.OrtValue.ortvalue_from_numpy(a.copy()) for name, a in shared.items()} for _ in range(sets)
+        ]
         self.bindings = [self.bind(feeds, bufs) for bufs in self.shared]
         self.next = 0
 
@@ -122,13 +125,21 @@ def _summaries(keys: np.ndarray, length: int, bs: int) -> tuple[np.ndarray, np.n
     return lo, hi
 
 
-def _standard_ops(ort, model: bytes, args, kind: str, base: dict, lens, keys, vals, sets: int,
-                  seconds: float, reps: int, warm: int) -> float:
+def _standard_ops(
+    ort, model: bytes, args, kind: str, base: dict, lens, keys, vals, sets: int, seconds: float, reps: int, warm: int
+) -> float:
     """Times a standard-op graph: one call for decode; prefill in FALLBACK_CHUNK-token calls
     (one call would hold T x T scores per head: 2 GB at 8k tokens and 8 heads)."""
     if kind == "decode":
-        r = _Runner(ort, model, args.threads, False, {**base, "past_lengths": lens},
-                    {"past_key": keys, "past_value": vals}, sets)
+        r = _Runner(
+            ort,
+            model,
+            args.threads,
+            False,
+            {**base, "past_lengths": lens},
+            {"past_key": keys, "past_value": vals},
+            sets,
+        )
         return _timeit(r, seconds, reps, warm)
     r = _Runner(ort, model, args.threads, False, {}, {"past_key": keys, "past_value": vals})
     S = base["query"].shape[1]
@@ -165,30 +176,76 @@ def _case(ort, shape: Shape, args, kind: str, length: int, rng: np.random.Genera
     set_bytes = 2 * keys.nbytes
     sets = min(32, max(2, -(-LLC_SPAN // set_bytes))) if kind == "decode" else 1
 
-    gqa = _Runner(ort, gqa_model(H, Hkv, Dh), args.threads, False,
-                  {**base, "seqlens_k": np.array([past + S - 1], np.int32),
-                   "total_sequence_length": np.array(past + S, np.int32)},
-                  {"past_key": keys, "past_value": vals}, sets)
+    gqa = _Runner(
+        ort,
+        gqa_model(H, Hkv, Dh),
+        args.threads,
+        False,
+        {
+            **base,
+            "seqlens_k": np.array([past + S - 1], np.int32),
+            "total_sequence_length": np.array(past + S, np.int32),
+        },
+        {"past_key": keys, "past_value": vals},
+        sets,
+    )
     ms["dense_gqa"] = _timeit(gqa, seconds, reps, warm)
     del gqa
 
-    ms["dense_ops"] = _standard_ops(ort, fallback_attention_model(H, Hkv, Dh, None, C), args, kind, base, lens,
-                                    keys, vals, sets, seconds, reps, warm)
+    ms["dense_ops"] = _standard_ops(
+        ort,
+        fallback_attention_model(H, Hkv, Dh, None, C),
+        args,
+        kind,
+        base,
+        lens,
+        keys,
+        vals,
+        sets,
+        seconds,
+        reps,
+        warm,
+    )
 
-    exact = _Runner(ort, topk_attention_model(H, Hkv, Dh, args.topk), args.threads, True,
-                    {**base, "past_lengths": lens}, {"past_key": keys, "past_value": vals}, sets)
+    exact = _Runner(
+        ort,
+        topk_attention_model(H, Hkv, Dh, args.topk),
+        args.threads,
+        True,
+        {**base, "past_lengths": lens},
+        {"past_key": keys, "past_value": vals},
+        sets,
+    )
     ms["plugin_exact"] = _timeit(exact, seconds, reps, warm)
     del exact
 
     lo, hi = _summaries(keys, past, args.block_size)
-    block = _Runner(ort, topk_attention_model(H, Hkv, Dh, args.topk, args.block_size, args.block_budget),
-                    args.threads, True, {**base, "past_lengths": lens},
-                    {"past_key": keys, "past_value": vals, "past_key_min": lo, "past_key_max": hi}, sets)
+    block = _Runner(
+        ort,
+        topk_attention_model(H, Hkv, Dh, args.topk, args.block_size, args.block_budget),
+        args.threads,
+        True,
+        {**base, "past_lengths": lens},
+        {"past_key": keys, "past_value": vals, "past_key_min": lo, "past_key_max": hi},
+        sets,
+    )
     ms["plugin_block"] = _timeit(block, seconds, reps, warm)
     del block
 
-    ms["fallback"] = _standard_ops(ort, fallback_attention_model(H, Hkv, Dh, args.topk, C), args, kind, base, lens,
-                                   keys, vals, sets, seconds, reps, warm)
+    ms["fallback"] = _standard_ops(
+        ort,
+        fallback_attention_model(H, Hkv, Dh, args.topk, C),
+        args,
+        kind,
+        base,
+        lens,
+        keys,
+        vals,
+        sets,
+        seconds,
+        reps,
+        warm,
+    )
     return ms
 
 
@@ -203,24 +260,37 @@ def run(args: argparse.Namespace) -> int:
         for kind, n in cases:
             ms = _case(ort, shape, args, kind, n, rng)
             dense = min(ms["dense_gqa"], ms["dense_ops"])
-            results.append({
-                "shape": name, "heads": shape.heads, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim,
-                "case": kind, "length": n, "ms": {p: round(ms[p], 4) for p in PATHS},
-                "speedup_vs_dense": {p: round(dense / ms[p], 3) for p in PATHS},
-            })
+            results.append(
+                {
+                    "shape": name,
+                    "heads": shape.heads,
+                    "kv_heads": shape.kv_heads,
+                    "head_dim": shape.head_dim,
+                    "case": kind,
+                    "length": n,
+                    "ms": {p: round(ms[p], 4) for p in PATHS},
+                    "speedup_vs_dense": {p: round(dense / ms[p], 3) for p in PATHS},
+                }
+            )
             if not args.json:
                 print(_row(results[-1]), flush=True)
     report = {
-        "onnxruntime": ort.__version__, "threads": args.threads, "topk": args.topk,
-        "block_size": args.block_size, "block_budget": args.block_budget,
-        "load_average_1m": round(os.getloadavg()[0], 2), "results": results,
+        "onnxruntime": ort.__version__,
+        "threads": args.threads,
+        "topk": args.topk,
+        "block_size": args.block_size,
+        "block_budget": args.block_budget,
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "results": results,
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"onnxruntime {ort.__version__}, {args.threads} threads, topk={args.topk}, "
-              f"block_size={args.block_size}, block_budget={args.block_budget}, "
-              f"load average {report['load_average_1m']} (other work on the machine adds noise)")
+        print(
+            f"onnxruntime {ort.__version__}, {args.threads} threads, topk={args.topk}, "
+            f"block_size={args.block_size}, block_budget={args.block_budget}, "
+            f"load average {report['load_average_1m']} (other work on the machine adds noise)"
+        )
     return 0
 
 
@@ -229,5 +299,3 @@ def _row(r: dict) -> str:
     for p in PATHS:
         parts.append(f"{p} {r['ms'][p]:9.3f} ms ({r['speedup_vs_dense'][p]:5.2f}x)")
     return "  ".join(parts)
-
-

@@ -22,8 +22,10 @@ import torch
 
 from ..model import AttentionConfig, KVCache, Transformer
 
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-         "I will quiz you about the important information there.")
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there."
+)
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
@@ -68,11 +70,16 @@ def greedy(model: Transformer, ids: Sequence[int], new_tokens: int) -> list[int]
     return out
 
 
-def make_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int = 0,
-                 prefix: Sequence[int] = ()) -> list[Prompt]:
+def make_prompts(
+    tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int = 0, prefix: Sequence[int] = ()
+) -> list[Prompt]:
     rng = random.Random(seed)
-    return [make_prompt(tokenizer, n, d, str(rng.randint(10000, 99999)), prefix)
-            for n in lengths for d in depths for _ in range(trials)]
+    return [
+        make_prompt(tokenizer, n, d, str(rng.randint(10000, 99999)), prefix)
+        for n in lengths
+        for d in depths
+        for _ in range(trials)
+    ]
 
 
 def run_retrieval(
@@ -100,8 +107,16 @@ def run_retrieval(
                 rows.append(earlier[(name, p.length, p.depth, p.key)])
                 continue
             answer = tokenizer.decode(greedy(m, p.ids, answer_tokens))
-            row = {"setting": name, "length": p.length, "tokens": len(p.ids), "depth": p.depth, "key": p.key,
-                   "answer": answer, "correct": p.key in answer, "attention": asdict(attention)}
+            row = {
+                "setting": name,
+                "length": p.length,
+                "tokens": len(p.ids),
+                "depth": p.depth,
+                "key": p.key,
+                "answer": answer,
+                "correct": p.key in answer,
+                "attention": asdict(attention),
+            }
             rows.append(row)
             if out is not None:
                 with open(out, "a") as f:
@@ -115,8 +130,10 @@ def retrieval_table(rows: Sequence[dict]) -> str:
     """Markdown: accuracy per setting and length, with the misses' depths named."""
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
-    lines = ["| setting | " + " | ".join(f"{n} tokens" for n in lengths) + " | all |",
-             "|---|" + "---:|" * (len(lengths) + 1)]
+    lines = [
+        "| setting | " + " | ".join(f"{n} tokens" for n in lengths) + " | all |",
+        "|---|" + "---:|" * (len(lengths) + 1),
+    ]
     for s in settings:
         cells = []
         mine = [r for r in rows if r["setting"] == s]
@@ -149,15 +166,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..convert.commands import _int_list
 
     p.add_argument("checkpoint", type=Path, help="a dense checkpoint (e.g. ragtop import smollm2)")
-    p.add_argument("--setting", action="append", default=[], metavar="SPEC",
-                   help="a sparse setting as in `ragtop sweep --setting` (repeatable); dense always runs first")
+    p.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a sparse setting as in `ragtop sweep --setting` (repeatable); dense always runs first",
+    )
     p.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096, 8192], help="prompt lengths in tokens")
-    p.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9], help="needle depths (fraction of the filler before it)")
+    p.add_argument(
+        "--depths", type=_floats, default=[0.1, 0.5, 0.9], help="needle depths (fraction of the filler before it)"
+    )
     p.add_argument("--trials", type=int, default=1, help="prompts (keys) per length and depth")
     p.add_argument("--answer-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jsonl", type=Path, default=None, help="append one JSON line per trial here")
-    p.add_argument("--resume", action="store_true", help="skip the trials already in --jsonl (same seed, lengths, depths)")
+    p.add_argument(
+        "--resume", action="store_true", help="skip the trials already in --jsonl (same seed, lengths, depths)"
+    )
     p.add_argument("--markdown", type=Path, default=None, help="write the table here")
 
 
@@ -170,7 +196,9 @@ def run(a: argparse.Namespace) -> int:
     if ckpt.config.attention.kind != "dense":
         raise RagtopError(f"{a.checkpoint}: start from a dense checkpoint (the settings are applied to it)")
     if max(a.lengths) > ckpt.config.max_seq_len:
-        raise RagtopError(f"--lengths: {max(a.lengths)} exceeds the model's context of {ckpt.config.max_seq_len} tokens")
+        raise RagtopError(
+            f"--lengths: {max(a.lengths)} exceeds the model's context of {ckpt.config.max_seq_len} tokens"
+        )
     settings = [("dense", AttentionConfig())] + [(s.name, s.attention()) for s in map(parse_setting, a.setting)]
     tok = ckpt.tokenizer()
     sep = ckpt.generation.get("document_separator_id", ckpt.generation.get("bos_token_id"))

@@ -20,7 +20,9 @@ import torch
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="a dense checkpoint")
-    p.add_argument("--setting", action="append", required=True, metavar="SPEC", help="sparse draft setting (as ragtop sweep)")
+    p.add_argument(
+        "--setting", action="append", required=True, metavar="SPEC", help="sparse draft setting (as ragtop sweep)"
+    )
     p.add_argument("--length", type=int, default=8192, help="prompt tokens (default 8192)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--gamma", type=int, default=4, help="drafted tokens per dense pass")
@@ -62,11 +64,19 @@ def run(a: argparse.Namespace, default_data_dir) -> int:
         s = parse_setting(spec)
         t0 = time.perf_counter()
         out, stats = speculative_greedy(dense, with_attention(dense, s.attention()), prompt, a.new_tokens, a.gamma)
-        row = {"setting": s.name, "prompt": f"{passages[0].title}, first {a.length} tokens", "gamma": a.gamma,
-               "new_tokens": a.new_tokens, "rounds": stats.rounds, "drafted": stats.drafted, "accepted": stats.accepted,
-               "acceptance": round(stats.acceptance, 4), "tokens_per_dense_pass": round(stats.tokens_per_round, 3),
-               "identical_to_dense": None if reference is None else out == reference,
-               "seconds": round(time.perf_counter() - t0, 1)}
+        row = {
+            "setting": s.name,
+            "prompt": f"{passages[0].title}, first {a.length} tokens",
+            "gamma": a.gamma,
+            "new_tokens": a.new_tokens,
+            "rounds": stats.rounds,
+            "drafted": stats.drafted,
+            "accepted": stats.accepted,
+            "acceptance": round(stats.acceptance, 4),
+            "tokens_per_dense_pass": round(stats.tokens_per_round, 3),
+            "identical_to_dense": None if reference is None else out == reference,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         print(json.dumps(row))
         if a.jsonl is not None:
             with open(a.jsonl, "a") as f:

@@ -64,17 +64,48 @@ class ConversionOptions:
 
 def add_conversion_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("conversion (training-free)")
-    g.add_argument("--attention", choices=["dense", "topk"], default=None, help="attention of the written model (default: keep)")
-    g.add_argument("--topk", type=int, default=None, help=f"keys kept per query with --attention topk (default {defaults.DEFAULT_TOPK})")
+    g.add_argument(
+        "--attention", choices=["dense", "topk"], default=None, help="attention of the written model (default: keep)"
+    )
+    g.add_argument(
+        "--topk",
+        type=int,
+        default=None,
+        help=f"keys kept per query with --attention topk (default {defaults.DEFAULT_TOPK})",
+    )
     g.add_argument("--block-size", type=int, default=None, help="top-k block pre-selection: keys per block")
-    g.add_argument("--block-budget", type=int, default=None, help="top-k block pre-selection: earlier blocks kept per query")
-    g.add_argument("--sink-tokens", type=int, default=None, help="top-k: the first N tokens are always kept (attention sinks)")
-    g.add_argument("--local-window", type=int, default=None, help="top-k: the last N tokens up to each query are always kept")
+    g.add_argument(
+        "--block-budget", type=int, default=None, help="top-k block pre-selection: earlier blocks kept per query"
+    )
+    g.add_argument(
+        "--sink-tokens", type=int, default=None, help="top-k: the first N tokens are always kept (attention sinks)"
+    )
+    g.add_argument(
+        "--local-window", type=int, default=None, help="top-k: the last N tokens up to each query are always kept"
+    )
     g.add_argument("--dense-layers", type=int, default=None, help="top-k: the first N layers stay dense")
-    g.add_argument("--embedding", choices=["uniform", "ragged"], default=None, help="embedding of the written model (default: keep)")
-    g.add_argument("--tiers", default=None, help=f"ragged tiers SIZE:WIDTH,...,*:WIDTH, most frequent first (default {defaults.DEFAULT_TIERS})")
-    g.add_argument("--served-defaults", action="store_true", help="apply the conversion `make serve` uses (ragtop/convert/defaults.py)")
-    g.add_argument("--data-dir", type=Path, default=None, help="corpus cache for token frequencies (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)")
+    g.add_argument(
+        "--embedding",
+        choices=["uniform", "ragged"],
+        default=None,
+        help="embedding of the written model (default: keep)",
+    )
+    g.add_argument(
+        "--tiers",
+        default=None,
+        help=f"ragged tiers SIZE:WIDTH,...,*:WIDTH, most frequent first (default {defaults.DEFAULT_TIERS})",
+    )
+    g.add_argument(
+        "--served-defaults",
+        action="store_true",
+        help="apply the conversion `make serve` uses (ragtop/convert/defaults.py)",
+    )
+    g.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="corpus cache for token frequencies (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)",
+    )
 
 
 def add_parsers(sub, default_data_dir: Callable[[], Path]) -> None:
@@ -98,10 +129,17 @@ def add_parsers(sub, default_data_dir: Callable[[], Path]) -> None:
 
     w = sub.add_parser("sweep", help="held-out quality of dense / top-k / ragged conversions of a dense checkpoint")
     w.add_argument("checkpoint", type=Path)
-    w.add_argument("--topks", type=_int_list, default=None, help="comma-separated k values, the first run first (default 64,16,32,128,256)")
+    w.add_argument(
+        "--topks",
+        type=_int_list,
+        default=None,
+        help="comma-separated k values, the first run first (default 64,16,32,128,256)",
+    )
     w.add_argument("--tiers", action="append", default=None, help="a tier spec to try (repeatable)")
     w.add_argument("--combined", action="append", default=None, help="K/SPEC: top-k plus ragged tiers (repeatable)")
-    w.add_argument("--no-dense", action="store_true", help="skip the dense row (e.g. when appending to an earlier sweep)")
+    w.add_argument(
+        "--no-dense", action="store_true", help="skip the dense row (e.g. when appending to an earlier sweep)"
+    )
     w.add_argument("--no-ragged", action="store_true", help="top-k variants only")
     w.add_argument("--long-tokens", type=int, default=8192)
     w.add_argument("--long-passages", type=int, default=1)
@@ -111,12 +149,27 @@ def add_parsers(sub, default_data_dir: Callable[[], Path]) -> None:
     w.add_argument("--markdown", type=Path, default=None, help="write the table here")
     w.add_argument("--data-dir", type=Path, default=None)
     c = w.add_argument_group("calibration of sparse settings (replaces the top-k/ragged sweep when --setting is given)")
-    c.add_argument("--setting", action="append", default=None, metavar="SPEC",
-                   help="a sparse setting, e.g. k=256,bs=32,budget=16,sink=32,window=256,dense=2 (k=all: every key of "
-                        "the chosen blocks, as Quest); repeatable; a dense row comes first unless --no-dense")
-    c.add_argument("--lengths", type=_int_list, default=[2048, 4096, 8192], help="window lengths in tokens (default 2048,4096,8192)")
+    c.add_argument(
+        "--setting",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="a sparse setting, e.g. k=256,bs=32,budget=16,sink=32,window=256,dense=2 (k=all: every key of "
+        "the chosen blocks, as Quest); repeatable; a dense row comes first unless --no-dense",
+    )
+    c.add_argument(
+        "--lengths",
+        type=_int_list,
+        default=[2048, 4096, 8192],
+        help="window lengths in tokens (default 2048,4096,8192)",
+    )
     c.add_argument("--passages", type=int, default=2, help="held-out speeches scored per length (default 2)")
-    c.add_argument("--plot", type=Path, default=None, help="write the Pareto plot (Δ perplexity vs KV read) at the longest length here")
+    c.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="write the Pareto plot (Δ perplexity vs KV read) at the longest length here",
+    )
     w.set_defaults(func=run_sweep_command, default_data_dir=default_data_dir)
 
 
@@ -130,13 +183,22 @@ def served_defaults(a: ConversionOptions) -> ConversionOptions:
     """`a` with the served conversion (defaults.py) wherever `a` leaves a choice open. The
     selection settings (blocks, sinks, window, dense layers) come as one set, and only when
     none of them was given."""
-    a = replace(a, attention=a.attention or defaults.DEFAULT_ATTENTION, embedding=a.embedding or defaults.DEFAULT_EMBEDDING,
-                topk=a.topk or defaults.DEFAULT_TOPK)
+    a = replace(
+        a,
+        attention=a.attention or defaults.DEFAULT_ATTENTION,
+        embedding=a.embedding or defaults.DEFAULT_EMBEDDING,
+        topk=a.topk or defaults.DEFAULT_TOPK,
+    )
     selection = (a.block_size, a.block_budget, a.sink_tokens, a.local_window, a.dense_layers)
     if a.attention == "topk" and all(x is None for x in selection):
-        a = replace(a, block_size=defaults.DEFAULT_BLOCK_SIZE, block_budget=defaults.DEFAULT_BLOCK_BUDGET,
-                    sink_tokens=defaults.DEFAULT_SINK_TOKENS, local_window=defaults.DEFAULT_LOCAL_WINDOW,
-                    dense_layers=defaults.DEFAULT_DENSE_LAYERS)
+        a = replace(
+            a,
+            block_size=defaults.DEFAULT_BLOCK_SIZE,
+            block_budget=defaults.DEFAULT_BLOCK_BUDGET,
+            sink_tokens=defaults.DEFAULT_SINK_TOKENS,
+            local_window=defaults.DEFAULT_LOCAL_WINDOW,
+            dense_layers=defaults.DEFAULT_DENSE_LAYERS,
+        )
     return a
 
 
@@ -164,13 +226,25 @@ def convert_model(model: Transformer, tokenizer, a: ConversionOptions) -> tuple[
     elif embedding == "uniform" and model.config.embedding.kind != "uniform":
         raise RagtopError("converting ragged embeddings back to uniform is not supported")
     if attention == "topk":
-        model = with_attention(model, topk_attention(topk or defaults.DEFAULT_TOPK, a.block_size, a.block_budget,
-                                                     a.sink_tokens or 0, a.local_window or 0, a.dense_layers or 0))
+        model = with_attention(
+            model,
+            topk_attention(
+                topk or defaults.DEFAULT_TOPK,
+                a.block_size,
+                a.block_budget,
+                a.sink_tokens or 0,
+                a.local_window or 0,
+                a.dense_layers or 0,
+            ),
+        )
         done["attention"] = asdict(model.config.attention)
-    elif topk is not None or any(x is not None for x in (a.block_size, a.block_budget, a.sink_tokens, a.local_window,
-                                                         a.dense_layers)):
-        raise RagtopError("--topk / --block-size / --block-budget / --sink-tokens / --local-window / --dense-layers "
-                          "need --attention topk")
+    elif topk is not None or any(
+        x is not None for x in (a.block_size, a.block_budget, a.sink_tokens, a.local_window, a.dense_layers)
+    ):
+        raise RagtopError(
+            "--topk / --block-size / --block-budget / --sink-tokens / --local-window / --dense-layers "
+            "need --attention topk"
+        )
     elif attention == "dense" and model.config.attention.kind != "dense":
         model = with_attention(model, AttentionConfig())  # dense over the same weights
         done["attention"] = {"kind": "dense"}
@@ -274,8 +348,17 @@ def run_sweep_command(a: argparse.Namespace) -> int:
     counts = None
     if any(v.tiers is not None for v in variants):
         counts = corpus_counts([d.text for d in train], ckpt.tokenizer(), ckpt.config.vocab_size)
-    rows = run_sweep(ckpt, variants, [(d.title, d.text) for d in heldout], counts,
-                     a.long_tokens, a.long_passages, a.short_tokens, a.short_passages, a.jsonl)
+    rows = run_sweep(
+        ckpt,
+        variants,
+        [(d.title, d.text) for d in heldout],
+        counts,
+        a.long_tokens,
+        a.long_passages,
+        a.short_tokens,
+        a.short_passages,
+        a.jsonl,
+    )
     table = markdown_table(rows)
     print(table)
     if a.markdown is not None:
@@ -289,10 +372,18 @@ def run_calibration_command(a: argparse.Namespace, ckpt) -> int:
 
     settings = [parse_setting(s) for s in a.setting]
     if max(a.lengths) > ckpt.config.max_seq_len:
-        raise RagtopError(f"--lengths: {max(a.lengths)} exceeds the model's context of {ckpt.config.max_seq_len} tokens")
+        raise RagtopError(
+            f"--lengths: {max(a.lengths)} exceeds the model's context of {ckpt.config.max_seq_len} tokens"
+        )
     _, heldout = split_by_year(load_sotu(a.data_dir or a.default_data_dir()))
-    rows = run_calibration(ckpt, ([] if a.no_dense else [None]) + settings, [(d.title, d.text) for d in heldout],
-                           a.lengths, a.passages, a.jsonl)
+    rows = run_calibration(
+        ckpt,
+        ([] if a.no_dense else [None]) + settings,
+        [(d.title, d.text) for d in heldout],
+        a.lengths,
+        a.passages,
+        a.jsonl,
+    )
     table = calibration_table(rows)
     print(table)
     if a.markdown is not None:

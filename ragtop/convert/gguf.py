@@ -190,7 +190,13 @@ def read_weights(reader, cfg: ModelConfig, path: Path) -> tuple[dict[str, torch.
         except NotImplementedError as e:
             raise RagtopError(f"{path}: tensor {t.name} uses an unsupported quantisation: {e}") from None
         w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists dims innermost first
-        heads = cfg.n_heads if t.name.endswith("attn_q.weight") else cfg.n_kv_heads if t.name.endswith("attn_k.weight") else 0
+        heads = (
+            cfg.n_heads
+            if t.name.endswith("attn_q.weight")
+            else cfg.n_kv_heads
+            if t.name.endswith("attn_k.weight")
+            else 0
+        )
         perm = partial(unpermute_qk, n_heads=heads) if heads else np.asarray
         w = perm(w)
         state[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # a writable copy
@@ -199,9 +205,15 @@ def read_weights(reader, cfg: ModelConfig, path: Path) -> tuple[dict[str, torch.
             blocks[name] = permute_rows(parse_gguf_blocks(kind, np.asarray(t.data), *w.shape), perm)
     expected = Transformer(cfg).state_dict()
     missing = [k for k in expected if k not in state]
-    wrong = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    wrong = [
+        f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     if missing or wrong:
-        raise RagtopError(f"{path}: weights do not fit the declared llama config: missing {missing[:3]}, shapes {wrong[:3]}")
+        raise RagtopError(
+            f"{path}: weights do not fit the declared llama config: missing {missing[:3]}, shapes {wrong[:3]}"
+        )
     return state, blocks
 
 

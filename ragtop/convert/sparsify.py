@@ -36,8 +36,14 @@ def with_attention(model: Transformer, attention: AttentionConfig) -> Transforme
     return new.eval()
 
 
-def topk_attention(topk: int, block_size: int | None = None, block_budget: int | None = None, sink_tokens: int = 0,
-                   local_window: int = 0, dense_layers: int = 0) -> AttentionConfig:
+def topk_attention(
+    topk: int,
+    block_size: int | None = None,
+    block_budget: int | None = None,
+    sink_tokens: int = 0,
+    local_window: int = 0,
+    dense_layers: int = 0,
+) -> AttentionConfig:
     try:
         return AttentionConfig("topk", topk, block_size, block_budget, sink_tokens, local_window, dense_layers)
     except ConfigError as e:
@@ -82,7 +88,9 @@ def parse_tiers(spec: str) -> TierSpec:
             size = None if n.strip() == "*" else int(n)
             width = int(w)
         except ValueError:
-            raise RagtopError(f"bad tier {item!r} in {spec!r}: expected SIZE:WIDTH or *:WIDTH, e.g. 4096:576,*:64") from None
+            raise RagtopError(
+                f"bad tier {item!r} in {spec!r}: expected SIZE:WIDTH or *:WIDTH, e.g. 4096:576,*:64"
+            ) from None
         if size is None and i != len(items) - 1:
             raise RagtopError(f"bad tier spec {spec!r}: only the last tier may be '*'")
         if (size is not None and size < 1) or width < 1:

@@ -83,7 +83,9 @@ def default_variants(
     )
 
 
-def make_passages(documents: Sequence[tuple[str, str]], tokenizer, sep_id: int, length: int, count: int) -> list[Passage]:
+def make_passages(
+    documents: Sequence[tuple[str, str]], tokenizer, sep_id: int, length: int, count: int
+) -> list[Passage]:
     """The first `length` tokens of the first `count` documents (title, text) that long."""
     out = []
     for title, text in documents:
@@ -136,7 +138,10 @@ def run_sweep(
         "short": make_passages(heldout, tok, sep, short_tokens, short_passages),
     }
     for name, ps in sets.items():
-        log(f"{name}: {len(ps)} passage(s) of {ps[0].ids.numel() - 1 if ps else 0} tokens: {', '.join(p.title for p in ps)}")
+        log(
+            f"{name}: {len(ps)} passage(s) of {ps[0].ids.numel() - 1 if ps else 0} tokens: "
+            f"{', '.join(p.title for p in ps)}"
+        )
     rows = []
     for v in variants:
         t0 = time.perf_counter()
@@ -179,13 +184,17 @@ def format_row(row: dict) -> str:
 
 def markdown_table(rows: Sequence[dict]) -> str:
     """The sweep as a Markdown table, with each variant's change in perplexity vs dense."""
-    rows = sorted(rows, key=lambda r: (r["tiers"] is not None, r["topk"] is not None, r["topk"] or 0, -r["embedding_params"]))
+    rows = sorted(
+        rows, key=lambda r: (r["tiers"] is not None, r["topk"] is not None, r["topk"] or 0, -r["embedding_params"])
+    )
     dense = next((r for r in rows if r["topk"] is None and r["tiers"] is None), rows[0])
     lines = [
-        "| variant | embedding + head params | long ppl | long bits/byte | Δ long ppl | short ppl | short bits/byte | Δ short ppl |",
+        "| variant | embedding + head params | long ppl | long bits/byte | Δ long ppl | short ppl | short bits/byte | "
+        "Δ short ppl |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+
         def delta(k: str, r: dict = r) -> str:
             return f"{100 * (r[k]['perplexity'] / dense[k]['perplexity'] - 1):+.2f}%"
 
@@ -227,23 +236,32 @@ class SparseSetting:
         if topk is None:  # every key of the chosen blocks: top-k never binds
             topk = (self.block_budget + 1) * self.block_size
         try:
-            return AttentionConfig("topk", topk, self.block_size, self.block_budget, self.sink_tokens,
-                                   self.local_window, self.dense_layers)
+            return AttentionConfig(
+                "topk", topk, self.block_size, self.block_budget, self.sink_tokens, self.local_window, self.dense_layers
+            )
         except ConfigError as e:
             raise RagtopError(f"bad sparse setting {self.name!r}: {e}") from None
 
 
-SETTING_KEYS = {"k": "topk", "bs": "block_size", "budget": "block_budget", "sink": "sink_tokens",
-                "window": "local_window", "dense": "dense_layers"}
+SETTING_KEYS = {
+    "k": "topk",
+    "bs": "block_size",
+    "budget": "block_budget",
+    "sink": "sink_tokens",
+    "window": "local_window",
+    "dense": "dense_layers",
+}
 
 
 def parse_setting(spec: str) -> SparseSetting:
-    """"k=256,bs=32,budget=16,sink=32,window=256,dense=2" (k=all: Quest; bs/budget: blocks)."""
+    """ "k=256,bs=32,budget=16,sink=32,window=256,dense=2" (k=all: Quest; bs/budget: blocks)."""
     kw: dict = {}
     for item in (x.strip() for x in spec.split(",") if x.strip()):
         key, sep, val = item.partition("=")
         if not sep or key.strip() not in SETTING_KEYS:
-            raise RagtopError(f"bad setting item {item!r} in {spec!r}: expected KEY=VALUE with KEY in {', '.join(SETTING_KEYS)}")
+            raise RagtopError(
+                f"bad setting item {item!r} in {spec!r}: expected KEY=VALUE with KEY in {', '.join(SETTING_KEYS)}"
+            )
         name, val = SETTING_KEYS[key.strip()], val.strip()
         try:
             kw[name] = None if (name == "topk" and val == "all") else int(val)

@@ -41,11 +41,15 @@ def pre_tokenizer_for(pre: str) -> pre_tokenizers.PreTokenizer:
     if pre in ("smollm", "starcoder", "refact"):
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2_split()])
     if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"):
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    raise RagtopError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: default/gpt2, smollm/starcoder/refact, llama3/llama-bpe)")
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    raise RagtopError(
+        f"unsupported GGUF pre-tokenizer {pre!r} (supported: default/gpt2, smollm/starcoder/refact, llama3/llama-bpe)"
+    )
 
 
 def byte_level_spelling(token: str) -> str:
@@ -79,11 +83,16 @@ def build_tokenizer(
 ) -> tuple[str, dict[str, int]]:
     """(tokenizer.json text, {special token: id}) for a byte-level BPE GGUF vocabulary."""
     if model != "gpt2":
-        raise RagtopError(f"{source}: unsupported tokenizer model {model!r} (only byte-level BPE, 'gpt2', is supported)")
+        raise RagtopError(
+            f"{source}: unsupported tokenizer model {model!r} (only byte-level BPE, 'gpt2', is supported)"
+        )
     if not tokens or not merges:
         raise RagtopError(f"{source}: the GGUF has no tokenizer vocabulary or merges")
     types = list(token_types) if token_types else [1] * len(tokens)
-    vocab = {byte_level_spelling(t) if ty not in (CONTROL, USER_DEFINED) else t: i for i, (t, ty) in enumerate(zip(tokens, types, strict=True))}
+    vocab = {
+        byte_level_spelling(t) if ty not in (CONTROL, USER_DEFINED) else t: i
+        for i, (t, ty) in enumerate(zip(tokens, types, strict=True))
+    }
     pairs = []
     for m in merges:
         a, sep, b = m.partition(" ")

@@ -68,33 +68,79 @@ class ExportOptions:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="checkpoint folder (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("out_dir", type=Path, help="output folder")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default=None,
-                   help="activations and KV cache (default fp32; fp16 with --weights fp16)")
-    p.add_argument("--weights", choices=list(WEIGHTS), default=None,
-                   help="weights: fp32 / fp16 (as --dtype), or int8 / int4 block-quantized (blocks of 32, "
-                        "com.microsoft::MatMulNBits; a GGUF import keeps the file's own Q4_1 / Q8_0 blocks)")
-    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 4], default=DEFAULT_ACCURACY_LEVEL,
-                   help="MatMulNBits accuracy_level with int4/int8 weights: 0/1 = fp32 compute on the exact "
-                        "weights (8-bit matrices as two 4-bit halves); 4 = inputs rounded to int8 per "
-                        f"block of 32, as llama.cpp computes (faster kernels) (default {DEFAULT_ACCURACY_LEVEL})")
-    p.add_argument("--ops", choices=["custom", "standard"], default="custom",
-                   help="custom: ragtop:: nodes with standard-op function bodies (default); standard: standard ops only")
-    p.add_argument("--max-context", type=int, default=None, help="context limit written to genai_config.json (default: the model's max_seq_len)")
-    p.add_argument("--atol", type=float, default=None,
-                   help=f"validation: absolute part of the tolerance atol + rtol * max|reference logits| (default {DEFAULT_ATOL:g})")
-    p.add_argument("--rtol", type=float, default=None,
-                   help="validation: relative part (default for fp32 and int4/int8 at accuracy level 0/1: 1e-4, "
-                        f"2e-4 with top-k / block selection; 1e-2 for fp16; {LEVEL4_RTOL:g} for int4/int8 at level 4)")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16"],
+        default=None,
+        help="activations and KV cache (default fp32; fp16 with --weights fp16)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=list(WEIGHTS),
+        default=None,
+        help="weights: fp32 / fp16 (as --dtype), or int8 / int4 block-quantized (blocks of 32, "
+        "com.microsoft::MatMulNBits; a GGUF import keeps the file's own Q4_1 / Q8_0 blocks)",
+    )
+    p.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=[0, 1, 4],
+        default=DEFAULT_ACCURACY_LEVEL,
+        help="MatMulNBits accuracy_level with int4/int8 weights: 0/1 = fp32 compute on the exact "
+        "weights (8-bit matrices as two 4-bit halves); 4 = inputs rounded to int8 per "
+        f"block of 32, as llama.cpp computes (faster kernels) (default {DEFAULT_ACCURACY_LEVEL})",
+    )
+    p.add_argument(
+        "--ops",
+        choices=["custom", "standard"],
+        default="custom",
+        help="custom: ragtop:: nodes with standard-op function bodies (default); standard: standard ops only",
+    )
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="context limit written to genai_config.json (default: the model's max_seq_len)",
+    )
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=None,
+        help="validation: absolute part of the tolerance atol + rtol * max|reference logits| "
+        f"(default {DEFAULT_ATOL:g})",
+    )
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=None,
+        help="validation: relative part (default for fp32 and int4/int8 at accuracy level 0/1: 1e-4, "
+        f"2e-4 with top-k / block selection; 1e-2 for fp16; {LEVEL4_RTOL:g} for int4/int8 at level 4)",
+    )
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch validation")
     p.add_argument("--ort-format", action="store_true", help="also write model.ort and required_operators.config")
-    p.add_argument("--plugin-library", type=Path, default=None,
-                   help="ragtop onnxruntime plugin (.so) for the plugin .ort (default: the one `make install` built, if any)")
+    p.add_argument(
+        "--plugin-library",
+        type=Path,
+        default=None,
+        help="ragtop onnxruntime plugin (.so) for the plugin .ort (default: the one `make install` built, if any)",
+    )
     p.add_argument("--quantize", choices=["int8"], default=None, help="also write model.int8.onnx (dynamic int8)")
-    p.add_argument("--eval-text", type=Path, default=None,
-                   help="UTF-8 text for the int8 top-1 agreement (default: held-out speeches if cached, else random ids)")
+    p.add_argument(
+        "--eval-text",
+        type=Path,
+        default=None,
+        help="UTF-8 text for the int8 top-1 agreement (default: held-out speeches if cached, else random ids)",
+    )
     p.add_argument("--eval-tokens", type=int, default=2048, help="tokens scored for the int8 agreement (default 2048)")
-    p.add_argument("--data-dir", type=Path, default=None, help="corpus cache (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)")
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="corpus cache (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
 
 
@@ -124,8 +170,10 @@ def check_args(a: ExportOptions) -> ExportOptions:
     if a.weights == "fp32" and a.dtype == "fp16":
         raise RagtopError("--weights fp32 with --dtype fp16 is not a combination: use --weights fp16")
     if a.weights in ("int4", "int8") and a.dtype == "fp16":
-        raise RagtopError(f"--weights {a.weights} runs with fp32 activations (MatMulNBits on CPU computes in fp32 "
-                          "or int8): use --dtype fp32 (or leave --dtype out)")
+        raise RagtopError(
+            f"--weights {a.weights} runs with fp32 activations (MatMulNBits on CPU computes in fp32 "
+            "or int8): use --dtype fp32 (or leave --dtype out)"
+        )
     if a.dtype is None:
         a = dataclasses.replace(a, dtype="fp16" if a.weights == "fp16" else "fp32")
     if a.weights is None:
@@ -216,10 +264,14 @@ def export(a: ExportOptions) -> int:
     planned = qweights.plan(model, a.weights, load_file_blocks(ckpt.path))
     if planned:
         log(f"{a.weights} weights: {qweights.summary(planned)} (matrix count by source)")
-    reference = qweights.reference_model(model, planned, spec.accuracy_level)  # PyTorch computing what the graph computes
-    log(f"exporting ({a.ops} ops, {spec.attention_mode} attention, "
+    reference = qweights.reference_model(
+        model, planned, spec.accuracy_level
+    )  # PyTorch computing what the graph computes
+    log(
+        f"exporting ({a.ops} ops, {spec.attention_mode} attention, "
         f"{f'{spec.num_tiers}-tier ragged' if spec.num_tiers else 'uniform'} embedding, "
-        f"{a.dtype}, {a.weights} weights, opset {a.opset})")
+        f"{a.dtype}, {a.weights} weights, opset {a.opset})"
+    )
     proto = export_graph(model, spec, quantized={k: v.blocks for k, v in planned.items()})
     out: Path = a.out_dir
     prepare_out_dir(out)
@@ -239,21 +291,29 @@ def export(a: ExportOptions) -> int:
     if tokenizer is None:
         log(f"warning: {ckpt.path} has no {TOKENIZER}; the export folder has none either")
     (out / "genai_config.json").write_text(
-        json.dumps(genai_config(cfg, spec, ckpt.generation, onnx_path.name, external), indent=2) + "\n")
+        json.dumps(genai_config(cfg, spec, ckpt.generation, onnx_path.name, external), indent=2) + "\n"
+    )
 
     report: dict = {
-        "checkpoint": str(a.checkpoint), "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(a).items()},
-        "spec": {**spec.__dict__}, "files": {"model.onnx": size_mb(onnx_path, out / f"{onnx_path.name}.data")},
-        "weights": {"kind": a.weights, "matrices": qweights.summary(planned),
-                    "accuracy_level": spec.accuracy_level if planned else None},
+        "checkpoint": str(a.checkpoint),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(a).items()},
+        "spec": {**spec.__dict__},
+        "files": {"model.onnx": size_mb(onnx_path, out / f"{onnx_path.name}.data")},
+        "weights": {
+            "kind": a.weights,
+            "matrices": qweights.summary(planned),
+            "accuracy_level": spec.accuracy_level if planned else None,
+        },
     }
     ok = True
     ids = prompt_ids(tokenizer, cfg.vocab_size, ckpt.generation.get("bos_token_id"))
     if not a.no_validate:
         v = validate(reference, session(onnx_path), spec, atol, ids, log=log, rtol=rtol)
-        print(f"validation of model.onnx (onnxruntime {onnxruntime.__version__}, no plugin, "
-              f"tolerance {atol:g} + {rtol:g} * max|reference|"
-              f"{', reference: the same dequantized weights' if planned else ''})")
+        print(
+            f"validation of model.onnx (onnxruntime {onnxruntime.__version__}, no plugin, "
+            f"tolerance {atol:g} + {rtol:g} * max|reference|"
+            f"{', reference: the same dequantized weights' if planned else ''})"
+        )
         print(v.table())
         report["validation"] = v.as_dict()
         ok = v.passed
@@ -296,7 +356,9 @@ def tolerances(a: ExportOptions, attention_mode: str = "dense") -> tuple[float, 
     return atol, (1e-4 if attention_mode == "dense" else 2e-4)
 
 
-def export_ort(a, out: Path, onnx_path: Path, model, spec, tol: tuple[float, float], ids: list[int], report: dict, log) -> bool:
+def export_ort(
+    a, out: Path, onnx_path: Path, model, spec, tol: tuple[float, float], ids: list[int], report: dict, log
+) -> bool:
     """model.ort (+ required_operators.config) without the plugin; ort-plugin/ with it."""
     from . import mobile
     from .verify import session, validate
@@ -322,7 +384,9 @@ def export_ort(a, out: Path, onnx_path: Path, model, spec, tol: tuple[float, flo
         plugin_ort, _ = mobile.convert_to_ort(onnx_path, out / "ort-plugin", custom_op_library=plugin)
         entry["plugin"] = {"library": str(plugin), "model.ort": size_mb(plugin_ort)}
         if not a.no_validate:
-            v = validate(model, session(plugin_ort, custom_op_library=str(plugin)), spec, atol, ids, greedy_tokens=8, rtol=rtol)
+            v = validate(
+                model, session(plugin_ort, custom_op_library=str(plugin)), spec, atol, ids, greedy_tokens=8, rtol=rtol
+            )
             print("validation of ort-plugin/model.ort (with the plugin)")
             print(v.table())
             entry["plugin"]["validation"] = v.as_dict()
@@ -342,6 +406,8 @@ def export_int8(a, out: Path, onnx_path: Path, spec, tokenizer, report: dict, lo
     agree = mobile.top1_agreement(session(onnx_path), session(q_path), spec, ids, min(spec.context_limit, 256), source)
     fp32_mb = report["files"]["model.onnx"]
     int8_mb = size_mb(q_path)
-    print(f"int8: model.int8.onnx {int8_mb} MB (fp32 {fp32_mb} MB), top-1 agreement {agree.top1_agreement:.4f} "
-          f"over {agree.tokens} tokens ({source})")
+    print(
+        f"int8: model.int8.onnx {int8_mb} MB (fp32 {fp32_mb} MB), top-1 agreement {agree.top1_agreement:.4f} "
+        f"over {agree.tokens} tokens ({source})"
+    )
     report["int8"] = {"model.int8.onnx": int8_mb, "fp32_mb": fp32_mb, **agree.__dict__}

@@ -78,8 +78,13 @@ def ragged_embedding_function(num_tiers: int, opset: int) -> FunctionProto:
         out = part if out is None else b.op("Add", out, part)
     b.op("Identity", out, out="embeddings")
     return helper.make_function(
-        ops.DOMAIN, ops.RAGGED_EMBEDDING, inputs, ["embeddings"], b.nodes,
-        [helper.make_opsetid("", opset)], attributes=["num_tiers"],
+        ops.DOMAIN,
+        ops.RAGGED_EMBEDDING,
+        inputs,
+        ["embeddings"],
+        b.nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=["num_tiers"],
     )
 
 
@@ -182,13 +187,20 @@ def topk_attention_function(mode: str, opset: int, dense_flag: bool = False) -> 
     out = b.op("Transpose", out5, perm=[0, 3, 1, 2, 4])
     b.op("Reshape", out, b.op("Concat", B, S, c([-1]), axis=0), out="output")
     return helper.make_function(
-        ops.DOMAIN, ops.TOPK_ATTENTION, inputs, outputs, b.nodes,
-        [helper.make_opsetid("", opset)], attributes=attributes,
+        ops.DOMAIN,
+        ops.TOPK_ATTENTION,
+        inputs,
+        outputs,
+        b.nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=attributes,
         attribute_protos=[helper.make_attribute(name, 0) for name in ops.TOPK_ATTENTION_DEFAULT_ZERO],
     )
 
 
-def _block_selection(b: _Body, q: str, pos: str, B: str, Hkv: str, C: str, Dh: str, S: str, sink: str, window: str) -> str:
+def _block_selection(
+    b: _Body, q: str, pos: str, B: str, Hkv: str, C: str, Dh: str, S: str, sink: str, window: str
+) -> str:
     """Update the block summaries (present_key_min/max) and return the [B,Hkv,G,S,C] bool
     mask of keys in each query's chosen blocks (ragtop TopKAttention.block_selection)."""
     c = b.const
@@ -225,8 +237,11 @@ def _block_selection(b: _Body, q: str, pos: str, B: str, Hkv: str, C: str, Dh: s
     # upper bound of q.k per block: relu(q) @ kmax^T + min(q,0) @ kmin^T   [B,Hkv,G,S,nb]
     q_pos = b.op("Max", q, zero_f)
     q_neg = b.op("Min", q, zero_f)
-    bound = b.op("Add", b.op("MatMul", q_pos, b.op("Transpose", kmax, perm=[0, 1, 2, 4, 3])),
-                 b.op("MatMul", q_neg, b.op("Transpose", kmin, perm=[0, 1, 2, 4, 3])))
+    bound = b.op(
+        "Add",
+        b.op("MatMul", q_pos, b.op("Transpose", kmax, perm=[0, 1, 2, 4, 3])),
+        b.op("MatMul", q_neg, b.op("Transpose", kmin, perm=[0, 1, 2, 4, 3])),
+    )
     # own block of query s: pos // bs; earlier blocks: start <= pos and not own
     pos5 = b.op("Unsqueeze", pos, c([1, 2, 4]))  # [B,1,1,S,1]
     own = b.op("Equal", block_start, b.op("Mul", b.op("Div", pos5, bs), bs))  # [B,1,1,S,nb]

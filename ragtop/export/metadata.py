@@ -17,8 +17,9 @@ from .onnx import ExportSpec
 FORMAT = "ragtop-onnx/1"
 
 
-def genai_config(cfg: ModelConfig, spec: ExportSpec, generation: dict[str, Any], model_file: str,
-                 external_data: str | None) -> dict[str, Any]:
+def genai_config(
+    cfg: ModelConfig, spec: ExportSpec, generation: dict[str, Any], model_file: str, external_data: str | None
+) -> dict[str, Any]:
     block = spec.attention_mode == "block"
     inputs = {
         "input_ids": "input_ids",
@@ -29,10 +30,16 @@ def genai_config(cfg: ModelConfig, spec: ExportSpec, generation: dict[str, Any],
     }
     outputs = {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
     if block:
-        inputs |= {"past_key_min_names": "past_key_values.%d.key_min", "past_key_max_names": "past_key_values.%d.key_max"}
+        inputs |= {
+            "past_key_min_names": "past_key_values.%d.key_min",
+            "past_key_max_names": "past_key_values.%d.key_max",
+        }
         outputs |= {"present_key_min_names": "present.%d.key_min", "present_key_max_names": "present.%d.key_max"}
-    search = {k: generation[k] for k in ("temperature", "top_p", "top_k", "max_length", "repetition_penalty")
-              if k in generation}
+    search = {
+        k: generation[k]
+        for k in ("temperature", "top_p", "top_k", "max_length", "repetition_penalty")
+        if k in generation
+    }
     e = cfg.embedding
     return {
         "format": FORMAT,
@@ -85,7 +92,7 @@ def genai_config(cfg: ModelConfig, spec: ExportSpec, generation: dict[str, Any],
                 "sink_tokens": spec.sink_tokens,
                 "local_window": spec.local_window,
                 "dense_layers": spec.dense_layers,
-                "scale": cfg.head_dim ** -0.5,
+                "scale": cfg.head_dim**-0.5,
                 "rope_theta": cfg.rope_theta,
             },
             "embedding": {
@@ -101,6 +108,8 @@ def genai_config(cfg: ModelConfig, spec: ExportSpec, generation: dict[str, Any],
                 "ops": [ops.TOPK_ATTENTION] + ([ops.RAGGED_EMBEDDING] if spec.num_tiers else []),
                 "function_bodies": True,
                 "plugin_optional": True,
-            } if spec.ops == "custom" else None,
+            }
+            if spec.ops == "custom"
+            else None,
         },
     }

@@ -43,8 +43,16 @@ def convert_to_ort(onnx_path: Path, out_dir: Path, custom_op_library: Path | Non
     """Convert one .onnx to `out_dir/<stem>.ort`; returns (ort file, required_operators.config)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(onnx_path),
-               "--output_dir", tmp, "--optimization_style", "Fixed"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "onnxruntime.tools.convert_onnx_models_to_ort",
+            str(onnx_path),
+            "--output_dir",
+            tmp,
+            "--optimization_style",
+            "Fixed",
+        ]
         if custom_op_library is not None:
             cmd += ["--custom_op_library", str(custom_op_library)]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -75,8 +83,9 @@ class Agreement:
     source: str
 
 
-def top1_agreement(reference: ort.InferenceSession, candidate: ort.InferenceSession, spec, ids: list[int],
-                   window: int, source: str) -> Agreement:
+def top1_agreement(
+    reference: ort.InferenceSession, candidate: ort.InferenceSession, spec, ids: list[int], window: int, source: str
+) -> Agreement:
     """Teacher-forced next-token argmax of two sessions over `ids`, in windows of `window`
     tokens from an empty cache (all-position logits), as a fraction of positions agreeing."""
     from .verify import np_dtype, round_capacity
@@ -86,12 +95,17 @@ def top1_agreement(reference: ort.InferenceSession, candidate: ort.InferenceSess
     for start in range(0, max(len(ids) - 1, 1), window):
         chunk = np.array([ids[start : start + window]], dtype=np.int64)  # [1,S]
         S = chunk.shape[1]
-        feeds = {"input_ids": chunk, "past_lengths": np.zeros(1, dtype=np.int64),
-                 "logits_indices": np.arange(S, dtype=np.int64)[None]}
+        feeds = {
+            "input_ids": chunk,
+            "past_lengths": np.zeros(1, dtype=np.int64),
+            "logits_indices": np.arange(S, dtype=np.int64)[None],
+        }
         for i in range(spec.n_layers):
             for kind in spec.cache_names:
                 slots = capacity // spec.block_size if kind.startswith("key_m") else capacity
-                feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, spec.n_kv_heads, slots, spec.head_dim), np_dtype(spec))
+                feeds[f"past_key_values.{i}.{kind}"] = np.zeros(
+                    (1, spec.n_kv_heads, slots, spec.head_dim), np_dtype(spec)
+                )
         a = reference.run(["logits"], feeds)[0].argmax(-1)
         b = candidate.run(["logits"], feeds)[0].argmax(-1)
         same += int((a == b).sum())

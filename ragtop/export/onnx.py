@@ -92,22 +92,44 @@ class ExportSpec:
         return ["logits", *(f"present.{i}.{n}" for i in range(self.n_layers) for n in self.cache_names)]
 
 
-def make_spec(model: Transformer, context_limit: int, ops_mode: str, dtype: str, opset: int,
-              weights: str | None = None, accuracy_level: int = 0) -> ExportSpec:
+def make_spec(
+    model: Transformer,
+    context_limit: int,
+    ops_mode: str,
+    dtype: str,
+    opset: int,
+    weights: str | None = None,
+    accuracy_level: int = 0,
+) -> ExportSpec:
     cfg = model.config
     a = cfg.attention
     mode = functions.attention_mode(a.topk if a.kind == "topk" else None, a.block_size, context_limit)
     return ExportSpec(
-        n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-        vocab_size=cfg.vocab_size, context_limit=context_limit, attention_mode=mode,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size,
+        context_limit=context_limit,
+        attention_mode=mode,
         topk=context_limit if mode == "dense" else int(a.topk),
         block_size=int(a.block_size or 0) if mode == "block" else 0,
         block_budget=int(a.block_budget or 0) if mode == "block" else 0,
         num_tiers=model.embed.n_tiers if isinstance(model.embed, RaggedEmbedding) else 0,
-        ops=ops_mode, dtype=dtype, opset=opset, weights=weights or dtype,
+        ops=ops_mode,
+        dtype=dtype,
+        opset=opset,
+        weights=weights or dtype,
         accuracy_level=accuracy_level if weights in ("int4", "int8") else 0,
-        **({} if mode == "dense" else {"sink_tokens": a.sink_tokens, "local_window": a.local_window,
-                                       "dense_layers": min(a.dense_layers, cfg.n_layers)}),
+        **(
+            {}
+            if mode == "dense"
+            else {
+                "sink_tokens": a.sink_tokens,
+                "local_window": a.local_window,
+                "dense_layers": min(a.dense_layers, cfg.n_layers),
+            }
+        ),
     )
 
 
@@ -146,8 +168,10 @@ class ExportGraph(nn.Module):
         self.fused: dict[str, tuple[str, list[int]]] = {}
         quantized = dict(quantized)
         for i, layer in enumerate(model.layers):
-            for sub, module, names, stacked in (("attn", layer.attn, FUSED_ATTN, "qkv_proj"),
-                                                ("mlp", layer.mlp, FUSED_MLP, "gate_up_proj")):
+            for sub, module, names, stacked in (
+                ("attn", layer.attn, FUSED_ATTN, "qkv_proj"),
+                ("mlp", layer.mlp, FUSED_MLP, "gate_up_proj"),
+            ):
                 prefix = f"layers.{i}.{sub}"
                 full = [f"{prefix}.{n}.weight" for n in names]
                 mods = [getattr(module, n, None) for n in names]
@@ -211,9 +235,12 @@ class ExportGraph(nn.Module):
             if qb.zero_points is not None:
                 inputs.append(getattr(self, f"{key}{suffix}_zp"))
             part = torch.onnx.ops.symbolic(
-                "com.microsoft::MatMulNBits", inputs,
+                "com.microsoft::MatMulNBits",
+                inputs,
                 {"K": K, "N": N, "bits": qb.bits, "block_size": BLOCK, "accuracy_level": self.spec.accuracy_level},
-                dtype=x.dtype, shape=[*x.shape[:-1], N], version=1,
+                dtype=x.dtype,
+                shape=[*x.shape[:-1], N],
+                version=1,
             )
             y = part if y is None else y + part
             if qb.mins is not None:  # sum_b mins[b, n] * sum_{k in block b} x[k]
@@ -260,8 +287,11 @@ class ExportGraph(nn.Module):
             inputs += [table, proj.weight]
         B, S = ids.shape
         return torch.onnx.ops.symbolic(
-            f"{ops.DOMAIN}::{ops.RAGGED_EMBEDDING}", inputs, {"num_tiers": e.n_tiers},
-            dtype=e.tables[0].dtype, shape=[B, S, self.model.config.d_model],
+            f"{ops.DOMAIN}::{ops.RAGGED_EMBEDDING}",
+            inputs,
+            {"num_tiers": e.n_tiers},
+            dtype=e.tables[0].dtype,
+            shape=[B, S, self.model.config.d_model],
             version=ops.OPSET_VERSION,
         )
 
@@ -273,8 +303,9 @@ class ExportGraph(nn.Module):
             x = x.view(B, S, heads, -1).transpose(1, 2)
             return apply_rotary(x, cos, sin).transpose(1, 2).reshape(B, S, -1)
         (positions,) = rope
-        return torch.onnx.ops.rotary_embedding(x, self.rope_cos, self.rope_sin, positions, interleaved=False,
-                                               num_heads=heads)
+        return torch.onnx.ops.rotary_embedding(
+            x, self.rope_cos, self.rope_sin, positions, interleaved=False, num_heads=heads
+        )
 
     def attention(self, attn, h: Tensor, rope: tuple, past_lengths: Tensor, past: list[Tensor], prefix: str):
         spec = self.spec
@@ -282,16 +313,26 @@ class ExportGraph(nn.Module):
         q, k, v = self.project(prefix, attn, FUSED_ATTN, h)  # [B,S,heads*Dh] each
         q, k = self.rotary(q, rope, H), self.rotary(k, rope, Hkv)
         attrs = {
-            "num_heads": H, "num_kv_heads": Hkv, "topk": spec.topk, "scale": float(attn.scale),
-            "block_size": spec.block_size, "block_budget": spec.block_budget,
+            "num_heads": H,
+            "num_kv_heads": Hkv,
+            "topk": spec.topk,
+            "scale": float(attn.scale),
+            "block_size": spec.block_size,
+            "block_budget": spec.block_budget,
         }
         if spec.attention_mode != "dense":
             attrs.update(sink_tokens=spec.sink_tokens, local_window=spec.local_window)
             if not isinstance(attn, TopKAttention):  # one of the dense first layers: same op, keeps every key
-                attrs.update(topk=spec.context_limit, block_budget=-(-spec.context_limit // spec.block_size) if spec.block_size else 0)
+                attrs.update(
+                    topk=spec.context_limit,
+                    block_budget=-(-spec.context_limit // spec.block_size) if spec.block_size else 0,
+                )
         outs = torch.onnx.ops.symbolic_multi_out(
-            f"{ops.DOMAIN}::{ops.TOPK_ATTENTION}", [q, k, v, past[0], past[1], past_lengths, *past[2:]], attrs,
-            dtypes=[q.dtype] * (1 + len(past)), shapes=[q.shape, *(p.shape for p in past)],
+            f"{ops.DOMAIN}::{ops.TOPK_ATTENTION}",
+            [q, k, v, past[0], past[1], past_lengths, *past[2:]],
+            attrs,
+            dtypes=[q.dtype] * (1 + len(past)),
+            shapes=[q.shape, *(p.shape for p in past)],
             version=ops.OPSET_VERSION,
         )
         return self.linear(f"{prefix}.o_proj", attn.o_proj, outs[0]), list(outs[1:])
@@ -323,7 +364,9 @@ def example_inputs(spec: ExportSpec, dtype: torch.dtype) -> tuple:
     for _ in range(spec.n_layers):
         cache += [torch.zeros(B, spec.n_kv_heads, C, spec.head_dim, dtype=dtype) for _ in range(2)]
         if spec.block_size:
-            cache += [torch.zeros(B, spec.n_kv_heads, C // spec.block_size, spec.head_dim, dtype=dtype) for _ in range(2)]
+            cache += [
+                torch.zeros(B, spec.n_kv_heads, C // spec.block_size, spec.head_dim, dtype=dtype) for _ in range(2)
+            ]
     ids = torch.zeros(B, S, dtype=torch.long)
     return ids, torch.tensor([0, 3]), torch.tensor([[4, 3, 0], [1, 2, 4]]), cache
 
@@ -341,8 +384,9 @@ def dynamic_shapes(spec: ExportSpec) -> tuple:
     return {0: batch, 1: seq}, {0: batch}, {0: batch, 1: keep}, cache
 
 
-def export_graph(model: Transformer, spec: ExportSpec, verbose: bool = False,
-                 quantized: dict[str, QBlocks] | None = None) -> onnx.ModelProto:
+def export_graph(
+    model: Transformer, spec: ExportSpec, verbose: bool = False, quantized: dict[str, QBlocks] | None = None
+) -> onnx.ModelProto:
     """Trace the model with torch.onnx (dynamo) and return the finished ModelProto.
     `quantized` (weights.py): matrices emitted as com.microsoft::MatMulNBits blocks."""
     dtype = torch.float16 if spec.dtype == "fp16" else torch.float32
@@ -356,9 +400,16 @@ def export_graph(model: Transformer, spec: ExportSpec, verbose: bool = False,
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                graph, args, dynamo=True, opset_version=spec.opset, input_names=spec.input_names(),
-                output_names=spec.output_names(), dynamic_shapes=dynamic_shapes(spec), verbose=False,
-                report=False, optimize=True,
+                graph,
+                args,
+                dynamo=True,
+                opset_version=spec.opset,
+                input_names=spec.input_names(),
+                output_names=spec.output_names(),
+                dynamic_shapes=dynamic_shapes(spec),
+                verbose=False,
+                report=False,
+                optimize=True,
             )
         except Exception as e:  # exporter errors are long; keep the first line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -386,8 +437,12 @@ def finish_model(proto: onnx.ModelProto, spec: ExportSpec) -> onnx.ModelProto:
         del proto.opset_import[:]
         proto.opset_import.extend(keep)
     proto.producer_name, proto.producer_version = "ragtop", "0.1.0"
-    meta = {"ragtop.attention_mode": spec.attention_mode, "ragtop.ops": spec.ops,
-            "ragtop.context_limit": str(spec.context_limit), "ragtop.weights": spec.weights}
+    meta = {
+        "ragtop.attention_mode": spec.attention_mode,
+        "ragtop.ops": spec.ops,
+        "ragtop.context_limit": str(spec.context_limit),
+        "ragtop.weights": spec.weights,
+    }
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
     return proto
@@ -406,7 +461,8 @@ def add_dense_flag(proto: onnx.ModelProto, spec: ExportSpec) -> None:
     proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.int64), ops.ATTENTION_DENSE))
     if spec.attention_mode == "exact":  # the summaries' places hold empty tensors (ops.py)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(
-            onnx.TensorProto.FLOAT16 if spec.dtype == "fp16" else onnx.TensorProto.FLOAT)
+            onnx.TensorProto.FLOAT16 if spec.dtype == "fp16" else onnx.TensorProto.FLOAT
+        )
         proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(0, dtype), ops.NO_BLOCK_SUMMARY))
     for node in proto.graph.node:
         if node.domain == ops.DOMAIN and node.op_type == ops.TOPK_ATTENTION:
@@ -416,11 +472,19 @@ def add_dense_flag(proto: onnx.ModelProto, spec: ExportSpec) -> None:
 
 
 def weight_bytes(proto: onnx.ModelProto) -> int:
-    return sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in proto.graph.initializer)
+    return sum(
+        math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in proto.graph.initializer
+    )
 
 
 def save_model(proto: onnx.ModelProto, path, force_external: bool = False) -> None:
     """model.onnx, with weights in model.onnx.data when they exceed EXTERNAL_DATA_THRESHOLD."""
     external = force_external or weight_bytes(proto) > EXTERNAL_DATA_THRESHOLD
-    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )

@@ -85,9 +85,18 @@ class CaseResult:
     tolerance: dict[str, float] = field(default_factory=dict)  # atol + rtol * max|reference| per output
 
 
-def compare_case(model: Transformer, sess: ort.InferenceSession, spec: ExportSpec, name: str, ids: Tensor,
-                 cache: KVCache, logits_indices: Tensor, atol: float, reference: Tensor | None = None,
-                 rtol: float = 0.0) -> CaseResult:
+def compare_case(
+    model: Transformer,
+    sess: ort.InferenceSession,
+    spec: ExportSpec,
+    name: str,
+    ids: Tensor,
+    cache: KVCache,
+    logits_indices: Tensor,
+    atol: float,
+    reference: Tensor | None = None,
+    rtol: float = 0.0,
+) -> CaseResult:
     feeds = onnx_feeds(spec, ids, cache, logits_indices)
     outs = dict(zip(spec.output_names(), sess.run(None, feeds), strict=True))
     after = clone_cache(cache)
@@ -123,8 +132,9 @@ def selecting_length(spec: ExportSpec) -> int:
     return max(2, min(need, spec.context_limit - 4))
 
 
-def run_cases(model: Transformer, sess: ort.InferenceSession, spec: ExportSpec, atol: float, seed: int = 0,
-              rtol: float = 0.0) -> list[CaseResult]:
+def run_cases(
+    model: Transformer, sess: ort.InferenceSession, spec: ExportSpec, atol: float, seed: int = 0, rtol: float = 0.0
+) -> list[CaseResult]:
     cfg, V = model.config, model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     long = selecting_length(spec)
@@ -136,23 +146,33 @@ def run_cases(model: Transformer, sess: ort.InferenceSession, spec: ExportSpec, 
     cache = KVCache.allocate(cfg, 1, C)
     with torch.no_grad():
         full = model(ids)
-    results.append(compare_case(model, sess, spec, "prefill", ids, cache, torch.arange(long)[None], atol, reference=full, rtol=rtol))
+    results.append(
+        compare_case(
+            model, sess, spec, "prefill", ids, cache, torch.arange(long)[None], atol, reference=full, rtol=rtol
+        )
+    )
     # one decode step on top of it
     with torch.no_grad():
         model(ids, cache=cache)
     nxt = torch.randint(0, V, (1, 1), generator=g)
-    results.append(compare_case(model, sess, spec, "decode", nxt, cache, torch.zeros(1, 1, dtype=torch.long), atol, rtol=rtol))
+    results.append(
+        compare_case(model, sess, spec, "decode", nxt, cache, torch.zeros(1, 1, dtype=torch.long), atol, rtol=rtol)
+    )
     # a batch of sequences at different lengths (cache slots beyond a length hold junk)
     cache = KVCache.allocate(cfg, 3, C)
     for t in cache.keys + cache.values:
         t.normal_(generator=g)
     cache.lengths = torch.tensor([0, min(3, long - 1), long - 1])
     ids = torch.randint(0, V, (3, 4), generator=g)
-    results.append(compare_case(model, sess, spec, "mixed_batch", ids, cache, torch.arange(4).repeat(3, 1), atol, rtol=rtol))
+    results.append(
+        compare_case(model, sess, spec, "mixed_batch", ids, cache, torch.arange(4).repeat(3, 1), atol, rtol=rtol)
+    )
     # empty caches, batch of two, last position only
     cache = KVCache.allocate(cfg, 2, C)
     ids = torch.randint(0, V, (2, S), generator=g)
-    results.append(compare_case(model, sess, spec, "empty_batch", ids, cache, torch.full((2, 1), S - 1), atol, rtol=rtol))
+    results.append(
+        compare_case(model, sess, spec, "empty_batch", ids, cache, torch.full((2, 1), S - 1), atol, rtol=rtol)
+    )
     return results
 
 
@@ -233,16 +253,29 @@ class Validation:
         head = f"{'case':<12} {'shape':<44} " + " ".join(f"{k:>16}" for k in kinds) + "  ok"
         rows = [head]
         for c in self.cases:
-            rows.append(f"{c.name:<12} {c.shape:<44} " + " ".join(f"{c.max_abs_diff[k]:>16.2e}" for k in kinds)
-                        + f"  {'yes' if c.passed else 'NO'}")
+            rows.append(
+                f"{c.name:<12} {c.shape:<44} "
+                + " ".join(f"{c.max_abs_diff[k]:>16.2e}" for k in kinds)
+                + f"  {'yes' if c.passed else 'NO'}"
+            )
         n_same = sum(a == b for a, b in zip(self.greedy_torch, self.greedy_onnx, strict=True))
-        rows.append(f"greedy decode, {len(self.greedy_torch)} tokens through the shared cache: "
-                    f"{n_same}/{len(self.greedy_torch)} match PyTorch ({'ok' if self.greedy_match else 'MISMATCH'})")
+        rows.append(
+            f"greedy decode, {len(self.greedy_torch)} tokens through the shared cache: "
+            f"{n_same}/{len(self.greedy_torch)} match PyTorch ({'ok' if self.greedy_match else 'MISMATCH'})"
+        )
         return "\n".join(rows)
 
 
-def validate(model: Transformer, sess: ort.InferenceSession, spec: ExportSpec, atol: float, prompt: list[int],
-             greedy_tokens: int = 32, log: Callable[[str], None] = lambda s: None, rtol: float = 0.0) -> Validation:
+def validate(
+    model: Transformer,
+    sess: ort.InferenceSession,
+    spec: ExportSpec,
+    atol: float,
+    prompt: list[int],
+    greedy_tokens: int = 32,
+    log: Callable[[str], None] = lambda s: None,
+    rtol: float = 0.0,
+) -> Validation:
     """Compare the graph in `sess` with `model` (fp32, eval) on several shapes and a greedy decode.
     Each output passes when max|onnx - torch| <= atol + rtol * max|torch| (the logits of a deep
     fp32 decoder differ from PyTorch's by an amount that grows with their own size)."""

@@ -45,8 +45,10 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as e:
         raise RagtopError(f"--device {name}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RagtopError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
-                          f"torch.cuda.is_available() is False)")
+        raise RagtopError(
+            f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+            f"torch.cuda.is_available() is False)"
+        )
     return device
 
 
@@ -61,7 +63,9 @@ def triton_path(model: Transformer, device: torch.device, want: bool | None) -> 
         return None
     reason = triton_missing_reason()
     if reason is None and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        reason = f"the Triton kernels run on CUDA, or on {device.type} only under TRITON_INTERPRET=1 (Triton's interpreter)"
+        reason = (
+            f"the Triton kernels run on CUDA, or on {device.type} only under TRITON_INTERPRET=1 (Triton's interpreter)"
+        )
     if reason is not None:
         if want:
             raise RagtopError(f"cannot use the Triton kernels: {reason}")

@@ -70,9 +70,24 @@ def _topk_keep(x, valid, K):
 
 # -- block summaries -------------------------------------------------------------------
 @triton.jit
-def _summary_update_kernel(k_ptr, kmin_ptr, kmax_ptr, start_ptr, S, HKV,
-                           skb, skh, skl, ssb, ssh, ssn,
-                           BS: tl.constexpr, BS_P2: tl.constexpr, DH: tl.constexpr, DH_P2: tl.constexpr):
+def _summary_update_kernel(
+    k_ptr,
+    kmin_ptr,
+    kmax_ptr,
+    start_ptr,
+    S,
+    HKV,
+    skb,
+    skh,
+    skl,
+    ssb,
+    ssh,
+    ssn,
+    BS: tl.constexpr,
+    BS_P2: tl.constexpr,
+    DH: tl.constexpr,
+    DH_P2: tl.constexpr,
+):
     pid, t = tl.program_id(0), tl.program_id(1)  # (sequence, KV head), t-th touched block
     b, h = (pid // HKV).to(tl.int64), pid % HKV
     end = tl.load(start_ptr + b) + S
@@ -90,8 +105,9 @@ def _summary_update_kernel(k_ptr, kmin_ptr, kmax_ptr, start_ptr, S, HKV,
         tl.store(kmax_ptr + at, kmax.to(kmax_ptr.dtype.element_ty), mask=d < DH)
 
 
-def update_block_summaries(keys: Tensor, kmin: Tensor, kmax: Tensor, start: Tensor, new_tokens: int,
-                           block_size: int) -> None:
+def update_block_summaries(
+    keys: Tensor, kmin: Tensor, kmax: Tensor, start: Tensor, new_tokens: int, block_size: int
+) -> None:
     """Recompute, in place, the summaries of the blocks touched by keys [start[b], start[b] + S).
 
     keys [B, Hkv, L, Dh] (any strides, last dim contiguous); kmin/kmax [B, Hkv, nb, Dh] with
@@ -103,17 +119,51 @@ def update_block_summaries(keys: Tensor, kmin: Tensor, kmax: Tensor, start: Tens
         raise ValueError("kmin and kmax must have the same layout")
     touched = (new_tokens + block_size - 2) // block_size + 1  # most blocks S keys can straddle
     _summary_update_kernel[(B * Hkv, touched)](
-        keys, kmin, kmax, start.contiguous(), new_tokens, Hkv,
-        keys.stride(0), keys.stride(1), keys.stride(2), kmin.stride(0), kmin.stride(1), kmin.stride(2),
-        BS=block_size, BS_P2=_p2(block_size), DH=Dh, DH_P2=_p2(Dh))
+        keys,
+        kmin,
+        kmax,
+        start.contiguous(),
+        new_tokens,
+        Hkv,
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        kmin.stride(0),
+        kmin.stride(1),
+        kmin.stride(2),
+        BS=block_size,
+        BS_P2=_p2(block_size),
+        DH=Dh,
+        DH_P2=_p2(Dh),
+    )
 
 
 # -- block-selection decode ----------------------------------------------------------------
 @triton.jit
-def _block_bounds_kernel(q_ptr, kmin_ptr, kmax_ptr, pos_ptr, bound_ptr, HKV, NB, SINK, WINDOW,
-                         sqb, sqh, ssb, ssh, ssn, sbb, sbh,
-                         G: tl.constexpr, G_P2: tl.constexpr, BS: tl.constexpr, TILE: tl.constexpr,
-                         DH: tl.constexpr, DH_P2: tl.constexpr):
+def _block_bounds_kernel(
+    q_ptr,
+    kmin_ptr,
+    kmax_ptr,
+    pos_ptr,
+    bound_ptr,
+    HKV,
+    NB,
+    SINK,
+    WINDOW,
+    sqb,
+    sqh,
+    ssb,
+    ssh,
+    ssn,
+    sbb,
+    sbh,
+    G: tl.constexpr,
+    G_P2: tl.constexpr,
+    BS: tl.constexpr,
+    TILE: tl.constexpr,
+    DH: tl.constexpr,
+    DH_P2: tl.constexpr,
+):
     """bound[b, h, n] = sum_d max(q_d kmin_d, q_d kmax_d) for the eligible earlier blocks n, else -inf."""
     pid, tile = tl.program_id(0), tl.program_id(1)
     b, kvh = (pid // HKV).to(tl.int64), pid % HKV
@@ -121,8 +171,11 @@ def _block_bounds_kernel(q_ptr, kmin_ptr, kmax_ptr, pos_ptr, bound_ptr, HKV, NB,
     g = tl.arange(0, G_P2)
     d = tl.arange(0, DH_P2)
     n = tile * TILE + tl.arange(0, TILE)
-    q = tl.load(q_ptr + b * sqb + (kvh * G + g)[:, None] * sqh + d[None, :],
-                mask=(g < G)[:, None] & (d < DH)[None, :], other=0.0).to(tl.float32)  # [G, Dh], unscaled
+    q = tl.load(
+        q_ptr + b * sqb + (kvh * G + g)[:, None] * sqh + d[None, :],
+        mask=(g < G)[:, None] & (d < DH)[None, :],
+        other=0.0,
+    ).to(tl.float32)  # [G, Dh], unscaled
     smask = (n < NB)[:, None] & (d < DH)[None, :]
     at = b * ssb + kvh * ssh + n[:, None] * ssn + d[None, :]
     lo = tl.load(kmin_ptr + at, mask=smask, other=0.0).to(tl.float32)  # [TILE, Dh]: once for the group
@@ -134,18 +187,53 @@ def _block_bounds_kernel(q_ptr, kmin_ptr, kmax_ptr, pos_ptr, bound_ptr, HKV, NB,
     free = tl.maximum(start, SINK) <= tl.minimum(start + BS - 1, p - WINDOW)
     earlier = (start <= p) & (n < NB) & ~own & free
     bound = tl.where(earlier[None, :], bound, float("-inf"))
-    tl.store(bound_ptr + b * sbb + (kvh * G + g)[:, None] * sbh + n[None, :], bound,
-             mask=(g < G)[:, None] & (n < NB)[None, :])
+    tl.store(
+        bound_ptr + b * sbb + (kvh * G + g)[:, None] * sbh + n[None, :],
+        bound,
+        mask=(g < G)[:, None] & (n < NB)[None, :],
+    )
 
 
 @triton.jit
-def _block_decode_kernel(q_ptr, k_ptr, v_ptr, bound_ptr, pos_ptr, sel_ptr, w_ptr, out_ptr,
-                         H, NB, scale,
-                         sqb, sqh, skb, skh, skl, svb, svh, svl, sbb, sbh, sob, soh,
-                         G: tl.constexpr, TOPK: tl.constexpr, BUDGET: tl.constexpr, BS: tl.constexpr,
-                         SINK: tl.constexpr, WINDOW: tl.constexpr, DH: tl.constexpr, DH_P2: tl.constexpr,
-                         BS_P2: tl.constexpr, NB_P2: tl.constexpr, SEL_P2: tl.constexpr,
-                         CAND_P2: tl.constexpr, SINK_P2: tl.constexpr, WIN_P2: tl.constexpr):
+def _block_decode_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bound_ptr,
+    pos_ptr,
+    sel_ptr,
+    w_ptr,
+    out_ptr,
+    H,
+    NB,
+    scale,
+    sqb,
+    sqh,
+    skb,
+    skh,
+    skl,
+    svb,
+    svh,
+    svl,
+    sbb,
+    sbh,
+    sob,
+    soh,
+    G: tl.constexpr,
+    TOPK: tl.constexpr,
+    BUDGET: tl.constexpr,
+    BS: tl.constexpr,
+    SINK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    DH: tl.constexpr,
+    DH_P2: tl.constexpr,
+    BS_P2: tl.constexpr,
+    NB_P2: tl.constexpr,
+    SEL_P2: tl.constexpr,
+    CAND_P2: tl.constexpr,
+    SINK_P2: tl.constexpr,
+    WIN_P2: tl.constexpr,
+):
     """One (sequence, query head): choose blocks, score their candidates, top-k, softmax, values.
 
     Scratch (`sel`: chosen blocks, `w`: candidate scores, then weights) is written and read
@@ -219,9 +307,21 @@ def _block_decode_kernel(q_ptr, k_ptr, v_ptr, bound_ptr, pos_ptr, sel_ptr, w_ptr
     tl.store(out_ptr + b * sob + h * soh + d, (acc / total).to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-def block_topk_decode(q: Tensor, keys: Tensor, values: Tensor, kmin: Tensor, kmax: Tensor, positions: Tensor, *,
-                      topk: int, block_size: int, block_budget: int, scale: float,
-                      sink_tokens: int = 0, local_window: int = 0) -> Tensor:
+def block_topk_decode(
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
+    positions: Tensor,
+    *,
+    topk: int,
+    block_size: int,
+    block_budget: int,
+    scale: float,
+    sink_tokens: int = 0,
+    local_window: int = 0,
+) -> Tensor:
     """Decode attention with block selection: q [B, H, Dh] -> [B, H, Dh].
 
     keys/values [B, Hkv, L, Dh] already hold the new key at positions[b] (the query's own
@@ -235,15 +335,37 @@ def block_topk_decode(q: Tensor, keys: Tensor, values: Tensor, kmin: Tensor, kma
     _check_last_dim_contiguous(q=q, keys=keys, values=values, kmin=kmin, kmax=kmax)
     G, NB = H // Hkv, triton.cdiv(L, block_size)
     if decode_candidates(block_size, block_budget, L) > MAX_CANDIDATES:
-        raise ValueError(f"block_budget {block_budget} x block_size {block_size} gives more than {MAX_CANDIDATES} "
-                         "candidate keys per query: too many for one decode program")
+        raise ValueError(
+            f"block_budget {block_budget} x block_size {block_size} gives more than {MAX_CANDIDATES} "
+            "candidate keys per query: too many for one decode program"
+        )
     positions = positions.contiguous()
     bound = torch.empty(B, H, NB, dtype=torch.float32, device=q.device)
     tile = _p2(4096 // (_p2(G) * _p2(Dh)), 8)  # keeps G x TILE x Dh per program near 4k floats
     _block_bounds_kernel[(B * Hkv, triton.cdiv(NB, tile))](
-        q, kmin, kmax, positions, bound, Hkv, NB, sink_tokens, local_window,
-        q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2), bound.stride(0), bound.stride(1),
-        G=G, G_P2=_p2(G), BS=block_size, TILE=tile, DH=Dh, DH_P2=_p2(Dh))
+        q,
+        kmin,
+        kmax,
+        positions,
+        bound,
+        Hkv,
+        NB,
+        sink_tokens,
+        local_window,
+        q.stride(0),
+        q.stride(1),
+        kmin.stride(0),
+        kmin.stride(1),
+        kmin.stride(2),
+        bound.stride(0),
+        bound.stride(1),
+        G=G,
+        G_P2=_p2(G),
+        BS=block_size,
+        TILE=tile,
+        DH=Dh,
+        DH_P2=_p2(Dh),
+    )
     budget = min(block_budget, NB)  # a larger budget keeps every eligible block all the same
     sel_p2 = _p2(budget + 1)
     bs_p2 = _p2(block_size)
@@ -252,21 +374,65 @@ def block_topk_decode(q: Tensor, keys: Tensor, values: Tensor, kmin: Tensor, kma
     scratch = torch.empty(B * H, cand_p2, dtype=torch.float32, device=q.device)
     out = torch.empty(B, H, Dh, dtype=q.dtype, device=q.device)
     _block_decode_kernel[(B * H,)](
-        q, keys, values, bound, positions, sel, scratch, out, H, NB, scale,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), bound.stride(0), bound.stride(1),
-        out.stride(0), out.stride(1),
-        G=G, TOPK=topk, BUDGET=budget, BS=block_size, SINK=sink_tokens, WINDOW=local_window,
-        DH=Dh, DH_P2=_p2(Dh), BS_P2=bs_p2, NB_P2=_p2(NB), SEL_P2=sel_p2, CAND_P2=cand_p2,
-        SINK_P2=_p2(sink_tokens), WIN_P2=_p2(local_window))
+        q,
+        keys,
+        values,
+        bound,
+        positions,
+        sel,
+        scratch,
+        out,
+        H,
+        NB,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        bound.stride(0),
+        bound.stride(1),
+        out.stride(0),
+        out.stride(1),
+        G=G,
+        TOPK=topk,
+        BUDGET=budget,
+        BS=block_size,
+        SINK=sink_tokens,
+        WINDOW=local_window,
+        DH=Dh,
+        DH_P2=_p2(Dh),
+        BS_P2=bs_p2,
+        NB_P2=_p2(NB),
+        SEL_P2=sel_p2,
+        CAND_P2=cand_p2,
+        SINK_P2=_p2(sink_tokens),
+        WIN_P2=_p2(local_window),
+    )
     return out
 
 
 # -- ragged embedding ----------------------------------------------------------------------
 @triton.jit
-def _ragged_embedding_kernel(ids_ptr, tier_ptr, row_ptr, table_ptr, proj_ptr, out_ptr, D, TIER,
-                             stab, sproj, sout,
-                             W: tl.constexpr, W_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+def _ragged_embedding_kernel(
+    ids_ptr,
+    tier_ptr,
+    row_ptr,
+    table_ptr,
+    proj_ptr,
+    out_ptr,
+    D,
+    TIER,
+    stab,
+    sproj,
+    sout,
+    W: tl.constexpr,
+    W_CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """out[t, block of D] = proj @ table[row_of[id]] when id's tier is TIER (else untouched)."""
     t, dblk = tl.program_id(0), tl.program_id(1)
     tok = tl.load(ids_ptr + t.to(tl.int64))
@@ -277,7 +443,9 @@ def _ragged_embedding_kernel(ids_ptr, tier_ptr, row_ptr, table_ptr, proj_ptr, ou
         for w0 in range(0, W, W_CHUNK):
             w = w0 + tl.arange(0, W_CHUNK)
             e = tl.load(table_ptr + r * stab + w, mask=w < W, other=0.0).to(tl.float32)
-            pj = tl.load(proj_ptr + o[:, None] * sproj + w[None, :], mask=(o < D)[:, None] & (w < W)[None, :], other=0.0)
+            pj = tl.load(
+                proj_ptr + o[:, None] * sproj + w[None, :], mask=(o < D)[:, None] & (w < W)[None, :], other=0.0
+            )
             acc += tl.sum(pj.to(tl.float32) * e[None, :], axis=1)
         tl.store(out_ptr + t * sout + o, acc.to(out_ptr.dtype.element_ty), mask=o < D)
 
@@ -299,8 +467,21 @@ def ragged_embedding(ids: Tensor, tier_of: Tensor, row_of: Tensor, tables: list[
         width = table.shape[1]
         if flat.numel():
             _ragged_embedding_kernel[(flat.numel(), triton.cdiv(D, block_d))](
-                flat, tier_of, row_of, table, proj, out, D, i, table.stride(0), proj.stride(0), out.stride(0),
-                W=width, W_CHUNK=min(128, _p2(width, 16)), BLOCK_D=block_d)
+                flat,
+                tier_of,
+                row_of,
+                table,
+                proj,
+                out,
+                D,
+                i,
+                table.stride(0),
+                proj.stride(0),
+                out.stride(0),
+                W=width,
+                W_CHUNK=min(128, _p2(width, 16)),
+                BLOCK_D=block_d,
+            )
     return out.view(*ids.shape, D)
 
 

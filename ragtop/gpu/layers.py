@@ -61,9 +61,19 @@ class TritonBlockTopKAttention(TopKAttention):
         if S > 1 or decode_candidates(self.block_size, self.block_budget, k.shape[2]) > MAX_CANDIDATES:
             return super().attend(q, k, v, ctx)  # prefill; or a budget too large for one program
         out = block_topk_decode(
-            q[:, :, 0], k, v, kmin, kmax, ctx.positions[:, 0], topk=self.topk, block_size=self.block_size,
-            block_budget=self.block_budget, scale=self.scale, sink_tokens=self.sink_tokens,
-            local_window=self.local_window)
+            q[:, :, 0],
+            k,
+            v,
+            kmin,
+            kmax,
+            ctx.positions[:, 0],
+            topk=self.topk,
+            block_size=self.block_size,
+            block_budget=self.block_budget,
+            scale=self.scale,
+            sink_tokens=self.sink_tokens,
+            local_window=self.local_window,
+        )
         return out[:, :, None]  # [B,H,1,Dh]
 
 

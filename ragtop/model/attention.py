@@ -115,7 +115,7 @@ def write_cache(cache: tuple[Tensor, Tensor], k: Tensor, v: Tensor, write_at: Te
     """Write the new keys/values of each sequence at its own offset; returns the full buffers."""
     keys, values = cache  # [B, Hkv, L, Dh]
     B, Hkv, S, Dh = k.shape
-    idx = (write_at[:, None] + torch.arange(S, device=k.device))  # [B, S]
+    idx = write_at[:, None] + torch.arange(S, device=k.device)  # [B, S]
     idx = idx[:, None, :, None].expand(B, Hkv, S, Dh)
     keys.scatter_(2, idx, k)
     values.scatter_(2, idx, v)

@@ -60,7 +60,9 @@ class AttentionConfig:
         elif any(v is not None for v in (self.topk, self.block_size, self.block_budget)) or any(
             (self.sink_tokens, self.local_window, self.dense_layers)
         ):
-            raise ConfigError("dense attention takes no topk / block_size / block_budget / sinks / window / dense_layers")
+            raise ConfigError(
+                "dense attention takes no topk / block_size / block_budget / sinks / window / dense_layers"
+            )
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,7 @@ class EmbeddingConfig:
             return
         if not self.tier_sizes or len(self.tier_sizes) != len(self.tier_widths):
             raise ConfigError(
-                f"ragged embeddings need one width per tier, got sizes {self.tier_sizes} "
-                f"and widths {self.tier_widths}"
+                f"ragged embeddings need one width per tier, got sizes {self.tier_sizes} and widths {self.tier_widths}"
             )
         if any(s < 1 for s in self.tier_sizes) or any(w < 1 for w in self.tier_widths):
             raise ConfigError(f"tier sizes and widths must be >= 1: {self.tier_sizes}, {self.tier_widths}")

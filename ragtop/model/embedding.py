@@ -35,7 +35,9 @@ class RaggedEmbedding(nn.Module):
         super().__init__()
         e = cfg.embedding
         self.vocab_size, self.d_model = cfg.vocab_size, cfg.d_model
-        self.tables = nn.ParameterList(nn.Parameter(torch.empty(n, d)) for n, d in zip(e.tier_sizes, e.tier_widths, strict=True))
+        self.tables = nn.ParameterList(
+            nn.Parameter(torch.empty(n, d)) for n, d in zip(e.tier_sizes, e.tier_widths, strict=True)
+        )
         self.projs = nn.ModuleList(nn.Linear(d, cfg.d_model, bias=False) for d in e.tier_widths)
         for t in self.tables:
             nn.init.normal_(t, std=0.02)
@@ -71,7 +73,10 @@ class RaggedEmbedding(nn.Module):
         self.head_order[flat] = torch.arange(self.vocab_size)
 
     def tiers(self) -> list[list[int]]:
-        return [torch.nonzero(self.tier_of == i).flatten()[self.row_of[self.tier_of == i].argsort()].tolist() for i in range(self.n_tiers)]
+        return [
+            torch.nonzero(self.tier_of == i).flatten()[self.row_of[self.tier_of == i].argsort()].tolist()
+            for i in range(self.n_tiers)
+        ]
 
     def forward(self, ids: Tensor) -> Tensor:  # [B,S] -> [B,S,D]
         tier, row = self.tier_of[ids], self.row_of[ids]

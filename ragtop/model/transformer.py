@@ -104,11 +104,21 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():  # scaled init of residual-stream writers
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=0.02 / (2 * cfg.n_layers) ** 0.5)
-            elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight", "lm_head.weight")):
+            elif name.endswith(
+                (
+                    "q_proj.weight",
+                    "k_proj.weight",
+                    "v_proj.weight",
+                    "gate_proj.weight",
+                    "up_proj.weight",
+                    "lm_head.weight",
+                )
+            ):
                 nn.init.normal_(p, std=0.02)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False,
-                dense_rows: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False, dense_rows: Tensor | None = None
+    ) -> Tensor:
         """input_ids [B,S] -> logits [B,S,V] (or [B,1,V] with last_only).
 
         With a cache, token s of sequence b goes to position cache.lengths[b] + s, and the
@@ -124,7 +134,9 @@ class Transformer(nn.Module):
             write_at = None
         else:
             if int(cache.lengths.max()) + S > cache.capacity:
-                raise ValueError(f"KV cache overflow: {int(cache.lengths.max())} + {S} tokens > capacity {cache.capacity}")
+                raise ValueError(
+                    f"KV cache overflow: {int(cache.lengths.max())} + {S} tokens > capacity {cache.capacity}"
+                )
             positions = cache.lengths[:, None] + arange  # [B,S]
             keys = torch.arange(cache.capacity, device=input_ids.device)
             visible = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,S,L]

@@ -30,9 +30,11 @@ from .sampling import SamplingParams
 from .scheduler import SchedulerConfig
 from .stats import IterationStats
 
-TEXT = ("We hold these truths to be self-evident, that all men are created equal, that they are "
-        "endowed by their Creator with certain unalienable Rights, that among these are Life, "
-        "Liberty and the pursuit of Happiness. ")
+TEXT = (
+    "We hold these truths to be self-evident, that all men are created equal, that they are "
+    "endowed by their Creator with certain unalienable Rights, that among these are Life, "
+    "Liberty and the pursuit of Happiness. "
+)
 
 
 REPEATS = 3  # single-stream figures are the best of this many runs (the machine may be shared)
@@ -64,8 +66,9 @@ def greedy(n: int) -> SamplingParams:
 def make_engine(model: LoadedModel, cfg: BenchConfig) -> LLMEngine:
     streams = max(cfg.streams)
     limit = min(model.runner.spec.max_model_len, max(cfg.prompt_tokens + cfg.new_tokens, cfg.long_prompt + 1))
-    sched = SchedulerConfig(max_batch_size=streams, max_tokens_per_step=max(512, streams), prefill_chunk=512,
-                            max_waiting=streams)
+    sched = SchedulerConfig(
+        max_batch_size=streams, max_tokens_per_step=max(512, streams), prefill_chunk=512, max_waiting=streams
+    )
     return model.engine(EngineConfig(sched, context_limit=limit))
 
 
@@ -113,8 +116,10 @@ def bench_runner(model: LoadedModel, cfg: BenchConfig, progress: Callable[[str],
     for k in cfg.streams:
         prompts = [prompt_ids(model, cfg.prompt_tokens, i) for i in range(k)]
         r["aggregate_tps"][str(k)], r["aggregate_decode_tps"][str(k)] = aggregate(engine, prompts, cfg.new_tokens)
-        progress(f"  {model.runner.spec.name}: {k} streams {r['aggregate_tps'][str(k)]:.1f} tok/s "
-                 f"({r['aggregate_decode_tps'][str(k)]:.1f} tok/s in decode-only steps)")
+        progress(
+            f"  {model.runner.spec.name}: {k} streams {r['aggregate_tps'][str(k)]:.1f} tok/s "
+            f"({r['aggregate_decode_tps'][str(k)]:.1f} tok/s in decode-only steps)"
+        )
     r["prompt_tps"] = prompt_throughput(engine, prompt_ids(model, cfg.long_prompt))
     progress(f"  {model.runner.spec.name}: prompt {r['prompt_tps']:.1f} tok/s")
     return r
@@ -128,10 +133,19 @@ def to_hf_llama(model: Transformer):
 
     c = model.config
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
-        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
-        head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False,
+        vocab_size=c.vocab_size,
+        hidden_size=c.d_model,
+        intermediate_size=c.d_ff,
+        num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_seq_len,
+        rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
         attn_implementation="eager",
     )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
@@ -148,7 +162,9 @@ def to_hf_llama(model: Transformer):
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     missing = [m for m in missing if "rotary" not in m]  # buffers transformers computes itself
     if unexpected or missing:
-        raise RagtopError(f"the transformers Llama does not match the model: missing {missing}, unexpected {unexpected}")
+        raise RagtopError(
+            f"the transformers Llama does not match the model: missing {missing}, unexpected {unexpected}"
+        )
     return hf
 
 
@@ -172,9 +188,14 @@ def bench_engine(cfg: BenchConfig, progress: Callable[[str], None] | None = None
     say = progress or (lambda _: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    report: dict[str, Any] = {"checkpoint": str(cfg.checkpoint), "prompt_tokens": cfg.prompt_tokens,
-                              "new_tokens": cfg.new_tokens, "threads": torch.get_num_threads(),
-                              "runners": {}, "notes": []}
+    report: dict[str, Any] = {
+        "checkpoint": str(cfg.checkpoint),
+        "prompt_tokens": cfg.prompt_tokens,
+        "new_tokens": cfg.new_tokens,
+        "threads": torch.get_num_threads(),
+        "runners": {},
+        "notes": [],
+    }
     ckpt = load_model(cfg.checkpoint, "torch")
     report["attention"] = ckpt.runner.spec.attention
     model: Transformer = ckpt.runner.model  # type: ignore[attr-defined]
@@ -225,9 +246,17 @@ def ratios(runners: dict[str, dict[str, Any]], streams: tuple[int, ...]) -> dict
 
 def format_report(report: dict[str, Any]) -> str:
     streams = sorted({int(k) for r in report["runners"].values() for k in r.get("aggregate_tps", {})})
-    head = f"{'runner':<19} {'1-stream decode':>19}" + "".join(f" {f'{k} streams':>11}" for k in streams) + f" {'prompt tok/s':>13}"
-    lines = [f"checkpoint {report['checkpoint']} ({report['parameters']:,} parameters, {report['attention']} attention), "
-             f"prompt {report['prompt_tokens']} + {report['new_tokens']} new tokens, {report['threads']} threads; output tokens/s", head]
+    head = (
+        f"{'runner':<19} {'1-stream decode':>19}"
+        + "".join(f" {f'{k} streams':>11}" for k in streams)
+        + f" {'prompt tok/s':>13}"
+    )
+    lines = [
+        f"checkpoint {report['checkpoint']} ({report['parameters']:,} parameters, {report['attention']} attention), "
+        f"prompt {report['prompt_tokens']} + {report['new_tokens']} new tokens, {report['threads']} threads; output "
+        "tokens/s",
+        head,
+    ]
     for name, r in report["runners"].items():
         agg = r.get("aggregate_tps", {})
         cells = "".join(f" {agg[str(k)]:>11.1f}" if str(k) in agg else f" {'-':>11}" for k in streams)
@@ -260,8 +289,12 @@ def run(a: argparse.Namespace) -> int:
         streams = tuple(int(s) for s in a.streams.split(","))
     except ValueError:
         raise RagtopError(f"--streams must be comma-separated integers, got {a.streams!r}") from None
-    for name, value in (("--prompt-tokens", a.prompt_tokens), ("--new-tokens", a.new_tokens),
-                        ("--long-prompt", a.long_prompt), ("--streams", min(streams))):
+    for name, value in (
+        ("--prompt-tokens", a.prompt_tokens),
+        ("--new-tokens", a.new_tokens),
+        ("--long-prompt", a.long_prompt),
+        ("--streams", min(streams)),
+    ):
         if value < 1 or (name == "--new-tokens" and value < 2):
             raise RagtopError(f"{name} must be >= {2 if name == '--new-tokens' else 1}, got {value}")
     cfg = BenchConfig(a.checkpoint, a.onnx, a.prompt_tokens, a.new_tokens, streams, a.long_prompt, a.threads)

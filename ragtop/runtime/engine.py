@@ -14,8 +14,8 @@ server exits so that its supervisor restarts it.
 
 Threading: `add_request` and `abort_request` may be called from any thread. A lock guards
 the scheduler's state; the engine thread holds it to schedule and to sample, never while the
-model runs, so callers (the event loop) wait at most for bookkeeping, not for a forward pass. Aborts are applied at the start of the
-next step, which frees their slots.
+model runs, so callers (the event loop) wait at most for bookkeeping, not for a forward pass.
+Aborts are applied at the start of the next step, which frees their slots.
 """
 
 from __future__ import annotations
@@ -155,18 +155,29 @@ class _RequestState:
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, tokenizer: Decoder, eos_token_ids: Iterable[int] = (),
-                 config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Decoder,
+        eos_token_ids: Iterable[int] = (),
+        config: EngineConfig | None = None,
+    ) -> None:
         self.runner, self.tokenizer = runner, tokenizer
         self.config = config or EngineConfig()
         self.eos_token_ids = frozenset(eos_token_ids)
         spec = runner.spec
         sc = self.config.scheduler
-        self.cache_plan = plan_cache(spec.kv_bytes_per_token, spec.max_model_len, sc.max_batch_size,
-                                     self.config.context_limit, self.config.cache_memory_bytes)
+        self.cache_plan = plan_cache(
+            spec.kv_bytes_per_token,
+            spec.max_model_len,
+            sc.max_batch_size,
+            self.config.context_limit,
+            self.config.cache_memory_bytes,
+        )
         runner.allocate(self.cache_plan.slots, self.cache_plan.context_limit)
-        self.cache = KVCacheManager(self.cache_plan, self.config.prefix_caching,
-                                    max(PREFIX_BLOCK, spec.capacity_multiple))
+        self.cache = KVCacheManager(
+            self.cache_plan, self.config.prefix_caching, max(PREFIX_BLOCK, spec.capacity_multiple)
+        )
         self.scheduler = Scheduler(sc, self.cache)
         if self.config.speculative_tokens and not spec.dense_chunks:
             raise EngineError(self._no_speculation_reason())
@@ -199,8 +210,12 @@ class LLMEngine:
         parent = SequenceSampler(p, prompt, self.runner.spec.vocab_size, self.eos_token_ids, p.seed)
         for s in group.seqs:
             sampler = parent if s.index == 0 else parent.fork(None if p.seed is None else p.seed + s.index)
-            state.seqs[s.index] = _SeqState(sampler, IncrementalDetokenizer(self.tokenizer, prompt), StopStringMatcher(p.stop),
-                                            spec=_Speculation(gamma) if gamma else None)
+            state.seqs[s.index] = _SeqState(
+                sampler,
+                IncrementalDetokenizer(self.tokenizer, prompt),
+                StopStringMatcher(p.stop),
+                spec=_Speculation(gamma) if gamma else None,
+            )
         with self._lock:
             if request.request_id in self._groups:
                 raise EngineError(f"request id {request.request_id!r} is already running")
@@ -223,8 +238,10 @@ class LLMEngine:
         spec = self.runner.spec
         if spec.attention == "dense":
             return "self-speculative decoding needs a sparse (top-k) model: this model is dense already"
-        return (f"this {spec.name} model cannot verify drafts densely: re-export it with this ragtop "
-                "(its graph needs the attention_dense input)")
+        return (
+            f"this {spec.name} model cannot verify drafts densely: re-export it with this ragtop "
+            "(its graph needs the attention_dense input)"
+        )
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request; its slots are freed at the start of the next step."""
@@ -246,8 +263,11 @@ class LLMEngine:
             for rid in self._aborts:
                 group = self.scheduler.abort(rid)
                 if group is not None:
-                    outputs[rid] = [CompletionDelta(s.index, "", (), finish_reason="abort")
-                                    for s in group.seqs if s.finish_reason == "abort"]
+                    outputs[rid] = [
+                        CompletionDelta(s.index, "", (), finish_reason="abort")
+                        for s in group.seqs
+                        if s.finish_reason == "abort"
+                    ]
             self._aborts.clear()
             plan = self.scheduler.schedule()
         now = time.monotonic()
@@ -297,14 +317,30 @@ class LLMEngine:
             for rid in errors:
                 self.scheduler.abort(rid, "error")
                 outputs.setdefault(rid, [])
-            results = [self._request_output(rid, deltas, now, finished, errors.get(rid))
-                       for rid, deltas in outputs.items() if rid in self._groups]
+            results = [
+                self._request_output(rid, deltas, now, finished, errors.get(rid))
+                for rid, deltas in outputs.items()
+                if rid in self._groups
+            ]
             num_running, num_waiting = self.scheduler.num_running, len(self.scheduler.waiting)
         t3 = time.perf_counter()
         generated = sum(len(d.token_ids) for deltas in outputs.values() for d in deltas)
         prompt_tokens = sum(len(c.run.tokens) for c in prefill if c.kind == "plain")
-        self._emit_stats(plan, decode, prompt_tokens, t1 - t0, t2 - t1, t3 - t2, num_running, num_waiting,
-                         generated, ttfts, itls, finished, spec_counts)
+        self._emit_stats(
+            plan,
+            decode,
+            prompt_tokens,
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+            num_running,
+            num_waiting,
+            generated,
+            ttfts,
+            itls,
+            finished,
+            spec_counts,
+        )
         return results
 
     # -- self-speculative decoding ------------------------------------------------------
@@ -333,8 +369,9 @@ class LLMEngine:
         left = min(p.max_tokens - (len(seq.tokens) - seq.prompt_len), self.context_limit - len(seq.tokens))
         return max(0, min(spec.gamma, left - 1))
 
-    def _verify(self, call: _Call, logits, now: float, ttfts: list[float], itls: list[float],
-                spec_counts: list[int]) -> CompletionDelta:
+    def _verify(
+        self, call: _Call, logits, now: float, ttfts: list[float], itls: list[float], spec_counts: list[int]
+    ) -> CompletionDelta:
         """Sample from dense's logits after each position, keeping drafts while they agree:
         the tokens are exactly those of plain dense decoding (same sampler, same stops). The
         cache keeps the positions whose input tokens were accepted; drafts' traces in the
@@ -436,8 +473,14 @@ class LLMEngine:
             logprobs = (TokenLogprob(token, sampled.logprob, sampled.top),)
         return CompletionDelta(seq.index, text, (token,), logprobs, reason, st.stop_reason if reason else None)
 
-    def _request_output(self, rid: str, deltas: list[CompletionDelta], now: float,
-                        finished: list[FinishedRequestStats], error: RequestFailed | None = None) -> RequestOutput:
+    def _request_output(
+        self,
+        rid: str,
+        deltas: list[CompletionDelta],
+        now: float,
+        finished: list[FinishedRequestStats],
+        error: RequestFailed | None = None,
+    ) -> RequestOutput:
         group = self._groups[rid]
         if not group.finished:
             return RequestOutput(rid, tuple(deltas), False)
@@ -458,10 +501,22 @@ class LLMEngine:
             e2e_latency_s=now - req.arrival,
         )
 
-    def _emit_stats(self, plan: SchedulerOutput, decode: list[_Call], prompt_tokens: int, decode_s: float,
-                    prefill_s: float, sample_s: float, num_running: int, num_waiting: int, generated: int,
-                    ttfts: list[float], itls: list[float], finished: list[FinishedRequestStats],
-                    spec_counts: list[int]) -> None:
+    def _emit_stats(
+        self,
+        plan: SchedulerOutput,
+        decode: list[_Call],
+        prompt_tokens: int,
+        decode_s: float,
+        prefill_s: float,
+        sample_s: float,
+        num_running: int,
+        num_waiting: int,
+        generated: int,
+        ttfts: list[float],
+        itls: list[float],
+        finished: list[FinishedRequestStats],
+        spec_counts: list[int],
+    ) -> None:
         if not self.stats_listeners:
             return
         chunks = plan.chunks
@@ -520,8 +575,14 @@ def _merge_deltas(deltas: list[CompletionDelta]) -> CompletionDelta:
         return deltas[0]
     last = deltas[-1]
     logprobs = None if last.logprobs is None else tuple(lp for d in deltas for lp in d.logprobs or ())
-    return CompletionDelta(last.index, "".join(d.text for d in deltas), tuple(t for d in deltas for t in d.token_ids),
-                           logprobs, last.finish_reason, last.stop_reason)
+    return CompletionDelta(
+        last.index,
+        "".join(d.text for d in deltas),
+        tuple(t for d in deltas for t in d.token_ids),
+        logprobs,
+        last.finish_reason,
+        last.stop_reason,
+    )
 
 
 def _request_failure(e: BaseException, doing: str) -> RequestFailed:

@@ -24,7 +24,8 @@ class PromptTooLong(InvalidRequest):
         self.prompt_tokens, self.context_limit = prompt_tokens, context_limit
         super().__init__(
             f"prompt has {prompt_tokens} tokens but the context limit is {context_limit} "
-            f"tokens (prompt plus at least one generated token)", param="prompt"
+            f"tokens (prompt plus at least one generated token)",
+            param="prompt",
         )
 
 

@@ -12,14 +12,25 @@ from .sampling import SamplingParams
 from .scheduler import SchedulerConfig
 
 
-def generate(model_path: Path, prompt: str, params: SamplingParams, runner: RunnerKind = "auto",
-             out: TextIO | None = None, threads: int | None = None, device: str | None = None) -> str:
+def generate(
+    model_path: Path,
+    prompt: str,
+    params: SamplingParams,
+    runner: RunnerKind = "auto",
+    out: TextIO | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+) -> str:
     """Generate, writing text as it comes (and nothing else); returns the finish reason."""
     out = out or sys.stdout
     model = load_model(model_path, runner, threads=threads, device=device)
     ids = model.encode(prompt)
-    engine = model.engine(EngineConfig(SchedulerConfig(max_batch_size=1, max_tokens_per_step=512, prefill_chunk=512),
-                                       context_limit=min(model.runner.spec.max_model_len, len(ids) + params.max_tokens)))
+    engine = model.engine(
+        EngineConfig(
+            SchedulerConfig(max_batch_size=1, max_tokens_per_step=512, prefill_chunk=512),
+            context_limit=min(model.runner.spec.max_model_len, len(ids) + params.max_tokens),
+        )
+    )
     engine.add_request(Request("generate", ids, params))
     reason = "length"
     while engine.has_work():

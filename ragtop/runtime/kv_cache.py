@@ -48,8 +48,13 @@ class CachePlan:
         return self.slots * self.context_limit * self.bytes_per_token
 
 
-def plan_cache(bytes_per_token: int, max_model_len: int, max_slots: int,
-               context_limit: int | None = None, memory_bytes: int | None = None) -> CachePlan:
+def plan_cache(
+    bytes_per_token: int,
+    max_model_len: int,
+    max_slots: int,
+    context_limit: int | None = None,
+    memory_bytes: int | None = None,
+) -> CachePlan:
     """Fit `max_slots` sequences of `context_limit` tokens (default the model's) in the budget.
 
     With too little memory for even one full context, start with a smaller context rather
@@ -131,8 +136,9 @@ class KVCacheManager:
     def can_allocate(self, n: int) -> bool:
         return len(self._free) >= n
 
-    def match(self, prompt: Sequence[int], running: Iterable[tuple[int, Sequence[int]]] = (), n: int = 1,
-              dense: bool = False) -> PrefixHit | None:
+    def match(
+        self, prompt: Sequence[int], running: Iterable[tuple[int, Sequence[int]]] = (), n: int = 1, dense: bool = False
+    ) -> PrefixHit | None:
         """The longest cached prefix of `prompt`, in whole blocks, leaving >= 1 token to compute:
         among free slots' held tokens, and `running` (slot, computed tokens) pairs. `n`: the
         slots the request needs (a copy from a free slot needs one more). `dense`: only
@@ -144,8 +150,9 @@ class KVCacheManager:
             return None
         want = np.asarray(prompt[:limit], dtype=np.int64)
         best: PrefixHit | None = None
-        candidates = [(s, self.held[s], False) for s in self._free
-                      if self.held[s] is not None and self.held_dense[s] == dense]
+        candidates = [
+            (s, self.held[s], False) for s in self._free if self.held[s] is not None and self.held_dense[s] == dense
+        ]
         candidates += [(s, tokens, True) for s, tokens in running]
         for slot, tokens, copy in candidates:
             m = min(limit, len(tokens))
@@ -154,7 +161,9 @@ class KVCacheManager:
             have = np.asarray(tokens[:m], dtype=np.int64)
             diff = np.flatnonzero(want[:m] != have)
             common = (int(diff[0]) if diff.size else m) // self.prefix_block * self.prefix_block
-            if common >= self.prefix_block and (best is None or common > best.tokens or (common == best.tokens and not copy)):
+            if common >= self.prefix_block and (
+                best is None or common > best.tokens or (common == best.tokens and not copy)
+            ):
                 best = PrefixHit(common, slot, copy)
         if best is not None and not best.copy and len(self._free) > n:
             held = self.held[best.slot]
@@ -167,7 +176,9 @@ class KVCacheManager:
         lowest first, then the least recently freed; `avoid` (a copy's source) last."""
         if len(self._free) < n:
             raise EngineError(f"asked for {n} cache slots, {len(self._free)} free")
-        order = sorted(self._free, key=lambda s: (s != prefer, s == avoid, self.held[s] is not None, self._freed_at[s], s))
+        order = sorted(
+            self._free, key=lambda s: (s != prefer, s == avoid, self.held[s] is not None, self._freed_at[s], s)
+        )
         slots = order[:n]
         for s in slots:
             self._free.discard(s)
@@ -189,5 +200,11 @@ class KVCacheManager:
     def usage(self) -> CacheUsage:
         tokens = sum(self.lengths)
         p = self.plan
-        return CacheUsage(p.slots, p.slots - len(self._free), tokens, p.slots * p.context_limit,
-                          tokens * p.bytes_per_token, p.total_bytes)
+        return CacheUsage(
+            p.slots,
+            p.slots - len(self._free),
+            tokens,
+            p.slots * p.context_limit,
+            tokens * p.bytes_per_token,
+            p.total_bytes,
+        )

@@ -57,8 +57,14 @@ def detect_runner(path: Path) -> Literal["torch", "ort"]:
     raise RagtopError(f"{path} holds neither model.onnx (exported) nor model.safetensors (checkpoint)")
 
 
-def load_model(path: Path, runner: RunnerKind = "auto", threads: int | None = None,
-               onnx_file: str | None = None, use_plugin: bool = True, device: str | None = None) -> LoadedModel:
+def load_model(
+    path: Path,
+    runner: RunnerKind = "auto",
+    threads: int | None = None,
+    onnx_file: str | None = None,
+    use_plugin: bool = True,
+    device: str | None = None,
+) -> LoadedModel:
     """onnx_file: another graph of an exported folder (e.g. model.int8.onnx); use_plugin=False
     runs the standard-op function bodies even when the ragtop plugin is built; device: where a
     checkpoint runs (TorchRunner; "cuda" uses the Triton kernels of ragtop.gpu)."""
@@ -67,7 +73,9 @@ def load_model(path: Path, runner: RunnerKind = "auto", threads: int | None = No
     kind = found if runner == "auto" else runner
     if kind != found:
         want = "model.onnx (an exported folder)" if kind == "ort" else "model.safetensors (a checkpoint)"
-        raise RagtopError(f"--runner {kind} needs {want}; {path} holds {'model.onnx' if found == 'ort' else 'model.safetensors'}")
+        raise RagtopError(
+            f"--runner {kind} needs {want}; {path} holds {'model.onnx' if found == 'ort' else 'model.safetensors'}"
+        )
     if kind == "ort" and device not in (None, "cpu"):
         raise RagtopError(f"--device {device} runs checkpoints (the torch runner); {path} is an exported ONNX folder")
     if kind == "ort":
@@ -78,8 +86,10 @@ def load_model(path: Path, runner: RunnerKind = "auto", threads: int | None = No
         try:
             import torch
         except ImportError:
-            raise RagtopError(f"{path} is a checkpoint: serving it needs PyTorch (pip install 'ragtop[train]'); "
-                              f"or export it (export-model) and serve the ONNX folder, which needs no PyTorch") from None
+            raise RagtopError(
+                f"{path} is a checkpoint: serving it needs PyTorch (pip install 'ragtop[train]'); "
+                f"or export it (export-model) and serve the ONNX folder, which needs no PyTorch"
+            ) from None
 
         from .runners.torch import TorchRunner
 

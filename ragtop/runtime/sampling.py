@@ -66,29 +66,53 @@ class SamplingParams:
         finite = math.isfinite
         checks = [
             ("max_tokens", self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
-            ("temperature", finite(self.temperature) and self.temperature >= 0.0,
-             f"temperature must be >= 0 and finite, got {self.temperature}"),
+            (
+                "temperature",
+                finite(self.temperature) and self.temperature >= 0.0,
+                f"temperature must be >= 0 and finite, got {self.temperature}",
+            ),
             ("top_p", 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             ("top_k", self.top_k >= -1, f"top_k must be -1, 0 (off) or >= 1, got {self.top_k}"),
             ("min_p", 0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
-            ("repetition_penalty", finite(self.repetition_penalty) and self.repetition_penalty > 0.0,
-             f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}"),
-            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0,
-             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
-            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0,
-             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (
+                "repetition_penalty",
+                finite(self.repetition_penalty) and self.repetition_penalty > 0.0,
+                f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}",
+            ),
+            (
+                "presence_penalty",
+                -2.0 <= self.presence_penalty <= 2.0,
+                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+            ),
+            (
+                "frequency_penalty",
+                -2.0 <= self.frequency_penalty <= 2.0,
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+            ),
             ("min_tokens", self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
-            ("min_tokens", self.min_tokens <= self.max_tokens,
-             f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-             f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
+            (
+                "min_tokens",
+                self.min_tokens <= self.max_tokens,
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
+            ),
+            (
+                "logprobs",
+                self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
+            ),
             ("n", self.n >= 1, f"n must be >= 1, got {self.n}"),
-            ("seed", self.seed is None or SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1),
-             f"seed must be a signed 64-bit integer ({SEED_MIN}..{SEED_MAX}) and seed + n - 1 must be "
-             f"one too, got seed {self.seed} with n {self.n}"),
+            (
+                "seed",
+                self.seed is None or SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1),
+                f"seed must be a signed 64-bit integer ({SEED_MIN}..{SEED_MAX}) and seed + n - 1 must be "
+                f"one too, got seed {self.seed} with n {self.n}",
+            ),
             ("stop", all(s for s in self.stop), "stop strings must not be empty"),
-            ("logit_bias", all(finite(float(b)) for b in self.logit_bias.values()),
-             "logit_bias values must be finite numbers"),
+            (
+                "logit_bias",
+                all(finite(float(b)) for b in self.logit_bias.values()),
+                "logit_bias values must be finite numbers",
+            ),
         ]
         for param, ok, message in checks:
             if not ok:
@@ -113,8 +137,14 @@ def _generator(seed: int | None) -> np.random.Generator:
 class SequenceSampler:
     """Sampling state of one sequence: its generator and the token counts penalties need."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int,
-                 eos_ids: Iterable[int] = (), seed: int | None = None) -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_ids: Sequence[int],
+        vocab_size: int,
+        eos_ids: Iterable[int] = (),
+        seed: int | None = None,
+    ) -> None:
         self.params, self.vocab_size = params, vocab_size
         self.rng = _generator(seed)
         self.suppress_early = np.array(sorted({*eos_ids, *params.stop_token_ids}), dtype=np.int64)

@@ -137,7 +137,10 @@ class Scheduler:
         """Queue a request; raises PromptTooLong or QueueFull (nothing queued then)."""
         self.cache.check_prompt(len(group.prompt))
         if group.n > min(self.config.max_batch_size, self.cache.plan.slots):
-            raise InvalidRequest(f"n={group.n} exceeds the {min(self.config.max_batch_size, self.cache.plan.slots)} sequences the engine runs at once")
+            raise InvalidRequest(
+                f"n={group.n} exceeds the {min(self.config.max_batch_size, self.cache.plan.slots)} sequences the "
+                "engine runs at once"
+            )
         if self._waiting_after_admission(group) > self.config.max_waiting:
             raise QueueFull(len(self.waiting))
         self.waiting.append(group)
@@ -200,8 +203,11 @@ class Scheduler:
                 break  # FIFO: the head waits for room, nobody overtakes it
             self.waiting.popleft()
             hit = self.cache.match(g.prompt, self._computed_prefixes(g.dense_kv), g.n, g.dense_kv)
-            slots = self.cache.allocate(g.n, prefer=None if hit is None or hit.copy else hit.slot,
-                                        avoid=None if hit is None or not hit.copy else hit.slot)
+            slots = self.cache.allocate(
+                g.n,
+                prefer=None if hit is None or hit.copy else hit.slot,
+                avoid=None if hit is None or not hit.copy else hit.slot,
+            )
             for s, slot in zip(g.seqs, slots, strict=True):
                 s.slot, s.status = slot, "fork"
             first = g.seqs[0]
@@ -221,8 +227,12 @@ class Scheduler:
         """(slot, tokens whose KV is written) of every running sequence whose cache is of the
         kind asked (dense or sparse keys/values). Speculative drafts never count: they sit
         past `computed`."""
-        return ((s.slot, s.tokens[: s.computed]) for g in self.running for s in g.seqs
-                if not s.finished and s.computed > 0 and g.dense_kv == dense_kv)
+        return (
+            (s.slot, s.tokens[: s.computed])
+            for g in self.running
+            for s in g.seqs
+            if not s.finished and s.computed > 0 and g.dense_kv == dense_kv
+        )
 
     def _running_seqs(self, status: Status) -> Iterator[Sequence]:
         return (s for g in self.running for s in g.seqs if s.status == status)

@@ -39,8 +39,9 @@ class SpeculativeStats:
 
 
 @torch.no_grad()
-def speculative_greedy(dense: Transformer, draft: Transformer, prompt: Sequence[int], new_tokens: int,
-                       gamma: int = 4) -> tuple[list[int], SpeculativeStats]:
+def speculative_greedy(
+    dense: Transformer, draft: Transformer, prompt: Sequence[int], new_tokens: int, gamma: int = 4
+) -> tuple[list[int], SpeculativeStats]:
     """Dense's greedy continuation of `prompt` (`new_tokens` tokens), drafted by `draft`."""
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")

@@ -52,8 +52,12 @@ Prepare = Callable[[Callable[[str], None]], Path]
 
 def engine_config(s: ServerSettings) -> EngineConfig:
     return EngineConfig(
-        SchedulerConfig(max_batch_size=s.max_batch_size, max_tokens_per_step=s.max_tokens_per_step,
-                        prefill_chunk=s.prefill_chunk, max_waiting=s.max_waiting),
+        SchedulerConfig(
+            max_batch_size=s.max_batch_size,
+            max_tokens_per_step=s.max_tokens_per_step,
+            prefill_chunk=s.prefill_chunk,
+            max_waiting=s.max_waiting,
+        ),
         context_limit=s.context_limit,
         cache_memory_bytes=None if s.cache_memory_mb is None else s.cache_memory_mb << 20,
         prefix_caching=s.prefix_caching,
@@ -75,23 +79,36 @@ def _load(state: ServerState, prepare: Prepare | None = None) -> None:
         engine.stats_listeners.append(state.metrics.observe)
         plan = engine.cache_plan
         if plan.shrunk_from:
-            log.warning("KV-cache memory holds one sequence of %d tokens, not %d: serving with the smaller context",
-                        plan.context_limit, plan.shrunk_from)
+            log.warning(
+                "KV-cache memory holds one sequence of %d tokens, not %d: serving with the smaller context",
+                plan.context_limit,
+                plan.shrunk_from,
+            )
         state.engine = AsyncEngine(engine)
         state.engine.on_fatal.append(lambda e: state.fail(f"the engine stopped: {e}"))
         state.engine.start()
         state.serving = OpenAIServing(model, state.engine, s.model_name, engine.context_limit, s.retry_after_s)
         spec = model.runner.spec
-        log.info("serving %s as %r: runner %s, attention %s, plugin %s, context %d, %d slots, KV cache %.1f MiB",
-                 s.model, s.model_name, spec.name, spec.attention, getattr(model.runner, "plugin", "n/a"),
-                 plan.context_limit, plan.slots, plan.total_bytes / 2**20)
+        log.info(
+            "serving %s as %r: runner %s, attention %s, plugin %s, context %d, %d slots, KV cache %.1f MiB",
+            s.model,
+            s.model_name,
+            spec.name,
+            spec.attention,
+            getattr(model.runner, "plugin", "n/a"),
+            plan.context_limit,
+            plan.slots,
+            plan.total_bytes / 2**20,
+        )
         if state.status == "loading":
             state.status, state.detail = "ready", None
     except Exception as e:  # noqa: BLE001 - reported on /health and to the CLI
         state.fail(f"the model failed to load: {str(e) or type(e).__name__}")
 
 
-def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None, prepare: Prepare | None = None) -> FastAPI:
+def create_app(
+    settings: ServerSettings, metrics: ServerMetrics | None = None, prepare: Prepare | None = None
+) -> FastAPI:
     """The app; `prepare` (optional) yields the model folder in the loading thread, so the port
     is open, answering 503 `loading`, while it runs (`settings.model` is then ignored)."""
     state = ServerState(settings, metrics or ServerMetrics(settings.model_name))
@@ -107,10 +124,15 @@ def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None, p
         if state.engine is not None:
             await state.engine.shutdown()
 
-    app = FastAPI(title="ragtop", version=_version(),
-                  description="OpenAI-compatible completions over top-k sparse attention and ragged embeddings. "
-                              "Every error has the shape {\"error\": {\"message\", \"type\", \"param\", \"code\"}}.",
-                  lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="ragtop",
+        version=_version(),
+        description="OpenAI-compatible completions over top-k sparse attention and ragged embeddings. "
+        'Every error has the shape {"error": {"message", "type", "param", "code"}}.',
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.ragtop = state
     mount_docs(app)  # the pages' assets from the package, never a CDN
 
@@ -132,8 +154,11 @@ def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None, p
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
-            err = ApiError(422, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')} "
-                                f"(at character {first.get('loc', (None, '?'))[-1]})")
+            err = ApiError(
+                422,
+                f"the request body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')} "
+                f"(at character {first.get('loc', (None, '?'))[-1]})",
+            )
         else:
             loc = [str(x) for x in first.get("loc", ()) if x != "body"]
             param = ".".join(loc) or None
@@ -146,11 +171,20 @@ def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None, p
         """Starlette's own errors (unknown route, wrong method, unparseable body) in OpenAI's shape."""
         message = str(e.detail)
         if e.status_code == 400 and message == "There was an error parsing the body":
-            message = "the request body could not be parsed: it must be JSON text in UTF-8, nested at most a few hundred levels"
+            message = (
+                "the request body could not be parsed: it must be JSON text in UTF-8, "
+                "nested at most a few hundred levels"
+            )
         elif e.status_code == 404:
             message = f"no route {request.url.path}; see /docs for the API"
-        return respond(ApiError(e.status_code, message, "not_found_error" if e.status_code == 404 else "invalid_request_error",
-                                headers=getattr(e, "headers", None)))
+        return respond(
+            ApiError(
+                e.status_code,
+                message,
+                "not_found_error" if e.status_code == 404 else "invalid_request_error",
+                headers=getattr(e, "headers", None),
+            )
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
@@ -161,8 +195,9 @@ def create_app(settings: ServerSettings, metrics: ServerMetrics | None = None, p
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"], allow_headers=["*"]
+        )
     app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, state=state)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, state=state)
     return app
@@ -237,14 +272,24 @@ class ApiKeyMiddleware:
         self.expected = None if not api_key else f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] != "http" or scope.get("method") == "OPTIONS" \
-                or not scope["path"].startswith(PROTECTED_PREFIXES):
+        if (
+            self.expected is None
+            or scope["type"] != "http"
+            or scope.get("method") == "OPTIONS"
+            or not scope["path"].startswith(PROTECTED_PREFIXES)
+        ):
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or []).get(b"authorization", b"")
         if not secrets.compare_digest(given, self.expected):
             self.state.metrics.refused(401)
             what = "missing" if not given else "wrong"
-            return await _send_error(send, ApiError(401, f"{what} API key: send the header 'Authorization: Bearer <key>'",
-                                                    "authentication_error", headers={"WWW-Authenticate": "Bearer"}))
+            return await _send_error(
+                send,
+                ApiError(
+                    401,
+                    f"{what} API key: send the header 'Authorization: Bearer <key>'",
+                    "authentication_error",
+                    headers={"WWW-Authenticate": "Bearer"},
+                ),
+            )
         return await self.app(scope, receive, send)
-

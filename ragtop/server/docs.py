@@ -37,11 +37,14 @@ def mount_docs(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc")
     @app.get(docs_url, include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - Swagger UI",
-                                   oauth2_redirect_url=f"{root}{oauth2_redirect}",
-                                   swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js",
-                                   swagger_css_url=f"{root}{ASSETS_URL}/swagger-ui.css",
-                                   swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=f"{root}{oauth2_redirect}",
+            swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
+        )
 
     @app.get(oauth2_redirect, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
@@ -50,6 +53,10 @@ def mount_docs(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc")
     @app.get(redoc_url, include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        return get_redoc_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - ReDoc",
-                              redoc_js_url=f"{root}{ASSETS_URL}/redoc.standalone.js",
-                              redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png", with_google_fonts=False)
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
+            with_google_fonts=False,
+        )

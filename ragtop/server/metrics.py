@@ -31,17 +31,88 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ..runtime import IterationStats
 
 # Context-length buckets of the long-context throughput counters: (upper bound, label).
-CONTEXT_BUCKETS: tuple[tuple[float, str], ...] = ((1024, "0-1k"), (4096, "1k-4k"), (16384, "4k-16k"), (float("inf"), "16k+"))
+CONTEXT_BUCKETS: tuple[tuple[float, str], ...] = (
+    (1024, "0-1k"),
+    (4096, "1k-4k"),
+    (16384, "4k-16k"),
+    (float("inf"), "16k+"),
+)
 ATTENTION_MODES = ("dense", "topk", "topk-block")
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 # vLLM's latency buckets, plus the bounds operators alert on (e.g. 2 s TTFT).
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
-               7.5, 10.0, 20.0, 40.0, 80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
-               480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
@@ -83,7 +154,9 @@ class ServerMetrics:
 
         self.ttft = hist("time_to_first_token_seconds", "Time from arrival to the first generated token.", TTFT_BUCKETS)
         self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens of a sequence.", ITL_BUCKETS)
-        self.tpot = hist("time_per_output_token_seconds", "(e2e - ttft) / (generated tokens - 1) per request.", ITL_BUCKETS)
+        self.tpot = hist(
+            "time_per_output_token_seconds", "(e2e - ttft) / (generated tokens - 1) per request.", ITL_BUCKETS
+        )
         self.e2e = hist("e2e_request_latency_seconds", "Time from arrival to the last token.", E2E_BUCKETS)
         self.queue = hist("request_queue_time_seconds", "Time a request waited before admission.", TTFT_BUCKETS)
         self.req_prompt = hist("request_prompt_tokens", "Prompt tokens per finished request.", TOKEN_BUCKETS)
@@ -103,21 +176,42 @@ class ServerMetrics:
         self.prefix_queries = counter("prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not computed).")
         # vLLM's speculative-decoding names; acceptance rate = accepted / draft
-        self.spec_draft = counter("spec_decode_num_draft_tokens_total",
-                                  "Self-speculative decoding: tokens drafted by the sparse model and verified densely.")
-        self.spec_accepted = counter("spec_decode_num_accepted_tokens_total",
-                                     "Self-speculative decoding: drafted tokens the dense verification accepted.")
-        success = Counter("ragtop:request_success_total", "Finished requests by finish reason.",
-                          ["model_name", "finished_reason"], registry=r)
+        self.spec_draft = counter(
+            "spec_decode_num_draft_tokens_total",
+            "Self-speculative decoding: tokens drafted by the sparse model and verified densely.",
+        )
+        self.spec_accepted = counter(
+            "spec_decode_num_accepted_tokens_total",
+            "Self-speculative decoding: drafted tokens the dense verification accepted.",
+        )
+        success = Counter(
+            "ragtop:request_success_total",
+            "Finished requests by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
         self.success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
-        dtok = Counter("ragtop:decode_tokens_total", "Decoded tokens by context-length bucket and attention mode.",
-                       ["model_name", "context_bucket", "attention"], registry=r)
-        dsec = Counter("ragtop:decode_seconds_total", "Decode seconds charged to those tokens (step time / batch).",
-                       ["model_name", "context_bucket", "attention"], registry=r)
-        self.decode_tokens = {(b, a): dtok.labels(model_name, b, a) for _, b in CONTEXT_BUCKETS for a in ATTENTION_MODES}
-        self.decode_seconds = {(b, a): dsec.labels(model_name, b, a) for _, b in CONTEXT_BUCKETS for a in ATTENTION_MODES}
-        self.http_errors = Counter("ragtop:http_errors_total", "Refused requests by HTTP status.",
-                                   ["model_name", "status"], registry=r)
+        dtok = Counter(
+            "ragtop:decode_tokens_total",
+            "Decoded tokens by context-length bucket and attention mode.",
+            ["model_name", "context_bucket", "attention"],
+            registry=r,
+        )
+        dsec = Counter(
+            "ragtop:decode_seconds_total",
+            "Decode seconds charged to those tokens (step time / batch).",
+            ["model_name", "context_bucket", "attention"],
+            registry=r,
+        )
+        self.decode_tokens = {
+            (b, a): dtok.labels(model_name, b, a) for _, b in CONTEXT_BUCKETS for a in ATTENTION_MODES
+        }
+        self.decode_seconds = {
+            (b, a): dsec.labels(model_name, b, a) for _, b in CONTEXT_BUCKETS for a in ATTENTION_MODES
+        }
+        self.http_errors = Counter(
+            "ragtop:http_errors_total", "Refused requests by HTTP status.", ["model_name", "status"], registry=r
+        )
 
     def observe(self, s: IterationStats) -> None:
         """One engine step (called from the engine thread; prometheus_client is thread-safe)."""

@@ -27,7 +27,9 @@ def valid_unicode(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"text must be valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start}") from None
+        raise ValueError(
+            f"text must be valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start}"
+        ) from None
     return text
 
 
@@ -294,7 +296,7 @@ class HealthResponse(BaseModel):
 
 _ERROR_WHEN = {
     400: "a request the model cannot take (token ids outside the vocabulary, a prompt longer than the context, "
-         "a seed out of range, a chat template that refuses the messages) or a body that cannot be parsed",
+    "a seed out of range, a chat template that refuses the messages) or a body that cannot be parsed",
     401: "missing or wrong API key (when the server has one)",
     404: "no such model (or route)",
     413: "the request body is larger than the server's limit",
@@ -312,8 +314,18 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 def generation_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """A completion route: JSON, or (stream: true) Server-Sent Events ending with `data: [DONE]`."""
-    sse = {"schema": {"type": "string", "description": "`data: {chunk}` events, then `data: [DONE]`; a request "
-                                                     "that fails mid-stream sends `data: {\"error\": {...}}` first"}}
-    return {200: {"model": model, "description": "the completion (JSON), or its chunks as Server-Sent Events",
-                  "content": {"text/event-stream": sse}},
-            **error_responses(400, 401, 404, 413, 422, 429, 500, 503)}
+    sse = {
+        "schema": {
+            "type": "string",
+            "description": "`data: {chunk}` events, then `data: [DONE]`; a request "
+            'that fails mid-stream sends `data: {"error": {...}}` first',
+        }
+    }
+    return {
+        200: {
+            "model": model,
+            "description": "the completion (JSON), or its chunks as Server-Sent Events",
+            "content": {"text/event-stream": sse},
+        },
+        **error_responses(400, 401, 404, 413, 422, 429, 500, 503),
+    }

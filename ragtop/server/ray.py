@@ -225,9 +225,20 @@ class RagtopReplica:
         async def targets() -> JSONResponse:
             """Prometheus HTTP service discovery: every replica's metrics endpoint."""
             records = await asyncio.to_thread(registered_replicas, app_name)
-            return JSONResponse([{"targets": [r.target],
-                                  "labels": {"replica": r.replica, "ray_node": r.node, "application": r.app,
-                                             "__meta_ragtop_pid": str(r.pid)}} for r in records])
+            return JSONResponse(
+                [
+                    {
+                        "targets": [r.target],
+                        "labels": {
+                            "replica": r.replica,
+                            "ray_node": r.node,
+                            "application": r.app,
+                            "__meta_ragtop_pid": str(r.pid),
+                        },
+                    }
+                    for r in records
+                ]
+            )
 
         return app
 
@@ -238,14 +249,19 @@ class RagtopReplica:
         node = "127.0.0.1" if local else ray.util.get_node_ip_address()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(LabelledRegistry(metrics.registry, {"replica": self.replica}))
-        Gauge("ragtop:replicas", "Live replicas of the deployment (every replica reports it: use max()).",
-              registry=registry).set_function(_ReplicaCount(app_name))
+        Gauge(
+            "ragtop:replicas",
+            "Live replicas of the deployment (every replica reports it: use max()).",
+            registry=registry,
+        ).set_function(_ReplicaCount(app_name))
         self.metrics_server, _ = start_http_server(self.settings.replica_metrics_port, node, registry)
         port = self.metrics_server.server_address[1]
-        self.record = ReplicaRecord(app_name, self.replica, ray.get_runtime_context().get_node_id(), node, port,
-                                    os.getpid())
-        internal_kv._internal_kv_put(f"{app_name}/{self.replica}", json.dumps(self.record.__dict__),
-                                     namespace=KV_NAMESPACE)
+        self.record = ReplicaRecord(
+            app_name, self.replica, ray.get_runtime_context().get_node_id(), node, port, os.getpid()
+        )
+        internal_kv._internal_kv_put(
+            f"{app_name}/{self.replica}", json.dumps(self.record.__dict__), namespace=KV_NAMESPACE
+        )
         log.info("replica %s: metrics on http://%s:%d/metrics", self.replica, node, port)
 
     async def check_health(self) -> None:
@@ -286,8 +302,12 @@ def build(args: dict[str, Any]) -> Any:
 
 
 # -- `ragtop serve --replicas N` -----------------------------------------------------------------
-def start(settings: ServerSettings, setup: Callable[[FastAPI], None] | None = None, num_cpus: int | None = None,
-          blocking_timeout_s: float = 600.0) -> str:
+def start(
+    settings: ServerSettings,
+    setup: Callable[[FastAPI], None] | None = None,
+    num_cpus: int | None = None,
+    blocking_timeout_s: float = 600.0,
+) -> str:
     """Start (or join) Ray, start Serve's proxy on settings.host:port and deploy ragtop; returns
     the base URL once every replica is up."""
     # Ray's proxies load ragtop's OpenAI-error middleware from this variable (ray_proxy.py); a
@@ -320,8 +340,12 @@ def serve_forever(settings: ServerSettings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = deployment_options(settings)
     scale = options.get("autoscaling_config") or {"replicas": options["num_replicas"]}
-    log.info("Ray Serve: %s, %d thread(s) per replica, max_ongoing_requests %d per replica", scale,
-             replica_threads(settings), options["max_ongoing_requests"])
+    log.info(
+        "Ray Serve: %s, %d thread(s) per replica, max_ongoing_requests %d per replica",
+        scale,
+        replica_threads(settings),
+        options["max_ongoing_requests"],
+    )
     try:
         url = start(settings)
     except Exception as e:  # noqa: BLE001 - a failed deploy (e.g. the model does not load)
@@ -331,8 +355,13 @@ def serve_forever(settings: ServerSettings) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: done.set())
-    log.info("serving %s as %r on %s (OpenAI API under /v1; replica metrics: %s/metrics/targets)",
-             settings.model, settings.model_name, url, url)
+    log.info(
+        "serving %s as %r on %s (OpenAI API under /v1; replica metrics: %s/metrics/targets)",
+        settings.model,
+        settings.model_name,
+        url,
+        url,
+    )
     done.wait()
     log.info("shutting down: in-flight requests get %.0f s", settings.shutdown_grace_s)
     stop(started_ray=not settings.ray_address)

@@ -37,8 +37,13 @@ log = logging.getLogger("ragtop.server")
 
 CALLBACK = "ragtop.server.ray_proxy:proxy_middlewares"
 ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-PROXY_ERRORS = {408: "timeout_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable",
-                504: "timeout_error"}
+PROXY_ERRORS = {
+    408: "timeout_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
 RETRIED_HEADER = "x-ragtop-retried"  # on a response that a second replica gave
 REPLICA_FAILED = "the replica serving this request failed"
 
@@ -49,8 +54,16 @@ def proxy_middlewares() -> list[Middleware]:
 
 
 def error_body(status: int, message: str, type_: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_ or PROXY_ERRORS.get(status, "server_error"),
-                                 "param": None, "code": status}}).encode()
+    return json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": type_ or PROXY_ERRORS.get(status, "server_error"),
+                "param": None,
+                "code": status,
+            }
+        }
+    ).encode()
 
 
 class _Attempt:
@@ -92,9 +105,17 @@ class _Attempt:
 
 
 async def send_json(send: Send, status: int, body: bytes, headers: list | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -148,6 +169,6 @@ class OpenAIProxyErrors:
             if attempt < retries:
                 log.warning("%s %s: %s; sending it to another replica", scope.get("method"), scope["path"], reason)
                 await asyncio.sleep(0.1)
-        await send_json(send, 503, error_body(503, f"{reason}; retry shortly"),
-                        [(b"retry-after", str(self.retry_after_s).encode())])
-
+        await send_json(
+            send, 503, error_body(503, f"{reason}; retry shortly"), [(b"retry-after", str(self.retry_after_s).encode())]
+        )

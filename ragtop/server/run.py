@@ -38,10 +38,23 @@ class RagtopServer(uvicorn.Server):
     """uvicorn.Server that drains the app on a shutdown signal, exits on a server failure,
     and does not re-raise the signal afterwards (so SIGTERM ends with exit status 0)."""
 
-    def __init__(self, app: FastAPI, settings: ServerSettings, host: str, port: int,
-                 log_level: str | None = None, exit_on_failure: bool = True) -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level or settings.log_level, lifespan="on",
-                                timeout_graceful_shutdown=settings.shutdown_grace_s + CANCEL_MARGIN_S)
+    def __init__(
+        self,
+        app: FastAPI,
+        settings: ServerSettings,
+        host: str,
+        port: int,
+        log_level: str | None = None,
+        exit_on_failure: bool = True,
+    ) -> None:
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level or settings.log_level,
+            lifespan="on",
+            timeout_graceful_shutdown=settings.shutdown_grace_s + CANCEL_MARGIN_S,
+        )
         super().__init__(config)
         self.state: ServerState = app.state.ragtop
         self.grace_s = settings.shutdown_grace_s

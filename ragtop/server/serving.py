@@ -50,8 +50,14 @@ log = logging.getLogger("ragtop.server")
 class ApiError(Exception):
     """An error the client caused or must react to; becomes an OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type_, param
         self.headers = headers or {}
@@ -82,8 +88,9 @@ class _Choice:
 
 
 class OpenAIServing:
-    def __init__(self, model: LoadedModel, engine: AsyncEngine, model_name: str, context_limit: int,
-                 retry_after_s: int = 1) -> None:
+    def __init__(
+        self, model: LoadedModel, engine: AsyncEngine, model_name: str, context_limit: int, retry_after_s: int = 1
+    ) -> None:
         self.model, self.engine, self.model_name = model, engine, model_name
         self.context_limit, self.retry_after_s = context_limit, retry_after_s
         self.vocab_size = model.runner.spec.vocab_size
@@ -109,7 +116,9 @@ class OpenAIServing:
             raise ApiError(400, f"model {self.model_name!r} has no chat template; use /v1/completions")
         tok = self.model.tokenizer
         gen = self.model.generation
-        special = {k: tok.id_to_token(gen[f"{k}_id"]) for k in ("bos_token", "eos_token") if gen.get(f"{k}_id") is not None}
+        special = {
+            k: tok.id_to_token(gen[f"{k}_id"]) for k in ("bos_token", "eos_token") if gen.get(f"{k}_id") is not None
+        }
         try:
             msgs = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
         except ValueError as e:
@@ -121,7 +130,9 @@ class OpenAIServing:
 
     def encode_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         # The template writes every special token itself: no bos is added.
-        return self.model.tokenizer.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False).ids
+        return self.model.tokenizer.encode(
+            self.render_chat(messages, add_generation_prompt), add_special_tokens=False
+        ).ids
 
     # -- /tokenize, /detokenize ---------------------------------------------------------------
     def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
@@ -147,21 +158,34 @@ class OpenAIServing:
     # -- request -> engine --------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
-                           "not_found_error", "model")
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                "not_found_error",
+                "model",
+            )
 
-    def sampling_params(self, req: SamplingFields, prompt_len: int, max_tokens: int | None,
-                        logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, req: SamplingFields, prompt_len: int, max_tokens: int | None, logprobs: int | None
+    ) -> SamplingParams:
         room = self.context_limit - prompt_len
         if room < 1:
-            raise ApiError(400, f"the prompt has {prompt_len} tokens but the context limit is {self.context_limit} "
-                                f"tokens (prompt plus at least one generated token)", param="prompt")
+            raise ApiError(
+                400,
+                f"the prompt has {prompt_len} tokens but the context limit is {self.context_limit} "
+                f"tokens (prompt plus at least one generated token)",
+                param="prompt",
+            )
         if max_tokens is None:
             max_tokens = room
         elif max_tokens > room:
-            raise ApiError(400, f"this model's context limit is {self.context_limit} tokens, but {prompt_len + max_tokens} "
-                                f"were requested ({prompt_len} in the prompt, {max_tokens} for the completion); "
-                                f"lower max_tokens to {room} or less", param="max_tokens")
+            raise ApiError(
+                400,
+                f"this model's context limit is {self.context_limit} tokens, but {prompt_len + max_tokens} "
+                f"were requested ({prompt_len} in the prompt, {max_tokens} for the completion); "
+                f"lower max_tokens to {room} or less",
+                param="max_tokens",
+            )
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -181,8 +205,13 @@ class OpenAIServing:
             logit_bias=req.logit_bias or {},
         )
 
-    async def submit(self, rid: str, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
-                     speculative_tokens: int | None = None) -> list[AsyncIterator[RequestOutput]]:
+    async def submit(
+        self,
+        rid: str,
+        prompts: Sequence[list[int]],
+        params: Sequence[SamplingParams],
+        speculative_tokens: int | None = None,
+    ) -> list[AsyncIterator[RequestOutput]]:
         """Queue one engine request per prompt; all of them or none (a refusal aborts the rest).
         The engine owns the checks that need the model (token ids in the vocabulary, the
         context); its refusals become 400 / 429 / 503 here, naming the field."""
@@ -194,7 +223,9 @@ class OpenAIServing:
             for s in streams:
                 await s.aclose()  # leaving the stream aborts its request
             if isinstance(e, QueueFull):
-                raise ApiError(429, str(e), "rate_limit_error", headers={"Retry-After": str(self.retry_after_s)}) from None
+                raise ApiError(
+                    429, str(e), "rate_limit_error", headers={"Retry-After": str(self.retry_after_s)}
+                ) from None
             if isinstance(e, InvalidRequest):
                 raise ApiError(400, str(e), param=e.param) from None
             if isinstance(e, EngineDead):
@@ -202,8 +233,14 @@ class OpenAIServing:
             if isinstance(e, EngineError):
                 raise ApiError(500, str(e), "server_error") from None
             raise
-        log.info("request %s: %d prompt(s), %s prompt tokens, max_tokens %d, n %d", rid, len(prompts),
-                 "+".join(str(len(p)) for p in prompts), params[0].max_tokens, params[0].n)
+        log.info(
+            "request %s: %d prompt(s), %s prompt tokens, max_tokens %d, n %d",
+            rid,
+            len(prompts),
+            "+".join(str(len(p)) for p in prompts),
+            params[0].max_tokens,
+            params[0].n,
+        )
         return streams
 
     # -- /v1/completions ------------------------------------------------------------------------
@@ -217,31 +254,50 @@ class OpenAIServing:
             prompts = list(p)
         return [self.encode_prompt(x) for x in prompts]  # empty / out-of-vocabulary: the engine says 400
 
-    async def completions(self, req: CompletionRequest) -> tuple[str, list[list[int]], list[AsyncIterator[RequestOutput]]]:
+    async def completions(
+        self, req: CompletionRequest
+    ) -> tuple[str, list[list[int]], list[AsyncIterator[RequestOutput]]]:
         self.check_model(req.model)
         prompts = self.completion_prompts(req)
         params = [self.sampling_params(req, len(ids), req.max_tokens, req.logprobs) for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         return rid, prompts, await self.submit(rid, prompts, params, req.num_speculative_tokens)
 
-    async def completion_response(self, rid: str, prompts: list[list[int]], streams: list[AsyncIterator[RequestOutput]],
-                                  req: CompletionRequest) -> dict[str, Any]:
+    async def completion_response(
+        self, rid: str, prompts: list[list[int]], streams: list[AsyncIterator[RequestOutput]], req: CompletionRequest
+    ) -> dict[str, Any]:
         choices, usage = await _collect(streams, req.n)  # RequestFailed -> ApiError
         out = []
         for index, c in sorted(choices.items()):
             prefix = self._echo_text(req, index // req.n, prompts) if req.echo else ""
-            out.append({"index": index, "text": prefix + "".join(c.text),
-                        "logprobs": self._completion_logprobs(c.logprobs, len(prefix)) if req.logprobs is not None else None,
-                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
-                "choices": out, "usage": usage}
+            out.append(
+                {
+                    "index": index,
+                    "text": prefix + "".join(c.text),
+                    "logprobs": self._completion_logprobs(c.logprobs, len(prefix))
+                    if req.logprobs is not None
+                    else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+            )
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": out,
+            "usage": usage,
+        }
 
-    def completion_stream(self, rid: str, prompts: list[list[int]], streams: list[AsyncIterator[RequestOutput]],
-                          req: CompletionRequest) -> AsyncIterator[str]:
+    def completion_stream(
+        self, rid: str, prompts: list[list[int]], streams: list[AsyncIterator[RequestOutput]], req: CompletionRequest
+    ) -> AsyncIterator[str]:
         return _ending_cleanly(rid, self._completion_chunks(rid, prompts, streams, req))
 
-    async def _completion_chunks(self, rid: str, prompts: list[list[int]], streams: list[AsyncIterator[RequestOutput]],
-                                 req: CompletionRequest) -> AsyncIterator[str]:
+    async def _completion_chunks(
+        self, rid: str, prompts: list[list[int]], streams: list[AsyncIterator[RequestOutput]], req: CompletionRequest
+    ) -> AsyncIterator[str]:
         chunk = _chunker(rid, "text_completion", self.model_name)
 
         offsets: dict[int, int] = {}
@@ -261,8 +317,17 @@ class OpenAIServing:
                 if req.logprobs is not None and d.logprobs:
                     lp = self._completion_logprobs(d.logprobs, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + sum(len(self.token_text(t.token)) for t in d.logprobs)
-                yield chunk([{"index": index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason,
-                              "stop_reason": d.stop_reason}])
+                yield chunk(
+                    [
+                        {
+                            "index": index,
+                            "text": d.text,
+                            "logprobs": lp,
+                            "finish_reason": d.finish_reason,
+                            "stop_reason": d.stop_reason,
+                        }
+                    ]
+                )
             usage.add(out)
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], usage.body())
@@ -296,26 +361,43 @@ class OpenAIServing:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         return rid, ids, await self.submit(rid, [ids], [params], req.num_speculative_tokens)
 
-    async def chat_response(self, rid: str, streams: list[AsyncIterator[RequestOutput]],
-                            req: ChatCompletionRequest) -> dict[str, Any]:
+    async def chat_response(
+        self, rid: str, streams: list[AsyncIterator[RequestOutput]], req: ChatCompletionRequest
+    ) -> dict[str, Any]:
         choices, usage = await _collect(streams, req.n)  # RequestFailed -> ApiError
-        out = [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
+        out = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(c.text)},
                 "logprobs": {"content": self._chat_logprobs(c.logprobs)} if req.logprobs else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-               for i, c in sorted(choices.items())]
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
-                "choices": out, "usage": usage}
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for i, c in sorted(choices.items())
+        ]
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": out,
+            "usage": usage,
+        }
 
-    def chat_stream(self, rid: str, streams: list[AsyncIterator[RequestOutput]],
-                    req: ChatCompletionRequest) -> AsyncIterator[str]:
+    def chat_stream(
+        self, rid: str, streams: list[AsyncIterator[RequestOutput]], req: ChatCompletionRequest
+    ) -> AsyncIterator[str]:
         return _ending_cleanly(rid, self._chat_chunks(rid, streams, req))
 
-    async def _chat_chunks(self, rid: str, streams: list[AsyncIterator[RequestOutput]],
-                           req: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def _chat_chunks(
+        self, rid: str, streams: list[AsyncIterator[RequestOutput]], req: ChatCompletionRequest
+    ) -> AsyncIterator[str]:
         chunk = _chunker(rid, "chat.completion.chunk", self.model_name)
 
         for i in range(req.n):  # OpenAI opens each choice with the role
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            yield chunk(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            )
         usage = _UsageSum()
         async for _, out in _merge(streams):
             for d in out.deltas:
@@ -323,8 +405,17 @@ class OpenAIServing:
                     continue
                 lp = {"content": self._chat_logprobs(d.logprobs or ())} if req.logprobs else None
                 delta = {"content": d.text} if d.text else {}
-                yield chunk([{"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason,
-                              "stop_reason": d.stop_reason}])
+                yield chunk(
+                    [
+                        {
+                            "index": d.index,
+                            "delta": delta,
+                            "logprobs": lp,
+                            "finish_reason": d.finish_reason,
+                            "stop_reason": d.stop_reason,
+                        }
+                    ]
+                )
             usage.add(out)
         if req.stream_options and req.stream_options.include_usage and usage.seen:
             yield chunk([], usage.body())
@@ -436,11 +527,17 @@ class _UsageSum:
             self.seen = True
 
     def body(self) -> dict[str, Any]:
-        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
-                "total_tokens": self.prompt + self.completion, "prompt_tokens_details": {"cached_tokens": self.cached}}
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
+        }
 
 
-async def _collect(streams: Sequence[AsyncIterator[RequestOutput]], n: int) -> tuple[dict[int, _Choice], dict[str, Any]]:
+async def _collect(
+    streams: Sequence[AsyncIterator[RequestOutput]], n: int
+) -> tuple[dict[int, _Choice], dict[str, Any]]:
     choices: dict[int, _Choice] = {}
     usage = _UsageSum()
     try:

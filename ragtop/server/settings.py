@@ -20,8 +20,13 @@ from ..errors import RagtopError
 from ..runtime import MAX_SPECULATIVE_TOKENS
 
 ENV_PREFIX = "RAGTOP_"
-FLAG_GROUPS = {"ray": ("scale out on Ray Serve", "With --replicas or --max-replicas the same app runs as a Ray Serve "
-                       "deployment, one engine per replica (needs `pip install 'ragtop[ray]'`; docs/scale-out.md)")}
+FLAG_GROUPS = {
+    "ray": (
+        "scale out on Ray Serve",
+        "With --replicas or --max-replicas the same app runs as a Ray Serve "
+        "deployment, one engine per replica (needs `pip install 'ragtop[ray]'`; docs/scale-out.md)",
+    )
+}
 
 
 def setting(default: Any, help: str, *, default_text: str | None = None, **flag: Any) -> Any:
@@ -36,8 +41,11 @@ class ServerSettings:
     """Every setting: a field here, a `ragtop serve` flag (made by `add_arguments`) and a
     RAGTOP_<NAME> environment variable (read by `load`)."""
 
-    model: Path | None = setting(None, "exported folder (model.onnx) or checkpoint",
-                                   default_text="the default model, SmolLM2, prepared on first run")
+    model: Path | None = setting(
+        None,
+        "exported folder (model.onnx) or checkpoint",
+        default_text="the default model, SmolLM2, prepared on first run",
+    )
     host: str = setting("127.0.0.1", "the address to listen on")
     port: int = setting(8000, "0 picks a free port")
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize")
@@ -51,29 +59,46 @@ class ServerSettings:
     prefill_chunk: int = setting(256, "prompt tokens per sequence per step (long prompts are chunked)", minimum=1)
     context_limit: int | None = setting(None, "tokens per sequence", minimum=1, default_text="the model's")
     cache_memory_mb: int | None = setting(None, "KV-cache budget", minimum=1, default_text="a full context per slot")
-    prefix_caching: bool = setting(True, "compute every prompt in full instead of reusing cached prefixes (docs/runtime.md)")
-    speculative_tokens: int = setting(0, "self-speculative decoding of greedy requests by default: the sparse model "
-                                      "drafts this many tokens, one dense pass verifies them, output identical to "
-                                      "dense (0: off; a request's num_speculative_tokens overrides it; docs/server.md)")
+    prefix_caching: bool = setting(
+        True, "compute every prompt in full instead of reusing cached prefixes (docs/runtime.md)"
+    )
+    speculative_tokens: int = setting(
+        0,
+        "self-speculative decoding of greedy requests by default: the sparse model "
+        "drafts this many tokens, one dense pass verifies them, output identical to "
+        "dense (0: off; a request's num_speculative_tokens overrides it; docs/server.md)",
+    )
     max_body_bytes: int = setting(4 << 20, "larger request bodies get HTTP 413", minimum=1, default_text="4 MiB")
     shutdown_grace_s: float = setting(30.0, "on SIGTERM: seconds in-flight requests may take to finish")
-    cors_origins: tuple[str, ...] = setting((), "allowed CORS origin (repeatable)", flag="cors-origin", default_text="none")
+    cors_origins: tuple[str, ...] = setting(
+        (), "allowed CORS origin (repeatable)", flag="cors-origin", default_text="none"
+    )
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
     retry_after_s: int = setting(1, "the Retry-After of a 429 or a 503 while loading or draining", minimum=1)
     # -- scale out on Ray Serve (`pip install 'ragtop[ray]'`; docs/scale-out.md) ----------------
-    replicas: int | None = setting(None, "a fixed number of replicas; with this or --max-replicas `ragtop serve` runs "
-                                   "on Ray", minimum=1, group="ray")
+    replicas: int | None = setting(
+        None,
+        "a fixed number of replicas; with this or --max-replicas `ragtop serve` runs on Ray",
+        minimum=1,
+        group="ray",
+    )
     min_replicas: int | None = setting(None, "autoscaling: at least this many", group="ray", default_text="1")
     max_replicas: int | None = setting(None, "autoscaling: at most this many", minimum=1, group="ray")
-    target_ongoing_requests: float | None = setting(None, "autoscaling target: ongoing requests per replica",
-                                                    group="ray", default_text="Ray's, 2")
-    max_ongoing_requests: int | None = setting(None, "requests a replica takes at once", minimum=1, group="ray",
-                                               default_text="max-batch-size + max-waiting")
-    max_queued_requests: int | None = setting(None, "requests waiting in Ray's router when every replica is full, "
-                                              "before 429 (-1: no bound)", group="ray",
-                                              default_text="replicas x max-ongoing-requests + max-waiting")
-    ray_address: str | None = setting(None, "join this Ray cluster ('auto', ray://HOST:10001)", group="ray",
-                                      default_text="a local Ray")
+    target_ongoing_requests: float | None = setting(
+        None, "autoscaling target: ongoing requests per replica", group="ray", default_text="Ray's, 2"
+    )
+    max_ongoing_requests: int | None = setting(
+        None, "requests a replica takes at once", minimum=1, group="ray", default_text="max-batch-size + max-waiting"
+    )
+    max_queued_requests: int | None = setting(
+        None,
+        "requests waiting in Ray's router when every replica is full, before 429 (-1: no bound)",
+        group="ray",
+        default_text="replicas x max-ongoing-requests + max-waiting",
+    )
+    ray_address: str | None = setting(
+        None, "join this Ray cluster ('auto', ray://HOST:10001)", group="ray", default_text="a local Ray"
+    )
     replica_metrics_port: int = setting(0, "each replica's Prometheus port (0: a free one)", group="ray")
 
     def __post_init__(self) -> None:
@@ -83,7 +108,9 @@ class ServerSettings:
             if getattr(self, name) < 1:
                 raise RagtopError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
-            raise RagtopError(f"speculative_tokens must be in 0..{MAX_SPECULATIVE_TOKENS} (0: off), got {self.speculative_tokens}")
+            raise RagtopError(
+                f"speculative_tokens must be in 0..{MAX_SPECULATIVE_TOKENS} (0: off), got {self.speculative_tokens}"
+            )
         if self.runner not in ("auto", "ort", "torch"):
             raise RagtopError(f"runner must be auto, ort or torch, got {self.runner!r}")
         self._check_scale_out()
@@ -94,13 +121,20 @@ class ServerSettings:
         return self.replicas is not None or self.max_replicas is not None
 
     def _check_scale_out(self) -> None:
-        for name, least in (("replicas", 1), ("min_replicas", 0), ("max_replicas", 1), ("max_ongoing_requests", 1),
-                            ("max_queued_requests", 1)):
+        for name, least in (
+            ("replicas", 1),
+            ("min_replicas", 0),
+            ("max_replicas", 1),
+            ("max_ongoing_requests", 1),
+            ("max_queued_requests", 1),
+        ):
             value = getattr(self, name)
             if value is not None and value < least and not (name == "max_queued_requests" and value == -1):
                 raise RagtopError(f"{name} must be >= {least}, got {value}")
         if self.replicas is not None and (self.min_replicas is not None or self.max_replicas is not None):
-            raise RagtopError("give either replicas (a fixed count) or min_replicas/max_replicas (autoscaling), not both")
+            raise RagtopError(
+                "give either replicas (a fixed count) or min_replicas/max_replicas (autoscaling), not both"
+            )
         if self.min_replicas is not None and self.max_replicas is None:
             raise RagtopError("min_replicas needs max_replicas (autoscaling between the two)")
         if self.max_replicas is not None and (self.min_replicas or 0) > self.max_replicas:
@@ -117,7 +151,9 @@ class ServerSettings:
         return self.model.resolve().name if self.model else "ragtop"
 
     @classmethod
-    def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> ServerSettings:
+    def load(
+        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> ServerSettings:
         """Defaults <- RAGTOP_* environment <- overrides (flags given; None means not given)."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -160,7 +196,6 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
         return raw
     except ValueError:
         raise RagtopError(f"environment variable {name}={raw!r} is not a valid {kind.split(' ')[0]}") from None
-
 
 
 # -- the `ragtop serve` flags, one per field ----------------------------------------------------

@@ -44,8 +44,12 @@ class ServerState:
             return self.serving
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         if self.status == "draining":
-            raise ApiError(503, "the server is shutting down; retry on another replica or later",
-                           "service_unavailable", headers=retry)
+            raise ApiError(
+                503,
+                "the server is shutting down; retry on another replica or later",
+                "service_unavailable",
+                headers=retry,
+            )
         if self.status == "failed":
             raise ApiError(503, self.error or "the server failed", "service_unavailable")
         doing = f" ({self.detail})" if self.detail else ""
@@ -74,8 +78,9 @@ class ServerState:
             engine = self.engine
 
             def expire() -> None:
-                n = engine.fail_all(f"the server shut down before this request finished (grace period "
-                                    f"{grace_s:g} s); retry it", 503)
+                n = engine.fail_all(
+                    f"the server shut down before this request finished (grace period {grace_s:g} s); retry it", 503
+                )
                 if n:
                     log.warning("shutdown grace period of %g s expired: ended %d open request(s) with 503", grace_s, n)
 

@@ -65,10 +65,18 @@ def run_attention_study(
     if block is not None and topks:
         k = sorted(topks)[len(topks) // 2]
         arms[f"topk{k}-block{block[0]}x{block[1]}"] = base.with_attention(
-            AttentionConfig("topk", topk=k, block_size=block[0], block_budget=block[1]))
+            AttentionConfig("topk", topk=k, block_size=block[0], block_budget=block[1])
+        )
     corpus = data.corpus(corpus_tokens)  # default: the full training split
-    report: dict = {"study": "attention", "setup": {"name": setup, **s}, "budget": {**asdict(budget), "tokens": budget.tokens},
-                    "seeds": list(seeds), "score_tokens": score_tokens, "corpus_tokens": len(corpus), "arms": {}}
+    report: dict = {
+        "study": "attention",
+        "setup": {"name": setup, **s},
+        "budget": {**asdict(budget), "tokens": budget.tokens},
+        "seeds": list(seeds),
+        "score_tokens": score_tokens,
+        "corpus_tokens": len(corpus),
+        "arms": {},
+    }
     dense_states = {}
     for name, cfg in arms.items():
         runs = []
@@ -81,13 +89,20 @@ def run_attention_study(
         report["arms"][name] = _arm(cfg, runs)
         log(_line(name, report["arms"][name]))
         if name == "dense":  # the dense models with top-k swapped in, no retraining
-            for k in (topks if drop_in is None else drop_in):
-                report["arms"][f"dense->topk{k}"] = _drop_in(base, k, dense_states, data.heldout_stream, corpus,
-                                                             budget.context, score_tokens)
+            for k in topks if drop_in is None else drop_in:
+                report["arms"][f"dense->topk{k}"] = _drop_in(
+                    base, k, dense_states, data.heldout_stream, corpus, budget.context, score_tokens
+                )
                 log(_line(f"dense->topk{k}", report["arms"][f"dense->topk{k}"]))
         if checkpoint is not None:
-            checkpoint({**report, "seconds": round(time.perf_counter() - t_start, 1), "complete": False,
-                        "params_match": len({a["params"]["total"] for a in report["arms"].values()}) == 1})
+            checkpoint(
+                {
+                    **report,
+                    "seconds": round(time.perf_counter() - t_start, 1),
+                    "complete": False,
+                    "params_match": len({a["params"]["total"] for a in report["arms"].values()}) == 1,
+                }
+            )
     totals = {a["params"]["total"] for a in report["arms"].values()}
     report["params_match"] = len(totals) == 1
     report["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -102,20 +117,33 @@ def _drop_in(base: ModelConfig, k: int, states: dict, heldout, corpus, context: 
         m = build_model(cfg, None, seed)
         m.load_state_dict(state)
         with torch.no_grad():
-            runs.append({"seed": seed, "heldout_loss": stream_loss(m, heldout, context, score_tokens),
-                         "train_loss": stream_loss(m, corpus, context, score_tokens),
-                         "params": m.parameter_counts(), "seconds": 0.0})
+            runs.append(
+                {
+                    "seed": seed,
+                    "heldout_loss": stream_loss(m, heldout, context, score_tokens),
+                    "train_loss": stream_loss(m, corpus, context, score_tokens),
+                    "params": m.parameter_counts(),
+                    "seconds": 0.0,
+                }
+            )
     return _arm(cfg, runs)
 
 
 def _arm(cfg: ModelConfig, runs: list[dict]) -> dict:
     held = summarize([r["heldout_loss"] for r in runs])
-    return {"attention": cfg.attention.__dict__, "params": runs[0]["params"], "heldout_loss": held,
-            "heldout_ppl": summarize([math.exp(r["heldout_loss"]) for r in runs]),
-            "train_loss": summarize([r["train_loss"] for r in runs]),
-            "seconds": sum(r["seconds"] for r in runs), "runs": runs}
+    return {
+        "attention": cfg.attention.__dict__,
+        "params": runs[0]["params"],
+        "heldout_loss": held,
+        "heldout_ppl": summarize([math.exp(r["heldout_loss"]) for r in runs]),
+        "train_loss": summarize([r["train_loss"] for r in runs]),
+        "seconds": sum(r["seconds"] for r in runs),
+        "runs": runs,
+    }
 
 
 def _line(name: str, a: dict) -> str:
-    return (f"{name:<22} params={a['params']['total']:>7} held-out loss {a['heldout_loss']['mean']:.4f}"
-            f"±{a['heldout_loss']['std']:.4f} ppl {a['heldout_ppl']['mean']:.2f} ({a['seconds']:.0f}s)")
+    return (
+        f"{name:<22} params={a['params']['total']:>7} held-out loss {a['heldout_loss']['mean']:.4f}"
+        f"±{a['heldout_loss']['std']:.4f} ppl {a['heldout_ppl']['mean']:.2f} ({a['seconds']:.0f}s)"
+    )

@@ -50,7 +50,9 @@ def _budget(a):
     from .runs import Budget
 
     if min(a.steps, a.batch_size, a.context) < 1:
-        raise RagtopError(f"--steps, --batch-size and --context must be >= 1, got {a.steps}, {a.batch_size}, {a.context}")
+        raise RagtopError(
+            f"--steps, --batch-size and --context must be >= 1, got {a.steps}, {a.batch_size}, {a.context}"
+        )
     return Budget(steps=a.steps, batch_size=a.batch_size, context=a.context, lr=a.lr, warmup=min(20, a.steps))
 
 
@@ -63,8 +65,13 @@ def add_study(sub) -> None:
 
     e = ss.add_parser("embeddings", help="standard vs tiered embeddings over corpus sizes, matched parameters")
     e.add_argument("--setups", nargs="+", default=["v100-d64", "v200-d128"], help=f"{' | '.join(SETUPS)}")
-    e.add_argument("--sizes", type=_size, nargs="+", default=[1000, 5000, 20000, 50000, 1000000, None],
-                   help="training corpus sizes in tokens, or 'full' (default 1K 5K 20K 50K 1M full)")
+    e.add_argument(
+        "--sizes",
+        type=_size,
+        nargs="+",
+        default=[1000, 5000, 20000, 50000, 1000000, None],
+        help="training corpus sizes in tokens, or 'full' (default 1K 5K 20K 50K 1M full)",
+    )
     e.add_argument("--score-tokens", type=int, default=16384, help="held-out (and training) tokens scored")
     _budget_args(e, 300, 16, 64)
     e.set_defaults(func=run_embeddings)
@@ -72,8 +79,13 @@ def add_study(sub) -> None:
     t = ss.add_parser("attention", help="dense vs top-k attention quality at matched parameters")
     t.add_argument("--setup", default="v512-d64", help=f"{' | '.join(ATTENTION_SETUPS)}")
     t.add_argument("--topk", type=int, nargs="+", default=[4, 16, 32], help="k of the trained top-k arms")
-    t.add_argument("--drop-in-topk", type=int, nargs="*", default=None,
-                   help="k values to swap into the dense models without retraining (default: --topk)")
+    t.add_argument(
+        "--drop-in-topk",
+        type=int,
+        nargs="*",
+        default=None,
+        help="k values to swap into the dense models without retraining (default: --topk)",
+    )
     t.add_argument("--score-tokens", type=int, default=16384)
     _budget_args(t, 300, 16, 128)
     t.set_defaults(func=run_attention)
@@ -87,8 +99,13 @@ def add_study(sub) -> None:
 def add_analyze(sub) -> None:
     p = sub.add_parser("analyze", help="attention FLOPs, bytes and memory: theory, measured, and the summary's claims")
     p.add_argument("--time", action="store_true", help="also time torch attention (prefill and decode)")
-    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768],
-                   help="decode contexts for the speedup-vs-context measurement")
+    p.add_argument(
+        "--contexts",
+        type=int,
+        nargs="+",
+        default=[1024, 2048, 4096, 8192, 16384, 32768],
+        help="decode contexts for the speedup-vs-context measurement",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="JSON report path (default: print tables only)")
@@ -101,8 +118,9 @@ def run_embeddings(a) -> int:
     from .embeddings import run_embedding_study
 
     torch.set_num_threads(a.threads)
-    report = run_embedding_study(_data_dir(a), a.setups, a.sizes, a.seeds, _budget(a), a.score_tokens,
-                                 checkpoint=lambda r: _write(r, a.out))
+    report = run_embedding_study(
+        _data_dir(a), a.setups, a.sizes, a.seeds, _budget(a), a.score_tokens, checkpoint=lambda r: _write(r, a.out)
+    )
     _write(report, a.out)
     return 0
 
@@ -113,9 +131,16 @@ def run_attention(a) -> int:
     from .attention import run_attention_study
 
     torch.set_num_threads(a.threads)
-    report = run_attention_study(_data_dir(a), a.setup, a.topk, a.seeds, _budget(a), a.score_tokens,
-                                 drop_in=a.drop_in_topk,
-                                 checkpoint=lambda r: _write(r, a.out))
+    report = run_attention_study(
+        _data_dir(a),
+        a.setup,
+        a.topk,
+        a.seeds,
+        _budget(a),
+        a.score_tokens,
+        drop_in=a.drop_in_topk,
+        checkpoint=lambda r: _write(r, a.out),
+    )
     _write(report, a.out)
     return 0
 

@@ -33,8 +33,9 @@ def small_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, UNK], limit_alphabet=alphabet,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS, UNK], limit_alphabet=alphabet, show_progress=False
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 

@@ -69,8 +69,15 @@ DEFAULT_SIZES: tuple[int | None, ...] = (*SUMMARY_SIZES, 1_000_000, None)
 
 
 def base_config(s: EmbeddingSetup, context: int) -> ModelConfig:
-    return ModelConfig(vocab_size=s.vocab_size, d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads,
-                       n_kv_heads=s.n_heads, d_ff=s.d_ff, max_seq_len=context)
+    return ModelConfig(
+        vocab_size=s.vocab_size,
+        d_model=s.d_model,
+        n_layers=s.n_layers,
+        n_heads=s.n_heads,
+        n_kv_heads=s.n_heads,
+        d_ff=s.d_ff,
+        max_seq_len=context,
+    )
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
@@ -97,8 +104,11 @@ def arm_configs(s: EmbeddingSetup, plan: TierPlan, context: int) -> dict[str, Mo
 
 
 def summarize(values: Sequence[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def run_embedding_study(
@@ -115,9 +125,15 @@ def run_embedding_study(
 ) -> dict:
     """Run every setup x corpus size x arm x seed; `checkpoint(report)` after each corpus size."""
     t_start = time.perf_counter()
-    report: dict = {"study": "embeddings", "budget": {**asdict(budget), "tokens": budget.tokens},
-                    "seeds": list(seeds), "score_tokens": score_tokens, "mass_cuts": list(mass_cuts),
-                    "width_factors": list(width_factors), "setups": {}}
+    report: dict = {
+        "study": "embeddings",
+        "budget": {**asdict(budget), "tokens": budget.tokens},
+        "seeds": list(seeds),
+        "score_tokens": score_tokens,
+        "mass_cuts": list(mass_cuts),
+        "width_factors": list(width_factors),
+        "setups": {},
+    }
     for name in setups:
         if name not in SETUPS:
             raise RagtopError(f"unknown setup {name!r}: choose from {', '.join(SETUPS)}")
@@ -129,13 +145,26 @@ def run_embedding_study(
             corpus = data.corpus(size)
             plan = plan_tiers(token_counts([corpus], s.vocab_size), s.d_model, mass_cuts, width_factors)
             cfgs = arm_configs(s, plan, budget.context)
-            row = {"corpus_tokens": len(corpus), "full_corpus": size is None,
-                   "distinct_tokens_seen": int(np.count_nonzero(np.bincount(corpus, minlength=s.vocab_size))),
-                   "tiers": {"sizes": list(plan.sizes), "widths": list(plan.widths), "mass": list(plan.mass)},
-                   "arms": {}}
+            row = {
+                "corpus_tokens": len(corpus),
+                "full_corpus": size is None,
+                "distinct_tokens_seen": int(np.count_nonzero(np.bincount(corpus, minlength=s.vocab_size))),
+                "tiers": {"sizes": list(plan.sizes), "widths": list(plan.widths), "mass": list(plan.mass)},
+                "arms": {},
+            }
             for arm, cfg in cfgs.items():
-                runs = [train_and_score(cfg, None if arm == "standard" else plan, corpus, data.heldout_stream,
-                                        budget, seed, score_tokens) for seed in seeds]
+                runs = [
+                    train_and_score(
+                        cfg,
+                        None if arm == "standard" else plan,
+                        corpus,
+                        data.heldout_stream,
+                        budget,
+                        seed,
+                        score_tokens,
+                    )
+                    for seed in seeds
+                ]
                 for r in runs:
                     r.pop("state_dict")
                 row["arms"][arm] = {
@@ -149,9 +178,11 @@ def run_embedding_study(
                     "runs": runs,
                 }
                 a = row["arms"][arm]
-                log(f"{name} corpus={len(corpus):>9} {arm:<18} params={a['params']['total']:>7} "
+                log(
+                    f"{name} corpus={len(corpus):>9} {arm:<18} params={a['params']['total']:>7} "
                     f"held-out {a['heldout_loss']['mean']:.4f}±{a['heldout_loss']['std']:.4f} "
-                    f"train {a['train_loss']['mean']:.4f}±{a['train_loss']['std']:.4f} ({a['seconds']:.0f}s)")
+                    f"train {a['train_loss']['mean']:.4f}±{a['train_loss']['std']:.4f} ({a['seconds']:.0f}s)"
+                )
             rows.append(row)
             report["setups"][name] = {"setup": asdict(s), "heldout_tokens": len(data.heldout_stream), "rows": rows}
             report["seconds"] = round(time.perf_counter() - t_start, 1)

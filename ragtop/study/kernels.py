@@ -39,13 +39,15 @@ def block_summaries(k: Tensor, block: int) -> tuple[Tensor, Tensor]:
     return kb.amin(2), kb.amax(2)
 
 
-def block_topk_decode(q: Tensor, k: Tensor, v: Tensor, kmin: Tensor, kmax: Tensor, block: int, budget: int,
-                      topk: int) -> Tensor:
+def block_topk_decode(
+    q: Tensor, k: Tensor, v: Tensor, kmin: Tensor, kmax: Tensor, block: int, budget: int, topk: int
+) -> Tensor:
     H, L, Dh = k.shape
     nb = kmin.shape[1]
     own = nb - 1  # the query is the newest token: its block is the last one
-    bound = (torch.einsum("hd,hbd->hb", q.clamp(min=0), kmax[:, :own])
-             + torch.einsum("hd,hbd->hb", q.clamp(max=0), kmin[:, :own]))  # [H, nb-1]
+    bound = torch.einsum("hd,hbd->hb", q.clamp(min=0), kmax[:, :own]) + torch.einsum(
+        "hd,hbd->hb", q.clamp(max=0), kmin[:, :own]
+    )  # [H, nb-1]
     n = min(budget, own)
     chosen = bound.topk(n, dim=-1).indices if n else bound.new_zeros(H, 0, dtype=torch.long)
     chosen = torch.cat([chosen, torch.full((H, 1), own, dtype=torch.long)], 1)  # [H, n+1]

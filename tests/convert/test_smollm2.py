@@ -14,7 +14,11 @@ from ragtop.model import KVCache
 
 pytestmark = pytest.mark.smollm2
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):\n    return", "In 1787, the Constitution of the United States"]
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    return",
+    "In 1787, the Constitution of the United States",
+]
 MIXED = [
     "Hello, world! It's 2024: 3.14159 x 10^6 = 3141590.",
     "Ünïcödé — naïve café; 中文字符 😀 emoji\n\n  tabs\tand   spaces",
@@ -58,7 +62,8 @@ def test_greedy_chat_answer_names_paris(smollm2):
     gen = smollm2.generation
     tok = Tokenizer.from_str(smollm2.tokenizer_json)
     prompt = jinja2.Template(gen["chat_template"]).render(
-        messages=[{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
+        messages=[{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+    )
     ids = torch.tensor([tok.encode(prompt).ids])
     cache = KVCache.allocate(model.config, 1, ids.shape[1] + 24)
     logits, answer = model(ids, cache=cache, last_only=True), []

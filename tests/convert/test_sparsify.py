@@ -49,7 +49,10 @@ def test_bad_tier_specs(spec, message):
         parse_tiers(spec)
 
 
-@pytest.mark.parametrize("spec,message", [("16:8,16:4", "does not cover"), ("80:8,*:4", "does not cover"), ("16:48,*:4", "exceeds the model width")])
+@pytest.mark.parametrize(
+    "spec,message",
+    [("16:8,16:4", "does not cover"), ("80:8,*:4", "does not cover"), ("16:48,*:4", "exceeds the model width")],
+)
 def test_tiers_that_do_not_fit(spec, message):
     with pytest.raises(RagtopError, match=message):
         parse_tiers(spec).resolve(64, 24)
@@ -126,8 +129,31 @@ def test_cli_convert_sinks_window_dense_layers(tmp_path, capsys):
     tok = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(64)}, unk_token="<0>"))
     src = save_checkpoint(tmp_path / "dense", model(), tok.to_str())
     out = tmp_path / "sparse"
-    assert main(["convert", str(src), "--out", str(out), "--attention", "topk", "--topk", "8", "--block-size", "4",
-                 "--block-budget", "2", "--sink-tokens", "4", "--local-window", "16", "--dense-layers", "1"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(src),
+                "--out",
+                str(out),
+                "--attention",
+                "topk",
+                "--topk",
+                "8",
+                "--block-size",
+                "4",
+                "--block-budget",
+                "2",
+                "--sink-tokens",
+                "4",
+                "--local-window",
+                "16",
+                "--dense-layers",
+                "1",
+            ]
+        )
+        == 0
+    )
     a = load_checkpoint(out).config.attention
     assert (a.topk, a.block_size, a.block_budget, a.sink_tokens, a.local_window, a.dense_layers) == (8, 4, 2, 4, 16, 1)
     assert main(["convert", str(src), "--out", str(out), "--local-window", "16"]) == 2

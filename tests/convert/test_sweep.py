@@ -19,19 +19,36 @@ def letter_model(tmp_path, n_layers: int):
     tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     cfg = ModelConfig(vocab_size=28, d_model=16, n_layers=n_layers, n_heads=2, n_kv_heads=1, d_ff=24, max_seq_len=64)
-    return load_checkpoint(save_checkpoint(tmp_path / "c", Transformer(cfg), tok.to_str(),
-                                           generation={"document_separator_id": 27}))
+    return load_checkpoint(
+        save_checkpoint(tmp_path / "c", Transformer(cfg), tok.to_str(), generation={"document_separator_id": 27})
+    )
 
 
 def test_sweep_rows_and_table(tmp_path):
     ckpt = letter_model(tmp_path, n_layers=1)
     docs = [("one", "the quick brown fox jumps over the lazy dog " * 2), ("two", "a short one")]
     variants = default_variants(topks=(4, 64), tier_specs=("8:16,*:4",), combined=((4, "8:16,*:4"),))
-    assert [v.name for v in variants] == ["dense", "top-4", "dense + ragged 8:16,*:4", "top-4 + ragged 8:16,*:4", "top-64"]
+    assert [v.name for v in variants] == [
+        "dense",
+        "top-4",
+        "dense + ragged 8:16,*:4",
+        "top-4 + ragged 8:16,*:4",
+        "top-64",
+    ]
     counts = np.arange(28)[::-1].copy()
     out = tmp_path / "rows.jsonl"
-    rows = run_sweep(ckpt, variants, docs, counts, long_tokens=40, long_passages=2, short_tokens=8,
-                     short_passages=2, out=out, log=lambda s: None)
+    rows = run_sweep(
+        ckpt,
+        variants,
+        docs,
+        counts,
+        long_tokens=40,
+        long_passages=2,
+        short_tokens=8,
+        short_passages=2,
+        out=out,
+        log=lambda s: None,
+    )
     assert [json.loads(line)["variant"] for line in out.read_text().splitlines()] == [v.name for v in variants]
     dense, top64 = rows[0], rows[-1]
     assert dense["long"]["tokens"] == 40 and dense["short"]["tokens"] == 16  # "two" is too short for the long set
@@ -41,7 +58,13 @@ def test_sweep_rows_and_table(tmp_path):
     assert rows[2]["embedding_params"] == 8 * 8 + 16 * 8 + 20 * 4 + 16 * 4  # width 16 capped at 8 rows
     table = markdown_table(rows).splitlines()
     assert table[2].startswith("| dense | ") and "+0.00%" in table[2]
-    assert [line.split(" | ")[0] for line in table[2:]] == ["| dense", "| top-4", "| top-64", "| dense + ragged 8:16,*:4", "| top-4 + ragged 8:16,*:4"]
+    assert [line.split(" | ")[0] for line in table[2:]] == [
+        "| dense",
+        "| top-4",
+        "| top-64",
+        "| dense + ragged 8:16,*:4",
+        "| top-4 + ragged 8:16,*:4",
+    ]
 
 
 def test_parse_setting_and_kv_read():
@@ -75,15 +98,24 @@ def test_calibration_rows_and_table(tmp_path):
     from ragtop.convert.sweep import calibration_table, parse_setting, run_calibration
 
     ckpt = letter_model(tmp_path, n_layers=2)
-    docs = [("one", "the quick brown fox jumps over the lazy dog " * 2), ("two", "pack my box with five dozen liquor jugs " * 2)]
+    docs = [
+        ("one", "the quick brown fox jumps over the lazy dog " * 2),
+        ("two", "pack my box with five dozen liquor jugs " * 2),
+    ]
     settings = [None, parse_setting("k=2,bs=4,budget=1,sink=2,window=4"), parse_setting("k=all,bs=4,budget=16")]
     out = tmp_path / "rows.jsonl"
     rows = run_calibration(ckpt, settings, docs, lengths=(16, 40), passages=2, out=out, log=lambda s: None)
-    assert [json.loads(line)["setting"] for line in out.read_text().splitlines()] == ["dense", "k2 bs4x1 sink2 win4", "all bs4x16"]
+    assert [json.loads(line)["setting"] for line in out.read_text().splitlines()] == [
+        "dense",
+        "k2 bs4x1 sink2 win4",
+        "all bs4x16",
+    ]
     dense, sparse, everything = rows
     assert dense["lengths"]["40"]["tokens"] == 80 and dense["lengths"]["40"]["kv_read"] == 1.0
     assert sparse["lengths"]["40"]["kv_read"] < 1.0
-    assert abs(everything["lengths"]["40"]["perplexity"] / dense["lengths"]["40"]["perplexity"] - 1) < 1e-5  # budget covers all
+    assert (
+        abs(everything["lengths"]["40"]["perplexity"] / dense["lengths"]["40"]["perplexity"] - 1) < 1e-5
+    )  # budget covers all
     assert sparse["lengths"]["40"]["perplexity"] != dense["lengths"]["40"]["perplexity"]
     table = calibration_table(rows).splitlines()
     assert table[0].startswith("| setting | 16: ppl | Δ ppl | KV read | 40: ppl")

@@ -27,8 +27,12 @@ def make_checkpoint(tmp_path_factory, tokenizer_json):
     def make(attention: str, embedding: str) -> Path:
         if (attention, embedding) not in made:
             out = tmp_path_factory.mktemp(f"ckpt-{attention}-{embedding}")
-            save_checkpoint(out, tiny_model(attention, embedding), tokenizer_json=tokenizer_json,
-                            generation={"bos_token_id": 0, "eos_token_id": 0})
+            save_checkpoint(
+                out,
+                tiny_model(attention, embedding),
+                tokenizer_json=tokenizer_json,
+                generation={"bos_token_id": 0, "eos_token_id": 0},
+            )
             made[attention, embedding] = out
         return made[attention, embedding]
 

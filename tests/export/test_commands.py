@@ -19,16 +19,27 @@ def full_export(make_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "out"
     text = tmp_path_factory.mktemp("text") / "heldout.txt"
     text.write_text("the people of the union ask what the congress can do for the state " * 20)
-    rc = export_model_main([str(ckpt), str(out), "--ort-format", "--quantize", "int8", "--eval-text", str(text),
-                            "--eval-tokens", "200"])
+    rc = export_model_main(
+        [str(ckpt), str(out), "--ort-format", "--quantize", "int8", "--eval-text", str(text), "--eval-tokens", "200"]
+    )
     return rc, ckpt, out
 
 
 def test_folder_layout_and_metadata(full_export):
     rc, ckpt, out = full_export
     assert rc == 0
-    for name in ("model.onnx", "config.json", "generation_config.json", "tokenizer.json", "tiers.json",
-                 "genai_config.json", "export_report.json", "model.ort", "required_operators.config", "model.int8.onnx"):
+    for name in (
+        "model.onnx",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tiers.json",
+        "genai_config.json",
+        "export_report.json",
+        "model.ort",
+        "required_operators.config",
+        "model.int8.onnx",
+    ):
         assert (out / name).is_file(), name
     assert (out / "tokenizer.json").read_text() == (ckpt / "tokenizer.json").read_text()
     g = json.loads((out / "genai_config.json").read_text())
@@ -37,9 +48,18 @@ def test_folder_layout_and_metadata(full_export):
     assert dec["inputs"]["past_key_min_names"] % 1 == "past_key_values.1.key_min"
     assert dec["outputs"]["present_value_names"] % 0 == "present.0.value"
     r = g["ragtop"]
-    assert r["attention"] | {"scale": 0} == {"mode": "block", "kind": "topk", "topk": 3, "block_size": 4,
-                                             "block_budget": 2, "sink_tokens": 0, "local_window": 0, "dense_layers": 0,
-                                             "scale": 0, "rope_theta": 10000.0}
+    assert r["attention"] | {"scale": 0} == {
+        "mode": "block",
+        "kind": "topk",
+        "topk": 3,
+        "block_size": 4,
+        "block_budget": 2,
+        "sink_tokens": 0,
+        "local_window": 0,
+        "dense_layers": 0,
+        "scale": 0,
+        "rope_theta": 10000.0,
+    }
     assert r["kv_cache"]["capacity_multiple"] == 4 and r["kv_cache"]["share_past_and_present"]
     assert r["embedding"]["num_tiers"] == 2 and r["custom_ops"]["ops"] == ["TopKAttention", "RaggedEmbedding"]
     # every input/output named in genai_config exists in the graph
@@ -91,8 +111,24 @@ def test_plugin_ort(full_export, tmp_path):
 def test_standard_ops_fp16_and_opset(make_checkpoint, tmp_path, capsys):
     ckpt = make_checkpoint("topk", "uniform")
     out = tmp_path / "std"
-    assert main(["export", str(ckpt), str(out), "--ops", "standard", "--dtype", "fp16", "--opset", "20",
-                 "--max-context", "48"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(ckpt),
+                str(out),
+                "--ops",
+                "standard",
+                "--dtype",
+                "fp16",
+                "--opset",
+                "20",
+                "--max-context",
+                "48",
+            ]
+        )
+        == 0
+    )
     assert "32/32 match" in capsys.readouterr().out
     g = json.loads((out / "genai_config.json").read_text())
     assert g["ragtop"]["custom_ops"] is None and g["model"]["context_length"] == 48
@@ -114,7 +150,10 @@ def test_standard_ops_fp16_and_opset(make_checkpoint, tmp_path, capsys):
         (["{ckpt}", "{out}", "--weights", "int8", "--quantize", "int8"], "does not combine with --weights int8"),
         (["{ckpt}", "{out}", "--weights", "fp16", "--dtype", "fp32"], "--weights fp16 computes in fp16"),
         (["{ckpt}", "{out}", "--rtol", "-1"], "--rtol must be >= 0"),
-        (["{ckpt}", "{out}", "--plugin-library", "{missing}", "--ort-format", "--no-validate"], "plugin library not found"),
+        (
+            ["{ckpt}", "{out}", "--plugin-library", "{missing}", "--ort-format", "--no-validate"],
+            "plugin library not found",
+        ),
     ],
 )
 def test_bad_input_is_one_line(make_checkpoint, tmp_path, capsys, args, message):
@@ -127,8 +166,14 @@ def test_bad_input_is_one_line(make_checkpoint, tmp_path, capsys, args, message)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    paths = {"missing": tmp_path / "nope", "corrupt": corrupt, "out": tmp_path / "out", "existing": existing,
-             "foreign": foreign, "ckpt": make_checkpoint("dense", "uniform")}
+    paths = {
+        "missing": tmp_path / "nope",
+        "corrupt": corrupt,
+        "out": tmp_path / "out",
+        "existing": existing,
+        "foreign": foreign,
+        "ckpt": make_checkpoint("dense", "uniform"),
+    }
     assert export_model_main([a.format(**paths) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("ragtop: error:")

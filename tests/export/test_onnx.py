@@ -49,7 +49,9 @@ def test_export_matches_pytorch(exported, attention, embedding, ops_mode):
         assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
     else:
         functions_by_key = {(f.domain, f.name) for f in proto.functions}
-        assert {n.op_type for n in custom} == {ops.TOPK_ATTENTION} | ({ops.RAGGED_EMBEDDING} if embedding == "ragged" else set())
+        assert {n.op_type for n in custom} == {ops.TOPK_ATTENTION} | (
+            {ops.RAGGED_EMBEDDING} if embedding == "ragged" else set()
+        )
         assert all((n.domain, n.op_type) in functions_by_key for n in custom)
         assert sum(n.op_type == ops.TOPK_ATTENTION for n in custom) == model.config.n_layers
     names = [i.name for i in proto.graph.input]
@@ -138,8 +140,7 @@ def test_external_data(exported, tmp_path):
     save_model(onnx.load(str(path)), out, force_external=True)
     stored = onnx.load(str(out), load_external_data=False).graph.initializer
     external = [t for t in stored if t.data_location == onnx.TensorProto.EXTERNAL]
-    assert external and (tmp_path / "model.onnx.data").stat().st_size >= sum(
-        np.prod(t.dims) * 4 for t in external)
+    assert external and (tmp_path / "model.onnx.data").stat().st_size >= sum(np.prod(t.dims) * 4 for t in external)
     runner = SharedCacheRunner(session(out), spec, batch=1, capacity=8)
     with torch.no_grad():
         want = model(torch.tensor([[1, 2, 3]]))[:, -1:]

@@ -28,11 +28,27 @@ def matmul_nbits(q: QBlocks, k: int, level: int = 0) -> ort.InferenceSession:
     inits = [numpy_helper.from_array(q.packed_codes(), "B"), numpy_helper.from_array(q.scales, "scales")]
     if q.zero_points is not None:
         inits.append(numpy_helper.from_array(q.packed_zero_points(), "zp"))
-    node = helper.make_node("MatMulNBits", ["A"] + [i.name for i in inits], ["Y"], domain="com.microsoft",
-                            K=k, N=n, bits=q.bits, block_size=BLOCK, accuracy_level=level)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    node = helper.make_node(
+        "MatMulNBits",
+        ["A"] + [i.name for i in inits],
+        ["Y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=q.bits,
+        block_size=BLOCK,
+        accuracy_level=level,
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -90,8 +106,14 @@ def test_plan_and_reference():
 def nbits_nodes(path) -> list[tuple[int, int]]:
     """(bits, accuracy_level) of every MatMulNBits node."""
     m = onnx.load(str(path))
-    return [(next(a.i for a in n.attribute if a.name == "bits"), next(a.i for a in n.attribute if a.name == "accuracy_level"))
-            for n in m.graph.node if n.op_type == "MatMulNBits"]
+    return [
+        (
+            next(a.i for a in n.attribute if a.name == "bits"),
+            next(a.i for a in n.attribute if a.name == "accuracy_level"),
+        )
+        for n in m.graph.node
+        if n.op_type == "MatMulNBits"
+    ]
 
 
 @pytest.mark.parametrize("variant", [("dense", "uniform"), ("block", "ragged")])
@@ -113,7 +135,9 @@ def test_quantized_export_validates(make_checkpoint, tmp_path, capsys, variant, 
     eight_bit = matrices if weights == "int8" else (variant[1] == "uniform")  # the head is 8-bit in int4
     assert sorted(nbits_nodes(out / "model.onnx")) == [(4, 0)] * (matrices + eight_bit)
     m = onnx.load(str(out / "model.onnx"))
-    floats = [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and min(i.dims) > 1]
+    floats = [
+        i for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and min(i.dims) > 1
+    ]
     left = [i.name for i in floats if not i.name.endswith(("_mins", "_scales")) and not i.name.startswith("rope_")]
     assert not left or variant[1] == "ragged", left  # the ragged embedding's tables and projections stay float
     from ragtop.export.onnx import weight_bytes

@@ -20,8 +20,9 @@ ATTENTION = {
     "topk": AttentionConfig("topk", topk=3),
     "block": AttentionConfig("topk", topk=3, block_size=4, block_budget=2),
     # sinks, a local window, a dense first layer and every key of the chosen blocks (Quest)
-    "block-sinks": AttentionConfig("topk", topk=12, block_size=4, block_budget=2, sink_tokens=2, local_window=3,
-                                   dense_layers=1),
+    "block-sinks": AttentionConfig(
+        "topk", topk=12, block_size=4, block_budget=2, sink_tokens=2, local_window=3, dense_layers=1
+    ),
     "topk-sinks": AttentionConfig("topk", topk=2, sink_tokens=1, local_window=2, dense_layers=1),
 }
 EMBEDDING = {
@@ -29,8 +30,15 @@ EMBEDDING = {
     "ragged": EmbeddingConfig("ragged", (24, 72), (16, 4)),
 }
 # every attention mode with both embeddings, except block selection (tested with ragged)
-VARIANTS = [("dense", "uniform"), ("topk", "uniform"), ("dense", "ragged"), ("topk", "ragged"), ("block", "ragged"),
-            ("block-sinks", "uniform"), ("topk-sinks", "uniform")]
+VARIANTS = [
+    ("dense", "uniform"),
+    ("topk", "uniform"),
+    ("dense", "ragged"),
+    ("topk", "ragged"),
+    ("block", "ragged"),
+    ("block-sinks", "uniform"),
+    ("topk-sinks", "uniform"),
+]
 
 
 CYCLE = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))[:24].tolist()
@@ -38,8 +46,17 @@ PROMPT = CYCLE[:5]  # a prompt on the learnt cycle: greedy decoding walks it
 
 
 def tiny_config(attention: str, embedding: str) -> ModelConfig:
-    return ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=64,
-                       attention=ATTENTION[attention], embedding=EMBEDDING[embedding])
+    return ModelConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=48,
+        max_seq_len=64,
+        attention=ATTENTION[attention],
+        embedding=EMBEDDING[embedding],
+    )
 
 
 def tiny_model(attention: str, embedding: str, seed: int = 0, steps: int = 40) -> Transformer:

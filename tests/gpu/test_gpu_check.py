@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow  # ~25 s in the interpreter; the kernels themselves are tested by the other modules
 def test_gpu_check_script_runs(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
-    r = subprocess.run(["sh", str(ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        ["sh", str(ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["correctness"] and all(c["ok"] for c in report["correctness"])

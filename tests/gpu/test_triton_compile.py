@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'ragtop[test]')")
 
-COMPILE = r'''
+COMPILE = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -39,7 +39,7 @@ for G, G_P2, DH in ((3, 4, 64), (1, 2, 32)):  # SmolLM2's shape, the small prese
     build(K._block_decode_kernel, G=G, TOPK=256, BUDGET=16, BS=64, SINK=4, WINDOW=64, DH=DH, DH_P2=DH, BS_P2=64,
           NB_P2=2048, SEL_P2=32, CAND_P2=2048, SINK_P2=4, WIN_P2=64)
 build(K._ragged_embedding_kernel, W=288, W_CHUNK=128, BLOCK_D=32)
-'''
+"""
 
 
 def test_kernels_compile_for_sm90(tmp_path):

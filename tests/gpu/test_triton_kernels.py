@@ -15,8 +15,16 @@ from .conftest import DEVICE  # noqa: E402
 
 
 def attention(H, Hkv, Dh, L, **attn) -> TopKAttention:
-    cfg = ModelConfig(vocab_size=8, d_model=H * Dh, n_layers=1, n_heads=H, n_kv_heads=Hkv, d_ff=8,
-                      max_seq_len=L, attention=AttentionConfig(kind="topk", **attn))
+    cfg = ModelConfig(
+        vocab_size=8,
+        d_model=H * Dh,
+        n_layers=1,
+        n_heads=H,
+        n_kv_heads=Hkv,
+        d_ff=8,
+        max_seq_len=L,
+        attention=AttentionConfig(kind="topk", **attn),
+    )
     return TopKAttention(cfg).to(DEVICE)
 
 
@@ -40,9 +48,20 @@ def run_both(attn: TopKAttention, q, k, v, pos, kernel_attn: TopKAttention | Non
     configuration (`kernel_attn`) than the reference."""
     a = kernel_attn or attn
     kmin, kmax = summaries(k, a.block_size)
-    out = block_topk_decode(q[:, :, 0], k, v, kmin, kmax, pos, topk=a.topk, block_size=a.block_size,
-                            block_budget=a.block_budget, scale=a.scale, sink_tokens=a.sink_tokens,
-                            local_window=a.local_window)
+    out = block_topk_decode(
+        q[:, :, 0],
+        k,
+        v,
+        kmin,
+        kmax,
+        pos,
+        topk=a.topk,
+        block_size=a.block_size,
+        block_budget=a.block_budget,
+        scale=a.scale,
+        sink_tokens=a.sink_tokens,
+        local_window=a.local_window,
+    )
     return out, attn.attend(q, k, v, decode_context(pos, k.shape[2]))[:, :, 0]
 
 
@@ -95,7 +114,10 @@ def test_summary_update_is_exact_after_chunked_writes_and_garbage():
     torch.manual_seed(3)
     B, Hkv, Dh, L, bs = 2, 2, 8, 40, 6
     k = torch.zeros(B, Hkv, L, Dh, device=DEVICE)
-    kmin, kmax = torch.zeros(B, Hkv, -(-L // bs), Dh, device=DEVICE), torch.zeros(B, Hkv, -(-L // bs), Dh, device=DEVICE)
+    kmin, kmax = (
+        torch.zeros(B, Hkv, -(-L // bs), Dh, device=DEVICE),
+        torch.zeros(B, Hkv, -(-L // bs), Dh, device=DEVICE),
+    )
     ref = attention(2, Hkv, Dh, L, topk=4, block_size=bs, block_budget=2)
     length = torch.tensor([0, 3], device=DEVICE)
     for S, garbage in ((13, False), (1, False), (1, False), (5, True), (1, False), (7, False)):
@@ -113,8 +135,16 @@ def test_summary_update_is_exact_after_chunked_writes_and_garbage():
 
 def test_ragged_embedding_matches_reference():
     torch.manual_seed(4)
-    cfg = ModelConfig(vocab_size=50, d_model=40, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=8, max_seq_len=8,
-                      embedding=EmbeddingConfig(kind="ragged", tier_sizes=(10, 15, 25), tier_widths=(40, 20, 9)))
+    cfg = ModelConfig(
+        vocab_size=50,
+        d_model=40,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=8,
+        max_seq_len=8,
+        embedding=EmbeddingConfig(kind="ragged", tier_sizes=(10, 15, 25), tier_widths=(40, 20, 9)),
+    )
     emb = RaggedEmbedding(cfg)
     perm = torch.randperm(50).tolist()
     emb.set_tiers([perm[:10], perm[10:25], perm[25:]])  # tiers follow no id order
@@ -123,8 +153,13 @@ def test_ragged_embedding_matches_reference():
     out = ragged_embedding(ids, emb.tier_of, emb.row_of, list(emb.tables), [p.weight for p in emb.projs])
     torch.testing.assert_close(out, emb(ids), rtol=1e-5, atol=1e-6)
     with pytest.raises(IndexError, match="token id 50 is out of range for a vocabulary of 50"):
-        ragged_embedding(torch.tensor([[1, 50]], device=DEVICE), emb.tier_of, emb.row_of, list(emb.tables),
-                         [p.weight for p in emb.projs])
+        ragged_embedding(
+            torch.tensor([[1, 50]], device=DEVICE),
+            emb.tier_of,
+            emb.row_of,
+            list(emb.tables),
+            [p.weight for p in emb.projs],
+        )
 
 
 def test_bad_layouts_are_named():
@@ -134,9 +169,18 @@ def test_bad_layouts_are_named():
         update_block_summaries(k, kmin, kmin, torch.zeros(1, dtype=torch.long, device=DEVICE), 1, 4)
     q = torch.zeros(1, 3, 4, device=DEVICE)
     with pytest.raises(ValueError, match="3 query heads do not group over 2 KV heads"):
-        block_topk_decode(q, torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 2, 4),
-                          torch.zeros(1, 2, 2, 4), torch.zeros(1, dtype=torch.long), topk=2, block_size=4,
-                          block_budget=1, scale=0.5)
+        block_topk_decode(
+            q,
+            torch.zeros(1, 2, 8, 4),
+            torch.zeros(1, 2, 8, 4),
+            torch.zeros(1, 2, 2, 4),
+            torch.zeros(1, 2, 2, 4),
+            torch.zeros(1, dtype=torch.long),
+            topk=2,
+            block_size=4,
+            block_budget=1,
+            scale=0.5,
+        )
 
 
 @pytest.mark.gpu
@@ -157,9 +201,18 @@ def test_too_many_candidates_is_refused_with_its_reason():
     k = torch.zeros(1, 1, 32768, 4, device=DEVICE)
     kmin = torch.zeros(1, 1, 512, 4, device=DEVICE)
     with pytest.raises(ValueError, match="block_budget 300 x block_size 64 gives more than 16384 candidate keys"):
-        block_topk_decode(torch.zeros(1, 1, 4, device=DEVICE), k, k, kmin, kmin,
-                          torch.zeros(1, dtype=torch.long, device=DEVICE), topk=8, block_size=64, block_budget=300,
-                          scale=0.5)
+        block_topk_decode(
+            torch.zeros(1, 1, 4, device=DEVICE),
+            k,
+            k,
+            kmin,
+            kmin,
+            torch.zeros(1, dtype=torch.long, device=DEVICE),
+            topk=8,
+            block_size=64,
+            block_budget=300,
+            scale=0.5,
+        )
 
 
 def test_layer_runs_the_reference_for_a_budget_too_large_for_one_program():
@@ -168,12 +221,23 @@ def test_layer_runs_the_reference_for_a_budget_too_large_for_one_program():
     torch.manual_seed(6)
     L = 32768  # (300 + 1) blocks of 64 candidates > MAX_CANDIDATES
     ref = attention(2, 1, 4, L, topk=4, block_size=64, block_budget=300)
-    layer = TritonBlockTopKAttention(ModelConfig(
-        vocab_size=8, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=8, max_seq_len=L,
-        attention=AttentionConfig(kind="topk", topk=4, block_size=64, block_budget=300))).to(DEVICE)
+    layer = TritonBlockTopKAttention(
+        ModelConfig(
+            vocab_size=8,
+            d_model=8,
+            n_layers=1,
+            n_heads=2,
+            n_kv_heads=1,
+            d_ff=8,
+            max_seq_len=L,
+            attention=AttentionConfig(kind="topk", topk=4, block_size=64, block_budget=300),
+        )
+    ).to(DEVICE)
     layer.allocate_summaries(1, L, layer.q_proj.weight)
     layer.rows = slice(0, 1)
     q, k, v = torch.randn(1, 2, 1, 4), torch.randn(1, 1, L, 4), torch.randn(1, 1, L, 4)
     pos = torch.tensor([20000])
     q, k, v, pos = (t.to(DEVICE) for t in (q, k, v, pos))
-    torch.testing.assert_close(layer.attend(q, k, v, decode_context(pos, L)), ref.attend(q, k, v, decode_context(pos, L)))
+    torch.testing.assert_close(
+        layer.attend(q, k, v, decode_context(pos, L)), ref.attend(q, k, v, decode_context(pos, L))
+    )

@@ -22,10 +22,17 @@ from .conftest import DEVICE  # noqa: E402
 
 def tiny_model(embedding: EmbeddingConfig) -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=64,
-                      attention=AttentionConfig(kind="topk", topk=5, block_size=4, block_budget=2, sink_tokens=1,
-                                                local_window=2),
-                      embedding=embedding)
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        n_kv_heads=1,
+        d_ff=32,
+        max_seq_len=64,
+        attention=AttentionConfig(kind="topk", topk=5, block_size=4, block_budget=2, sink_tokens=1, local_window=2),
+        embedding=embedding,
+    )
     model = Transformer(cfg).eval()
     with torch.no_grad():  # sharper attention than the init's, so block choices matter
         for p in model.parameters():
@@ -33,9 +40,11 @@ def tiny_model(embedding: EmbeddingConfig) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize("embedding", [EmbeddingConfig(),
-                                       EmbeddingConfig(kind="ragged", tier_sizes=(16, 48), tier_widths=(16, 8))],
-                         ids=["uniform", "ragged"])
+@pytest.mark.parametrize(
+    "embedding",
+    [EmbeddingConfig(), EmbeddingConfig(kind="ragged", tier_sizes=(16, 48), tier_widths=(16, 8))],
+    ids=["uniform", "ragged"],
+)
 def test_runner_with_triton_matches_reference(embedding):
     model = tiny_model(embedding)
     ref = TorchRunner(copy.deepcopy(model), device=DEVICE, triton=False)

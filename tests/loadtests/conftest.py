@@ -20,9 +20,9 @@ from starlette.routing import Route
 
 @dataclass
 class Script:
-    ttft: float = 0.05          # seconds before the first token
-    itl: float = 0.01           # seconds between tokens
-    capacity: int = 1000        # requests in flight before 429
+    ttft: float = 0.05  # seconds before the first token
+    itl: float = 0.01  # seconds between tokens
+    capacity: int = 1000  # requests in flight before 429
     empty_first_chunk: bool = True
     in_flight: int = 0
     bodies: list = field(default_factory=list)
@@ -46,14 +46,18 @@ def make_app(script: Script) -> Starlette:
             "# TYPE ragtop:decode_seconds_total counter\n"
             f'ragtop:decode_seconds_total{{context_bucket="0-1k",attention="dense"}} {script.decode_seconds}\n'
             "# TYPE ragtop:generation_tokens_total counter\n"
-            f"ragtop:generation_tokens_total {script.decode_tokens}\n")
+            f"ragtop:generation_tokens_total {script.decode_tokens}\n"
+        )
 
     async def completions(request: Request):
         body = await request.json()
         script.bodies.append(body)
         if script.in_flight >= script.capacity:
-            return JSONResponse({"error": {"message": "the waiting queue is full", "type": "rate_limit", "param": None,
-                                           "code": 429}}, status_code=429, headers={"Retry-After": "1"})
+            return JSONResponse(
+                {"error": {"message": "the waiting queue is full", "type": "rate_limit", "param": None, "code": 429}},
+                status_code=429,
+                headers={"Retry-After": "1"},
+            )
         script.in_flight += 1
         n = body["max_tokens"]
 
@@ -69,16 +73,27 @@ def make_app(script: Script) -> Starlette:
                     yield "data: " + json.dumps({"choices": [{"index": 0, "text": f" t{i}"}]}) + "\n\n"
                 script.decode_tokens += n - 1
                 script.decode_seconds += time.perf_counter() - t
-                yield "data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": len(body["prompt"]),
-                                                                      "completion_tokens": n}}) + "\n\n"
+                yield (
+                    "data: "
+                    + json.dumps(
+                        {"choices": [], "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": n}}
+                    )
+                    + "\n\n"
+                )
                 yield "data: [DONE]\n\n"
             finally:
                 script.in_flight -= 1
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    return Starlette(routes=[Route("/v1/models", models), Route("/tokenize", tokenize, methods=["POST"]),
-                             Route("/metrics", metrics), Route("/v1/completions", completions, methods=["POST"])])
+    return Starlette(
+        routes=[
+            Route("/v1/models", models),
+            Route("/tokenize", tokenize, methods=["POST"]),
+            Route("/metrics", metrics),
+            Route("/v1/completions", completions, methods=["POST"]),
+        ]
+    )
 
 
 @dataclass

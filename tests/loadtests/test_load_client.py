@@ -17,8 +17,11 @@ def run(cfg):
 
 def test_timings_match_the_servers_script(fake_server):
     fake_server.script.ttft, fake_server.script.itl = 0.10, 0.02
-    doc = run(LoadConfig(url=fake_server.url, num_requests=4, input_len=12, output_len=6, max_concurrency=2,
-                         progress=False, warmup=0))
+    doc = run(
+        LoadConfig(
+            url=fake_server.url, num_requests=4, input_len=12, output_len=6, max_concurrency=2, progress=False, warmup=0
+        )
+    )
     assert validate(doc) == []
     s = doc["summary"]
     assert s["completed"] == 4 and s["failed"] == 0 and s["total_output_tokens"] == 24
@@ -57,8 +60,11 @@ def test_poisson_run_sends_on_schedule(fake_server):
     fake_server.script.ttft, fake_server.script.itl = 0.0, 0.0
     from loadtests.workload import arrival_times
 
-    doc = run(LoadConfig(url=fake_server.url, num_requests=6, output_len=2, request_rate=20.0, seed=5,
-                         progress=False, warmup=0))
+    doc = run(
+        LoadConfig(
+            url=fake_server.url, num_requests=6, output_len=2, request_rate=20.0, seed=5, progress=False, warmup=0
+        )
+    )
     want = arrival_times(6, 20.0, seed=5)
     got = sorted(r["sent"] for r in doc["requests"])
     assert got == pytest.approx(want, abs=0.05)
@@ -68,8 +74,25 @@ def test_poisson_run_sends_on_schedule(fake_server):
 def test_cli_run_writes_json_and_summary(fake_server, tmp_path, capsys):
     fake_server.script.ttft, fake_server.script.itl = 0.01, 0.0
     out = tmp_path / "r.json"
-    rc = main(["run", "--url", fake_server.url, "--num-requests", "3", "--input-len", "5", "--output-len", "3",
-               "--goodput", "ttft:5000", "tpot:5000", "--no-progress", "--json", str(out)])
+    rc = main(
+        [
+            "run",
+            "--url",
+            fake_server.url,
+            "--num-requests",
+            "3",
+            "--input-len",
+            "5",
+            "--output-len",
+            "3",
+            "--goodput",
+            "ttft:5000",
+            "tpot:5000",
+            "--no-progress",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     doc = json.loads(out.read_text())
     assert validate(doc) == [] and doc["summary"]["good_requests"] == 3

@@ -23,10 +23,18 @@ def tiny_export(tmp_path_factory) -> Path:
 
 
 def test_run_against_ragtop_serve(tiny_export, tmp_path):
-    with ServerProcess(tiny_export, ["--threads", "1", "--max-batch-size", "2", "--log-level", "warning"],
-                       log_path=tmp_path / "serve.log") as server:
-        doc = asyncio.run(run_load(LoadConfig(url=server.url, num_requests=4, input_len=40, output_len=6,
-                                              max_concurrency=2, progress=False)))
+    with ServerProcess(
+        tiny_export,
+        ["--threads", "1", "--max-batch-size", "2", "--log-level", "warning"],
+        log_path=tmp_path / "serve.log",
+    ) as server:
+        doc = asyncio.run(
+            run_load(
+                LoadConfig(
+                    url=server.url, num_requests=4, input_len=40, output_len=6, max_concurrency=2, progress=False
+                )
+            )
+        )
         assert server.peak_rss() > 10 * 2**20
     assert validate(doc) == []
     s = doc["summary"]
@@ -44,8 +52,9 @@ def test_run_against_ragtop_serve(tiny_export, tmp_path):
 def test_burst_meets_429_from_ragtop_serve(tiny_export, tmp_path):
     args = ["--threads", "1", "--max-batch-size", "1", "--max-waiting", "1", "--log-level", "warning"]
     with ServerProcess(tiny_export, args, log_path=tmp_path / "serve.log") as server:
-        doc = asyncio.run(run_load(LoadConfig(url=server.url, num_requests=8, input_len=40, output_len=30,
-                                              progress=False)))
+        doc = asyncio.run(
+            run_load(LoadConfig(url=server.url, num_requests=8, input_len=40, output_len=30, progress=False))
+        )
     s = doc["summary"]
     assert s["rejected_429"] >= 1 and s["completed"] >= 2 and s["completed"] + s["rejected_429"] == 8
     assert all(r["retry_after"] for r in doc["requests"] if r["status"] == 429)
@@ -67,6 +76,20 @@ def test_quick_sweeps_and_report(tmp_path):
     assert all(r["speedup_vs_dense"] for r in ctx["rows"] if r["ok"])
     assert conc["first_429_clients"] is not None  # the quick burst overflows 2 running + 2 waiting
     md = tmp_path / "benchmarks.md"
-    assert main(["report", "--context", str(work / "quick-context.json"), "--concurrency",
-                 str(work / "quick-concurrency.json"), "--out", str(md), "--plots", str(tmp_path / "p")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--context",
+                str(work / "quick-context.json"),
+                "--concurrency",
+                str(work / "quick-concurrency.json"),
+                "--out",
+                str(md),
+                "--plots",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
     assert "| 96 | top-k block selection (plugin) |" in md.read_text()

@@ -41,16 +41,18 @@ def test_per_request_latencies():
 
 
 def test_summary_throughput_percentiles_and_failures():
-    rs = [req(0, 0.0, [0.1, 0.2, 0.3]),            # ttft .1, e2e .3, tpot .1
-          req(1, 0.5, [0.9, 1.1, 1.3, 1.5]),       # ttft .4, e2e 1.0, tpot .2
-          req(2, 1.0, [1.2, 1.5], tokens=2),       # ttft .2, e2e .5, tpot .3
-          req(3, 1.2, [], ok=False, status=429)]
+    rs = [
+        req(0, 0.0, [0.1, 0.2, 0.3]),  # ttft .1, e2e .3, tpot .1
+        req(1, 0.5, [0.9, 1.1, 1.3, 1.5]),  # ttft .4, e2e 1.0, tpot .2
+        req(2, 1.0, [1.2, 1.5], tokens=2),  # ttft .2, e2e .5, tpot .3
+        req(3, 1.2, [], ok=False, status=429),
+    ]
     s = summarize(rs, percentiles=(50, 99))
     assert s["requests"] == 4 and s["completed"] == 3 and s["failed"] == 1
     assert s["failed_by_status"] == {"429": 1} and s["rejected_429"] == 1
-    assert s["duration_s"] == pytest.approx(1.5)           # first send 0.0 -> last end 1.5
+    assert s["duration_s"] == pytest.approx(1.5)  # first send 0.0 -> last end 1.5
     assert s["total_output_tokens"] == 3 + 4 + 2
-    assert s["total_prompt_tokens"] == 30                   # failed requests do not count
+    assert s["total_prompt_tokens"] == 30  # failed requests do not count
     assert s["request_throughput"] == pytest.approx(3 / 1.5)
     assert s["output_throughput"] == pytest.approx(9 / 1.5)
     assert s["total_token_throughput"] == pytest.approx(39 / 1.5)

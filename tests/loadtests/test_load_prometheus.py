@@ -17,8 +17,19 @@ def test_promql_rate_agrees_with_two_scrapes(fake_server, tmp_path):
     prom = PrometheusServer.maybe_start(fake_server.url, tmp_path / "prom", required=True)
     try:
         # the warm-up's tokens must stay out of the window: settle_s lets a scrape land after it
-        doc = asyncio.run(run_load(LoadConfig(url=fake_server.url, num_requests=3, output_len=40, max_concurrency=1,
-                                              progress=False, warmup=1, settle_s=2.0)))
+        doc = asyncio.run(
+            run_load(
+                LoadConfig(
+                    url=fake_server.url,
+                    num_requests=3,
+                    output_len=40,
+                    max_concurrency=1,
+                    progress=False,
+                    warmup=1,
+                    settle_s=2.0,
+                )
+            )
+        )
         got = prom.decode_rate(since=doc["started_at"] - 1.0)
     finally:
         prom.stop()

@@ -20,7 +20,7 @@ def test_bytes_per_token_by_mode():
     assert b["selector"] == n * 2 * (L // 32) * s and b["kv"] == n * (17 * 32 * s + 256 * s)
     assert b["total"] == b["weights"] + b["kv"] + b["selector"] and b["weights"] == 27_000_000
     short = bandwidth.bytes_per_token(FACTS, "topk-block", 40, topk=256, block_size=32, block_budget=16)
-    assert short["kv"] == n * (40 * s + 40 * s)     # fewer keys than the budget: all of them
+    assert short["kv"] == n * (40 * s + 40 * s)  # fewer keys than the budget: all of them
     assert bandwidth.bytes_per_token(FACTS, "fallback", 100, capacity=500)["kv"] == n * 500 * 2 * s
     with pytest.raises(ValueError):
         bandwidth.bytes_per_token(FACTS, "topk-block", L, topk=8)
@@ -42,7 +42,9 @@ def scrape(tokens, seconds, at):
         "# TYPE ragtop:generation_tokens_total counter\n"
         f"ragtop:generation_tokens_total {sum(tokens)}\n"
         "# TYPE ragtop:peak_resident_memory_bytes gauge\n"
-        "ragtop:peak_resident_memory_bytes 123.0\n", at=at)
+        "ragtop:peak_resident_memory_bytes 123.0\n",
+        at=at,
+    )
 
 
 def test_rate_from_two_scrapes_is_the_promql_ratio():
@@ -58,51 +60,140 @@ def test_rate_from_two_scrapes_is_the_promql_ratio():
 
 
 def fake_summary():
-    r = RequestResult(0, 10, 4, sent=0.0, ok=True, status=200, first_token=0.1, chunk_times=[0.1, 0.2, 0.3, 0.4],
-                      done=0.4, output_tokens=4)
+    r = RequestResult(
+        0,
+        10,
+        4,
+        sent=0.0,
+        ok=True,
+        status=200,
+        first_token=0.1,
+        chunk_times=[0.1, 0.2, 0.3, 0.4],
+        done=0.4,
+        output_tokens=4,
+    )
     return summarize([r])
 
 
 def context_doc():
     rows = []
     for L in (1024, 8192, 32768):
-        for mode, tps in (("dense", 10.0), ("topk", 12.0), ("topk-block", 30.0 if L < 32768 else 45.0),
-                          ("fallback", 5.0), ("transformers", 6.0), ("stock-ort", 7.0)):
+        for mode, tps in (
+            ("dense", 10.0),
+            ("topk", 12.0),
+            ("topk-block", 30.0 if L < 32768 else 45.0),
+            ("fallback", 5.0),
+            ("transformers", 6.0),
+            ("stock-ort", 7.0),
+        ):
             peer = mode in ("transformers", "stock-ort")
             split = bandwidth.bytes_per_token(FACTS, "dense" if peer else mode, L, 256, 32, 16, L + 80)
-            rows.append({"model": "small", "mode": mode, "context": L, "new_tokens": 64, "ok": True, "error": None,
-                         "decode_tokens_per_s": tps, "ttft_s": L / 1000, "peak_rss_bytes": 600e6,
-                         "speedup_vs_dense": tps / 10.0, "bytes_per_token": split["total"],
-                         "bytes_per_token_split": split, "bandwidth_bound_pct": 12.5,
-                         "server_decode_tokens_per_s": None if peer else tps * 1.03,
-                         "server_vs_client": None if peer else 1.03, "peer": peer,
-                         "kv_cache_total_bytes": None if peer else 400e6})
-    rows.append({"model": "small", "mode": "fallback", "context": 65536, "new_tokens": 64, "ok": False,
-                 "error": "RuntimeError: out of memory", "decode_tokens_per_s": None, "ttft_s": None,
-                 "peak_rss_bytes": None, "speedup_vs_dense": None, "bytes_per_token": None,
-                 "bandwidth_bound_pct": None, "server_decode_tokens_per_s": None})
+            rows.append(
+                {
+                    "model": "small",
+                    "mode": mode,
+                    "context": L,
+                    "new_tokens": 64,
+                    "ok": True,
+                    "error": None,
+                    "decode_tokens_per_s": tps,
+                    "ttft_s": L / 1000,
+                    "peak_rss_bytes": 600e6,
+                    "speedup_vs_dense": tps / 10.0,
+                    "bytes_per_token": split["total"],
+                    "bytes_per_token_split": split,
+                    "bandwidth_bound_pct": 12.5,
+                    "server_decode_tokens_per_s": None if peer else tps * 1.03,
+                    "server_vs_client": None if peer else 1.03,
+                    "peer": peer,
+                    "kv_cache_total_bytes": None if peer else 400e6,
+                }
+            )
+    rows.append(
+        {
+            "model": "small",
+            "mode": "fallback",
+            "context": 65536,
+            "new_tokens": 64,
+            "ok": False,
+            "error": "RuntimeError: out of memory",
+            "decode_tokens_per_s": None,
+            "ttft_s": None,
+            "peak_rss_bytes": None,
+            "speedup_vs_dense": None,
+            "bytes_per_token": None,
+            "bandwidth_bound_pct": None,
+            "server_decode_tokens_per_s": None,
+        }
+    )
     now = time.time()
-    return {"schema": SCHEMA, "kind": "context-sweep", "started_at": now - 600, "finished_at": now,
-            "machine": {"cpu": "Test CPU", "cpu_count": 2, "memory_gib": 24}, "command": "python -m loadtests context-sweep",
-            "settings": {"new_tokens": 64, "repeats": 2, "topk": 256, "block_size": 32, "block_budget": 16, "threads": 2,
-                         "plugin_library": "/x/libragtop_ort.so"},
-            "bandwidth": {"array_mib": 1024, "threads": 2, "read_gbps_1_thread": 10.0, "read_gbps_threads": 15.0,
-                          "copy_gbps": 8.0, "read_gbps": 15.0},
-            "rows": rows, "notes": ["a note"]}
+    return {
+        "schema": SCHEMA,
+        "kind": "context-sweep",
+        "started_at": now - 600,
+        "finished_at": now,
+        "machine": {"cpu": "Test CPU", "cpu_count": 2, "memory_gib": 24},
+        "command": "python -m loadtests context-sweep",
+        "settings": {
+            "new_tokens": 64,
+            "repeats": 2,
+            "topk": 256,
+            "block_size": 32,
+            "block_budget": 16,
+            "threads": 2,
+            "plugin_library": "/x/libragtop_ort.so",
+        },
+        "bandwidth": {
+            "array_mib": 1024,
+            "threads": 2,
+            "read_gbps_1_thread": 10.0,
+            "read_gbps_threads": 15.0,
+            "copy_gbps": 8.0,
+            "read_gbps": 15.0,
+        },
+        "rows": rows,
+        "notes": ["a note"],
+    }
 
 
 def concurrency_doc():
     now = time.time()
-    lv = [{"clients": c, "burst": False, "summary": fake_summary(), "server": None, "retry_after": [],
-           "accepted_in_flight": None} for c in (1, 4, 16, 64)]
+    lv = [
+        {
+            "clients": c,
+            "burst": False,
+            "summary": fake_summary(),
+            "server": None,
+            "retry_after": [],
+            "accepted_in_flight": None,
+        }
+        for c in (1, 4, 16, 64)
+    ]
     b = fake_summary()
     b["rejected_429"], b["failed_by_status"] = 56, {"429": 56}
-    lv.append({"clients": 128, "burst": True, "summary": b, "server": None, "retry_after": ["1"], "accepted_in_flight": 72})
-    return {"schema": SCHEMA, "kind": "concurrency-sweep", "started_at": now - 60, "finished_at": now,
-            "machine": {"cpu": "Test CPU"}, "command": "python -m loadtests concurrency-sweep",
-            "settings": {"server_args": ["--max-batch-size", "8"], "input_len": 128, "output_len": 64,
-                         "goodput": ["ttft:2000"], "max_batch_size": 8, "max_waiting": 64, "model_served": None},
-            "levels": lv, "first_429_clients": 128, "notes": []}
+    lv.append(
+        {"clients": 128, "burst": True, "summary": b, "server": None, "retry_after": ["1"], "accepted_in_flight": 72}
+    )
+    return {
+        "schema": SCHEMA,
+        "kind": "concurrency-sweep",
+        "started_at": now - 60,
+        "finished_at": now,
+        "machine": {"cpu": "Test CPU"},
+        "command": "python -m loadtests concurrency-sweep",
+        "settings": {
+            "server_args": ["--max-batch-size", "8"],
+            "input_len": 128,
+            "output_len": 64,
+            "goodput": ["ttft:2000"],
+            "max_batch_size": 8,
+            "max_waiting": 64,
+            "model_served": None,
+        },
+        "levels": lv,
+        "first_429_clients": 128,
+        "notes": [],
+    }
 
 
 def test_report_from_results(tmp_path):
@@ -113,8 +204,22 @@ def test_report_from_results(tmp_path):
     md, plots = tmp_path / "docs" / "benchmarks.md", tmp_path / "docs" / "benchmarks"
     from loadtests.__main__ import main
 
-    assert main(["report", "--context", str(tmp_path / "context.json"), "--concurrency",
-                 str(tmp_path / "concurrency.json"), "--out", str(md), "--plots", str(plots)]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--context",
+                str(tmp_path / "context.json"),
+                "--concurrency",
+                str(tmp_path / "concurrency.json"),
+                "--out",
+                str(md),
+                "--plots",
+                str(plots),
+            ]
+        )
+        == 0
+    )
     text = md.read_text()
     for name in report.PLOTS.values():
         assert (plots / name).stat().st_size > 1000 and f"(benchmarks/{name})" in text
@@ -131,8 +236,22 @@ def test_report_without_results_says_not_yet_measured(tmp_path):
     md = tmp_path / "benchmarks.md"
     from loadtests.__main__ import main
 
-    assert main(["report", "--context", str(tmp_path / "none.json"), "--concurrency", str(tmp_path / "none2.json"),
-                 "--out", str(md), "--plots", str(tmp_path / "p")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--context",
+                str(tmp_path / "none.json"),
+                "--concurrency",
+                str(tmp_path / "none2.json"),
+                "--out",
+                str(md),
+                "--plots",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
     text = md.read_text()
     assert text.count("Not yet measured") >= 3 and "make bench" in text
     bad = tmp_path / "bad.json"

@@ -20,7 +20,7 @@ def test_poisson_rate_and_dispersion():
     a = np.asarray(arrival_times(20000, rate=10.0, seed=0))
     gaps = np.diff(np.concatenate([[0.0], a]))
     assert gaps.mean() == pytest.approx(0.1, rel=0.03)
-    assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.05)   # exponential: CV = 1
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.05)  # exponential: CV = 1
     # counts per 1-second window are Poisson(10): variance ~ mean
     counts = np.bincount(a.astype(int))[:-1]
     assert counts.mean() == pytest.approx(10, rel=0.05) and counts.var() == pytest.approx(10, rel=0.15)

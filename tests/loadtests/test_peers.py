@@ -16,8 +16,14 @@ from loadtests.schema import validate
 
 
 def result(**over):
-    r = {"peer": "llama.cpp", "context": 64, "new_tokens": 8, "ttft_s": 0.5, "decode_tokens_per_s": 40.0,
-         "peak_rss_bytes": 5e8}
+    r = {
+        "peer": "llama.cpp",
+        "context": 64,
+        "new_tokens": 8,
+        "ttft_s": 0.5,
+        "decode_tokens_per_s": 40.0,
+        "peak_rss_bytes": 5e8,
+    }
     return {**r, **over}
 
 
@@ -27,11 +33,13 @@ def test_read_result_accepts_a_complete_result_and_names_what_is_wrong(tmp_path)
     assert peers.read_result(p)["decode_tokens_per_s"] == 40.0
     p.write_text(json.dumps(result(decode_tokens_per_s=None)))  # one new token: no decode speed
     assert peers.read_result(p)["decode_tokens_per_s"] is None
-    for bad, words in ((result(ttft_s=0), "ttft_s must be a positive number"),
-                       (result(peak_rss_bytes="big"), "peak_rss_bytes must be a positive number"),
-                       (result(decode_tokens_per_s=True), "decode_tokens_per_s"),
-                       ({"peer": "x"}, "missing context, new_tokens, ttft_s"),
-                       ([1, 2], "expected a JSON object")):
+    for bad, words in (
+        (result(ttft_s=0), "ttft_s must be a positive number"),
+        (result(peak_rss_bytes="big"), "peak_rss_bytes must be a positive number"),
+        (result(decode_tokens_per_s=True), "decode_tokens_per_s"),
+        ({"peer": "x"}, "missing context, new_tokens, ttft_s"),
+        ([1, 2], "expected a JSON object"),
+    ):
         p.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=words):
             peers.read_result(p)
@@ -80,8 +88,9 @@ def sweep_parser():
 
 def test_context_sweep_takes_the_new_peers_and_keeps_the_old_defaults(capsys):
     p = sweep_parser()
-    a = p.parse_args(["context-sweep", "--peers", "llama.cpp,ort-genai,ragtop-engine", "--weights", "int4",
-                      "--rounds", "3"])
+    a = p.parse_args(
+        ["context-sweep", "--peers", "llama.cpp,ort-genai,ragtop-engine", "--weights", "int4", "--rounds", "3"]
+    )
     assert a.peers == ["llama.cpp", "ort-genai", "ragtop-engine"] and a.weights == "int4" and a.rounds == 3
     a = p.parse_args(["context-sweep"])
     assert a.peers == ["transformers", "stock-ort"] and a.weights == "fp32" and a.rounds == 1  # make bench unchanged
@@ -92,17 +101,33 @@ def test_context_sweep_takes_the_new_peers_and_keeps_the_old_defaults(capsys):
 
 
 def row(mode, context, tps, ttft=1.0, rss=1e8, ok=True):
-    return {"model": "m", "mode": mode, "context": context, "new_tokens": 8, "ok": ok,
-            "error": None if ok else "RuntimeError: boom", "decode_tokens_per_s": tps if ok else None,
-            "ttft_s": ttft if ok else None, "peak_rss_bytes": rss if ok else None, "speedup_vs_dense": None,
-            "bytes_per_token": None, "bandwidth_bound_pct": None, "server_decode_tokens_per_s": None}
+    return {
+        "model": "m",
+        "mode": mode,
+        "context": context,
+        "new_tokens": 8,
+        "ok": ok,
+        "error": None if ok else "RuntimeError: boom",
+        "decode_tokens_per_s": tps if ok else None,
+        "ttft_s": ttft if ok else None,
+        "peak_rss_bytes": rss if ok else None,
+        "speedup_vs_dense": None,
+        "bytes_per_token": None,
+        "bandwidth_bound_pct": None,
+        "server_decode_tokens_per_s": None,
+    }
 
 
 def test_combine_rounds_reports_the_median_round():
-    rows = [row("topk", 1024, 10.0, ttft=3.0, rss=5e8), row("llama.cpp", 1024, 40.0),
-            row("topk", 1024, 14.0, ttft=1.0, rss=6e8), row("llama.cpp", 1024, 0, ok=False),
-            row("topk", 1024, 12.0, ttft=2.0, rss=4e8), row("llama.cpp", 1024, 30.0),
-            row("ort-genai", 1024, 0, ok=False)]
+    rows = [
+        row("topk", 1024, 10.0, ttft=3.0, rss=5e8),
+        row("llama.cpp", 1024, 40.0),
+        row("topk", 1024, 14.0, ttft=1.0, rss=6e8),
+        row("llama.cpp", 1024, 0, ok=False),
+        row("topk", 1024, 12.0, ttft=2.0, rss=4e8),
+        row("llama.cpp", 1024, 30.0),
+        row("ort-genai", 1024, 0, ok=False),
+    ]
     out = {r["mode"]: r for r in sweeps.combine_rounds(rows)}
     t = out["topk"]
     assert (t["decode_tokens_per_s"], t["ttft_s"], t["peak_rss_bytes"]) == (12.0, 2.0, 6e8)
@@ -124,8 +149,23 @@ def test_unpreparable_peers_become_failed_rows_with_the_reason(tmp_path, monkeyp
     assert "needs a GGUF file" in errors["llama.cpp"]  # checked before its package
     assert "make bench-peers" in errors["ort-genai"] and len(notes) == 2
     r = sweeps.failed_peer_row("ort-genai", spec, 1024, s, errors["ort-genai"])
-    assert validate({"schema": SCHEMA, "kind": "context-sweep", "started_at": 0, "finished_at": 1, "machine": {},
-                     "command": "x", "settings": {}, "bandwidth": None, "rows": [r], "notes": []}) == []
+    assert (
+        validate(
+            {
+                "schema": SCHEMA,
+                "kind": "context-sweep",
+                "started_at": 0,
+                "finished_at": 1,
+                "machine": {},
+                "command": "x",
+                "settings": {},
+                "bandwidth": None,
+                "rows": [r],
+                "notes": [],
+            }
+        )
+        == []
+    )
     assert r["ok"] is False and r["peer"] is True
 
 
@@ -134,8 +174,15 @@ def test_gguf_of_needs_the_imported_gguf():
         sweeps.gguf_of(sweeps.ModelSpec.parse("small=runs/small-dense-uniform:32768"))
 
 
-FACTS = {"n_layers": 2, "n_kv_heads": 2, "head_dim": 4, "kv_row_bytes": 2 * 4 * 4, "kv_bytes_per_token": 2 * 2 * 32,
-         "weight_bytes_read": 1000, "dtype_bytes": 4}
+FACTS = {
+    "n_layers": 2,
+    "n_kv_heads": 2,
+    "head_dim": 4,
+    "kv_row_bytes": 2 * 4 * 4,
+    "kv_bytes_per_token": 2 * 2 * 32,
+    "weight_bytes_read": 1000,
+    "dtype_bytes": 4,
+}
 
 
 def test_with_bytes_swaps_weights_and_cache_dtype():
@@ -149,16 +196,25 @@ def test_onnx_weight_bytes_counts_one_row_of_a_looked_up_table(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    table = numpy_helper.from_array(np.zeros((100, 8), np.float32), "table")      # 3200 B, looked up: one row, 32 B
-    head = numpy_helper.from_array(np.zeros((8, 100), np.float32), "head")        # 3200 B, read whole
-    both = numpy_helper.from_array(np.zeros((10, 8), np.float32), "both")         # looked up and multiplied: whole
+    table = numpy_helper.from_array(np.zeros((100, 8), np.float32), "table")  # 3200 B, looked up: one row, 32 B
+    head = numpy_helper.from_array(np.zeros((8, 100), np.float32), "head")  # 3200 B, read whole
+    both = numpy_helper.from_array(np.zeros((10, 8), np.float32), "both")  # looked up and multiplied: whole
     g = helper.make_graph(
-        [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "head"], ["y"]),
-         helper.make_node("Gather", ["both", "ids"], ["e2"]), helper.make_node("MatMul", ["e2", "bothT"], ["z"]),
-         helper.make_node("Transpose", ["both"], ["bothT"])],
-        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1]),
-              helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT16, [1, 2, 3, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [table, head, both])
+        [
+            helper.make_node("Gather", ["table", "ids"], ["e"]),
+            helper.make_node("MatMul", ["e", "head"], ["y"]),
+            helper.make_node("Gather", ["both", "ids"], ["e2"]),
+            helper.make_node("MatMul", ["e2", "bothT"], ["z"]),
+            helper.make_node("Transpose", ["both"], ["bothT"]),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT16, [1, 2, 3, 4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [table, head, both],
+    )
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(g), str(path))
     assert bandwidth.onnx_weight_bytes(path) == 32 + 3200 + 320
@@ -181,21 +237,37 @@ def test_gguf_weight_bytes_of_smollm2():
 def peers_doc():
     rows = []
     for L, top, eng, lc, og in ((1024, 20.0, 22.0, 40.0, 50.0), (8192, 18.0, 19.0, 15.0, 18.0)):
-        for mode, tps, ttft, rss in (("topk", top, L / 400, 9e8), ("ragtop-engine", eng, L / 410, 8e8),
-                                     ("llama.cpp", lc, L / 100, 6e8), ("ort-genai", og, L / 300, 7e8)):
+        for mode, tps, ttft, rss in (
+            ("topk", top, L / 400, 9e8),
+            ("ragtop-engine", eng, L / 410, 8e8),
+            ("llama.cpp", lc, L / 100, 6e8),
+            ("ort-genai", og, L / 300, 7e8),
+        ):
             r = row(mode, L, tps, ttft, rss)
             r["model"] = "smollm2"
             r["peer"] = mode in ("llama.cpp", "ort-genai", "ragtop-engine")
             r["bytes_per_token"], r["bandwidth_bound_pct"] = 150e6, 40.0
             rows.append(r)
-    rows.append({**row("ort-genai", 4096, 0, ok=False), "model": "smollm2",
-                 "error": "onnxruntime-genai is not installed; install with make bench-peers"})
+    rows.append(
+        {
+            **row("ort-genai", 4096, 0, ok=False),
+            "model": "smollm2",
+            "error": "onnxruntime-genai is not installed; install with make bench-peers",
+        }
+    )
     now = time.time()
-    return {"schema": SCHEMA, "kind": "context-sweep", "started_at": now - 60, "finished_at": now,
-            "machine": {"cpu": "Test CPU", "loadavg": [0.1, 0.1, 0.1]},
-            "command": "python -m loadtests context-sweep --peers llama.cpp,ort-genai",
-            "settings": {"new_tokens": 64, "repeats": 2, "threads": 1, "weights": "int4", "rounds": 3},
-            "bandwidth": None, "rows": rows, "notes": ["peer note"]}
+    return {
+        "schema": SCHEMA,
+        "kind": "context-sweep",
+        "started_at": now - 60,
+        "finished_at": now,
+        "machine": {"cpu": "Test CPU", "loadavg": [0.1, 0.1, 0.1]},
+        "command": "python -m loadtests context-sweep --peers llama.cpp,ort-genai",
+        "settings": {"new_tokens": 64, "repeats": 2, "threads": 1, "weights": "int4", "rounds": 3},
+        "bandwidth": None,
+        "rows": rows,
+        "notes": ["peer note"],
+    }
 
 
 def test_peer_comparisons_and_verdicts():
@@ -213,10 +285,26 @@ def test_report_peers_section(tmp_path):
     assert validate(doc) == []
     (tmp_path / "peers.json").write_text(json.dumps(doc))
     md = tmp_path / "benchmarks.md"
-    assert main(["report", "--context", str(tmp_path / "none.json"), "--concurrency", str(tmp_path / "none.json"),
-                 "--peers", str(tmp_path / "peers.json"), "--out", str(md), "--plots", str(tmp_path / "p")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--context",
+                str(tmp_path / "none.json"),
+                "--concurrency",
+                str(tmp_path / "none.json"),
+                "--peers",
+                str(tmp_path / "peers.json"),
+                "--out",
+                str(md),
+                "--plots",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
     text = md.read_text()
-    sec = text[text.index("## Peers"):]
+    sec = text[text.index("## Peers") :]
     assert "| smollm2 | 1024 | peer: llama.cpp (llama-cpp-python, the GGUF) | 40.00 | 10.240 | 600 |" in sec
     assert "| smollm2 | 1024 | top-k exact (plugin) | llama.cpp | 0.50 |" in sec
     assert "behind in decode 0.50×" in sec and "ahead in decode 1.20×" in sec
@@ -224,12 +312,30 @@ def test_report_peers_section(tmp_path):
     assert "decode vs llama.cpp at 8k ≥ 2×: 1.20×, missed (ragtop ahead)" in sec
     assert "decode vs ort-genai at 8k ≥ 2×: 1.00×, missed" in sec
     assert "TTFT at 8k ≤ llama.cpp's: 0.25× llama.cpp's, met" in sec
-    assert ("- top-k exact (plugin) vs llama.cpp: decode ahead at 8192 (1.20×), behind at 1024 (0.50×); "
-            "TTFT ahead at 1024 (0.25×), 8192 (0.25×), behind at none") in sec
+    assert (
+        "- top-k exact (plugin) vs llama.cpp: decode ahead at 8192 (1.20×), behind at 1024 (0.50×); "
+        "TTFT ahead at 1024 (0.25×), 8192 (0.25×), behind at none"
+    ) in sec
     assert "failed: onnxruntime-genai is not installed; install with make bench-peers" in sec
     assert "3 interleaved round(s)" in sec and "weights: int4" in sec and "peer note" in sec
-    assert main(["report", "--context", str(tmp_path / "none.json"), "--concurrency", str(tmp_path / "none.json"),
-                 "--peers", str(tmp_path / "none.json"), "--out", str(md), "--plots", str(tmp_path / "p")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--context",
+                str(tmp_path / "none.json"),
+                "--concurrency",
+                str(tmp_path / "none.json"),
+                "--peers",
+                str(tmp_path / "none.json"),
+                "--out",
+                str(md),
+                "--plots",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
     assert "Run `make bench-peers` on a quiet machine" in md.read_text()
 
 
@@ -290,7 +396,25 @@ def test_ort_genai_peer_on_a_tiny_model(tmp_path):
     again = peers.prepare_ort_genai(ckpt, tmp_path / "og", max_positions=256)  # cached: not rebuilt
     assert again == model
     out = tmp_path / "r.json"
-    assert main(["peer", "ort-genai", str(model), "--context", "40", "--new-tokens", "4", "--threads", "1",
-                 "--tokenizer", str(ckpt / "tokenizer.json"), "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "peer",
+                "ort-genai",
+                str(model),
+                "--context",
+                "40",
+                "--new-tokens",
+                "4",
+                "--threads",
+                "1",
+                "--tokenizer",
+                str(ckpt / "tokenizer.json"),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     r = peers.read_result(out)
     assert r["peer"] == "ort-genai" and r["decode_tokens_per_s"] > 0 and r["threads"] == 1

@@ -17,8 +17,9 @@ ATTENTIONS = {
     "dense": AttentionConfig(),
     "topk": AttentionConfig("topk", topk=5),
     "topk-blocks": AttentionConfig("topk", topk=5, block_size=4, block_budget=2),
-    "blocks-sinks-window": AttentionConfig("topk", topk=3, block_size=4, block_budget=1, sink_tokens=2,
-                                           local_window=3, dense_layers=1),
+    "blocks-sinks-window": AttentionConfig(
+        "topk", topk=3, block_size=4, block_budget=1, sink_tokens=2, local_window=3, dense_layers=1
+    ),
 }
 EMBEDDINGS = {
     "uniform": EmbeddingConfig(),
@@ -131,9 +132,11 @@ def test_block_selection_reads_only_chosen_blocks():
 def test_window_covering_every_key_is_dense():
     dense = model("dense")
     ids = torch.randint(0, 64, (2, 40))
-    for att in (AttentionConfig("topk", topk=1, local_window=40),
-                AttentionConfig("topk", topk=1, block_size=4, block_budget=1, local_window=40),
-                AttentionConfig("topk", topk=1, sink_tokens=40)):
+    for att in (
+        AttentionConfig("topk", topk=1, local_window=40),
+        AttentionConfig("topk", topk=1, block_size=4, block_budget=1, local_window=40),
+        AttentionConfig("topk", topk=1, sink_tokens=40),
+    ):
         assert_close(same_weights(Transformer(dense.config.with_attention(att)).eval(), dense)(ids), dense(ids))
 
 
@@ -145,7 +148,9 @@ def test_dense_layers_are_dense():
     cfg = dense.config.with_attention(AttentionConfig("topk", topk=2, sink_tokens=1, dense_layers=1))
     m = same_weights(Transformer(cfg).eval(), dense)
     assert isinstance(m.layers[0].attn, DenseAttention) and isinstance(m.layers[1].attn, TopKAttention)
-    all_dense = same_weights(Transformer(cfg.with_attention(AttentionConfig("topk", topk=2, dense_layers=2))).eval(), dense)
+    all_dense = same_weights(
+        Transformer(cfg.with_attention(AttentionConfig("topk", topk=2, dense_layers=2))).eval(), dense
+    )
     ids = torch.randint(0, 64, (1, 30))
     assert_close(all_dense(ids), dense(ids))
     assert (m(ids) - dense(ids)).abs().max() > 1e-4
@@ -155,8 +160,16 @@ def test_dense_layers_are_dense():
 def test_sinks_and_window_are_always_kept():
     """With top-1 plus one sink and a window of 2, each query attends to exactly the keys
     {0, p-1, p} and its best other key: checked against an explicit mask."""
-    cfg = ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=8, max_seq_len=32,
-                      attention=AttentionConfig("topk", topk=1, sink_tokens=1, local_window=2))
+    cfg = ModelConfig(
+        vocab_size=8,
+        d_model=8,
+        n_layers=1,
+        n_heads=1,
+        n_kv_heads=1,
+        d_ff=8,
+        max_seq_len=32,
+        attention=AttentionConfig("topk", topk=1, sink_tokens=1, local_window=2),
+    )
     from ragtop.model import TopKAttention
     from ragtop.model.attention import AttnContext
 

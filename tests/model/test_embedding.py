@@ -24,9 +24,16 @@ def test_one_full_width_tier_with_identity_projection_equals_uniform():
     ragged = Transformer(ragged_cfg((50,), (16,))).eval()
     state = dict(uniform.state_dict())
     table = state.pop("embed.weight")
-    ragged.load_state_dict({**state, "embed.tables.0": table, "embed.projs.0.weight": torch.eye(16),
-                            "embed.tier_of": torch.zeros(50, dtype=torch.long),
-                            "embed.row_of": torch.arange(50), "embed.head_order": torch.arange(50)})
+    ragged.load_state_dict(
+        {
+            **state,
+            "embed.tables.0": table,
+            "embed.projs.0.weight": torch.eye(16),
+            "embed.tier_of": torch.zeros(50, dtype=torch.long),
+            "embed.row_of": torch.arange(50),
+            "embed.head_order": torch.arange(50),
+        }
+    )
     ids = torch.randint(0, 50, (2, 12))
     assert_close(ragged.embed(ids), uniform.embed(ids))
     assert_close(ragged(ids), uniform(ids))  # the tied tiered head too
@@ -40,7 +47,9 @@ def test_ragged_lookup_uses_each_tokens_tier_and_row():
     emb.set_tiers(tiers)
     assert emb.tiers() == tiers
     ids = torch.tensor([[49, 0, 20]])
-    expect = torch.stack([emb.projs[0](emb.tables[0][0]), emb.projs[1](emb.tables[1][0]), emb.projs[2](emb.tables[2][5])])
+    expect = torch.stack(
+        [emb.projs[0](emb.tables[0][0]), emb.projs[1](emb.tables[1][0]), emb.projs[2](emb.tables[2][5])]
+    )
     assert_close(emb(ids)[0], expect)
     h = torch.randn(3, 16)
     logits = emb.logits(h)

@@ -13,8 +13,25 @@ pytestmark = pytest.mark.skipif(plugin_library_path() is None, reason="plugin li
 
 
 def test_bench_ops_json(capsys):
-    rc = main(["bench", "ops", "--json", "--shapes", "small", "--decode-lengths", "128",
-               "--prefill-lengths", "128", "--block-size", "16", "--block-budget", "2", "--seconds", "0"])
+    rc = main(
+        [
+            "bench",
+            "ops",
+            "--json",
+            "--shapes",
+            "small",
+            "--decode-lengths",
+            "128",
+            "--prefill-lengths",
+            "128",
+            "--block-size",
+            "16",
+            "--block-budget",
+            "2",
+            "--seconds",
+            "0",
+        ]
+    )
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert [(r["case"], r["length"]) for r in report["results"]] == [("decode", 128), ("prefill", 128)]

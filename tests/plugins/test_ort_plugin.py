@@ -40,10 +40,25 @@ def reference(q, k, v, past_k, past_v, lens, H, Hkv, topk, block_size=0, block_b
     dense: [B] flags of the sequences that attend densely (the op's attention_dense)."""
     B, S, _ = q.shape
     C, Dh = past_k.shape[2], past_k.shape[3]
-    att = AttentionConfig(kind="topk", topk=topk, block_size=block_size or None, block_budget=block_budget or None,
-                          sink_tokens=sink, local_window=window)
-    cfg = ModelConfig(vocab_size=8, d_model=H * Dh, n_layers=1, n_heads=H, n_kv_heads=Hkv, d_ff=8,
-                      max_seq_len=C, head_dim=Dh, attention=att)
+    att = AttentionConfig(
+        kind="topk",
+        topk=topk,
+        block_size=block_size or None,
+        block_budget=block_budget or None,
+        sink_tokens=sink,
+        local_window=window,
+    )
+    cfg = ModelConfig(
+        vocab_size=8,
+        d_model=H * Dh,
+        n_layers=1,
+        n_heads=H,
+        n_kv_heads=Hkv,
+        d_ff=8,
+        max_seq_len=C,
+        head_dim=Dh,
+        attention=att,
+    )
     attn = TopKAttention(cfg)
     lens_t = torch.from_numpy(lens)
     kc, vc = torch.from_numpy(past_k.copy()), torch.from_numpy(past_v.copy())
@@ -298,7 +313,9 @@ def test_dense_flag_kernel_body_and_reference_agree(B, S, H, Hkv, Dh, C, lens, t
     assert np.abs(dense - sparse).max() > 1e-3  # the case tells dense from sparse apart
     unflagged = topk_attention_model(H, Hkv, Dh, topk, bs, budget, sink, window, with_function=True)
     for sess in (session(model), stock_session(model)):
-        feeds = dict(query=q, key=k, value=v, past_key=past_k, past_value=past_v, past_lengths=lens, attention_dense=flags)
+        feeds = dict(
+            query=q, key=k, value=v, past_key=past_k, past_value=past_v, past_lengths=lens, attention_dense=flags
+        )
         if bs:
             feeds.update(past_key_min=sums[0], past_key_max=sums[1])
         got = sess.run(None, feeds)
@@ -315,8 +332,18 @@ def test_dense_flag_of_a_wrong_length_is_a_clear_error():
     sess = session(topk_attention_model(2, 2, 8, 4, attention_dense=True))
     q, k, v, past_k, past_v, lens = random_case(np.random.default_rng(0), 2, 1, 2, 2, 8, 16, [3, 5])
     with pytest.raises(Exception, match="attention_dense must be"):
-        sess.run(None, dict(query=q, key=k, value=v, past_key=past_k, past_value=past_v, past_lengths=lens,
-                            attention_dense=np.zeros(3, np.int64)))
+        sess.run(
+            None,
+            dict(
+                query=q,
+                key=k,
+                value=v,
+                past_key=past_k,
+                past_value=past_v,
+                past_lengths=lens,
+                attention_dense=np.zeros(3, np.int64),
+            ),
+        )
 
 
 def test_cache_overflow_is_a_clear_error():
@@ -327,8 +354,16 @@ def test_cache_overflow_is_a_clear_error():
 
 
 def test_ragged_embedding_matches_reference():
-    cfg = ModelConfig(vocab_size=50, d_model=24, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=8, max_seq_len=8,
-                      embedding=EmbeddingConfig(kind="ragged", tier_sizes=(10, 15, 25), tier_widths=(24, 8, 4)))
+    cfg = ModelConfig(
+        vocab_size=50,
+        d_model=24,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        d_ff=8,
+        max_seq_len=8,
+        embedding=EmbeddingConfig(kind="ragged", tier_sizes=(10, 15, 25), tier_widths=(24, 8, 4)),
+    )
     emb = RaggedEmbedding(cfg)
     perm = torch.randperm(50).tolist()
     emb.set_tiers([perm[:10], perm[10:25], perm[25:]])
@@ -336,8 +371,10 @@ def test_ragged_embedding_matches_reference():
     with torch.no_grad():
         want = emb(ids).numpy()
     model = ragged_embedding_model(
-        [t.detach().numpy() for t in emb.tables], [p.weight.detach().numpy() for p in emb.projs],
-        emb.tier_of.numpy(), emb.row_of.numpy(),
+        [t.detach().numpy() for t in emb.tables],
+        [p.weight.detach().numpy() for p in emb.projs],
+        emb.tier_of.numpy(),
+        emb.row_of.numpy(),
     )
     got = session(model).run(None, {"input_ids": ids.numpy()})[0]
     np.testing.assert_allclose(got, want, **TOL)

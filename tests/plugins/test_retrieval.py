@@ -44,26 +44,30 @@ def test_prompt_hides_the_key_at_the_depth():
 def test_greedy_matches_full_recompute():
     torch = __import__("torch")
     torch.manual_seed(0)
-    m = Transformer(ModelConfig(vocab_size=20, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=24,
-                                max_seq_len=64)).eval()
+    m = Transformer(
+        ModelConfig(vocab_size=20, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=24, max_seq_len=64)
+    ).eval()
     ids = [1, 5, 7, 2, 9]
     out = greedy(m, ids, 6)
     seq = list(ids)
     with torch.no_grad():
         for _ in range(6):
             seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
-    assert out == seq[len(ids):]
+    assert out == seq[len(ids) :]
     assert KVCache.allocate(m.config, 1, 11).capacity == 11
 
 
 def test_retrieval_rows_and_table(tmp_path):
     tok = char_tokenizer()
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=24,
-                      max_seq_len=512)
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(), d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=24, max_seq_len=512
+    )
     model = Transformer(cfg).eval()
     prompts = make_prompts(tok, [200, 300], [0.2, 0.8], 1)
-    settings = [("dense", AttentionConfig()),
-                ("window", AttentionConfig("topk", topk=1, block_size=16, block_budget=1, sink_tokens=4, local_window=512))]
+    settings = [
+        ("dense", AttentionConfig()),
+        ("window", AttentionConfig("topk", topk=1, block_size=16, block_budget=1, sink_tokens=4, local_window=512)),
+    ]
     out = tmp_path / "r.jsonl"
     rows = run_retrieval(model, tok, settings, prompts, answer_tokens=3, out=out, log=lambda s: None)
     assert len(rows) == 8 and len(out.read_text().splitlines()) == 8
@@ -73,8 +77,16 @@ def test_retrieval_rows_and_table(tmp_path):
     assert all(r["correct"] == (r["key"] in r["answer"]) for r in rows)
     assert json.loads(out.read_text().splitlines()[0])["length"] == 200
     # resuming: trials already written are not run again
-    again = run_retrieval(model, tok, settings, prompts, answer_tokens=3, out=out, log=lambda s: None,
-                          done=[json.loads(line) for line in out.read_text().splitlines()])
+    again = run_retrieval(
+        model,
+        tok,
+        settings,
+        prompts,
+        answer_tokens=3,
+        out=out,
+        log=lambda s: None,
+        done=[json.loads(line) for line in out.read_text().splitlines()],
+    )
     assert again == rows and len(out.read_text().splitlines()) == 8
     # the table: one row per setting, one column per length, misses named by depth
     rows[0]["correct"], rows[1]["correct"] = True, False

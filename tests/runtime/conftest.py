@@ -48,8 +48,17 @@ def tiny_config(vocab: int, variant: str = "dense", max_seq_len: int = 64) -> Mo
     if embedding is None:
         head = vocab // 4
         embedding = EmbeddingConfig(kind="ragged", tier_sizes=(head, vocab - head), tier_widths=(32, 8))
-    return ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                       max_seq_len=max_seq_len, attention=attention, embedding=embedding)
+    return ModelConfig(
+        vocab_size=vocab,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=64,
+        max_seq_len=max_seq_len,
+        attention=attention,
+        embedding=embedding,
+    )
 
 
 def make_model(vocab: int, variant: str = "dense", seed: int = 0, max_seq_len: int = 64) -> Transformer:
@@ -65,8 +74,12 @@ def make_model(vocab: int, variant: str = "dense", seed: int = 0, max_seq_len: i
 def checkpoint(tokenizer, tmp_path_factory) -> Path:
     model = make_model(tokenizer.get_vocab_size())
     eos = tokenizer.token_to_id("<|endoftext|>")
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), model, tokenizer.to_str(),
-                           generation={"bos_token_id": eos, "eos_token_id": eos})
+    return save_checkpoint(
+        tmp_path_factory.mktemp("ckpt"),
+        model,
+        tokenizer.to_str(),
+        generation={"bos_token_id": eos, "eos_token_id": eos},
+    )
 
 
 def greedy_reference(model: Transformer, prompt: Sequence[int], n: int) -> list[int]:

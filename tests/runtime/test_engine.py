@@ -48,11 +48,13 @@ def test_fake_engine_generates_streams_and_reports_usage():
 
 def test_eos_stop_token_and_ignore_eos():
     engine, _ = fake_engine()
-    out = engine.run_until_done([
-        Request("eos", [46], SamplingParams(max_tokens=10, temperature=0)),
-        Request("ignore", [46], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)),
-        Request("stop_id", [1], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(4,))),
-    ])
+    out = engine.run_until_done(
+        [
+            Request("eos", [46], SamplingParams(max_tokens=10, temperature=0)),
+            Request("ignore", [46], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)),
+            Request("stop_id", [1], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(4,))),
+        ]
+    )
     assert tokens_of(out["eos"]) == [47, 48, 49] and out["eos"][-1].deltas[-1].finish_reason == "stop"
     assert tokens_of(out["ignore"]) == [47, 48, 49, 0, 1]
     last = out["stop_id"][-1].deltas[-1]
@@ -71,7 +73,9 @@ def test_stop_strings_across_tokens_are_cut_and_held_back():
 
 def test_held_back_text_is_released_when_generation_ends_without_the_stop():
     engine, _ = fake_engine()
-    out = engine.run_until_done([Request("r", [0], SamplingParams(max_tokens=3, temperature=0, stop=("de", "dx")))])["r"]
+    out = engine.run_until_done([Request("r", [0], SamplingParams(max_tokens=3, temperature=0, stop=("de", "dx")))])[
+        "r"
+    ]
     assert text_of(out) == "bcd" and out[-1].deltas[-1].finish_reason == "length"
 
 
@@ -114,7 +118,9 @@ def test_bad_requests_are_refused_with_the_problem():
 
 def test_generation_stops_at_the_context_limit():
     engine, _ = fake_engine()
-    out = engine.run_until_done([Request("r", [i % 40 for i in range(60)], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))])["r"]
+    out = engine.run_until_done(
+        [Request("r", [i % 40 for i in range(60)], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))]
+    )["r"]
     assert len(tokens_of(out)) == 4 and out[-1].deltas[-1].finish_reason == "length"
 
 
@@ -140,8 +146,14 @@ def test_batch_invariance_and_chunked_prefill(variant):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (3, 9, 17, 1, 30, 12, 5, 22)]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    alone = [tokens_of(torch_engine(model, max_batch_size=1, prefill_chunk=64, max_tokens_per_step=64)
-                       .run_until_done([Request("r", p, params)])["r"]) for p in prompts]
+    alone = [
+        tokens_of(
+            torch_engine(model, max_batch_size=1, prefill_chunk=64, max_tokens_per_step=64).run_until_done(
+                [Request("r", p, params)]
+            )["r"]
+        )
+        for p in prompts
+    ]
     engine = torch_engine(model, max_batch_size=8, prefill_chunk=4, max_tokens_per_step=16)
     together = engine.run_until_done([Request(str(i), p, params) for i, p in enumerate(prompts)])
     assert [tokens_of(together[str(i)]) for i in range(8)] == alone
@@ -154,8 +166,11 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch():
     others = [Request(f"o{i}", [7] * (i + 2), SamplingParams(max_tokens=20, temperature=1.0)) for i in range(5)]
     together = torch_engine(model).run_until_done([*others[:2], Request("r", [1, 2, 3], params), *others[2:]])
     assert tokens_of(together["r"]) == alone
-    different = tokens_of(torch_engine(model).run_until_done([Request("r", [1, 2, 3], SamplingParams(
-        max_tokens=16, temperature=1.5, top_p=0.95, top_k=50, seed=4321))])["r"])
+    different = tokens_of(
+        torch_engine(model).run_until_done(
+            [Request("r", [1, 2, 3], SamplingParams(max_tokens=16, temperature=1.5, top_p=0.95, top_k=50, seed=4321))]
+        )["r"]
+    )
     assert different != alone
 
 
@@ -163,7 +178,9 @@ def test_torch_runner_n_greater_than_one_forks_the_real_cache():
     model = make_model(100)
     prompt = [4, 8, 15, 16, 23, 42]
     want = greedy_reference(model, prompt, 6)
-    out = torch_engine(model).run_until_done([Request("r", prompt, SamplingParams(n=3, max_tokens=6, temperature=0))])["r"]
+    out = torch_engine(model).run_until_done([Request("r", prompt, SamplingParams(n=3, max_tokens=6, temperature=0))])[
+        "r"
+    ]
     assert [tokens_of(out, i) for i in range(3)] == [want] * 3
 
 
@@ -171,10 +188,12 @@ def test_logprobs_and_iteration_stats():
     engine, _ = fake_engine(max_batch_size=2)
     stats: list[IterationStats] = []
     engine.stats_listeners.append(stats.append)
-    out = engine.run_until_done([
-        Request("a", [0, 1, 2, 3], SamplingParams(max_tokens=3, temperature=0, logprobs=2)),
-        Request("b", [9], SamplingParams(max_tokens=2, temperature=0)),
-    ])
+    out = engine.run_until_done(
+        [
+            Request("a", [0, 1, 2, 3], SamplingParams(max_tokens=3, temperature=0, logprobs=2)),
+            Request("b", [9], SamplingParams(max_tokens=2, temperature=0)),
+        ]
+    )
     lp = [d.logprobs[0] for o in out["a"] for d in o.deltas]
     assert [x.token for x in lp] == [4, 5, 6] and all(len(x.top) == 2 and x.top[0][0] == x.token for x in lp)
     assert all(d.logprobs is None for o in out["b"] for d in o.deltas)

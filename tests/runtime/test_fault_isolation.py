@@ -65,7 +65,9 @@ def run(engine: LLMEngine, requests):
 
 def test_nan_logits_fail_only_that_request():
     engine = engine_with(FaultyRunner(nan_after_token=30))
-    last, outputs = run(engine, [Request("ok", [1, 2], GREEDY), Request("bad", [30], GREEDY), Request("ok2", [3], GREEDY)])
+    last, outputs = run(
+        engine, [Request("ok", [1, 2], GREEDY), Request("bad", [30], GREEDY), Request("ok2", [3], GREEDY)]
+    )
     assert last["bad"].finished and isinstance(last["bad"].error, RequestFailed)
     assert "non-finite logits" in str(last["bad"].error) and last["bad"].error.status == 500
     for rid in ("ok", "ok2"):
@@ -137,8 +139,10 @@ def test_fail_all_ends_every_open_request():
 
         runner.forward = slow
         engine = AsyncEngine(engine_with(runner)).start()
-        streams = [await engine.generate(Request(f"r{i}", [i], SamplingParams(max_tokens=50, temperature=0,
-                                                                             ignore_eos=True))) for i in range(3)]
+        streams = [
+            await engine.generate(Request(f"r{i}", [i], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)))
+            for i in range(3)
+        ]
         await asyncio.sleep(0.05)
         assert engine.fail_all("shutting down", 503) == 3
         for s in streams:

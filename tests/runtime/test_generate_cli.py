@@ -10,7 +10,9 @@ def test_generate_streams_exactly_the_engine_text(checkpoint, capsys):
     assert main(["generate", str(checkpoint), "--prompt", "Hello world", "--max-tokens", "12"]) == 0
     printed = capsys.readouterr().out
     model = load_model(checkpoint)
-    out = model.engine().run_until_done([Request("r", model.encode("Hello world"), SamplingParams(max_tokens=12, temperature=0))])
+    out = model.engine().run_until_done(
+        [Request("r", model.encode("Hello world"), SamplingParams(max_tokens=12, temperature=0))]
+    )
     assert printed == "".join(d.text for o in out["r"] for d in o.deltas)
     assert model.encode("Hello")[0] == model.generation["bos_token_id"]
 
@@ -39,8 +41,22 @@ def test_generate_errors_are_one_line(checkpoint, tmp_path, capsys):
 def test_bench_engine_smoke(checkpoint, capsys):
     import json
 
-    argv = ["bench", "engine", str(checkpoint), "--prompt-tokens", "4", "--new-tokens", "3", "--streams", "1,2",
-            "--long-prompt", "8", "--threads", "1", "--json"]
+    argv = [
+        "bench",
+        "engine",
+        str(checkpoint),
+        "--prompt-tokens",
+        "4",
+        "--new-tokens",
+        "3",
+        "--streams",
+        "1,2",
+        "--long-prompt",
+        "8",
+        "--threads",
+        "1",
+        "--json",
+    ]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["runners"]["torch"]["aggregate_tps"]) == {"1", "2"}

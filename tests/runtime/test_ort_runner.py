@@ -22,8 +22,12 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module", params=["dense", "topk", "topk-block", "ragged"])
 def exported(request, tokenizer, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp(f"export-{request.param}")
-    ckpt = save_checkpoint(root / "ckpt", make_model(tokenizer.get_vocab_size(), request.param), tokenizer.to_str(),
-                           generation={"bos_token_id": 0, "eos_token_id": 0})
+    ckpt = save_checkpoint(
+        root / "ckpt",
+        make_model(tokenizer.get_vocab_size(), request.param),
+        tokenizer.to_str(),
+        generation={"bos_token_id": 0, "eos_token_id": 0},
+    )
     assert main(["export", str(ckpt), str(root / "onnx"), "--no-validate"]) == 0
     return ckpt, root / "onnx"
 
@@ -122,10 +126,16 @@ def test_ort_runner_runs_int4_weights(tokenizer, tmp_path):
     from ragtop.export.weights import plan, reference_model
 
     model = make_model(tokenizer.get_vocab_size(), "topk")
-    ckpt = save_checkpoint(tmp_path / "ckpt", model, tokenizer.to_str(), generation={"bos_token_id": 0, "eos_token_id": 0})
+    ckpt = save_checkpoint(
+        tmp_path / "ckpt", model, tokenizer.to_str(), generation={"bos_token_id": 0, "eos_token_id": 0}
+    )
     assert main(["export", str(ckpt), str(tmp_path / "onnx"), "--weights", "int4", "--no-validate"]) == 0
-    ref = save_checkpoint(tmp_path / "ref", reference_model(model, plan(model, "int4", {})), tokenizer.to_str(),
-                          generation={"bos_token_id": 0, "eos_token_id": 0})
+    ref = save_checkpoint(
+        tmp_path / "ref",
+        reference_model(model, plan(model, "int4", {})),
+        tokenizer.to_str(),
+        generation={"bos_token_id": 0, "eos_token_id": 0},
+    )
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (4, 11, 19)]
     assert greedy_tokens(tmp_path / "onnx", prompts, max_batch_size=4) == greedy_tokens(ref, prompts, max_batch_size=4)

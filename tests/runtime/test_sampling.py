@@ -65,15 +65,18 @@ def test_logprobs_are_the_raw_distribution_with_alternatives():
     assert sampler(temperature=0).sample(LOGITS).logprob is None
 
 
-@pytest.mark.parametrize("kw,message", [
-    ({"max_tokens": 0}, "max_tokens must be >= 1"),
-    ({"top_p": 0.0}, "top_p must be in"),
-    ({"top_k": -2}, "top_k must be"),
-    ({"logprobs": 21}, "logprobs must be in"),
-    ({"n": 0}, "n must be >= 1"),
-    ({"stop": ("",)}, "stop strings must not be empty"),
-    ({"logit_bias": {V: 1.0}}, "outside the vocabulary"),
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"max_tokens": 0}, "max_tokens must be >= 1"),
+        ({"top_p": 0.0}, "top_p must be in"),
+        ({"top_k": -2}, "top_k must be"),
+        ({"logprobs": 21}, "logprobs must be in"),
+        ({"n": 0}, "n must be >= 1"),
+        ({"stop": ("",)}, "stop strings must not be empty"),
+        ({"logit_bias": {V: 1.0}}, "outside the vocabulary"),
+    ],
+)
 def test_validation_names_the_field(kw, message):
     with pytest.raises(InvalidRequest, match=message):
         SamplingParams(**kw).validate(V)

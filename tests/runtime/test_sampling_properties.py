@@ -26,8 +26,10 @@ logits_st = st.one_of(
     st.builds(lambda i, c: [0.0] * i + [c] + [0.0] * (V - i - 1), st.integers(0, V - 1), finite32),
     st.builds(lambda b: [b + i * 1e-4 for i in range(V)], st.floats(-1e3, 1e3)),
 )
-positive = st.one_of(st.sampled_from([5e-324, 1e-300, 1e-45, 1e-8, 1.0, 1e8, 1e300, 1.7e308]),
-                     st.floats(min_value=5e-324, max_value=1.7e308, allow_nan=False, allow_infinity=False))
+positive = st.one_of(
+    st.sampled_from([5e-324, 1e-300, 1e-45, 1e-8, 1.0, 1e8, 1e300, 1.7e308]),
+    st.floats(min_value=5e-324, max_value=1.7e308, allow_nan=False, allow_infinity=False),
+)
 params_st = st.builds(
     SamplingParams,
     max_tokens=st.just(8),
@@ -47,8 +49,12 @@ params_st = st.builds(
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(params=params_st, steps=st.lists(logits_st, min_size=1, max_size=4),
-       prompt=st.lists(st.integers(0, V - 1), max_size=6), eos=st.lists(st.integers(0, V - 1), max_size=V))
+@given(
+    params=params_st,
+    steps=st.lists(logits_st, min_size=1, max_size=4),
+    prompt=st.lists(st.integers(0, V - 1), max_size=6),
+    eos=st.lists(st.integers(0, V - 1), max_size=V),
+)
 def test_any_valid_parameters_and_finite_logits_give_a_token(params, steps, prompt, eos):
     params.validate(V)
     s = SequenceSampler(params, prompt, V, eos, seed=params.seed)
@@ -76,10 +82,16 @@ def test_non_finite_logits_fail_this_sequence_with_a_clear_error(bad, where, par
         SequenceSampler(params, [], V, seed=0).sample(logits)
 
 
-@pytest.mark.parametrize("kw", [
-    {"temperature": 5e-324}, {"repetition_penalty": 1e-45}, {"repetition_penalty": 1e-45, "temperature": 1e-300},
-    {"temperature": 1.7e308}, {"repetition_penalty": 1.7e308, "temperature": 1e-3},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"temperature": 5e-324},
+        {"repetition_penalty": 1e-45},
+        {"repetition_penalty": 1e-45, "temperature": 1e-300},
+        {"temperature": 1.7e308},
+        {"repetition_penalty": 1.7e308, "temperature": 1e-3},
+    ],
+)
 def test_the_reported_crashes_sample_like_the_limit(kw):
     """The requests that stopped the engine: a tiny temperature samples the argmax (the limit
     of softmax as T -> 0); a tiny repetition penalty still gives a valid draw."""
@@ -97,12 +109,19 @@ def test_everything_suppressed_falls_back_to_the_models_argmax():
     assert SequenceSampler(p, [], V, seed=0).sample(logits).token == V - 1
 
 
-@pytest.mark.parametrize("kw, param", [
-    ({"seed": SEED_MAX + 1}, "seed"), ({"seed": SEED_MIN - 1}, "seed"), ({"seed": SEED_MAX, "n": 2}, "seed"),
-    ({"temperature": math.inf}, "temperature"), ({"temperature": math.nan}, "temperature"),
-    ({"repetition_penalty": math.inf}, "repetition_penalty"), ({"logit_bias": {1: math.nan}}, "logit_bias"),
-    ({"stop_token_ids": (V,)}, "stop_token_ids"),
-])
+@pytest.mark.parametrize(
+    "kw, param",
+    [
+        ({"seed": SEED_MAX + 1}, "seed"),
+        ({"seed": SEED_MIN - 1}, "seed"),
+        ({"seed": SEED_MAX, "n": 2}, "seed"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"repetition_penalty": math.inf}, "repetition_penalty"),
+        ({"logit_bias": {1: math.nan}}, "logit_bias"),
+        ({"stop_token_ids": (V,)}, "stop_token_ids"),
+    ],
+)
 def test_validation_refuses_what_the_sampler_cannot_take_naming_the_field(kw, param):
     with pytest.raises(InvalidRequest) as e:
         SamplingParams(**kw).validate(V)

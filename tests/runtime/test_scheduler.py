@@ -18,7 +18,10 @@ def run_model(s: Scheduler, out: SchedulerOutput, next_token: int = 7) -> None:
     for c in out.chunks:
         s.advance(c)
         if c.samples:
-            for seq in [c.seq, *(s.fork(c.seq.group) if c.seq.index == 0 and len(c.seq.tokens) == c.seq.prompt_len else [])]:
+            for seq in [
+                c.seq,
+                *(s.fork(c.seq.group) if c.seq.index == 0 and len(c.seq.tokens) == c.seq.prompt_len else []),
+            ]:
                 s.append_token(seq, next_token)
 
 
@@ -146,6 +149,13 @@ def test_cache_plan_fits_memory_and_shrinks_context_rather_than_refusing():
 def test_runner_call_grouping():
     from ragtop.runtime.runners.base import Chunk, group_chunks
 
-    chunks = [Chunk(3, [1], 5), Chunk(0, [1, 2], 0), Chunk(1, [1, 2], 0), Chunk(5, [1], 2),
-              Chunk(4, [1, 2], 0), Chunk(2, [1, 2, 3], 0), Chunk(6, [1, 2], 7)]
+    chunks = [
+        Chunk(3, [1], 5),
+        Chunk(0, [1, 2], 0),
+        Chunk(1, [1, 2], 0),
+        Chunk(5, [1], 2),
+        Chunk(4, [1, 2], 0),
+        Chunk(2, [1, 2, 3], 0),
+        Chunk(6, [1, 2], 7),
+    ]
     assert group_chunks(chunks) == [[0, 3], [1, 2], [4], [6], [5]]

@@ -15,7 +15,7 @@ def dense_greedy(m: Transformer, prompt: list[int], n: int) -> list[int]:
     seq = list(prompt)
     for _ in range(n):
         seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 CYCLE = torch.randperm(32, generator=torch.Generator().manual_seed(0))[:12].tolist()

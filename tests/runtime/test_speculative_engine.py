@@ -38,8 +38,12 @@ def exported(tokenizer, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for variant in ("topk", "topk-block", "dense"):
         root = tmp_path_factory.mktemp(f"spec-{variant}")
-        ckpt = save_checkpoint(root / "ckpt", make_model(tokenizer.get_vocab_size(), variant, max_seq_len=CONTEXT),
-                               tokenizer.to_str(), generation={"bos_token_id": 0, "eos_token_id": 0})
+        ckpt = save_checkpoint(
+            root / "ckpt",
+            make_model(tokenizer.get_vocab_size(), variant, max_seq_len=CONTEXT),
+            tokenizer.to_str(),
+            generation={"bos_token_id": 0, "eos_token_id": 0},
+        )
         assert main(["export", str(ckpt), str(root / "onnx"), "--no-validate"]) == 0
         out[variant], out[f"{variant}-ckpt"] = root / "onnx", ckpt
     return out
@@ -122,9 +126,13 @@ def test_speculating_and_plain_requests_share_steps(exported):
     sparse = generate(engine(path), [Request(str(i), p, GREEDY) for i, p in enumerate(ps)])
     sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True)
     alone = generate(engine(path), [Request("s", ps[0], sampled)])
-    mixed = [Request("0", ps[0], GREEDY, num_speculative_tokens=4), Request("1", ps[1], GREEDY, num_speculative_tokens=0),
-             Request("2", ps[2], GREEDY, num_speculative_tokens=2), Request("3", ps[3], GREEDY),
-             Request("s", ps[0], sampled, num_speculative_tokens=4)]
+    mixed = [
+        Request("0", ps[0], GREEDY, num_speculative_tokens=4),
+        Request("1", ps[1], GREEDY, num_speculative_tokens=0),
+        Request("2", ps[2], GREEDY, num_speculative_tokens=2),
+        Request("3", ps[3], GREEDY),
+        Request("s", ps[0], sampled, num_speculative_tokens=4),
+    ]
     eng = engine(path, gamma=0, max_batch_size=5)
     got = generate(eng, mixed)
     assert got["0"] == dense["0"] and got["2"] == dense["2"]
@@ -133,12 +141,16 @@ def test_speculating_and_plain_requests_share_steps(exported):
     assert spec_counts(eng)[0] > 0
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(max_tokens=7, temperature=0, ignore_eos=True),  # ends mid-round
-    SamplingParams(max_tokens=13, temperature=0, n=2, ignore_eos=True),  # n > 1: siblings copy the prompt
-    SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2, repetition_penalty=1.3),
-    SamplingParams(max_tokens=25, temperature=0, min_tokens=3),  # EOS may end it
-], ids=["max_tokens", "n2", "logprobs-penalty", "eos"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=7, temperature=0, ignore_eos=True),  # ends mid-round
+        SamplingParams(max_tokens=13, temperature=0, n=2, ignore_eos=True),  # n > 1: siblings copy the prompt
+        SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2, repetition_penalty=1.3),
+        SamplingParams(max_tokens=25, temperature=0, min_tokens=3),  # EOS may end it
+    ],
+    ids=["max_tokens", "n2", "logprobs-penalty", "eos"],
+)
 def test_stops_behave_as_without_speculation(exported, params):
     path = exported["topk"]
     requests = [Request(str(i), p, params) for i, p in enumerate(prompts())]

@@ -49,11 +49,24 @@ def _one_thread():
 def tiny_checkpoint(root: Path, attention: AttentionConfig) -> Path:
     tok = train_bpe(TEXTS * 4, vocab_size=300)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                      max_seq_len=CONTEXT, attention=attention, embedding=EmbeddingConfig())
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=64,
+        max_seq_len=CONTEXT,
+        attention=attention,
+        embedding=EmbeddingConfig(),
+    )
     eos = tok.token_to_id(EOS)
-    return save_checkpoint(root / "ckpt", Transformer(cfg).eval(), tok.to_str(),
-                           generation={"bos_token_id": eos, "eos_token_id": eos, "chat_template": CHAT_TEMPLATE})
+    return save_checkpoint(
+        root / "ckpt",
+        Transformer(cfg).eval(),
+        tok.to_str(),
+        generation={"bos_token_id": eos, "eos_token_id": eos, "chat_template": CHAT_TEMPLATE},
+    )
 
 
 @pytest.fixture(scope="session")
@@ -121,8 +134,14 @@ def start_server(settings: ServerSettings, exit_on_failure: bool = True, prepare
     """A real uvicorn serving `create_app(settings, prepare=prepare)`; with `wait`, once the
     model has loaded (or failed to)."""
     app = create_app(settings, prepare=prepare)
-    server = RagtopServer(app, settings, "127.0.0.1", 0, log_level="warning",  # what `ragtop serve` runs
-                          exit_on_failure=exit_on_failure)
+    server = RagtopServer(
+        app,
+        settings,
+        "127.0.0.1",
+        0,
+        log_level="warning",  # what `ragtop serve` runs
+        exit_on_failure=exit_on_failure,
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -138,6 +157,7 @@ def start_server(settings: ServerSettings, exit_on_failure: bool = True, prepare
 
 def wait_for_process(proc: subprocess.Popen, url: str, timeout: float = 60.0) -> None:
     """Until `ragtop serve` in `proc` answers /health with 200 (its output in the failure if it exits)."""
+
     def up() -> bool:
         assert proc.poll() is None, proc.stdout.read()
         try:

@@ -19,18 +19,21 @@ def error_of(r: httpx.Response) -> dict:
     return body["error"]
 
 
-@pytest.mark.parametrize("body, param, words", [
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
-    ({"prompt": "hi", "temperature": -1}, "temperature", "greater than or equal to 0"),
-    ({"prompt": "hi", "top_p": 1.5}, "top_p", "less than or equal to 1"),
-    ({"prompt": "hi", "n": 0}, "n", "greater than or equal to 1"),
-    ({"prompt": "hi", "logprobs": 50}, "logprobs", "less than or equal to 20"),
-    ({"prompt": "hi", "stop": [""]}, "stop", "must not be empty"),
-    ({"prompt": "hi", "stream_options": {"include_usage": True}}, None, "stream_options is only allowed"),
-    ({"max_tokens": 3}, "prompt", "Field required"),
-    ({"prompt": []}, "prompt", "must not be an empty list"),
-    ({"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
-])
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({"prompt": "hi", "temperature": -1}, "temperature", "greater than or equal to 0"),
+        ({"prompt": "hi", "top_p": 1.5}, "top_p", "less than or equal to 1"),
+        ({"prompt": "hi", "n": 0}, "n", "greater than or equal to 1"),
+        ({"prompt": "hi", "logprobs": 50}, "logprobs", "less than or equal to 20"),
+        ({"prompt": "hi", "stop": [""]}, "stop", "must not be empty"),
+        ({"prompt": "hi", "stream_options": {"include_usage": True}}, None, "stream_options is only allowed"),
+        ({"max_tokens": 3}, "prompt", "Field required"),
+        ({"prompt": []}, "prompt", "must not be an empty list"),
+        ({"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
+    ],
+)
 def test_invalid_fields_are_422_naming_the_field(live, body, param, words):
     r = httpx.post(live.url + "/v1/completions", json=body)
     assert r.status_code == 422
@@ -71,8 +74,10 @@ def test_out_of_vocabulary_ids_are_400(live):
 
 
 def test_unknown_model_is_404(live):
-    for path, body in (("/v1/completions", {"prompt": "hi"}),
-                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+    for path, body in (
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ):
         r = httpx.post(live.url + path, json={"model": "gpt-9", **body})
         assert r.status_code == 404 and "gpt-9" in error_of(r)["message"]
 
@@ -100,7 +105,10 @@ def test_api_key(serve):
     assert r.status_code == 401 and "missing" in error_of(r)["message"]
     r = httpx.post(url, json={"prompt": "hi", "max_tokens": 1}, headers={"Authorization": "Bearer nope"})
     assert r.status_code == 401 and "wrong" in error_of(r)["message"]
-    assert httpx.post(url, json={"prompt": "hi", "max_tokens": 1}, headers={"Authorization": "Bearer sekrit"}).status_code == 200
+    assert (
+        httpx.post(url, json={"prompt": "hi", "max_tokens": 1}, headers={"Authorization": "Bearer sekrit"}).status_code
+        == 200
+    )
     assert httpx.post(s.url + "/tokenize", json={"prompt": "hi"}).status_code == 401
     assert httpx.get(s.url + "/health").status_code == 200  # probes and scrapes need no key
     assert httpx.get(s.url + "/metrics").status_code == 200
@@ -109,11 +117,13 @@ def test_api_key(serve):
 def test_queue_full_is_429_and_bad_requests_leave_running_ones_alone(serve):
     s = serve(max_batch_size=1, max_waiting=1)
     s.slow_down(0.02)
-    running, events = s.stream_in_background({"prompt": "The quick", "max_tokens": 40, "temperature": 0,
-                                              "ignore_eos": True})
+    running, events = s.stream_in_background(
+        {"prompt": "The quick", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    )
     wait_until(lambda: s.metric("ragtop:num_requests_running") == 1)
-    waiting = threading.Thread(target=lambda: httpx.post(s.url + "/v1/completions", timeout=60,
-                                                         json={"prompt": "x", "max_tokens": 2}))
+    waiting = threading.Thread(
+        target=lambda: httpx.post(s.url + "/v1/completions", timeout=60, json={"prompt": "x", "max_tokens": 2})
+    )
     waiting.start()
     wait_until(lambda: s.metric("ragtop:num_requests_waiting") == 1)
 

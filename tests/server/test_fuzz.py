@@ -13,8 +13,10 @@ import pytest
 
 from loadtests.fuzz import run_fuzz
 
-pytestmark = pytest.mark.skipif(shutil.which("st", path=str(Path(sys.executable).parent)) is None,
-                                reason="schemathesis is not installed (pip install -e '.[test]')")
+pytestmark = pytest.mark.skipif(
+    shutil.which("st", path=str(Path(sys.executable).parent)) is None,
+    reason="schemathesis is not installed (pip install -e '.[test]')",
+)
 
 
 def test_schemathesis_finds_no_server_error(exported, tmp_path):

@@ -18,16 +18,27 @@ SURROGATE = "\ud800"
 
 
 def still_serves(live) -> None:
-    r = httpx.post(live.url + "/v1/completions", json={"prompt": "The", "max_tokens": 3, "ignore_eos": True}, timeout=30)
+    r = httpx.post(
+        live.url + "/v1/completions", json={"prompt": "The", "max_tokens": 3, "ignore_eos": True}, timeout=30
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     assert httpx.get(live.url + "/health").status_code == 200
 
 
-@pytest.mark.parametrize("extra", [
-    {"temperature": 5e-324}, {"repetition_penalty": 1e-45}, {"temperature": 1e-300, "repetition_penalty": 1e-300},
-    {"repetition_penalty": 1e300}, {"temperature": 2.0, "top_p": 1e-300}, {"top_k": 10**12},
-    {"min_tokens": 5, "stop_token_ids": list(range(50))}, {"seed": -(2**63)}, {"seed": 2**63 - 2, "n": 2},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"temperature": 5e-324},
+        {"repetition_penalty": 1e-45},
+        {"temperature": 1e-300, "repetition_penalty": 1e-300},
+        {"repetition_penalty": 1e300},
+        {"temperature": 2.0, "top_p": 1e-300},
+        {"top_k": 10**12},
+        {"min_tokens": 5, "stop_token_ids": list(range(50))},
+        {"seed": -(2**63)},
+        {"seed": 2**63 - 2, "n": 2},
+    ],
+)
 def test_extreme_sampling_values_get_an_answer_and_the_engine_lives(live, extra):
     """The requests that used to stop the engine for good (temperature 5e-324, ...)."""
     r = httpx.post(live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4, **extra}, timeout=30)
@@ -36,18 +47,25 @@ def test_extreme_sampling_values_get_an_answer_and_the_engine_lives(live, extra)
     still_serves(live)
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/completions", {"prompt": SURROGATE}, "prompt"),
-    ("/v1/completions", {"prompt": ["ok", "a" + SURROGATE]}, "prompt"),
-    ("/v1/completions", {"prompt": "hi", "stop": [SURROGATE]}, "stop"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": SURROGATE}]}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]}, "messages"),
-    ("/tokenize", {"prompt": "x" + SURROGATE}, "prompt"),
-    ("/v1/completions", {"prompt": "hi", "logit_bias": {"--5": 1}}, "logit_bias"),
-    ("/v1/completions", {"prompt": "hi", "logit_bias": {"²": 1}}, "logit_bias"),
-    ("/v1/completions", {"prompt": "hi", "logit_bias": {"007": 1}}, "logit_bias"),
-    ("/v1/completions", {"prompt": "hi", "logit_bias": {"1" * 30: 1}}, "logit_bias"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", {"prompt": SURROGATE}, "prompt"),
+        ("/v1/completions", {"prompt": ["ok", "a" + SURROGATE]}, "prompt"),
+        ("/v1/completions", {"prompt": "hi", "stop": [SURROGATE]}, "stop"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": SURROGATE}]}, "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]},
+            "messages",
+        ),
+        ("/tokenize", {"prompt": "x" + SURROGATE}, "prompt"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"--5": 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"²": 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"007": 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"1" * 30: 1}}, "logit_bias"),
+    ],
+)
 def test_invalid_text_and_keys_are_4xx_naming_the_field(live, path, body, param):
     # json.dumps escapes a lone surrogate as \\ud800, as a hostile client would send it
     r = httpx.post(live.url + path, content=json.dumps(body), headers={"content-type": "application/json"})
@@ -56,26 +74,32 @@ def test_invalid_text_and_keys_are_4xx_naming_the_field(live, path, body, param)
     assert err["param"] and err["param"].startswith(param), err
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": "hi", "seed": 2**63}, "seed"),
-    ({"prompt": "hi", "seed": -(2**63) - 1}, "seed"),
-    ({"prompt": "hi", "seed": 2**63 - 1, "n": 2}, "seed"),
-    ({"prompt": "hi", "seed": 10**40}, "seed"),
-    ({"prompt": "hi", "logit_bias": {"100000": 1}}, "logit_bias"),
-    ({"prompt": "hi", "stop_token_ids": [10**30]}, "stop_token_ids"),
-    ({"prompt": [10**30]}, "prompt"),
-    ({"prompt": [[]]}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "hi", "seed": 2**63}, "seed"),
+        ({"prompt": "hi", "seed": -(2**63) - 1}, "seed"),
+        ({"prompt": "hi", "seed": 2**63 - 1, "n": 2}, "seed"),
+        ({"prompt": "hi", "seed": 10**40}, "seed"),
+        ({"prompt": "hi", "logit_bias": {"100000": 1}}, "logit_bias"),
+        ({"prompt": "hi", "stop_token_ids": [10**30]}, "stop_token_ids"),
+        ({"prompt": [10**30]}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+    ],
+)
 def test_out_of_range_values_are_400_naming_the_field(live, body, param):
     r = httpx.post(live.url + "/v1/completions", json=body)
     assert r.status_code == 400, r.text
     assert error_of(r)["param"] == param
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"prompt": "\xff\xfe"}',                                   # invalid UTF-8
-    b'{"prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",        # nested 10,000 deep
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"prompt": "\xff\xfe"}',  # invalid UTF-8
+        b'{"prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",  # nested 10,000 deep
+    ],
+)
 def test_unparseable_bodies_get_the_openai_error_shape(live, raw):
     r = httpx.post(live.url + "/v1/completions", content=raw, headers={"content-type": "application/json"})
     assert r.status_code in (400, 422)
@@ -83,11 +107,14 @@ def test_unparseable_bodies_get_the_openai_error_shape(live, raw):
     still_serves(live)
 
 
-@pytest.mark.parametrize("raw, param", [
-    (b'{"prompt": "hi", "temperature": NaN}', "temperature"),
-    (b'{"prompt": "hi", "repetition_penalty": Infinity}', "repetition_penalty"),
-    (b'{"prompt": "hi", "logit_bias": {"1": -Infinity}}', "logit_bias"),
-])
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        (b'{"prompt": "hi", "temperature": NaN}', "temperature"),
+        (b'{"prompt": "hi", "repetition_penalty": Infinity}', "repetition_penalty"),
+        (b'{"prompt": "hi", "logit_bias": {"1": -Infinity}}', "logit_bias"),
+    ],
+)
 def test_json_nan_and_infinity_are_refused(live, raw, param):
     r = httpx.post(live.url + "/v1/completions", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 422 and error_of(r)["param"].startswith(param)
@@ -120,8 +147,12 @@ def inject_nan(live) -> None:
 
     def faulty(chunks):
         out = forward(chunks)
-        return [np.full(np.asarray(o).shape, np.nan, dtype=np.float32)
-                if o is not None and c.start == 0 and c.tokens[0] == MAGIC else o for c, o in zip(chunks, out, strict=True)]
+        return [
+            np.full(np.asarray(o).shape, np.nan, dtype=np.float32)
+            if o is not None and c.start == 0 and c.tokens[0] == MAGIC
+            else o
+            for c, o in zip(chunks, out, strict=True)
+        ]
 
     runner.forward = faulty
 
@@ -135,7 +166,9 @@ def test_a_request_that_fails_inside_the_engine_gets_500_and_the_others_finish(s
     r = httpx.post(s.url + "/v1/completions", json={"prompt": [MAGIC, 5], "max_tokens": 5}, timeout=30)
     assert r.status_code == 500 and error_of(r)["type"] == "server_error"
     assert "non-finite logits" in error_of(r)["message"] and "Traceback" not in r.text
-    with httpx.stream("POST", s.url + "/v1/completions", json={"prompt": [MAGIC], "max_tokens": 5, "stream": True}) as r:
+    with httpx.stream(
+        "POST", s.url + "/v1/completions", json={"prompt": [MAGIC], "max_tokens": 5, "stream": True}
+    ) as r:
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == 500
     t.join(60)
@@ -168,8 +201,11 @@ def test_grace_period_expiry_ends_open_requests_with_errors_not_tracebacks(serve
     plain: list[httpx.Response] = []
 
     def request() -> None:
-        plain.append(httpx.post(s.url + "/v1/completions", json={"prompt": "A", "max_tokens": 80, "ignore_eos": True},
-                                timeout=60))
+        plain.append(
+            httpx.post(
+                s.url + "/v1/completions", json={"prompt": "A", "max_tokens": 80, "ignore_eos": True}, timeout=60
+            )
+        )
 
     streaming, events = s.stream_in_background({"prompt": "The", "max_tokens": 80, "ignore_eos": True})
     threads = [streaming, threading.Thread(target=request)]

@@ -23,8 +23,17 @@ from .conftest import free_port, start_server, wait_for_process, wait_until
 
 def answer(url: str) -> str:
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-    return client.completions.create(model=client.models.list().data[0].id, prompt="The quick", max_tokens=6,
-                                     temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+    return (
+        client.completions.create(
+            model=client.models.list().data[0].id,
+            prompt="The quick",
+            max_tokens=6,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        .choices[0]
+        .text
+    )
 
 
 @pytest.mark.parametrize("plugin", [True, False], ids=["plugin", "fallback"])
@@ -58,11 +67,24 @@ def test_failed_load_is_503_with_the_reason(tmp_path):
 
 
 def test_settings_from_environment_and_flags(tmp_path):
-    env = {"RAGTOP_PORT": "9001", "RAGTOP_API_KEY": "k", "RAGTOP_PLUGIN": "false", "RAGTOP_CORS_ORIGINS": "http://a, http://b",
-           "RAGTOP_MODEL": str(tmp_path), "RAGTOP_SHUTDOWN_GRACE_S": "2.5"}
+    env = {
+        "RAGTOP_PORT": "9001",
+        "RAGTOP_API_KEY": "k",
+        "RAGTOP_PLUGIN": "false",
+        "RAGTOP_CORS_ORIGINS": "http://a, http://b",
+        "RAGTOP_MODEL": str(tmp_path),
+        "RAGTOP_SHUTDOWN_GRACE_S": "2.5",
+    }
     s = ServerSettings.load({"port": 9002, "host": None}, env)
-    assert (s.port, s.api_key, s.plugin, s.cors_origins, s.model, s.host, s.shutdown_grace_s) == \
-        (9002, "k", False, ("http://a", "http://b"), tmp_path, "127.0.0.1", 2.5)
+    assert (s.port, s.api_key, s.plugin, s.cors_origins, s.model, s.host, s.shutdown_grace_s) == (
+        9002,
+        "k",
+        False,
+        ("http://a", "http://b"),
+        tmp_path,
+        "127.0.0.1",
+        2.5,
+    )
     assert s.model_name == tmp_path.name
     with pytest.raises(RagtopError, match="RAGTOP_MAX_BATCH_SIZE"):
         ServerSettings.load({}, {"RAGTOP_MAX_BATCH_SIZE": "lots"})
@@ -72,10 +94,14 @@ def test_settings_from_environment_and_flags(tmp_path):
 
 def test_no_cors_unless_asked(serve):
     s = serve()
-    r = httpx.options(s.url + "/v1/completions", headers={"Origin": "http://evil", "Access-Control-Request-Method": "POST"})
+    r = httpx.options(
+        s.url + "/v1/completions", headers={"Origin": "http://evil", "Access-Control-Request-Method": "POST"}
+    )
     assert "access-control-allow-origin" not in r.headers
     s2 = serve(cors_origins=("http://app",))
-    r = httpx.options(s2.url + "/v1/completions", headers={"Origin": "http://app", "Access-Control-Request-Method": "POST"})
+    r = httpx.options(
+        s2.url + "/v1/completions", headers={"Origin": "http://app", "Access-Control-Request-Method": "POST"}
+    )
     assert r.headers["access-control-allow-origin"] == "http://app"
 
 
@@ -96,9 +122,25 @@ def test_graceful_shutdown_finishes_in_flight_requests(serve):
 def test_ragtop_serve_process_answers_and_exits_on_sigterm(exported):
     port = free_port()
     env = {**os.environ, "RAGTOP_LOG_LEVEL": "info"}
-    proc = subprocess.Popen([sys.executable, "-m", "ragtop.cli", "serve", str(exported["topk"]), "--port", str(port),
-                             "--threads", "1", "--served-model-name", "tiny"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ragtop.cli",
+            "serve",
+            str(exported["topk"]),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--served-model-name",
+            "tiny",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_process(proc, url)
@@ -119,8 +161,12 @@ def test_ragtop_serve_process_answers_and_exits_on_sigterm(exported):
 def test_ragtop_serve_exits_1_when_the_model_cannot_load(tmp_path):
     (tmp_path / "model.onnx").write_text("not onnx")
     (tmp_path / "genai_config.json").write_text(json.dumps({"bad": True}))
-    proc = subprocess.run([sys.executable, "-m", "ragtop.cli", "serve", str(tmp_path), "--port", str(free_port())],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ragtop.cli", "serve", str(tmp_path), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "failed to load" in proc.stderr
 
@@ -130,7 +176,6 @@ def test_default_model_dirs_live_in_the_data_folder(tmp_path):
 
     ckpt, onnx_dir = default_model_dirs(tmp_path)
     assert ckpt.parent == onnx_dir.parent == Path(tmp_path) / "models"
-
 
 
 def test_port_answers_503_loading_with_what_it_does_while_the_model_is_prepared(exported):
@@ -193,8 +238,13 @@ def test_ragtop_serve_without_a_model_opens_the_port_while_it_exports_the_defaul
     port = free_port()
     env = {**os.environ, "RAGTOP_DATA_DIR": str(tmp_path), "RAGTOP_THREADS": "1"}
     env.pop("RAGTOP_MODEL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "ragtop.cli", "serve", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ragtop.cli", "serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     seen: list[dict] = []
 

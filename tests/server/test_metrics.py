@@ -11,12 +11,24 @@ from ragtop.server.metrics import context_bucket
 from .conftest import wait_until
 
 EXPECTED = {
-    "ragtop:time_to_first_token_seconds", "ragtop:inter_token_latency_seconds", "ragtop:e2e_request_latency_seconds",
-    "ragtop:request_queue_time_seconds", "ragtop:time_per_output_token_seconds", "ragtop:num_requests_running",
-    "ragtop:num_requests_waiting", "ragtop:prompt_tokens", "ragtop:generation_tokens", "ragtop:request_success",
-    "ragtop:kv_cache_usage_perc", "ragtop:kv_cache_used_bytes", "ragtop:kv_cache_total_bytes",
-    "ragtop:resident_memory_bytes", "ragtop:peak_resident_memory_bytes", "ragtop:decode_tokens",
-    "ragtop:decode_seconds", "process_resident_memory_bytes",
+    "ragtop:time_to_first_token_seconds",
+    "ragtop:inter_token_latency_seconds",
+    "ragtop:e2e_request_latency_seconds",
+    "ragtop:request_queue_time_seconds",
+    "ragtop:time_per_output_token_seconds",
+    "ragtop:num_requests_running",
+    "ragtop:num_requests_waiting",
+    "ragtop:prompt_tokens",
+    "ragtop:generation_tokens",
+    "ragtop:request_success",
+    "ragtop:kv_cache_usage_perc",
+    "ragtop:kv_cache_used_bytes",
+    "ragtop:kv_cache_total_bytes",
+    "ragtop:resident_memory_bytes",
+    "ragtop:peak_resident_memory_bytes",
+    "ragtop:decode_tokens",
+    "ragtop:decode_seconds",
+    "process_resident_memory_bytes",
 }
 
 
@@ -28,8 +40,10 @@ def test_metrics_parse_and_move(serve):
     s = serve()
     before = families(s.url)
     assert EXPECTED <= set(before), EXPECTED - set(before)
-    r = httpx.post(s.url + "/v1/completions", json={"prompt": list(range(10, 30)), "max_tokens": 7, "ignore_eos": True,
-                                                     "temperature": 0})
+    r = httpx.post(
+        s.url + "/v1/completions",
+        json={"prompt": list(range(10, 30)), "max_tokens": 7, "ignore_eos": True, "temperature": 0},
+    )
     assert r.status_code == 200
     assert s.metric("ragtop:prompt_tokens_total") == 20
     assert s.metric("ragtop:generation_tokens_total") == 7
@@ -72,5 +86,13 @@ def test_disconnect_while_waiting_for_a_plain_response(serve):
 
 
 def test_context_buckets():
-    assert [context_bucket(n) for n in (1, 1024, 1025, 4096, 8000, 16384, 16385, 10**6)] == \
-        ["0-1k", "0-1k", "1k-4k", "1k-4k", "4k-16k", "4k-16k", "16k+", "16k+"]
+    assert [context_bucket(n) for n in (1, 1024, 1025, 4096, 8000, 16384, 16385, 10**6)] == [
+        "0-1k",
+        "0-1k",
+        "1k-4k",
+        "1k-4k",
+        "4k-16k",
+        "4k-16k",
+        "16k+",
+        "16k+",
+    ]

@@ -20,21 +20,31 @@ def test_models(client, live):
 
 
 def test_completion(client):
-    r = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=5, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="tiny", prompt="The quick brown", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.object == "text_completion" and r.model == "tiny" and r.id.startswith("cmpl-")
     (choice,) = r.choices
     assert choice.finish_reason == "length" and isinstance(choice.text, str)
     assert r.usage.completion_tokens == 5 and r.usage.prompt_tokens > 1
     assert r.usage.total_tokens == r.usage.prompt_tokens + 5
-    again = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=5, temperature=0,
-                                      extra_body={"ignore_eos": True})
+    again = client.completions.create(
+        model="tiny", prompt="The quick brown", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert again.choices[0].text == choice.text  # greedy is deterministic
 
 
 def test_completion_batch_n_logprobs_echo(client):
-    r = client.completions.create(model="tiny", prompt=["one", "two words"], n=2, max_tokens=3, temperature=1.0, seed=7,
-                                  logprobs=2, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="tiny",
+        prompt=["one", "two words"],
+        n=2,
+        max_tokens=3,
+        temperature=1.0,
+        seed=7,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
     for c in r.choices:
         lp = c.logprobs
@@ -53,32 +63,50 @@ def test_seeded_sampling_is_reproducible(client):
 
 
 def test_stop_string_is_cut(client):
-    text = client.completions.create(model="tiny", prompt="The", max_tokens=12, temperature=0,
-                                     extra_body={"ignore_eos": True}).choices[0].text
+    text = (
+        client.completions.create(
+            model="tiny", prompt="The", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
     stop = text[3:5]
     if not stop.strip():
         pytest.skip("greedy text too short to pick a stop string from")
-    r = client.completions.create(model="tiny", prompt="The", max_tokens=12, temperature=0, stop=[stop],
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="tiny", prompt="The", max_tokens=12, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].finish_reason == "stop" and stop not in r.choices[0].text
     assert text.startswith(r.choices[0].text)
 
 
 def test_completion_stream_with_usage(client):
-    chunks = list(client.completions.create(model="tiny", prompt="The quick", max_tokens=6, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt="The quick",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     *body, last = chunks
     assert last.choices == [] and last.usage.completion_tokens == 6
     assert all(c.id == last.id for c in chunks)
     assert body[-1].choices[0].finish_reason == "length"
     streamed = "".join(c.choices[0].text for c in body)
-    whole = client.completions.create(model="tiny", prompt="The quick", max_tokens=6, temperature=0,
-                                      extra_body={"ignore_eos": True})
+    whole = client.completions.create(
+        model="tiny", prompt="The quick", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert streamed == whole.choices[0].text
 
 
 def test_raw_sse_framing(live):
-    with httpx.stream("POST", live.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "stream": True}) as r:
+    with httpx.stream(
+        "POST", live.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "stream": True}
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         text = r.read().decode()
     events = [e for e in text.split("\n\n") if e]
@@ -87,9 +115,14 @@ def test_raw_sse_framing(live):
 
 
 def test_chat(client):
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "Be brief."},
-                                                                {"role": "user", "content": "Hello?"}],
-                                       max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
     msg = r.choices[0].message
     assert msg.role == "assistant" and isinstance(msg.content, str)
@@ -99,8 +132,13 @@ def test_chat(client):
 
 
 def test_chat_stream(client):
-    kw = dict(model="tiny", messages=[{"role": "user", "content": "Tell me."}], max_tokens=5, temperature=0,
-              extra_body={"ignore_eos": True})
+    kw = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "Tell me."}],
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].choices == []

@@ -11,9 +11,12 @@ SYSTEM = "State of the Union: the economy, the budget and the people. The quick 
 
 def ask(url: str, question: str):
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-    return client.chat.completions.create(model="tiny", temperature=0, max_tokens=6,
-                                          messages=[{"role": "system", "content": SYSTEM},
-                                                    {"role": "user", "content": question}])
+    return client.chat.completions.create(
+        model="tiny",
+        temperature=0,
+        max_tokens=6,
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+    )
 
 
 def test_a_follow_up_reuses_the_cached_prefix_and_answers_the_same(serve):

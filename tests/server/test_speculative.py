@@ -60,9 +60,17 @@ def test_server_default_and_per_request_option(serve, exported):
     assert r.json()["choices"][0]["text"] == engine_text(path, PROMPTS[0], 20, dense=False)
     assert live.metric("ragtop:spec_decode_num_draft_tokens_total", model_name="tiny") == drafted
     # chat takes the option too
-    chat = httpx.post(live.url + "/v1/chat/completions", timeout=60, json={
-        "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "temperature": 0,
-        "num_speculative_tokens": 2})
+    chat = httpx.post(
+        live.url + "/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "num_speculative_tokens": 2,
+        },
+    )
     assert chat.status_code == 200, chat.text
 
 

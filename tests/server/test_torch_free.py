@@ -21,8 +21,24 @@ PROGRAM = f"import sys; sys.modules.update(dict.fromkeys({BLOCKED!r})); from rag
 
 
 def serve_without_torch(model, port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", PROGRAM, "serve", str(model), "--port", str(port), "--threads", "1",
-                             "--served-model-name", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            PROGRAM,
+            "serve",
+            str(model),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--served-model-name",
+            "tiny",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_an_exported_model_serves_without_torch(exported):
@@ -32,11 +48,15 @@ def test_an_exported_model_serves_without_torch(exported):
     try:
         wait_for_process(proc, url)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        r = client.completions.create(model="tiny", prompt="The quick", max_tokens=5, temperature=0.8, seed=3,
-                                      extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model="tiny", prompt="The quick", max_tokens=5, temperature=0.8, seed=3, extra_body={"ignore_eos": True}
+        )
         assert r.usage.completion_tokens == 5
-        chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                                     max_tokens=4, stream=True))
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+            )
+        )
         assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
@@ -53,8 +73,12 @@ def test_a_checkpoint_without_torch_is_a_clear_error(exported):
 
 
 def test_training_commands_without_torch_say_what_to_install(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", PROGRAM, "train", "--preset", "tiny", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROGRAM, "train", "--preset", "tiny", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "pip install 'ragtop[train]'" in proc.stderr
 
 
@@ -95,14 +119,31 @@ def test_the_base_install_in_a_fresh_venv_serves_without_torch(exported, tmp_pat
         assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, module
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(python), "-m", "ragtop.cli", "serve", str(exported["topk"]), "--port", str(port),
-                             "--threads", "1", "--served-model-name", "tiny"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            str(python),
+            "-m",
+            "ragtop.cli",
+            "serve",
+            str(exported["topk"]),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--served-model-name",
+            "tiny",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         wait_for_process(proc, url)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        r = client.completions.create(model="tiny", prompt="The quick", max_tokens=4, temperature=0.7, seed=1,
-                                      extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model="tiny", prompt="The quick", max_tokens=4, temperature=0.7, seed=1, extra_body={"ignore_eos": True}
+        )
         assert r.usage.completion_tokens == 4
         assert httpx.get(url + "/docs").status_code == 200
         proc.send_signal(signal.SIGTERM)

@@ -70,8 +70,17 @@ def ray_service(tiny_model) -> Iterator[RayService]:
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import the tests
 
-    settings = ServerSettings(model=tiny_model, served_model_name="tiny", port=free_port(), replicas=2, threads=1,
-                              max_batch_size=2, max_waiting=2, api_key="sekrit", shutdown_grace_s=2)
+    settings = ServerSettings(
+        model=tiny_model,
+        served_model_name="tiny",
+        port=free_port(),
+        replicas=2,
+        threads=1,
+        max_batch_size=2,
+        max_waiting=2,
+        api_key="sekrit",
+        shutdown_grace_s=2,
+    )
     try:
         url = ragtop_ray.start(settings, setup=slow_runner, num_cpus=2)
         service = RayService(url, settings)

@@ -18,16 +18,29 @@ def client(ray_service) -> openai.OpenAI:
 
 def test_openai_client_through_the_proxy(client, ray_service):
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    r = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=5, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="tiny", prompt="The quick brown", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.object == "text_completion" and r.usage.completion_tokens == 5
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                          temperature=0, extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 4
-    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
-                                                 max_tokens=4, temperature=0, stream=True,
-                                                 stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == chat.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == 4
@@ -37,8 +50,11 @@ def test_api_key_and_errors_are_ragtop_s(ray_service):
     with ray_service.client() as c:
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 500},
-                   headers={"Authorization": "Bearer sekrit"})
+        r = c.post(
+            "/v1/completions",
+            json={"model": "tiny", "prompt": "x", "max_tokens": 500},
+            headers={"Authorization": "Bearer sekrit"},
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
         assert c.get("/health").json() == {"status": "ready"}
 
@@ -47,8 +63,10 @@ def _stream(url: str, max_tokens: int, results: list, **kw) -> None:
     import httpx
 
     body = {"model": "tiny", "prompt": "The", "max_tokens": max_tokens, "stream": True, "ignore_eos": True, **kw}
-    with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/completions", json=body,
-                                                  headers={"Authorization": "Bearer sekrit"}) as r:
+    with (
+        httpx.Client(timeout=120) as c,
+        c.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": "Bearer sekrit"}) as r,
+    ):
         text = r.read().decode()
         results.append((r.status_code, r.headers.get("x-ragtop-replica"), r.headers.get("retry-after"), text))
 
@@ -107,8 +125,11 @@ def _metric_sum(ray_service, name: str, **labels: str) -> float:
     total = 0.0
     for record in ray_service.replicas():
         for family in text_string_to_metric_families(httpx.get(f"http://{record.target}/metrics").text):
-            total += sum(s.value for s in family.samples
-                         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+            total += sum(
+                s.value
+                for s in family.samples
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+            )
     return total
 
 
@@ -122,20 +143,25 @@ def test_client_disconnect_aborts_through_the_proxy(ray_service):
     aborted = _metric_sum(ray_service, "ragtop:request_success_total", finished_reason="abort")
     body = {"model": "tiny", "prompt": "The", "max_tokens": 90, "ignore_eos": True}
     auth = {"Authorization": "Bearer sekrit"}
-    with httpx.Client(timeout=60) as c, c.stream("POST", ray_service.url + "/v1/completions", headers=auth,
-                                                 json={**body, "stream": True}) as r:
+    with (
+        httpx.Client(timeout=60) as c,
+        c.stream("POST", ray_service.url + "/v1/completions", headers=auth, json={**body, "stream": True}) as r,
+    ):
         next(r.iter_lines())  # the first chunk: the request runs; now hang up
     start = time.monotonic()
-    wait_until(lambda: _metric_sum(ray_service, "ragtop:request_success_total", finished_reason="abort") > aborted,
-               timeout=1.5)  # long before 90 steps of 20 ms would have finished
+    wait_until(
+        lambda: _metric_sum(ray_service, "ragtop:request_success_total", finished_reason="abort") > aborted, timeout=1.5
+    )  # long before 90 steps of 20 ms would have finished
     with httpx.Client(timeout=0.3) as c:  # a non-streaming request whose client gives up
         try:
             c.post(ray_service.url + "/v1/completions", headers=auth, json=body)
             raise AssertionError("answered within 0.3 s")
         except httpx.ReadTimeout:
             pass
-    wait_until(lambda: _metric_sum(ray_service, "ragtop:request_success_total", finished_reason="abort") > aborted + 1,
-               timeout=1.5)
+    wait_until(
+        lambda: _metric_sum(ray_service, "ragtop:request_success_total", finished_reason="abort") > aborted + 1,
+        timeout=1.5,
+    )
     assert time.monotonic() - start < 3.0
     wait_until(lambda: _metric_sum(ray_service, "ragtop:num_requests_running") == 0, timeout=5)
 
@@ -155,8 +181,9 @@ def test_a_killed_replica_is_replaced_and_the_service_keeps_answering(ray_servic
     from .conftest import wait_until
 
     before = {r.replica: r for r in ray_service.replicas()}
-    stream = client.completions.create(model="tiny", prompt="The", max_tokens=90, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model="tiny", prompt="The", max_tokens=90, stream=True, extra_body={"ignore_eos": True}
+    )
     replica = stream.response.headers["x-ragtop-replica"]
     next(iter(stream))
     body = {"model": "tiny", "prompt": "The", "max_tokens": 40, "ignore_eos": True}
@@ -189,6 +216,16 @@ def test_a_killed_replica_is_replaced_and_the_service_keeps_answering(ray_servic
         assert time.monotonic() - killed_at < 60, "no replacement replica within 60 s"
         time.sleep(0.2)
     assert len({r.pid for r in after} - {r.pid for r in before.values()}) == 1
-    served = wait_until(lambda: {client.completions.with_raw_response.create(
-        model="tiny", prompt="x", max_tokens=2).headers["x-ragtop-replica"] for _ in range(6)} - {replica}, timeout=30)
+    served = wait_until(
+        lambda: (
+            {
+                client.completions.with_raw_response.create(model="tiny", prompt="x", max_tokens=2).headers[
+                    "x-ragtop-replica"
+                ]
+                for _ in range(6)
+            }
+            - {replica}
+        ),
+        timeout=30,
+    )
     assert served and replica not in served

@@ -14,8 +14,10 @@ from ragtop.server import ServerSettings
 
 
 def test_single_process_server_does_not_import_ray():
-    code = ("import sys, ragtop.cli, ragtop.server, ragtop.server.run, ragtop.server.app; "
-            "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'ray imported'")
+    code = (
+        "import sys, ragtop.cli, ragtop.server, ragtop.server.run, ragtop.server.app; "
+        "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'ray imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -23,11 +25,23 @@ def test_scale_out_settings_from_flags_and_environment():
     assert not ServerSettings().scale_out
     s = ServerSettings.load({"replicas": 3}, environ={"RAGTOP_MAX_ONGOING_REQUESTS": "9"})
     assert s.scale_out and s.replicas == 3 and s.max_ongoing_requests == 9
-    auto = ServerSettings.load(environ={"RAGTOP_MIN_REPLICAS": "1", "RAGTOP_MAX_REPLICAS": "4",
-                                       "RAGTOP_TARGET_ONGOING_REQUESTS": "2.5", "RAGTOP_RAY_ADDRESS": "auto"})
+    auto = ServerSettings.load(
+        environ={
+            "RAGTOP_MIN_REPLICAS": "1",
+            "RAGTOP_MAX_REPLICAS": "4",
+            "RAGTOP_TARGET_ONGOING_REQUESTS": "2.5",
+            "RAGTOP_RAY_ADDRESS": "auto",
+        }
+    )
     assert auto.scale_out and auto.target_ongoing_requests == 2.5 and auto.ray_address == "auto"
-    for bad in ({"replicas": 2, "max_replicas": 4}, {"min_replicas": 1}, {"min_replicas": 5, "max_replicas": 2},
-                {"replicas": 0}, {"max_queued_requests": 0}, {"target_ongoing_requests": 0.0}):
+    for bad in (
+        {"replicas": 2, "max_replicas": 4},
+        {"min_replicas": 1},
+        {"min_replicas": 5, "max_replicas": 2},
+        {"replicas": 0},
+        {"max_queued_requests": 0},
+        {"target_ongoing_requests": 0.0},
+    ):
         with pytest.raises(RagtopError):
             ServerSettings(**bad)
     assert ServerSettings(replicas=1, max_queued_requests=-1).max_queued_requests == -1

@@ -46,8 +46,16 @@ def test_embedding_report_structure_and_matching(emb_report):
 
 def test_attention_report_matches_parameters(data_dir):
     torch.set_num_threads(1)
-    rep = run_attention_study(data_dir, "v512-d32", [2, 4], [0], Budget(4, 2, 32, warmup=1), score_tokens=128,
-                              corpus_tokens=5000, log=lambda s: None)
+    rep = run_attention_study(
+        data_dir,
+        "v512-d32",
+        [2, 4],
+        [0],
+        Budget(4, 2, 32, warmup=1),
+        score_tokens=128,
+        corpus_tokens=5000,
+        log=lambda s: None,
+    )
     assert rep["params_match"]
     assert set(rep["arms"]) == {"dense", "topk2", "topk4", "topk4-block16x2", "dense->topk2", "dense->topk4"}
     counts = {a["params"]["total"] for a in rep["arms"].values()}
@@ -75,8 +83,16 @@ def test_decode_kernels_agree_with_the_model(data_dir):
     """The timing kernels compute what TopKAttention computes for the newest token."""
     torch.manual_seed(0)
     H, L, Dh, k, bs, budget = 2, 100, 16, 8, 16, 2
-    cfg = ModelConfig(vocab_size=8, d_model=H * Dh, n_layers=1, n_heads=H, n_kv_heads=H, d_ff=8, max_seq_len=L,
-                      attention=AttentionConfig("topk", topk=k, block_size=bs, block_budget=budget))
+    cfg = ModelConfig(
+        vocab_size=8,
+        d_model=H * Dh,
+        n_layers=1,
+        n_heads=H,
+        n_kv_heads=H,
+        d_ff=8,
+        max_seq_len=L,
+        attention=AttentionConfig("topk", topk=k, block_size=bs, block_budget=budget),
+    )
     q, keys, vals = torch.randn(1, H, L, Dh), torch.randn(1, H, L, Dh), torch.randn(1, H, L, Dh)
     ar = torch.arange(L)
     ctx = AttnContext(None, None, ar[None], (ar[None, :] <= ar[:, None])[None, None], None, True)
@@ -99,7 +115,9 @@ def test_analyze_with_timing_and_report(tmp_path, emb_report):
     (tmp_path / "analyze.json").write_text(json.dumps(rep))
     (tmp_path / "embeddings-v64.json").write_text(json.dumps(emb_report))
     doc = tmp_path / "r.md"
-    doc.write_text("a\n<!-- BEGIN embeddings -->\nold\n<!-- END embeddings -->\nb\n<!-- BEGIN analyze -->\n<!-- END analyze -->\n")
+    doc.write_text(
+        "a\n<!-- BEGIN embeddings -->\nold\n<!-- END embeddings -->\nb\n<!-- BEGIN analyze -->\n<!-- END analyze -->\n"
+    )
     render(tmp_path, doc)
     text = doc.read_text()
     assert "old" not in text and "tiered, same total" in text and "Measured decode" in text

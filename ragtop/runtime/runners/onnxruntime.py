@@ -44,8 +44,9 @@ def contiguous_runs(slots: Sequence[int]) -> list[list[int]]:
 
 
 class OrtRunner:
-    def __init__(self, folder: Path, threads: int | None = None, use_plugin: bool = True,
-                 model_file: str | None = None) -> None:
+    def __init__(
+        self, folder: Path, threads: int | None = None, use_plugin: bool = True, model_file: str | None = None
+    ) -> None:
         """model_file: another graph of the folder with the same interface (e.g. the export's
         model.int8.onnx); default genai_config's decoder file."""
         import onnxruntime as ort
@@ -58,7 +59,11 @@ class OrtRunner:
         m, rt = self.genai["model"], self.genai["ragtop"]
         dec = m["decoder"]
         self.io_names, self.out_names = dec["inputs"], dec["outputs"]
-        self.n_layers, self.n_kv_heads, self.head_dim = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
+        self.n_layers, self.n_kv_heads, self.head_dim = (
+            dec["num_hidden_layers"],
+            dec["num_key_value_heads"],
+            dec["head_size"],
+        )
         self.np_dtype = DTYPES[rt["kv_cache"]["dtype"]]
         att = rt["attention"]
         self.block_size = int(att.get("block_size") or 0)
@@ -68,8 +73,14 @@ class OrtRunner:
         if self.block_size:  # summaries: 2 vectors per block of block_size tokens
             per_token += -(-2 * self.n_layers * self.n_kv_heads * self.head_dim * itemsize // self.block_size)
         label = {"dense": "dense", "exact": "topk", "block": "topk-block"}.get(att["mode"], att["mode"])
-        self.spec = RunnerSpec("onnxruntime", int(m["vocab_size"]), int(m["context_length"]), per_token, label,
-                               capacity_multiple=int(rt["kv_cache"].get("capacity_multiple") or 1))
+        self.spec = RunnerSpec(
+            "onnxruntime",
+            int(m["vocab_size"]),
+            int(m["context_length"]),
+            per_token,
+            label,
+            capacity_multiple=int(rt["kv_cache"].get("capacity_multiple") or 1),
+        )
 
         opts = ort.SessionOptions()
         if threads:
@@ -111,7 +122,9 @@ class OrtRunner:
         for i in range(self.n_layers):
             for kind in self.kinds:
                 positions = self.capacity // self.block_size if kind.startswith("key_m") else self.capacity
-                self.buffers[i, kind] = np.zeros((slots, self.n_kv_heads, positions, self.head_dim), dtype=self.np_dtype)
+                self.buffers[i, kind] = np.zeros(
+                    (slots, self.n_kv_heads, positions, self.head_dim), dtype=self.np_dtype
+                )
         self.lengths = np.zeros(slots, dtype=np.int64)
         self._bindings = {}
 
@@ -178,7 +191,11 @@ class OrtRunner:
         for c in chunks:
             ids[c.slot - lo] = c.tokens
         want_all = any(c.logits == "all" for c in chunks)
-        keep = np.tile(np.arange(S, dtype=np.int64), (hi - lo, 1)) if want_all else np.full((hi - lo, 1), S - 1, dtype=np.int64)
+        keep = (
+            np.tile(np.arange(S, dtype=np.int64), (hi - lo, 1))
+            if want_all
+            else np.full((hi - lo, 1), S - 1, dtype=np.int64)
+        )
 
         io = self._binding(lo, hi)
         io.bind_cpu_input(self.io_names["input_ids"], ids)
@@ -197,5 +214,7 @@ class OrtRunner:
         self.session.run_with_iobinding(io)  # writes logits [b, 1|S, V] and the cache in place
         for c in chunks:
             self.lengths[c.slot] = c.start + S
-        return [None if c.logits == "none" else logits[c.slot - lo] if c.logits == "all" else logits[c.slot - lo, -1]
-                for c in chunks]
+        return [
+            None if c.logits == "none" else logits[c.slot - lo] if c.logits == "all" else logits[c.slot - lo, -1]
+            for c in chunks
+        ]

@@ -21,8 +21,9 @@ def attention_label(model: Transformer) -> str:
 
 
 class TorchRunner:
-    def __init__(self, model: Transformer, name: str = "torch", device: str | None = None,
-                 triton: bool | None = None) -> None:
+    def __init__(
+        self, model: Transformer, name: str = "torch", device: str | None = None, triton: bool | None = None
+    ) -> None:
         """device: where the model runs ("cpu", "cuda", ...; default: where its weights are).
         triton: run block-selection decode and ragged embeddings through ragtop.gpu's Triton
         kernels (default: on CUDA when triton is installed; on CPU only under TRITON_INTERPRET=1)."""
@@ -98,8 +99,9 @@ class TorchRunner:
             for c in chunks:
                 dense[c.slot - lo] = c.dense
             dense = dense.to(self.device)
-        logits = self.model(ids.to(self.device), cache=view, last_only=not want_all,
-                            dense_rows=dense).float().cpu()  # [b,S|1,V]
+        logits = (
+            self.model(ids.to(self.device), cache=view, last_only=not want_all, dense_rows=dense).float().cpu()
+        )  # [b,S|1,V]
         for c in chunks:
             self.lengths[c.slot] = c.start + S
         rows: list[Tensor | None] = []

@@ -50,8 +50,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def models(request: Request) -> ModelList:
     state = state_of(request)
     serving = state.ready_serving()
-    card = ModelCard(id=serving.model_name, created=serving.created, root=str(state.settings.model),
-                     max_model_len=serving.context_limit)
+    card = ModelCard(
+        id=serving.model_name,
+        created=serving.created,
+        root=str(state.settings.model),
+        max_model_len=serving.context_limit,
+    )
     return ModelList(data=[card])
 
 
