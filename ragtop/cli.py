@@ -170,13 +170,13 @@ def run_serve(a: argparse.Namespace) -> int:
     settings = ServerSettings.load(overrides)
     prepare = None
     if settings.model is None:  # the default model, imported and exported on first run
-        from .default_model import SERVED_NAME, ensure_default_model
+        from .default_model import SERVED_NAME, ensure_default_model, prepare_in_child
 
         data_dir = a.data_dir or default_data_dir()
         settings = dataclasses.replace(settings, served_model_name=settings.served_model_name or SERVED_NAME)
 
-        def prepare(progress: Callable[[str], None]) -> Path:
-            return ensure_default_model(data_dir, log=progress)
+        def prepare(progress: Callable[[str], None]) -> Path:  # in a child: its memory goes when it ends
+            return prepare_in_child(data_dir, log=progress)
 
     if settings.scale_out:  # only then is Ray imported
         from .server.ray import serve_forever

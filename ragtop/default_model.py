@@ -12,6 +12,8 @@ first run is simply redone.
 
 from __future__ import annotations
 
+import multiprocessing
+import queue
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -64,6 +66,46 @@ def ensure_default_model(data_dir: Path, log: Callable[[str], None] | None = Non
     shutil.rmtree(onnx_dir, ignore_errors=True)
     tmp.rename(onnx_dir)
     return onnx_dir
+
+
+def prepare_in_child(data_dir: Path, log: Callable[[str], None]) -> Path:
+    """`ensure_default_model` in a child process, for `ragtop serve`: importing and exporting
+    load PyTorch, the checkpoint and the validation's reference (4.8 GB resident measured for
+    SmolLM2), and a process does not give that memory back, so the serving process would keep
+    it. The child's stages reach `log`; its failure is raised here with its message."""
+    ckpt, onnx_dir = default_model_dirs(data_dir)
+    if (onnx_dir / "model.onnx").is_file() and (onnx_dir / "genai_config.json").is_file():
+        return onnx_dir
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of the server's state
+    messages = ctx.Queue()
+    child = ctx.Process(target=_prepare_child, args=(str(data_dir), messages), name="ragtop-prepare", daemon=True)
+    child.start()
+    while True:
+        try:
+            kind, text = messages.get(timeout=0.5)
+        except queue.Empty:
+            if not child.is_alive():
+                raise RagtopError(
+                    f"preparing the default model failed: its process exited with code {child.exitcode}"
+                ) from None
+            continue
+        if kind == "log":
+            log(text)
+            continue
+        child.join()
+        if kind == "error":
+            raise RagtopError(text)
+        return Path(text)
+
+
+def _prepare_child(data_dir: str, messages) -> None:
+    try:
+        path = ensure_default_model(Path(data_dir), log=lambda msg: messages.put(("log", msg)))
+        messages.put(("done", str(path)))
+    except RagtopError as e:
+        messages.put(("error", str(e)))
+    except Exception as e:  # reported to the server (503 failed), never a silent death
+        messages.put(("error", f"preparing the default model failed: {type(e).__name__}: {e}"))
 
 
 @contextmanager
