@@ -230,21 +230,7 @@ def exported(ckpt: Path, out: Path, max_context: int, logs: Path, ops: str = "cu
 def served_row(
     model_dir: Path, mode: str, spec: ModelSpec, context: int, s: argparse.Namespace, logs: Path
 ) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "model": spec.name,
-        "mode": mode,
-        "context": context,
-        "new_tokens": s.new_tokens,
-        "ok": False,
-        "error": None,
-        "decode_tokens_per_s": None,
-        "ttft_s": None,
-        "peak_rss_bytes": None,
-        "speedup_vs_dense": None,
-        "bytes_per_token": None,
-        "bandwidth_bound_pct": None,
-        "server_decode_tokens_per_s": None,
-    }
+    row = _blank_row(mode, spec, context, s)
     limit = context + s.new_tokens + 16
     args = [
         "--max-batch-size",
@@ -404,10 +390,11 @@ def peer_row(
 LLAMA_CRASHED: dict[str, int] = {}  # the signal llama.cpp died of with its defaults, in this run
 
 
-def _blank_peer_row(kind: str, spec: ModelSpec, context: int, s: argparse.Namespace) -> dict[str, Any]:
+def _blank_row(mode: str, spec: ModelSpec, context: int, s: argparse.Namespace) -> dict[str, Any]:
+    """A result row before its run: every figure None, not ok (served modes and peers alike)."""
     return {
         "model": spec.name,
-        "mode": kind,
+        "mode": mode,
         "context": context,
         "new_tokens": s.new_tokens,
         "ok": False,
@@ -419,8 +406,11 @@ def _blank_peer_row(kind: str, spec: ModelSpec, context: int, s: argparse.Namesp
         "bytes_per_token": None,
         "bandwidth_bound_pct": None,
         "server_decode_tokens_per_s": None,
-        "peer": True,
     }
+
+
+def _blank_peer_row(kind: str, spec: ModelSpec, context: int, s: argparse.Namespace) -> dict[str, Any]:
+    return {**_blank_row(kind, spec, context, s), "peer": True}
 
 
 def failed_peer_row(kind: str, spec: ModelSpec, context: int, s: argparse.Namespace, error: str) -> dict[str, Any]:
