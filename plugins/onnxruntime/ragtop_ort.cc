@@ -16,6 +16,10 @@
 //   * optional input 8, attention_dense [B] (or [1]) int64: a sequence with a non-zero flag attends
 //     to all its visible keys (exact dense softmax; how a speculative verification pass
 //     runs on the same graph); its cache and summary writes are unchanged.
+//   * optional input 9, block_table [B, M] int64 (paged KV cache): the cache inputs are page
+//     pools [N, Hkv, P, Dh] (summaries [N, Hkv, P/bs, Dh]) and key/value row j of sequence b is
+//     pool[block_table[b, j / P], h, j % P]; absent = the contiguous [B, Hkv, C, Dh] layout.
+//     Only addressing changes (struct Rows): key tiles stop at page boundaries.
 //
 // Performance notes (see docs/kernels.md):
 //   * the KV cache is updated in place when present_* is bound to the same memory as
@@ -197,21 +201,35 @@ static inline void select_scores(TopK& tk, const float* __restrict t, int64_t m,
     if (t[i] > tk.thr) tk.push(t[i], static_cast<int32_t>(j0 + i));
 }
 
+// Where key/value row j of one (sequence, KV head) lives: contiguous (table == nullptr:
+// base + j * Dh) or paged (row j % per_page of page table[j / per_page], pages page_stride
+// floats apart). Block summaries use the same struct with rows = blocks.
+struct Rows {
+  float* base = nullptr;
+  const int64_t* table = nullptr;
+  int64_t per_page = 0, page_stride = 0, Dh = 0;
+  float* row(int64_t j) const {
+    return table ? base + table[j / per_page] * page_stride + (j % per_page) * Dh : base + j * Dh;
+  }
+  // rows from j on that are consecutive in memory (up to the end of j's page)
+  int64_t run(int64_t j) const { return table ? per_page - j % per_page : std::numeric_limits<int64_t>::max(); }
+};
+
 // Always-kept keys of the query at position p: [0, min(sink, p+1)) and
 // [max(sink, p+1-window), p]; their scores (qs . k) go to `out`, returns how many.
-static inline int64_t forced_keys(const float* __restrict qs, const float* __restrict keys, int64_t Dh, int64_t p,
+static inline int64_t forced_keys(const float* __restrict qs, const Rows& keys, int64_t Dh, int64_t p,
                                   int64_t sink, int64_t window, Cand* out) {
   int64_t n = 0;
   const int64_t a = std::min(sink, p + 1);
-  for (int64_t j = 0; j < a; ++j) out[n++] = Cand{dot(qs, keys + j * Dh, Dh), static_cast<int32_t>(j)};
+  for (int64_t j = 0; j < a; ++j) out[n++] = Cand{dot(qs, keys.row(j), Dh), static_cast<int32_t>(j)};
   for (int64_t j = std::max(sink, p + 1 - window); j <= p; ++j)
-    out[n++] = Cand{dot(qs, keys + j * Dh, Dh), static_cast<int32_t>(j)};
+    out[n++] = Cand{dot(qs, keys.row(j), Dh), static_cast<int32_t>(j)};
   return n;
 }
 
 // Softmax over the kept entries and the `nf` always-kept ones, weighted sum of their
 // value rows -> out[Dh].
-static inline void softmax_gather(TopK& t, const float* __restrict vrows, int64_t Dh, float* __restrict out,
+static inline void softmax_gather(TopK& t, const Rows& vrows, int64_t Dh, float* __restrict out,
                                   const Cand* forced = nullptr, int64_t nf = 0) {
   t.compact();
   std::fill(out, out + Dh, 0.f);
@@ -223,7 +241,7 @@ static inline void softmax_gather(TopK& t, const float* __restrict vrows, int64_
   auto add = [&](const Cand& c) {
     const float w = std::exp(c.s - m);
     total += w;
-    const float* __restrict v = vrows + static_cast<int64_t>(c.j) * Dh;
+    const float* __restrict v = vrows.row(c.j);
 #pragma omp simd
     for (int64_t d = 0; d < Dh; ++d) out[d] += w * v[d];
   };
@@ -248,6 +266,23 @@ struct AttnProblem {
   const float* kmin;     // present_key_min [B, Hkv, nb, Dh] (block mode, updated)
   const float* kmax;
   float* out;            // [B, S, H*Dh]
+  // paged layout (block_table != nullptr): kc/vc are [N, Hkv, P, Dh] pools, kmin/kmax
+  // [N, Hkv, P/bs, Dh], sequence b's pages block_table[b*M .. b*M+M), C = M * P
+  const int64_t* block_table = nullptr;
+  int64_t M = 0, page = 0;
+
+  // rows of sequence b, KV head h in a cache buffer (keys/values) or a summary buffer
+  Rows kv(const float* buf, int64_t b, int64_t h) const {
+    float* base = const_cast<float*>(buf);
+    if (!block_table) return Rows{base + (b * Hkv + h) * C * Dh, nullptr, 0, 0, Dh};
+    return Rows{base + h * page * Dh, block_table + b * M, page, Hkv * page * Dh, Dh};
+  }
+  Rows summary(const float* buf, int64_t b, int64_t h) const {
+    float* base = const_cast<float*>(buf);
+    if (!block_table) return Rows{base + (b * Hkv + h) * nb * Dh, nullptr, 0, 0, Dh};
+    const int64_t per = page / bs;
+    return Rows{base + h * per * Dh, block_table + b * M, per, Hkv * per * Dh, Dh};
+  }
 };
 
 // One work item: sequence b, KV head kvh, query heads [h0, h0+nh) of that KV head's group,
@@ -283,8 +318,7 @@ static void attend_exact(const AttnProblem& P, const AttnItem& it) {
   const int64_t ns = it.s1 - it.s0, R = ns * it.nh;
   const int64_t pmax = len + it.s1 - 1;
   const int64_t kcap = std::min<int64_t>(P.topk, pmax + 1);
-  const float* keys = P.kc + (it.b * P.Hkv + it.kvh) * P.C * Dh;
-  const float* vals = P.vc + (it.b * P.Hkv + it.kvh) * P.C * Dh;
+  const Rows keys = P.kv(P.kc, it.b, it.kvh), vals = P.kv(P.vc, it.b, it.kvh);
 
   Scratch& sc = scratch();
   const int64_t cap = TopK::capacity(kcap);
@@ -303,11 +337,11 @@ static void attend_exact(const AttnProblem& P, const AttnItem& it) {
   sc.tile.resize(R * kTile);
   float* tile = sc.tile.data();
 
-  for (int64_t j0 = 0; j0 <= pmax; j0 += kTile) {
-    const int64_t n = std::min(kTile, pmax + 1 - j0);
+  for (int64_t j0 = 0, n = 0; j0 <= pmax; j0 += n) {
+    n = std::min({kTile, pmax + 1 - j0, keys.run(j0)});  // a tile never crosses a page
     // rows that see at least key j0: query s with len + s >= j0 (a suffix of the rows)
     const int64_t r0 = std::max<int64_t>(0, j0 - len - it.s0) * it.nh;
-    score_tile(qs + r0 * Dh, R - r0, keys + j0 * Dh, n, Dh, tile);
+    score_tile(qs + r0 * Dh, R - r0, keys.row(j0), n, Dh, tile);
     for (int64_t r = r0; r < R; ++r) {  // selection: one compare per score, rare pushes
       const int64_t p = len + it.s0 + r / it.nh;
       // the tile's candidates for this row: sink <= j <= p - window (and j <= p)
@@ -328,11 +362,8 @@ static void attend_exact(const AttnProblem& P, const AttnItem& it) {
 // keys of the chosen blocks in increasing key order.
 RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
   const int64_t len = P.lens[it.b], Dh = P.Dh, bs = P.bs;
-  const int64_t bh = it.b * P.Hkv + it.kvh;
-  const float* keys = P.kc + bh * P.C * Dh;
-  const float* vals = P.vc + bh * P.C * Dh;
-  const float* lo = P.kmin + bh * P.nb * Dh;
-  const float* hi = P.kmax + bh * P.nb * Dh;
+  const Rows keys = P.kv(P.kc, it.b, it.kvh), vals = P.kv(P.vc, it.b, it.kvh);
+  const Rows lo = P.summary(P.kmin, it.b, it.kvh), hi = P.summary(P.kmax, it.b, it.kvh);
 
   Scratch& sc = scratch();
   const int64_t budget = std::min(P.budget, P.nb);  // a budget >= nb keeps every block
@@ -356,7 +387,7 @@ RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
       const int64_t blo = P.sink / bs, bhi = free_hi >= P.sink ? std::min(own - 1, free_hi / bs) : -1;
       blocksel.reset(sc.bcand.data(), std::min(budget, std::max<int64_t>(0, bhi - blo + 1)));
       for (int64_t blk = blo; blk <= bhi; ++blk) {  // hot loop over the summaries
-        const float ub = block_bound(q, lo + blk * Dh, hi + blk * Dh, Dh);
+        const float ub = block_bound(q, lo.row(blk), hi.row(blk), Dh);
         if (ub > blocksel.thr) blocksel.push(ub, static_cast<int32_t>(blk));
       }
       int32_t* blocks = sc.blocks.data();
@@ -374,9 +405,9 @@ RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
       keysel.reset(sc.cand.data(), std::min<int64_t>(P.topk, nkeys));
       for (int64_t bi = 0; bi < nblk; ++bi) {
         span(blocks[bi], j0, j1);
-        for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
-          const int64_t n = std::min(kTile, j1 - t0);
-          score_tile(qs, 1, keys + t0 * Dh, n, Dh, tile);
+        for (int64_t t0 = j0, n = 0; t0 < j1; t0 += n) {
+          n = std::min({kTile, j1 - t0, keys.run(t0)});
+          score_tile(qs, 1, keys.row(t0), n, Dh, tile);
           select_scores(keysel, tile, n, t0);
         }
       }
@@ -453,13 +484,15 @@ struct TopKAttentionKernel {
                       const Tensor<float>& past_value, const Tensor<int64_t>& past_lengths,
                       std::optional<const Tensor<float>*> past_key_min,
                       std::optional<const Tensor<float>*> past_key_max,
-                      std::optional<const Tensor<int64_t>*> attention_dense, Tensor<float>& output,
+                      std::optional<const Tensor<int64_t>*> attention_dense,
+                      std::optional<const Tensor<int64_t>*> block_table, Tensor<float>& output,
                       Tensor<float>& present_key, Tensor<float>& present_value,
                       std::optional<Tensor<float>*> present_key_min,
                       std::optional<Tensor<float>*> present_key_max) {
     try {
       return run(ctx, query, key, value, past_key, past_value, past_lengths, past_key_min, past_key_max,
-                 attention_dense, output, present_key, present_value, present_key_min, present_key_max);
+                 attention_dense, block_table, output, present_key, present_value, present_key_min,
+                 present_key_max);
     } catch (const std::exception& e) {
       return Ort::Status(e);
     }
@@ -470,7 +503,8 @@ struct TopKAttentionKernel {
                   const Tensor<float>& past_value, const Tensor<int64_t>& past_lengths,
                   std::optional<const Tensor<float>*> past_key_min,
                   std::optional<const Tensor<float>*> past_key_max,
-                  std::optional<const Tensor<int64_t>*> attention_dense, Tensor<float>& output,
+                  std::optional<const Tensor<int64_t>*> attention_dense,
+                  std::optional<const Tensor<int64_t>*> block_table, Tensor<float>& output,
                   Tensor<float>& present_key, Tensor<float>& present_value,
                   std::optional<Tensor<float>*> present_key_min,
                   std::optional<Tensor<float>*> present_key_max) const {
@@ -481,10 +515,20 @@ struct TopKAttentionKernel {
     AttnProblem P{};
     P.B = qs[0], P.S = qs[1], P.H = num_heads, P.Hkv = num_kv_heads, P.G = num_heads / num_kv_heads;
     P.Dh = cs[3], P.C = cs[2], P.topk = topk, P.bs = block_size, P.budget = block_budget, P.scale = scale;
+    // paged cache: past_key is a pool [N, Hkv, P, Dh]; sequence b's rows are found through
+    // block_table [B, M] (capacity M * P). An empty table ([B, 0] or [0]) = contiguous.
+    const bool paged = block_table && (*block_table)->NumberOfElement() > 0;
+    if (paged) {
+      const auto& ts = (*block_table)->Shape();
+      RAGTOP_CHECK(ts.size() == 2 && ts[0] == P.B, "TopKAttention: block_table must be [B, max_pages], got " + shape_str(ts));
+      P.block_table = (*block_table)->Data(), P.M = ts[1], P.page = cs[2], P.C = ts[1] * cs[2];
+      RAGTOP_CHECK(block_size <= 0 || P.page % block_size == 0, "TopKAttention: page size " + std::to_string(P.page) +
+                                                                    " is not a multiple of block_size " + std::to_string(block_size));
+    }
     P.sink = sink_tokens, P.window = local_window;
     RAGTOP_CHECK(qs[2] == P.H * P.Dh, "TopKAttention: query last dim " + std::to_string(qs[2]) + " != num_heads * head_dim = " +
                                           std::to_string(P.H * P.Dh));
-    RAGTOP_CHECK(cs[0] == P.B && cs[1] == P.Hkv, "TopKAttention: past_key " + shape_str(cs) + " does not match batch " +
+    RAGTOP_CHECK((paged || cs[0] == P.B) && cs[1] == P.Hkv, "TopKAttention: past_key " + shape_str(cs) + " does not match batch " +
                                                      std::to_string(P.B) + " and num_kv_heads " + std::to_string(P.Hkv));
     const std::vector<int64_t> kvs{P.B, P.S, P.Hkv * P.Dh};
     RAGTOP_CHECK(key.Shape() == kvs && value.Shape() == kvs, "TopKAttention: key/value must be " + shape_str(kvs));
@@ -495,6 +539,14 @@ struct TopKAttentionKernel {
       RAGTOP_CHECK(lens[b] >= 0 && lens[b] + P.S <= P.C, "TopKAttention: sequence " + std::to_string(b) + " holds " +
                                                              std::to_string(lens[b]) + " tokens; + " + std::to_string(P.S) +
                                                              " new exceeds the cache capacity " + std::to_string(P.C));
+    if (paged)  // every page a write or a read may touch must be in the pool
+      for (int64_t b = 0; b < P.B; ++b)
+        for (int64_t i = 0; i < (lens[b] + P.S + P.page - 1) / P.page; ++i) {
+          const int64_t pg = P.block_table[b * P.M + i];
+          RAGTOP_CHECK(pg >= 0 && pg < cs[0], "TopKAttention: block_table[" + std::to_string(b) + ", " + std::to_string(i) +
+                                                  "] = " + std::to_string(pg) + " is not a page of the pool of " +
+                                                  std::to_string(cs[0]));
+        }
     // attention_dense[b] != 0: sequence b attends densely (a speculative verification pass);
     // shape [B], or [1]: one flag for every sequence (the graph's default)
     std::vector<char> dense;
@@ -511,7 +563,7 @@ struct TopKAttentionKernel {
       RAGTOP_CHECK(P.C % P.bs == 0, "TopKAttention: cache capacity " + std::to_string(P.C) + " is not a multiple of block_size " +
                                         std::to_string(P.bs));
       P.nb = P.C / P.bs;
-      sum_shape = {P.B, P.Hkv, P.nb, P.Dh};
+      sum_shape = paged ? std::vector<int64_t>{cs[0], P.Hkv, P.page / P.bs, P.Dh} : std::vector<int64_t>{P.B, P.Hkv, P.nb, P.Dh};
       RAGTOP_CHECK(past_key_min && past_key_max && present_key_min && present_key_max,
                    "TopKAttention: block_size > 0 needs inputs past_key_min/max and outputs present_key_min/max");
       RAGTOP_CHECK((*past_key_min)->Shape() == sum_shape && (*past_key_max)->Shape() == sum_shape,
@@ -523,14 +575,14 @@ struct TopKAttentionKernel {
     float* out = output.Allocate(qs);
     float* kc = present_key.Allocate(cs);
     float* vc = present_value.Allocate(cs);
-    const size_t cache_bytes = static_cast<size_t>(P.B * P.Hkv * P.C * P.Dh) * sizeof(float);
+    const size_t cache_bytes = static_cast<size_t>(cs[0] * cs[1] * cs[2] * cs[3]) * sizeof(float);
     if (kc != past_key.Data()) std::memcpy(kc, past_key.Data(), cache_bytes);
     if (vc != past_value.Data()) std::memcpy(vc, past_value.Data(), cache_bytes);
     float *lo = nullptr, *hi = nullptr;
     if (blocks) {
       lo = (*present_key_min)->Allocate(sum_shape);
       hi = (*present_key_max)->Allocate(sum_shape);
-      const size_t sum_bytes = static_cast<size_t>(P.B * P.Hkv * P.nb * P.Dh) * sizeof(float);
+      const size_t sum_bytes = static_cast<size_t>(sum_shape[0] * sum_shape[1] * sum_shape[2] * sum_shape[3]) * sizeof(float);
       if (lo != (*past_key_min)->Data()) std::memcpy(lo, (*past_key_min)->Data(), sum_bytes);
       if (hi != (*past_key_max)->Data()) std::memcpy(hi, (*past_key_max)->Data(), sum_bytes);
     }
@@ -543,16 +595,15 @@ struct TopKAttentionKernel {
     const float* vnew = value.Data();
     parallel_for(ctx, static_cast<size_t>(P.B * P.Hkv), [&](size_t i) {
       const int64_t b = static_cast<int64_t>(i) / P.Hkv, h = static_cast<int64_t>(i) % P.Hkv;
+      const Rows kd = P.kv(kc, b, h), vd = P.kv(vc, b, h);
       for (int64_t s = 0; s < P.S; ++s) {
         const int64_t pos = lens[b] + s;
         const float* ksrc = knew + ((b * P.S + s) * P.Hkv + h) * P.Dh;
-        float* kdst = kc + ((b * P.Hkv + h) * P.C + pos) * P.Dh;
-        std::memcpy(kdst, ksrc, P.Dh * sizeof(float));
-        std::memcpy(vc + ((b * P.Hkv + h) * P.C + pos) * P.Dh, vnew + ((b * P.S + s) * P.Hkv + h) * P.Dh,
-                    P.Dh * sizeof(float));
+        std::memcpy(kd.row(pos), ksrc, P.Dh * sizeof(float));
+        std::memcpy(vd.row(pos), vnew + ((b * P.S + s) * P.Hkv + h) * P.Dh, P.Dh * sizeof(float));
         if (blocks) {
-          float* l = lo + ((b * P.Hkv + h) * P.nb + pos / P.bs) * P.Dh;
-          float* u = hi + ((b * P.Hkv + h) * P.nb + pos / P.bs) * P.Dh;
+          float* l = P.summary(lo, b, h).row(pos / P.bs);
+          float* u = P.summary(hi, b, h).row(pos / P.bs);
           if (pos % P.bs == 0) {  // a block whose first key is new starts afresh
             std::memcpy(l, ksrc, P.Dh * sizeof(float));
             std::memcpy(u, ksrc, P.Dh * sizeof(float));

@@ -56,6 +56,15 @@ ragtop::TopKAttention (version 1) -- attention over a preallocated, shared KV ca
       One exported graph thus serves a sparse draft and its dense verification
       (self-speculative decoding, ragtop/runtime/engine.py) without loading weights twice.
       Absent input = all zeros (files written before it existed keep their meaning).
+      9 block_table [B, M]             int64, optional (paged KV cache, files written with
+                                       `ragtop export --paged-kv`): inputs 3-4 (and 6-7) are then
+                                       page pools [N, Hkv, P, Dh] (summaries [N, Hkv, P/bs, Dh],
+                                       P a multiple of bs) and key/value row j of sequence b is
+                                       pool[block_table[b, j // P], :, j % P]; capacity C = M * P.
+                                       The outputs are the pools with the new rows (and the
+                                       touched summaries) written. Entries past a sequence's
+                                       pages are never read for a visible key nor written.
+                                       Absent or empty = the contiguous layout above.
       When present_* is bound to the same memory as past_*, a kernel writes only
       the new positions (and, with blocks, only the touched summaries). A model uses one
       mode in every layer, so its file carries one TopKAttention function of that arity.
@@ -78,6 +87,8 @@ TOPK_ATTENTION = "TopKAttention"
 RAGGED_EMBEDDING = "RaggedEmbedding"
 # the optional per-sequence dense flag of TopKAttention (input 8) and the graph input feeding it
 ATTENTION_DENSE = "attention_dense"
+# the optional block table of a paged KV cache (input 9) and the graph input feeding it
+BLOCK_TABLE = "block_table"
 NO_BLOCK_SUMMARY = "ragtop.no_block_summary"  # float [0] initializer: inputs 6-7 of an exact-mode node with input 8
 # TopKAttention attributes that may be absent (files written before them): default 0
 TOPK_ATTENTION_DEFAULT_ZERO = ("sink_tokens", "local_window")
