@@ -59,6 +59,7 @@ class ExportOptions:
     eval_tokens: int = 2048
     data_dir: Path | None = None
     overwrite: bool = False
+    paged_kv: bool = False
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> ExportOptions:
@@ -142,6 +143,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data-dir", type=Path, default=None, help="corpus cache (default $RAGTOP_DATA_DIR or ~/.cache/ragtop)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    p.add_argument(
+        "--paged-kv",
+        action="store_true",
+        help="also write model.paged.onnx: the same graph over a paged KV cache (block tables; ops.py "
+        "TopKAttention input 9), sharing the weights; served with a paged cache (custom ops only)",
+    )
 
 
 class Progress:
@@ -157,6 +164,8 @@ class Progress:
 def check_args(a: ExportOptions) -> ExportOptions:
     """Refuse contradictory or bad options (RagtopError naming the flag); the options with
     dtype and weights resolved."""
+    if a.paged_kv and a.ops != "custom":
+        raise RagtopError("--paged-kv needs --ops custom (the block table is an input of ragtop::TopKAttention)")
     if not MIN_OPSET <= a.opset <= MAX_OPSET:
         raise RagtopError(f"unsupported --opset {a.opset}: choose {MIN_OPSET}..{MAX_OPSET}")
     if a.max_context is not None and a.max_context < 1:
@@ -318,6 +327,12 @@ def export(a: ExportOptions) -> int:
         report["validation"] = v.as_dict()
         ok = v.passed
 
+    if a.paged_kv:
+        from .onnx import write_paged_graph
+
+        name = write_paged_graph(out)
+        log(f"wrote {name} (paged KV cache; validated through the runtime's paged == contiguous tests)")
+        report["files"][name] = size_mb(out / name)
     if a.ort_format:
         ok &= export_ort(a, out, onnx_path, reference, spec, (atol, rtol), ids, report, log)
     if a.quantize == "int8":

@@ -262,3 +262,102 @@ def _block_selection(
     lead = b.op("Slice", shape, c([0]), c([4]))
     expanded = b.op("Expand", b.op("Unsqueeze", chosen, c([-1])), b.op("Concat", lead, nb, bs, axis=0))
     return b.op("Reshape", expanded, b.op("Concat", lead, C, axis=0))
+
+
+# names the paged body gives the contiguous views it gathers (the contiguous body reads these)
+_GATHERED = {n: f"paged_{n}" for n in ("past_key", "past_value", "past_key_min", "past_key_max")}
+_CONTIGUOUS_OUT = {n: f"paged_{n}" for n in ("present_key", "present_value", "present_key_min", "present_key_max")}
+
+
+def paged_topk_attention_function(mode: str, opset: int) -> FunctionProto:
+    """ragtop::TopKAttention over a paged KV cache (ops.py input 9, `block_table`).
+
+    The cache inputs are page pools [N, Hkv, P, Dh] (summaries [N, Hkv, P/bs, Dh]); row j of
+    sequence b is pool[block_table[b, j // P], :, j % P]. The body gathers each sequence's
+    pages into the contiguous [B, Hkv, M*P, Dh] view, runs the contiguous body on it, and
+    scatters only what changed back into the pools: the new key/value rows and the summaries
+    of the blocks they touched (ScatterND; rows of a shared page are written by nobody, so
+    duplicate indices can only come from one sequence's summary block written by several of
+    its new keys, with identical values). Padding entries of the table (past a sequence's
+    pages) are read but never written. Every input of the contract is taken (an exact-mode
+    node passes ops.NO_BLOCK_SUMMARY, a dense file `attention_dense` it ignores)."""
+    inner = topk_attention_function(mode, opset, dense_flag=mode != "dense")
+    blocks = mode == "block"
+    b = _Body("p")
+    c = b.const
+    pool_shape, qshape, tshape = b.op("Shape", "past_key"), b.op("Shape", "query"), b.op("Shape", "block_table")
+    B, S, M = b.dim(qshape, 0), b.dim(qshape, 1), b.dim(tshape, 1)
+    Hkv, P, Dh = b.dim(pool_shape, 1), b.dim(pool_shape, 2), b.dim(pool_shape, 3)
+
+    def gather(pool: str, rows: str, out: str) -> None:
+        """pool [N,Hkv,R,Dh] -> [B,M,Hkv,R,Dh] -> [B,Hkv,M,R,Dh] -> [B,Hkv,M*R,Dh]"""
+        g = b.op("Transpose", b.op("Gather", pool, "block_table", axis=0), perm=[0, 2, 1, 3, 4])
+        b.op("Reshape", g, b.op("Concat", B, Hkv, b.op("Mul", M, rows), Dh, axis=0), out=out)
+
+    gather("past_key", P, _GATHERED["past_key"])
+    gather("past_value", P, _GATHERED["past_value"])
+    if blocks:
+        R = b.dim(b.op("Shape", "past_key_min"), 2)  # summary rows per page, P / bs
+        gather("past_key_min", R, _GATHERED["past_key_min"])
+        gather("past_key_max", R, _GATHERED["past_key_max"])
+    renames = (
+        {**_GATHERED, **_CONTIGUOUS_OUT}
+        if blocks
+        else {k: v for k, v in {**_GATHERED, **_CONTIGUOUS_OUT}.items() if "key_m" not in k}
+    )
+    for node in inner.node:
+        node.input[:] = [renames.get(x, x) for x in node.input]
+        node.output[:] = [renames.get(x, x) for x in node.output]
+        b.nodes.append(node)
+    # where each new token goes: page = block_table[b, pos // P], row = pos % P
+    zero, one = b.op("Squeeze", c([0])), b.op("Squeeze", c([1]))
+    pos = b.op(
+        "Add",
+        b.op("Unsqueeze", "past_lengths", c([1])),
+        b.op("Unsqueeze", b.op("Range", zero, b.op("Squeeze", S), one), c([0])),
+    )  # [B,S]
+    page = b.op("GatherElements", "block_table", b.op("Div", pos, P), axis=1)  # [B,S]
+    heads = b.op("Unsqueeze", b.op("Range", zero, b.op("Squeeze", Hkv), one), c([0, 1, 3]))  # [1,1,Hkv,1]
+    expand_to = b.op("Concat", B, S, Hkv, c([1]), axis=0)
+
+    def indices(row: str) -> str:  # [B,S,Hkv,3]: (page, head, row) of each new token and head
+        at = [b.op("Expand", b.op("Unsqueeze", x, c([2, 3])), expand_to) for x in (page, row)]
+        return b.op("Concat", at[0], b.op("Expand", heads, expand_to), at[1], axis=3)
+
+    rows_new = indices(b.op("Mod", pos, P))
+    split = b.op("Concat", B, S, Hkv, Dh, axis=0)
+    b.op("ScatterND", "past_key", rows_new, b.op("Reshape", "key", split), out="present_key")
+    b.op("ScatterND", "past_value", rows_new, b.op("Reshape", "value", split), out="present_value")
+    if blocks:
+        bs = b.op("Div", P, R)
+        blk_in_page = indices(b.op("Div", b.op("Mod", pos, P), bs))
+        blk = b.op("Unsqueeze", b.op("Div", pos, bs), c([2]))  # [B,S,1]: block of each new token
+        for kind in ("key_min", "key_max"):
+            # the updated summary of each new token's block: [B,Hkv,nb,Dh] -> [B,nb,Hkv,Dh] -> [B,S,Hkv,Dh]
+            upd = b.op(
+                "GatherND", b.op("Transpose", _CONTIGUOUS_OUT[f"present_{kind}"], perm=[0, 2, 1, 3]), blk, batch_dims=1
+            )
+            b.op("ScatterND", f"past_{kind}", blk_in_page, upd, out=f"present_{kind}")
+    inputs = [
+        "query",
+        "key",
+        "value",
+        "past_key",
+        "past_value",
+        "past_lengths",
+        "past_key_min",
+        "past_key_max",
+        ops.ATTENTION_DENSE,
+        ops.BLOCK_TABLE,
+    ]
+    outputs = ["output", "present_key", "present_value"] + (["present_key_min", "present_key_max"] if blocks else [])
+    return helper.make_function(
+        ops.DOMAIN,
+        ops.TOPK_ATTENTION,
+        inputs,
+        outputs,
+        b.nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=list(inner.attribute),
+        attribute_protos=list(inner.attribute_proto),
+    )

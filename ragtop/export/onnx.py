@@ -488,3 +488,92 @@ def save_model(proto: onnx.ModelProto, path, force_external: bool = False) -> No
         location=path.name + ".data",
         size_threshold=1024,
     )
+
+
+PAGED_SUFFIX = ".paged.onnx"
+
+
+def page_size_for(attention_mode: str, block_size: int) -> int:
+    """The page of a paged cache: the selection block (one summary per page) or 16 tokens."""
+    return block_size if attention_mode == "block" and block_size else 16
+
+
+def page_graph(proto: onnx.ModelProto, attention_mode: str) -> onnx.ModelProto:
+    """The same graph over a paged KV cache (ops.py TopKAttention input 9): a graph input
+    `block_table` [batch, max_pages] int64 fed to every TopKAttention node, the cache inputs
+    and outputs read as page pools [num_pages, Hkv, page_size, Dh], and the paged function
+    body. Weights are untouched, so a file loaded without its external data and saved next to
+    it shares model.onnx.data. Only custom-op files (`--ops custom`) can be paged."""
+    nodes = [n for n in proto.graph.node if n.domain == ops.DOMAIN and n.op_type == ops.TOPK_ATTENTION]
+    if not nodes:
+        raise RagtopError("only a graph with ragtop::TopKAttention nodes (--ops custom) can use a paged KV cache")
+    if any(ops.BLOCK_TABLE == i.name for i in proto.graph.input):
+        return proto
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    names = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer}
+    if ops.ATTENTION_DENSE not in names:  # a dense file: the flag's place holds a constant [0]
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.int64), ops.ATTENTION_DENSE))
+    if ops.NO_BLOCK_SUMMARY not in names and attention_mode != "block":
+        elem = next(i for i in proto.graph.input if i.name.startswith("past_key_values.")).type.tensor_type.elem_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(0, dtype), ops.NO_BLOCK_SUMMARY))
+    # the tracer may read the batch size off a cache input (Shape(past..., 0, 1)): with pools the
+    # first dimension is the page count, so read it off input_ids instead
+    cache_inputs = {i.name for i in proto.graph.input if i.name.startswith("past_key_values.")}
+    for node in proto.graph.node:
+        if node.op_type == "Shape" and node.input and node.input[0] in cache_inputs:
+            span = {a.name: a.i for a in node.attribute}
+            if span.get("start", 0) != 0 or span.get("end") != 1:
+                raise RagtopError(f"{node.name} reads the cache's shape {span}: cannot page this graph")
+            node.input[0] = "input_ids"
+        elif node.op_type != "TopKAttention" and any(x in cache_inputs for x in node.input):
+            raise RagtopError(f"{node.name} ({node.op_type}) reads a cache input: cannot page this graph")
+    for node in nodes:
+        if len(node.input) == 6:
+            node.input.extend([ops.NO_BLOCK_SUMMARY] * 2)
+        if len(node.input) == 8:
+            node.input.append(ops.ATTENTION_DENSE)
+        node.input.append(ops.BLOCK_TABLE)
+    proto.graph.input.append(
+        onnx.helper.make_tensor_value_info(ops.BLOCK_TABLE, onnx.TensorProto.INT64, ["batch", "max_pages"])
+    )
+    for v in [*proto.graph.input, *proto.graph.output]:
+        if v.name.startswith(("past_key_values.", "present.")):
+            dims = v.type.tensor_type.shape.dim
+            dims[0].dim_param = "num_pages"
+            dims[2].dim_param = "page_blocks" if v.name.endswith(("key_min", "key_max")) else "page_size"
+    keep = [f for f in proto.functions if not (f.domain == ops.DOMAIN and f.name == ops.TOPK_ATTENTION)]
+    del proto.functions[:]
+    proto.functions.extend([*keep, functions.paged_topk_attention_function(attention_mode, opset)])
+    proto.metadata_props.add(key="ragtop.kv_cache", value="paged")
+    return proto
+
+
+def write_paged_graph(folder, page_size: int | None = None) -> str:
+    """Write `<model>.paged.onnx` next to an exported folder's graph (sharing its external
+    weights) and record it in genai_config.json (ragtop.kv_cache.paged). Returns its name."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    cfg_path = folder / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    dec, att = cfg["model"]["decoder"], cfg["ragtop"]["attention"]
+    mode, bs = att["mode"], int(att.get("block_size") or 0)
+    page = page_size or page_size_for(mode, bs)
+    if mode == "block" and page % bs:
+        raise RagtopError(f"page size {page} must be a multiple of the selection block size {bs}")
+    src = dec["filename"]
+    proto = onnx.load(str(folder / src), load_external_data=False)
+    proto = page_graph(proto, mode)
+    name = src.removesuffix(".onnx") + PAGED_SUFFIX
+    onnx.save(proto, str(folder / name))
+    cfg["ragtop"]["kv_cache"]["paged"] = {
+        "filename": name,
+        "page_size": page,
+        "layout": "[num_pages, num_key_value_heads, page_size, head_size]",
+        "summary_layout": "[num_pages, num_key_value_heads, page_size / block_size, head_size]" if bs else None,
+        "block_table": "[batch, max_pages] int64: row j of sequence b is in page block_table[b, j // page_size]",
+    }
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return name
