@@ -32,7 +32,7 @@ import numpy as np
 
 from .detokenize import Decoder, IncrementalDetokenizer, StopStringMatcher
 from .errors import EngineDead, EngineError, InvalidRequest, RequestFailed
-from .kv_cache import PREFIX_BLOCK, KVCacheManager, plan_cache
+from .kv_cache import PREFIX_BLOCK, KVCacheManager, PagedKVCacheManager, plan_cache, plan_pages
 from .runners.base import Chunk, ModelRunner
 from .sampling import SampledToken, SamplingParams, SequenceSampler
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput, SequenceGroup
@@ -167,17 +167,31 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos_token_ids)
         spec = runner.spec
         sc = self.config.scheduler
-        self.cache_plan = plan_cache(
-            spec.kv_bytes_per_token,
-            spec.max_model_len,
-            sc.max_batch_size,
-            self.config.context_limit,
-            self.config.cache_memory_bytes,
-        )
-        runner.allocate(self.cache_plan.slots, self.cache_plan.context_limit)
-        self.cache = KVCacheManager(
-            self.cache_plan, self.config.prefix_caching, max(PREFIX_BLOCK, spec.capacity_multiple)
-        )
+        if spec.page_size:  # a paged cache: memory follows use (kv_cache.PagedKVCacheManager)
+            pages = plan_pages(
+                spec.kv_bytes_per_token,
+                spec.max_model_len,
+                spec.page_size,
+                sc.max_batch_size,
+                self.config.context_limit,
+                self.config.cache_memory_bytes,
+            )
+            runner.allocate_pages(pages.num_pages)
+            self.cache: KVCacheManager = PagedKVCacheManager(pages, self.config.prefix_caching)
+            runner.block_tables = self.cache.tables
+            self.cache_plan = self.cache.plan
+        else:
+            self.cache_plan = plan_cache(
+                spec.kv_bytes_per_token,
+                spec.max_model_len,
+                sc.max_batch_size,
+                self.config.context_limit,
+                self.config.cache_memory_bytes,
+            )
+            runner.allocate(self.cache_plan.slots, self.cache_plan.context_limit)
+            self.cache = KVCacheManager(
+                self.cache_plan, self.config.prefix_caching, max(PREFIX_BLOCK, spec.capacity_multiple)
+            )
         self.scheduler = Scheduler(sc, self.cache)
         if self.config.speculative_tokens and not spec.dense_chunks:
             raise EngineError(self._no_speculation_reason())
@@ -206,7 +220,7 @@ class LLMEngine:
         gamma = self._speculative_tokens(request)
         state = _RequestState(request, time.monotonic())
         # a speculating request's cache holds dense keys/values: kept apart in the prefix cache
-        group = SequenceGroup(request.request_id, prompt, p.n, data=state, dense_kv=gamma > 0)
+        group = SequenceGroup(request.request_id, prompt, p.n, data=state, dense_kv=gamma > 0, lookahead=gamma)
         parent = SequenceSampler(p, prompt, self.runner.spec.vocab_size, self.eos_token_ids, p.seed)
         for s in group.seqs:
             sampler = parent if s.index == 0 else parent.fork(None if p.seed is None else p.seed + s.index)
@@ -273,6 +287,10 @@ class LLMEngine:
         now = time.monotonic()
         for g in plan.admitted:
             g.data.admitted = now
+        for g in plan.preempted:  # recomputed from scratch: a round's drafts are gone with the pages
+            for st in g.data.seqs.values():
+                if st.spec is not None:
+                    st.spec.drafts = []
         for src, dst, n in plan.copies:  # prefixes cached in running sequences' slots
             try:
                 self.runner.copy_slot(src, dst, n)
@@ -417,6 +435,9 @@ class LLMEngine:
         if not self.cache.can_allocate(1):
             return
         slot = self.cache.allocate(1)[0]
+        if not self.cache.ensure(slot, 1):
+            self.cache.free(slot)
+            return
         try:
             logits = self.runner.forward([Chunk(slot, [0], 0, "last")])[0]
             ok = logits is not None and bool(np.isfinite(np.asarray(logits)).all())
@@ -432,9 +453,17 @@ class LLMEngine:
         seq = chunk.seq
         if seq.index != 0 or len(seq.tokens) != seq.prompt_len:
             return [seq]
+        if self.cache.paged:  # full pages shared, the partial last page copied
+            for child in [s for s in seq.group.seqs if s.status == "fork"]:
+                copies = self.cache.fork(seq.slot, child.slot, seq.computed)
+                if copies is None:  # no page free: this sibling prefills the prompt itself
+                    child.status = "prefill"
+                else:
+                    self.runner.copy_pages(copies)
         children = self.scheduler.fork(seq.group)
-        for child in children:
-            self.runner.copy_slot(seq.slot, child.slot, seq.computed)
+        if not self.cache.paged:
+            for child in children:
+                self.runner.copy_slot(seq.slot, child.slot, seq.computed)
         return [seq, *children]
 
     def _sample(self, seq: Seq, logits, now: float, ttfts: list[float], itls: list[float]) -> CompletionDelta:
@@ -538,6 +567,9 @@ class LLMEngine:
             kv_cache_bytes_total=usage.bytes_total,
             kv_cache_usage_perc=usage.used_perc,
             kv_cache_reserved_perc=usage.reserved_perc,
+            kv_cache_blocks_used=usage.blocks_used,
+            kv_cache_blocks_free=usage.blocks_total - usage.blocks_used,
+            num_preemptions=len(plan.preempted),
             prefix_cache_queries=sum(len(g.prompt) for g in plan.admitted) if self.cache.prefix_caching else 0,
             prefix_cache_hits=sum(g.cached_tokens for g in plan.admitted),
             time_to_first_tokens_s=ttfts,

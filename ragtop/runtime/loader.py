@@ -64,10 +64,12 @@ def load_model(
     onnx_file: str | None = None,
     use_plugin: bool = True,
     device: str | None = None,
+    paged: bool = False,
 ) -> LoadedModel:
     """onnx_file: another graph of an exported folder (e.g. model.int8.onnx); use_plugin=False
     runs the standard-op function bodies even when the ragtop plugin is built; device: where a
-    checkpoint runs (TorchRunner; "cuda" uses the Triton kernels of ragtop.gpu)."""
+    checkpoint runs (TorchRunner; "cuda" uses the Triton kernels of ragtop.gpu); paged: an
+    exported folder's paged-KV graph (`--paged-kv`) with a paged cache (kv_cache.py)."""
     path = Path(path)
     found = detect_runner(path)
     kind = found if runner == "auto" else runner
@@ -76,12 +78,14 @@ def load_model(
         raise RagtopError(
             f"--runner {kind} needs {want}; {path} holds {'model.onnx' if found == 'ort' else 'model.safetensors'}"
         )
+    if paged and kind != "ort":
+        raise RagtopError("a paged KV cache needs an exported folder (the onnxruntime runner)")
     if kind == "ort" and device not in (None, "cpu"):
         raise RagtopError(f"--device {device} runs checkpoints (the torch runner); {path} is an exported ONNX folder")
     if kind == "ort":
         from .runners.onnxruntime import OrtRunner
 
-        model_runner: ModelRunner = OrtRunner(path, threads, use_plugin, onnx_file)
+        model_runner: ModelRunner = OrtRunner(path, threads, use_plugin, onnx_file, paged=paged)
     else:
         try:
             import torch

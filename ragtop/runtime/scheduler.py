@@ -15,6 +15,14 @@ prompt; when that ends, the engine copies the prompt's cache into the siblings' 
 once; the waiting queue is bounded (`QueueFull` when more than `max_waiting` requests would
 still wait after the next admission).
 
+Paged cache (kv_cache.PagedKVCacheManager): admission asks for the prompt's pages (beyond a
+cached prefix) plus a watermark instead of a whole context; every scheduled chunk first gets
+the pages it writes (`ensure`). When the pool is out of pages, the most recently admitted
+running request is preempted by recompute (vLLM's default): its pages are freed (its full
+pages stay cached as a prefix until evicted), it goes back to the head of the queue with the
+tokens it has, and on re-admission it prefills prompt + generated tokens and samples the next
+token: nothing already emitted is emitted again. `SchedulerOutput.preempted` lists them.
+
 Prefix caching (kv_cache.py): at admission the prompt's longest cached prefix is looked up
 among free slots and running sequences; the request starts with those tokens computed
 (`SequenceGroup.cached_tokens`), and a prefix held by a running sequence is listed in
@@ -90,6 +98,8 @@ class SequenceGroup:
     data: Any = None  # the engine's per-request state
     seqs: list[Sequence] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    lookahead: int = 0  # positions past the next token a decode step may write (speculative drafts)
+    preemptions: int = 0  # times this request was preempted (paged cache out of pages)
     # the cache holds dense-attention keys/values (a speculating request, engine.py): shared
     # only with such requests, as sparse attention writes other values from layer 2 on
     dense_kv: bool = False
@@ -120,6 +130,7 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]
     admitted: list[SequenceGroup]
     copies: list[tuple[int, int, int]] = field(default_factory=list)  # (src slot, dst slot, tokens) first
+    preempted: list[SequenceGroup] = field(default_factory=list)  # back to the queue's head (recompute)
 
     @property
     def num_tokens(self) -> int:
@@ -151,6 +162,8 @@ class Scheduler:
         thread schedules is bounded by max_batch_size + max_waiting, not by max_waiting alone
         (Ray Serve's max_ongoing_requests assumes the same capacity)."""
         room = min(self.config.max_batch_size - self.num_running, self.cache.num_free)
+        if self.cache.paged:  # a rough bound: admission by pages is decided at schedule time
+            room = self.config.max_batch_size - self.num_running
         queue = [*self.waiting, group]
         starting = 0
         for g in queue:
@@ -188,40 +201,102 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
         budget, chunks, admitted, copies = cfg.max_tokens_per_step, [], [], []
+        self._preempted: list[SequenceGroup] = []
 
-        for s in self._running_seqs("decode"):
+        for s in list(self._running_seqs("decode")):
+            if s.status != "decode" or not self._reserve(s, s.computed + 1 + s.group.lookahead):
+                continue  # preempted (itself, or its group by a sibling's need)
             chunks.append(ScheduledChunk(s, s.computed, s.tokens[s.computed :]))
             budget -= len(chunks[-1].tokens)
-        for s in self._running_seqs("prefill"):
+        for s in list(self._running_seqs("prefill")):
             if budget < 1 or len(chunks) >= cfg.max_batch_size:
                 break
-            chunks.append(self._prefill_chunk(s, budget))
+            if s.status != "prefill":
+                continue
+            chunk = self._prefill_chunk(s, budget)
+            if not self._reserve(s, chunk.start + len(chunk.tokens)):
+                continue
+            chunks.append(chunk)
             budget -= len(chunks[-1].tokens)
         while self.waiting and budget >= 1 and len(chunks) < cfg.max_batch_size:
             g = self.waiting[0]
-            if self.num_running + g.n > cfg.max_batch_size or not self.cache.can_allocate(g.n):
+            if g in self._preempted:
+                break  # preempted in this very step: it waits for the next one
+            live = [s for s in g.seqs if not s.finished]
+            if self.num_running + len(live) > cfg.max_batch_size or not self.cache.can_allocate(len(live)):
                 break  # FIFO: the head waits for room, nobody overtakes it
+            resumed = g.preemptions > 0
+            hit = None
+            if not resumed or g.n == 1:  # a resumed request may find its own pages still cached
+                hit = self.cache.match(live[0].tokens, self._computed_prefixes(g.dense_kv), len(live), g.dense_kv)
+            # paged: the hit's pages are pinned first, so that they no longer count as reclaimable
+            pinned = self.cache.pin(hit.slot, hit.tokens) if self.cache.paged and hit else []
+            if not self.cache.can_admit(len(live[0].tokens), hit.tokens if hit else 0, len(live)):
+                self.cache.unpin(pinned)
+                break  # not enough free pages (paged cache): wait for running requests to finish
             self.waiting.popleft()
-            hit = self.cache.match(g.prompt, self._computed_prefixes(g.dense_kv), g.n, g.dense_kv)
-            slots = self.cache.allocate(
-                g.n,
-                prefer=None if hit is None or hit.copy else hit.slot,
-                avoid=None if hit is None or not hit.copy else hit.slot,
-            )
-            for s, slot in zip(g.seqs, slots, strict=True):
-                s.slot, s.status = slot, "fork"
-            first = g.seqs[0]
-            first.status = "prefill"
+            first = live[0]
+            if self.cache.paged:
+                slots = self.cache.allocate(len(live), avoid=None if hit is None else hit.slot)
+                self.cache.attach(slots[0], pinned)
+            else:
+                slots = self.cache.allocate(
+                    g.n,
+                    prefer=None if hit is None or hit.copy else hit.slot,
+                    avoid=None if hit is None or not hit.copy else hit.slot,
+                )
+            for s, slot in zip(live, slots, strict=True):
+                s.slot, s.computed = slot, 0
+                # a resumed sequence recomputes its own tokens; a new request's siblings wait for the prompt
+                s.status = "prefill" if resumed or s is first else "fork"
             if hit is not None:
-                first.computed = g.cached_tokens = hit.tokens
+                first.computed = hit.tokens
+                if not resumed:
+                    g.cached_tokens = hit.tokens
                 self.cache.lengths[first.slot] = hit.tokens
-                if hit.copy:
+                if hit.copy and not self.cache.paged:
                     copies.append((hit.slot, first.slot, hit.tokens))
             self.running.append(g)
-            admitted.append(g)
-            chunks.append(self._prefill_chunk(first, budget))
-            budget -= len(chunks[-1].tokens)
-        return SchedulerOutput(chunks, admitted, copies)
+            if not resumed:
+                admitted.append(g)
+            for s in live if resumed else [first]:
+                if budget < 1 or len(chunks) >= cfg.max_batch_size:
+                    break
+                chunk = self._prefill_chunk(s, budget)
+                if not self._reserve(s, chunk.start + len(chunk.tokens)):
+                    break
+                chunks.append(chunk)
+                budget -= len(chunks[-1].tokens)
+        preempted = self._preempted
+        if preempted:  # a group preempted after one of its chunks was planned: drop those chunks
+            chunks = [c for c in chunks if c.seq.group not in preempted]
+            admitted = [g for g in admitted if g not in preempted]
+        return SchedulerOutput(chunks, admitted, copies, preempted)
+
+    def _reserve(self, s: Sequence, tokens: int) -> bool:
+        """Pages for the sequence's positions < `tokens` (paged cache), preempting the most
+        recently admitted running requests while the pool is short. False when `s` itself
+        was preempted."""
+        while not self.cache.ensure(s.slot, min(tokens, self.cache.context_limit)):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is s.group:
+                return False
+        return True
+
+    def preempt(self, group: SequenceGroup) -> None:
+        """Recompute preemption: free the group's slots and pages, requeue it at the head with
+        the tokens it has; its unfinished sequences prefill them again on re-admission."""
+        for s in group.seqs:
+            if s.finished:
+                continue
+            if s.slot >= 0:
+                self.cache.preempt(s.slot, s.tokens[: s.computed] if s.status != "fork" else (), group.dense_kv)
+            s.slot, s.computed, s.status = -1, 0, "waiting"
+        group.preemptions += 1
+        self.running.remove(group)
+        self.waiting.appendleft(group)
+        self._preempted.append(group)
 
     def _computed_prefixes(self, dense_kv: bool) -> Iterator[tuple[int, list[int]]]:
         """(slot, tokens whose KV is written) of every running sequence whose cache is of the

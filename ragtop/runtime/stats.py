@@ -36,7 +36,10 @@ class IterationStats:
     kv_cache_bytes_used: int = 0
     kv_cache_bytes_total: int = 0
     kv_cache_usage_perc: float = 0.0  # fraction of cache tokens holding data (0..1)
-    kv_cache_reserved_perc: float = 0.0  # fraction of slots given to sequences (0..1)
+    kv_cache_reserved_perc: float = 0.0  # fraction of slots (paged: pages) given to sequences (0..1)
+    kv_cache_blocks_used: int = 0  # paged cache: pages referenced (running sequences + cached prefixes)
+    kv_cache_blocks_free: int = 0  # paged cache: pages on the free list
+    num_preemptions: int = 0  # requests preempted this step (paged cache out of pages; recompute)
     prefix_cache_queries: int = 0  # prompt tokens of the requests admitted this step (looked up)
     prefix_cache_hits: int = 0  # of those, tokens found in the prefix cache (not computed)
     time_to_first_tokens_s: list[float] = field(default_factory=list)  # requests whose first token came now

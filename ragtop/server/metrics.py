@@ -167,6 +167,11 @@ class ServerMetrics:
         self.kv_reserved = gauge("kv_cache_reserved_perc", "Fraction of KV-cache slots given to sequences (0..1).")
         self.kv_used = gauge("kv_cache_used_bytes", "KV-cache bytes holding data.")
         self.kv_total = gauge("kv_cache_total_bytes", "KV-cache bytes preallocated.")
+        self.kv_blocks_used = gauge("kv_cache_blocks_used", "Paged KV cache: pages in block tables (0: contiguous).")
+        self.kv_blocks_free = gauge("kv_cache_blocks_free", "Paged KV cache: pages free (0: contiguous).")
+        self.preemptions = counter(
+            "num_preemptions_total", "Requests preempted (recomputed) for lack of KV-cache pages."
+        )
         self.rss = gauge("resident_memory_bytes", "Resident memory of the server process.")
         self.peak_rss = gauge("peak_resident_memory_bytes", "Peak resident memory of the server process.")
         self.rss.set_function(resident_memory_bytes)
@@ -221,6 +226,9 @@ class ServerMetrics:
         self.kv_reserved.set(s.kv_cache_reserved_perc)
         self.kv_used.set(s.kv_cache_bytes_used)
         self.kv_total.set(s.kv_cache_bytes_total)
+        self.kv_blocks_used.set(s.kv_cache_blocks_used)
+        self.kv_blocks_free.set(s.kv_cache_blocks_free)
+        self.preemptions.inc(s.num_preemptions)
         self.prompt_tokens.inc(s.prompt_tokens)
         self.gen_tokens.inc(s.generation_tokens)
         self.prefix_queries.inc(s.prefix_cache_queries)

@@ -33,6 +33,7 @@ class RunnerSpec:
     attention: str  # "dense", "topk", "topk-block": a label for stats
     capacity_multiple: int = 1  # cache capacity must be a multiple of this (block size)
     dense_chunks: bool = False  # Chunk.dense works: the same weights attend densely on demand
+    page_size: int = 0  # > 0: a paged cache (allocate_pages, block_tables, copy_pages); kv_cache.py
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,12 @@ the graph (or the ragtop plugin kernel) writes the new positions in place and no
 copied. The ragtop plugin library is registered when it is built; otherwise the standard-op
 function bodies inside the file run (same results, slower). No torch: this runner is the
 whole serving path of an exported model.
+
+Paged mode (`paged=True`, a folder with the graph `ragtop export --paged-kv` writes): the
+cache is a pool of pages per layer and kind ([num_pages, Hkv, P, Dh], summaries
+[num_pages, Hkv, P/bs, Dh]), bound once; each call feeds a block table [B, max_pages] built
+from the engine's per-slot tables (`block_tables`, owned by kv_cache.PagedKVCacheManager).
+A call holds exactly its chunks (no slot range, so no idle rows and no garbage writes).
 """
 
 from __future__ import annotations
@@ -45,10 +51,15 @@ def contiguous_runs(slots: Sequence[int]) -> list[list[int]]:
 
 class OrtRunner:
     def __init__(
-        self, folder: Path, threads: int | None = None, use_plugin: bool = True, model_file: str | None = None
+        self,
+        folder: Path,
+        threads: int | None = None,
+        use_plugin: bool = True,
+        model_file: str | None = None,
+        paged: bool = False,
     ) -> None:
         """model_file: another graph of the folder with the same interface (e.g. the export's
-        model.int8.onnx); default genai_config's decoder file."""
+        model.int8.onnx); default genai_config's decoder file (its paged graph when `paged`)."""
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -92,6 +103,17 @@ class OrtRunner:
             except ImportError:
                 register_plugin = None
             self.plugin = bool(register_plugin and register_plugin(opts))
+        self.page_size = 0
+        if paged:
+            info = rt["kv_cache"].get("paged")
+            if not info:
+                raise RagtopError(
+                    f"{folder} has no paged graph: re-export with --paged-kv "
+                    "(or add one with `python -m ragtop.export.paged FOLDER`)"
+                )
+            self.page_size = int(info["page_size"])
+            model_file = model_file or info["filename"]
+            self.spec = dataclasses.replace(self.spec, page_size=self.page_size)
         path = folder / (model_file or dec["filename"])
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -110,10 +132,13 @@ class OrtRunner:
         # One IOBinding per slot range, its cache inputs/outputs bound once (2 x layers x kinds
         # binds cost ~3 ms a step for SmolLM2); a step rebinds only the small inputs.
         self._bindings: dict[tuple[int, int], Any] = {}
+        self.block_tables: list[list[int]] = []  # paged: per slot, set by the engine's cache manager
 
     @classmethod
-    def from_folder(cls, folder: Path, threads: int | None = None, model_file: str | None = None) -> OrtRunner:
-        return cls(folder, threads, model_file=model_file)
+    def from_folder(
+        cls, folder: Path, threads: int | None = None, model_file: str | None = None, paged: bool = False
+    ) -> OrtRunner:
+        return cls(folder, threads, model_file=model_file, paged=paged)
 
     # -- cache ----------------------------------------------------------------------------
     def allocate(self, slots: int, capacity: int) -> None:
@@ -128,6 +153,25 @@ class OrtRunner:
         self.lengths = np.zeros(slots, dtype=np.int64)
         self._bindings = {}
 
+    def allocate_pages(self, num_pages: int) -> None:
+        """Paged mode: a pool of `num_pages` pages per layer and kind."""
+        if not self.page_size:
+            raise RagtopError("allocate_pages on a runner opened without paged=True")
+        P = self.page_size
+        self.buffers = {}
+        for i in range(self.n_layers):
+            for kind in self.kinds:
+                rows = P // self.block_size if kind.startswith("key_m") else P
+                self.buffers[i, kind] = np.zeros((num_pages, self.n_kv_heads, rows, self.head_dim), dtype=self.np_dtype)
+        self.capacity = 0
+        self._bindings = {}
+
+    def copy_pages(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy whole pages (src, dst): a forked sequence's own copy of a partial page."""
+        for src, dst in pairs:
+            for buf in self.buffers.values():
+                buf[dst] = buf[src]
+
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         for (_, kind), buf in self.buffers.items():
             n = -(-length // self.block_size) if kind.startswith("key_m") else length
@@ -140,6 +184,8 @@ class OrtRunner:
         to `length`'s from the keys kept, so they are exactly what a run without drafts holds
         (min/max are exact, so the result is bit-identical). Keys past `length` need nothing:
         no query sees them before they are rewritten."""
+        if self.page_size:
+            return self._rollback_paged(slot, length, since)
         self.lengths[slot] = length
         if not self.block_size or length <= 0:
             return
@@ -152,6 +198,20 @@ class OrtRunner:
                 self.buffers[i, "key_min"][slot, :, blk] = rows.min(axis=1)
                 self.buffers[i, "key_max"][slot, :, blk] = rows.max(axis=1)
 
+    def _rollback_paged(self, slot: int, length: int, since: int) -> None:
+        if not self.block_size or length <= 0:
+            return
+        bs, P, table = self.block_size, self.page_size, self.block_tables[slot]
+        first, last = min(since, length - 1) // bs, (length - 1) // bs
+        for i in range(self.n_layers):
+            keys = self.buffers[i, "key"]  # [N, Hkv, P, Dh]
+            for blk in range(first, last + 1):
+                j0, j1 = blk * bs, min((blk + 1) * bs, length)
+                page, r0 = table[j0 // P], j0 % P
+                rows = keys[page, :, r0 : r0 + (j1 - j0)]
+                self.buffers[i, "key_min"][page, :, r0 // bs] = rows.min(axis=1)
+                self.buffers[i, "key_max"][page, :, r0 // bs] = rows.max(axis=1)
+
     def close(self) -> None:
         self.buffers, self._bindings = {}, {}
 
@@ -160,6 +220,11 @@ class OrtRunner:
         if not self.buffers:
             raise RagtopError("OrtRunner.forward before allocate()")
         out: list[np.ndarray | None] = [None] * len(chunks)
+        if self.page_size:
+            for group in paged_groups(chunks):
+                for i, row in zip(group, self._run_paged([chunks[i] for i in group]), strict=True):
+                    out[i] = row
+            return out
         for group in group_chunks(chunks):
             by_slot = {chunks[i].slot: i for i in group}
             # Block summaries must not see garbage keys: bind exactly the slots of a run.
@@ -218,3 +283,52 @@ class OrtRunner:
             None if c.logits == "none" else logits[c.slot - lo] if c.logits == "all" else logits[c.slot - lo, -1]
             for c in chunks
         ]
+
+    def _run_paged(self, chunks: list[Chunk]) -> list[np.ndarray | None]:
+        """One call over exactly `chunks` (equal lengths): their block tables, padded with
+        page 0 (read past the sequence's keys, never visible nor written)."""
+        S, B, P = len(chunks[0].tokens), len(chunks), self.page_size
+        ids = np.asarray([c.tokens for c in chunks], dtype=np.int64).reshape(B, S)
+        lengths = np.asarray([c.start for c in chunks], dtype=np.int64)
+        need = [-(-(c.start + S) // P) for c in chunks]
+        table = np.zeros((B, max(need)), dtype=np.int64)
+        for b, c in enumerate(chunks):
+            pages = self.block_tables[c.slot]
+            if len(pages) < need[b]:
+                raise RagtopError(f"slot {c.slot}: {len(pages)} pages hold fewer than {c.start + S} positions")
+            table[b, : need[b]] = pages[: need[b]]
+        want_all = any(c.logits == "all" for c in chunks)
+        keep = np.tile(np.arange(S, dtype=np.int64), (B, 1)) if want_all else np.full((B, 1), S - 1, dtype=np.int64)
+        io = self._bindings.get((0, 0))
+        if io is None:  # the pools, bound once as past and present
+            io = self.session.io_binding()
+            for (i, kind), buf in self.buffers.items():
+                shape, ptr = list(buf.shape), buf.ctypes.data
+                io.bind_input(self.io_names[f"past_{kind}_names"] % i, "cpu", 0, self.np_dtype, shape, ptr)
+                io.bind_output(self.out_names[f"present_{kind}_names"] % i, "cpu", 0, self.np_dtype, shape, ptr)
+            self._bindings[0, 0] = io
+        io.bind_cpu_input(self.io_names["input_ids"], ids)
+        io.bind_cpu_input(self.io_names["past_lengths"], lengths)
+        io.bind_cpu_input(self.io_names["logits_indices"], keep)
+        io.bind_cpu_input("block_table", table)
+        dense = np.asarray([c.dense for c in chunks], dtype=np.int64)
+        if self.dense_flag:
+            io.bind_ortvalue_input("attention_dense", ort_value(dense))
+        elif dense.any() and self.spec.attention != "dense":
+            raise RagtopError("this graph has no attention_dense input: re-export it to verify speculative drafts")
+        logits = np.empty((B, keep.shape[1], self.spec.vocab_size), dtype=np.float32)
+        io.bind_output(self.out_names["logits"], "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(io)
+        return [
+            None if c.logits == "none" else logits[b] if c.logits == "all" else logits[b, -1]
+            for b, c in enumerate(chunks)
+        ]
+
+
+def paged_groups(chunks: Sequence[Chunk]) -> list[list[int]]:
+    """Chunks run together with a paged cache: all decodes in one call, prefill chunks of
+    equal length in one call each (any slots: no slot range to keep contiguous)."""
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(chunks):
+        groups.setdefault(len(c.tokens), []).append(i)
+    return [groups.pop(1)] + list(groups.values()) if 1 in groups else list(groups.values())
