@@ -1,4 +1,4 @@
-"""`python -m loadtests run|context-sweep|concurrency-sweep|bandwidth|report|peer|fuzz|soak|multiturn|speculative`."""
+"""`python -m loadtests run|context-sweep|concurrency-sweep|bandwidth|report|peer|fuzz|soak|multiturn|speculative|admission`."""
 
 from __future__ import annotations
 
@@ -100,13 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     add_run(sub)
-    from . import bandwidth, fuzz, multiturn, peers, report, soak, speculative, sweeps
+    from . import admission, bandwidth, fuzz, multiturn, peers, report, soak, speculative, sweeps
 
     sweeps.add_arguments(sub)
     fuzz.add_arguments(sub)
     soak.add_arguments(sub)
     multiturn.add_arguments(sub)
     speculative.add_arguments(sub)
+    admission.add_arguments(sub)
     bandwidth.add_arguments(sub)
     peers.add_arguments(sub)
     report.add_arguments(sub)

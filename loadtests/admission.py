@@ -1,0 +1,173 @@
+"""`python -m loadtests admission`: concurrent requests at a fixed KV-cache budget, paged
+cache (blocks allocated as sequences grow) vs whole-context reservation.
+
+One in-process engine over an exported folder, twice, with the same cache memory
+(`--budget-contexts` whole contexts of `--context` tokens): contiguous slots (each admitted
+request reserves a whole context) and the paged graph (pages as sequences grow, preemption
+by recompute when the pool runs out). The workload arrives all at once: a mix of short
+requests and a fraction of long ones (default 90 % prompts of 128 tokens, 10 % of 8000;
+32 new tokens each, greedy, ignore_eos). Reported per mode: the peak and mean number of
+requests running at once (`IterationStats.num_running`, every step), preemptions, requests
+finished and failed, steps and wall time; and whether both modes generated the same tokens.
+
+    python -m loadtests admission --tiny                      # a tiny random model, 8k context
+    python -m loadtests admission --model MODEL_DIR --context 2048 --long-prompt 1900
+
+A folder without a paged graph is paged in a scratch folder (symlinks to its files, then
+`ragtop.export.onnx.write_paged_graph`), so a shared export is never modified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+
+def tiny_export(out: Path, context: int) -> Path:
+    """A tiny random dense model (2 layers, d=64) exported with --paged-kv and `context` tokens."""
+    folder = out / "tiny-onnx"
+    if (folder / "genai_config.json").exists():
+        return folder
+    from ragtop.checkpoint import save_checkpoint
+    from ragtop.cli import main
+    from ragtop.model import ModelConfig, Transformer
+    from ragtop.train.tokenizer import train_bpe
+
+    text = ["The committee reviewed the budget for the coming year and found the costs higher than planned."] * 8
+    tok = train_bpe(text, vocab_size=300)
+    cfg = ModelConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=context)
+    ckpt = save_checkpoint(out / "tiny-ckpt", Transformer(cfg).eval(), tok.to_str(), generation={"eos_token_id": 0})
+    if main(["export", str(ckpt), str(folder), "--no-validate", "--paged-kv", "--overwrite"]) != 0:
+        raise SystemExit("export of the tiny model failed")
+    return folder
+
+
+def paged_folder(model: Path, scratch: Path) -> Path:
+    """`model` itself when it has a paged graph; else a scratch folder that links its files and
+    adds one."""
+    cfg = json.loads((model / "genai_config.json").read_text())
+    if cfg["ragtop"]["kv_cache"].get("paged"):
+        return model
+    from ragtop.export.onnx import write_paged_graph
+
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True)
+    for f in model.iterdir():
+        if f.name == "genai_config.json":
+            shutil.copy2(f, scratch / f.name)
+        else:
+            (scratch / f.name).symlink_to(f.resolve())
+    write_paged_graph(scratch)
+    return scratch
+
+
+def workload(n: int, long_frac: float, short_prompt: int, long_prompt: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    n_long = round(n * long_frac)
+    kinds = [True] * n_long + [False] * (n - n_long)
+    rng.shuffle(kinds)
+    return [[rng.randrange(1, vocab) for _ in range(long_prompt if k else short_prompt)] for k in kinds]
+
+
+def run_mode(folder: Path, paged: bool, prompts, a: argparse.Namespace, budget_bytes: int) -> dict:
+    from ragtop.runtime import EngineConfig, Request, SamplingParams, SchedulerConfig, load_model
+
+    model = load_model(folder, threads=a.threads, paged=paged)
+    config = EngineConfig(
+        SchedulerConfig(max_batch_size=a.max_batch, max_tokens_per_step=a.step_tokens, prefill_chunk=a.prefill_chunk),
+        context_limit=a.context,
+        cache_memory_bytes=budget_bytes,
+    )
+    engine = model.engine(config)
+    running, preemptions = [], 0
+
+    def observe(s) -> None:
+        nonlocal preemptions
+        running.append(s.num_running)
+        preemptions += s.num_preemptions
+
+    engine.stats_listeners.append(observe)
+    params = SamplingParams(max_tokens=a.output, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    out = engine.run_until_done([Request(str(i), p, params) for i, p in enumerate(prompts)])
+    wall = time.perf_counter() - t0
+    finals = [o[-1] for o in out.values()]
+    tokens = {rid: [t for o in outs for d in o.deltas for t in d.token_ids] for rid, outs in out.items()}
+    result = {
+        "layout": "paged" if paged else "whole-context slots",
+        "cache_bytes": engine.cache.usage().bytes_total,
+        "slots" if not paged else "pages": engine.cache.plan.slots if not paged else engine.cache.pages.num_pages,
+        "peak_running": max(running),
+        "mean_running": round(statistics.fmean(running), 2),
+        "preemptions": preemptions,
+        "finished": sum(1 for f in finals if f.finished and f.error is None),
+        "failed": sum(1 for f in finals if f.error is not None),
+        "generated_tokens": sum(len(t) for t in tokens.values()),
+        "steps": len(running),
+        "wall_s": round(wall, 1),
+    }
+    engine.close()
+    return {**result, "_tokens": tokens}
+
+
+def add_arguments(sub) -> None:
+    p = sub.add_parser("admission", help="concurrent requests at a fixed KV-cache budget: paged vs whole-context slots")
+    p.add_argument("--model", type=Path, help="exported model folder (custom ops)")
+    p.add_argument("--tiny", action="store_true", help="export and use a tiny random model instead")
+    p.add_argument("--context", type=int, default=8192, help="context limit per request (default %(default)s)")
+    p.add_argument("--budget-contexts", type=int, default=8, help="cache memory in whole contexts (default 8)")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--long-frac", type=float, default=0.1)
+    p.add_argument("--short-prompt", type=int, default=128)
+    p.add_argument("--long-prompt", type=int, default=8000)
+    p.add_argument("--output", type=int, default=32, help="new tokens per request")
+    p.add_argument("--max-batch", type=int, default=64, help="max_batch_size of both engines")
+    p.add_argument("--step-tokens", type=int, default=1024, help="max_tokens_per_step")
+    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("build/admission"))
+    p.set_defaults(func=cmd_admission)
+
+
+def cmd_admission(a: argparse.Namespace) -> int:
+    if not (a.model or a.tiny):
+        raise SystemExit("give --model MODEL_DIR or --tiny")
+    a.out.mkdir(parents=True, exist_ok=True)
+    folder = tiny_export(a.out, a.context) if a.tiny else paged_folder(a.model, a.out / "paged-model")
+    cfg = json.loads((folder / "genai_config.json").read_text())
+    from ragtop.runtime import load_model
+
+    spec = load_model(folder, threads=1).runner.spec
+    budget = a.budget_contexts * a.context * spec.kv_bytes_per_token
+    prompts = workload(a.requests, a.long_frac, a.short_prompt, a.long_prompt, int(cfg["model"]["vocab_size"]), a.seed)
+    results = [run_mode(folder, paged, prompts, a, budget) for paged in (False, True)]
+    same = results[0].pop("_tokens") == results[1].pop("_tokens")
+    summary = {
+        "peak_running_ratio": round(results[1]["peak_running"] / results[0]["peak_running"], 2),
+        "mean_running_ratio": round(results[1]["mean_running"] / results[0]["mean_running"], 2),
+        "same_tokens": same,
+    }
+    doc = {"args": {k: str(v) for k, v in vars(a).items() if k != "func"}, "results": results, "summary": summary}
+    (a.out / "admission.json").write_text(json.dumps(doc, indent=1))
+    print(
+        f"budget {budget / 2**20:.1f} MiB = {a.budget_contexts} contexts of {a.context} tokens; {a.requests} requests, "
+        f"{a.long_frac:.0%} of {a.long_prompt} prompt tokens, the rest {a.short_prompt}; {a.output} new tokens each"
+    )
+    for r in results:
+        print(
+            f"{r['layout']:>20}: peak running {r['peak_running']:3d}, mean {r['mean_running']:6.2f}, "
+            f"preemptions {r['preemptions']}, finished {r['finished']}, failed {r['failed']}, "
+            f"steps {r['steps']}, {r['wall_s']} s"
+        )
+    print(
+        f"paged / whole-context: peak {summary['peak_running_ratio']}x, mean {summary['mean_running_ratio']}x; "
+        f"same tokens: {same}"
+    )
+    return 0
