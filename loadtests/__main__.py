@@ -1,4 +1,5 @@
-"""`python -m loadtests run|context-sweep|concurrency-sweep|bandwidth|report|peer|fuzz|soak|multiturn|speculative|admission`."""
+"""`python -m loadtests run|context-sweep|concurrency-sweep|bandwidth|report|peer|fuzz|soak|multiturn|speculative|
+admission`."""
 
 from __future__ import annotations
 
