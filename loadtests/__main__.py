@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     multiturn.add_arguments(sub)
     speculative.add_arguments(sub)
     admission.add_arguments(sub)
+    admission.add_decode_arguments(sub)
     bandwidth.add_arguments(sub)
     peers.add_arguments(sub)
     report.add_arguments(sub)

@@ -171,3 +171,80 @@ def cmd_admission(a: argparse.Namespace) -> int:
         f"same tokens: {same}"
     )
     return 0
+
+
+def decode_speed(folder: Path, paged: bool, streams: int, prompt: int, new: int, threads: int, seed: int) -> dict:
+    """Decode tokens per CPU-second and per second over the steps that only decoded (all
+    `streams` sequences running), greedy, one engine."""
+    from ragtop.runtime import EngineConfig, Request, SamplingParams, SchedulerConfig, load_model
+
+    model = load_model(folder, threads=threads, paged=paged)
+    engine = model.engine(
+        EngineConfig(SchedulerConfig(max_batch_size=streams), context_limit=prompt + new + 32, prefix_caching=False)
+    )
+    rng = random.Random(seed)
+    vocab = model.runner.spec.vocab_size
+    for i in range(streams):
+        engine.add_request(
+            Request(
+                str(i),
+                [rng.randrange(1, vocab) for _ in range(prompt)],
+                SamplingParams(max_tokens=new, temperature=0, ignore_eos=True),
+            )
+        )
+    cpu = wall = 0.0
+    tokens = 0
+    while engine.has_work():
+        c0, w0 = time.process_time(), time.perf_counter()
+        outs = engine.step()
+        c1, w1 = time.process_time(), time.perf_counter()
+        running = engine.scheduler.running
+        decoding = all(s.status == "decode" for g in running for s in g.seqs) and len(running) == streams
+        if decoding and not any(o.finished for o in outs):
+            cpu, wall = cpu + c1 - c0, wall + w1 - w0
+            tokens += sum(len(d.token_ids) for o in outs for d in o.deltas)
+    engine.close()
+    return {
+        "layout": "paged" if paged else "whole-context slots",
+        "streams": streams,
+        "decode_tokens": tokens,
+        "tokens_per_cpu_s": round(tokens / cpu, 2) if cpu else None,
+        "tokens_per_s": round(tokens / wall, 2) if wall else None,
+    }
+
+
+def add_decode_arguments(sub) -> None:
+    p = sub.add_parser("paged-decode", help="decode tokens per CPU-second: paged vs whole-context slots")
+    p.add_argument("--model", type=Path, required=True, help="exported model folder (custom ops)")
+    p.add_argument("--streams", default="1,8", help="concurrent sequences, comma-separated (default %(default)s)")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new", type=int, default=48)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each layout (best kept)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("build/paged-decode"))
+    p.set_defaults(func=cmd_decode)
+
+
+def cmd_decode(a: argparse.Namespace) -> int:
+    a.out.mkdir(parents=True, exist_ok=True)
+    folder = paged_folder(a.model, a.out / "paged-model")
+    rows = []
+    for streams in [int(x) for x in a.streams.split(",")]:
+        best: dict[bool, dict] = {}
+        for _ in range(a.repeats):  # alternate, so both layouts see the same machine load
+            for paged in (False, True):
+                r = decode_speed(folder, paged, streams, a.prompt, a.new, a.threads, a.seed)
+                if paged not in best or (r["tokens_per_cpu_s"] or 0) > (best[paged]["tokens_per_cpu_s"] or 0):
+                    best[paged] = r
+        rows += [best[False], best[True]]
+        ratio = best[True]["tokens_per_cpu_s"] / best[False]["tokens_per_cpu_s"]
+        print(
+            f"{streams:2d} streams: whole-context {best[False]['tokens_per_cpu_s']:.2f} tok/CPU-s "
+            f"({best[False]['tokens_per_s']:.2f} tok/s), paged {best[True]['tokens_per_cpu_s']:.2f} tok/CPU-s "
+            f"({best[True]['tokens_per_s']:.2f} tok/s): paged / whole-context {ratio:.2f}x"
+        )
+    (a.out / "paged-decode.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(a).items() if k != "func"}, "rows": rows}, indent=1)
+    )
+    return 0
