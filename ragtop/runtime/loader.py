@@ -64,12 +64,13 @@ def load_model(
     onnx_file: str | None = None,
     use_plugin: bool = True,
     device: str | None = None,
-    paged: bool = False,
+    paged: bool | None = False,
 ) -> LoadedModel:
     """onnx_file: another graph of an exported folder (e.g. model.int8.onnx); use_plugin=False
     runs the standard-op function bodies even when the ragtop plugin is built; device: where a
     checkpoint runs (TorchRunner; "cuda" uses the Triton kernels of ragtop.gpu); paged: an
-    exported folder's paged-KV graph (`--paged-kv`) with a paged cache (kv_cache.py)."""
+    exported folder's paged-KV graph (`--paged-kv`) with a paged cache (kv_cache.py); None: that
+    when the folder has one (an exported folder), else the contiguous cache."""
     path = Path(path)
     found = detect_runner(path)
     kind = found if runner == "auto" else runner
@@ -78,6 +79,8 @@ def load_model(
         raise RagtopError(
             f"--runner {kind} needs {want}; {path} holds {'model.onnx' if found == 'ort' else 'model.safetensors'}"
         )
+    if paged is None:
+        paged = kind == "ort" and has_paged_graph(path)
     if paged and kind != "ort":
         raise RagtopError("a paged KV cache needs an exported folder (the onnxruntime runner)")
     if kind == "ort" and device not in (None, "cpu"):
@@ -115,3 +118,14 @@ def load_model(
     except json.JSONDecodeError as e:
         raise RagtopError(f"corrupt {gen_file}: {e}") from None
     return LoadedModel(path, model_runner, tokenizer, generation)
+
+
+def has_paged_graph(path: Path) -> bool:
+    """An exported folder written with `--paged-kv` (genai_config.json names its paged graph)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(path) / "genai_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(cfg.get("ragtop", {}).get("kv_cache", {}).get("paged"))

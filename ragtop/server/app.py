@@ -74,7 +74,8 @@ def _load(state: ServerState, prepare: Prepare | None = None) -> None:
         if s.model is None:
             raise ApiError(500, "no model given (ragtop serve MODEL_DIR, or RAGTOP_MODEL)")
         state.progress(f"loading the model from {s.model}")
-        model: LoadedModel = load_model(s.model, s.runner, threads=s.threads, use_plugin=s.plugin)  # type: ignore[arg-type]
+        paged = {"auto": None, "paged": True, "contiguous": False}[s.kv_cache]  # None: paged when the folder can
+        model: LoadedModel = load_model(s.model, s.runner, threads=s.threads, use_plugin=s.plugin, paged=paged)  # type: ignore[arg-type]
         engine = model.engine(engine_config(s))
         engine.stats_listeners.append(state.metrics.observe)
         plan = engine.cache_plan
@@ -90,7 +91,7 @@ def _load(state: ServerState, prepare: Prepare | None = None) -> None:
         state.serving = OpenAIServing(model, state.engine, s.model_name, engine.context_limit, s.retry_after_s)
         spec = model.runner.spec
         log.info(
-            "serving %s as %r: runner %s, attention %s, plugin %s, context %d, %d slots, KV cache %.1f MiB",
+            "serving %s as %r: runner %s, attention %s, plugin %s, context %d, %d slots, KV cache %.1f MiB%s",
             s.model,
             s.model_name,
             spec.name,
@@ -99,6 +100,7 @@ def _load(state: ServerState, prepare: Prepare | None = None) -> None:
             plan.context_limit,
             plan.slots,
             plan.total_bytes / 2**20,
+            f" in {engine.cache.pages.num_pages} pages of {spec.page_size} tokens" if spec.page_size else "",
         )
         if state.status == "loading":
             state.status, state.detail = "ready", None

@@ -59,6 +59,13 @@ class ServerSettings:
     prefill_chunk: int = setting(256, "prompt tokens per sequence per step (long prompts are chunked)", minimum=1)
     context_limit: int | None = setting(None, "tokens per sequence", minimum=1, default_text="the model's")
     cache_memory_mb: int | None = setting(None, "KV-cache budget", minimum=1, default_text="a full context per slot")
+    kv_cache: str = setting(
+        "auto",
+        "KV-cache layout: paged (blocks allocated as sequences grow, preemption when they run out; "
+        "needs an export with --paged-kv), contiguous (a whole context reserved per slot), or auto: "
+        "paged when the exported folder has a paged graph (docs/runtime.md)",
+        choices=("auto", "paged", "contiguous"),
+    )
     prefix_caching: bool = setting(
         True, "compute every prompt in full instead of reusing cached prefixes (docs/runtime.md)"
     )

@@ -109,7 +109,7 @@ class OrtRunner:
             if not info:
                 raise RagtopError(
                     f"{folder} has no paged graph: re-export with --paged-kv "
-                    "(or add one with `python -m ragtop.export.paged FOLDER`)"
+                    "(or add one to the folder with ragtop.export.onnx.write_paged_graph)"
                 )
             self.page_size = int(info["page_size"])
             model_file = model_file or info["filename"]
