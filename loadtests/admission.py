@@ -85,11 +85,12 @@ def run_mode(folder: Path, paged: bool, prompts, a: argparse.Namespace, budget_b
         cache_memory_bytes=budget_bytes,
     )
     engine = model.engine(config)
-    running, preemptions = [], 0
+    running, pages, preemptions = [], [], 0
 
     def observe(s) -> None:
         nonlocal preemptions
         running.append(s.num_running)
+        pages.append(s.kv_cache_blocks_used)
         preemptions += s.num_preemptions
 
     engine.stats_listeners.append(observe)
@@ -105,6 +106,7 @@ def run_mode(folder: Path, paged: bool, prompts, a: argparse.Namespace, budget_b
         "slots" if not paged else "pages": engine.cache.plan.slots if not paged else engine.cache.pages.num_pages,
         "peak_running": max(running),
         "mean_running": round(statistics.fmean(running), 2),
+        "peak_pages_used": max(pages) if paged else None,
         "preemptions": preemptions,
         "finished": sum(1 for f in finals if f.finished and f.error is None),
         "failed": sum(1 for f in finals if f.error is not None),

@@ -362,6 +362,10 @@ class PagedKVCacheManager(KVCacheManager):
         need = self.pages_for(tokens) - cached // self.page_size + (n - 1)
         return self.reclaimable() - need >= self.pages.watermark
 
+    def can_hold(self, tokens: int, n: int = 1) -> bool:
+        """The request fits an empty pool (else it would wait forever at the queue's head)."""
+        return self.pages_for(tokens) + (n - 1) <= self.pages.num_pages - self.pages.watermark
+
     def ensure(self, slot: int, tokens: int) -> bool:
         """Give the slot pages for positions < `tokens`; False (nothing allocated) if the pool
         cannot, even after evicting every cached prefix of freed slots."""

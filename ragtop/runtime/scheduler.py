@@ -152,6 +152,11 @@ class Scheduler:
                 f"n={group.n} exceeds the {min(self.config.max_batch_size, self.cache.plan.slots)} sequences the "
                 "engine runs at once"
             )
+        if self.cache.paged and not self.cache.can_hold(len(group.prompt), group.n):
+            raise InvalidRequest(
+                f"a prompt of {len(group.prompt)} tokens with n={group.n} does not fit the KV cache's "
+                f"{self.cache.pages.num_pages} pages of {self.cache.page_size} tokens"
+            )
         if self._waiting_after_admission(group) > self.config.max_waiting:
             raise QueueFull(len(self.waiting))
         self.waiting.append(group)

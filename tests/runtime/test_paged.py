@@ -227,3 +227,15 @@ def test_speculative_decoding_is_unchanged_by_paging(exported):
     assert tokens(True) == want
     spec = load_model(exported, threads=1, paged=True).runner.spec
     assert tokens(True, cache_memory_bytes=128 * spec.kv_bytes_per_token) == want
+
+
+def test_a_request_that_cannot_fit_an_empty_pool_is_refused_up_front():
+    from ragtop.runtime.errors import InvalidRequest
+    from ragtop.runtime.scheduler import Scheduler, SequenceGroup
+
+    cache = PagedKVCacheManager(PagePlan(num_pages=8, page_size=4, slots=8, context_limit=28, bytes_per_token=10))
+    sched = Scheduler(SchedulerConfig(max_batch_size=4, max_tokens_per_step=64), cache)
+    sched.add(SequenceGroup("fits", list(range(1, 26))))  # 7 pages of the 8 - 1 (watermark)
+    with pytest.raises(InvalidRequest, match="does not fit"):
+        sched.add(SequenceGroup("siblings", list(range(1, 26)), n=2))  # 7 + 1 for the second sibling
+    assert [g.request_id for g in sched.waiting] == ["fits"]
