@@ -239,3 +239,21 @@ def test_a_request_that_cannot_fit_an_empty_pool_is_refused_up_front():
     with pytest.raises(InvalidRequest, match="does not fit"):
         sched.add(SequenceGroup("siblings", list(range(1, 26)), n=2))  # 7 + 1 for the second sibling
     assert [g.request_id for g in sched.waiting] == ["fits"]
+
+
+@pytest.mark.parametrize("use_plugin", [True, False], ids=["plugin", "function-body"])
+def test_pages_holding_several_selection_blocks(exported, tmp_path, use_plugin):
+    """Page size 8 with selection blocks of 4: two block summaries per page (kernel and body)."""
+    if not exported.parent.name.startswith("paged-topk-block"):
+        pytest.skip("block selection only")
+    from ragtop.export.onnx import write_paged_graph
+
+    folder = tmp_path / "p8"
+    shutil.copytree(exported, folder)
+    write_paged_graph(folder, page_size=8)
+    prompts = prompts_of((3, 9, 17, 30, 12), seed=7)
+    sched = {"max_batch_size": 5, "prefill_chunk": 5, "max_tokens_per_step": 16}
+    want, _ = run(exported, prompts, paged=False, use_plugin=use_plugin, sched=sched)
+    got, _ = run(folder, prompts, paged=True, use_plugin=use_plugin, sched=sched)
+    assert load_model(folder, paged=True).runner.spec.page_size == 8
+    assert got == want
