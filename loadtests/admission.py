@@ -196,9 +196,12 @@ def decode_speed(folder: Path, paged: bool, streams: int, prompt: int, new: int,
         )
     cpu = wall = 0.0
     tokens = 0
+    generated: dict[str, list[int]] = {}
     while engine.has_work():
         c0, w0 = time.process_time(), time.perf_counter()
         outs = engine.step()
+        for o in outs:
+            generated.setdefault(o.request_id, []).extend(t for d in o.deltas for t in d.token_ids)
         c1, w1 = time.process_time(), time.perf_counter()
         running = engine.scheduler.running
         decoding = all(s.status == "decode" for g in running for s in g.seqs) and len(running) == streams
@@ -212,6 +215,7 @@ def decode_speed(folder: Path, paged: bool, streams: int, prompt: int, new: int,
         "decode_tokens": tokens,
         "tokens_per_cpu_s": round(tokens / cpu, 2) if cpu else None,
         "tokens_per_s": round(tokens / wall, 2) if wall else None,
+        "_tokens": generated,
     }
 
 
@@ -239,12 +243,14 @@ def cmd_decode(a: argparse.Namespace) -> int:
                 r = decode_speed(folder, paged, streams, a.prompt, a.new, a.threads, a.seed)
                 if paged not in best or (r["tokens_per_cpu_s"] or 0) > (best[paged]["tokens_per_cpu_s"] or 0):
                     best[paged] = r
+        same = best[False].pop("_tokens") == best[True].pop("_tokens")
+        best[True]["same_tokens_as_whole_context"] = same
         rows += [best[False], best[True]]
         ratio = best[True]["tokens_per_cpu_s"] / best[False]["tokens_per_cpu_s"]
         print(
             f"{streams:2d} streams: whole-context {best[False]['tokens_per_cpu_s']:.2f} tok/CPU-s "
             f"({best[False]['tokens_per_s']:.2f} tok/s), paged {best[True]['tokens_per_cpu_s']:.2f} tok/CPU-s "
-            f"({best[True]['tokens_per_s']:.2f} tok/s): paged / whole-context {ratio:.2f}x"
+            f"({best[True]['tokens_per_s']:.2f} tok/s): paged / whole-context {ratio:.2f}x; same tokens: {same}"
         )
     (a.out / "paged-decode.json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(a).items() if k != "func"}, "rows": rows}, indent=1)
