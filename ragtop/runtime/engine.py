@@ -122,6 +122,9 @@ class _Speculation:
 
     gamma: int
     drafts: list[int] = field(default_factory=list)
+    # a sampled request's drafts are drawn, not argmax: the distribution each came from
+    # (speculative rejection sampling needs it at verification)
+    draft_probs: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -131,7 +134,7 @@ class _SeqState:
     stops: StopStringMatcher
     last_token_time: float | None = None
     stop_reason: str | int | None = None
-    spec: _Speculation | None = None  # self-speculative decoding (greedy requests that ask for it)
+    spec: _Speculation | None = None  # self-speculative decoding (requests that ask for it)
 
 
 @dataclass(eq=False)
@@ -237,16 +240,14 @@ class LLMEngine:
             self._groups[request.request_id] = group
 
     def _speculative_tokens(self, request: Request) -> int:
-        """The request's draft length: its own or the default; 0 for sampled requests (they
-        decode normally: rejection sampling is not implemented). InvalidRequest when the
+        """The request's draft length: its own or the default. InvalidRequest when the
         request asks for speculation the model cannot do."""
         asked = request.num_speculative_tokens
         if asked is not None:
             check_speculative_tokens(asked)
             if asked and not self.runner.spec.dense_chunks:
                 raise InvalidRequest(self._no_speculation_reason(), "num_speculative_tokens")
-        gamma = self.config.speculative_tokens if asked is None else asked
-        return gamma if request.params.greedy else 0
+        return self.config.speculative_tokens if asked is None else asked
 
     def _no_speculation_reason(self) -> str:
         spec = self.runner.spec
@@ -319,7 +320,7 @@ class LLMEngine:
                     continue
                 try:
                     if call.kind == "draft":
-                        chunk.seq.group.data.seqs[chunk.seq.index].spec.drafts.append(int(np.asarray(logits).argmax()))
+                        self._draft(chunk.seq, logits)
                         continue
                     if call.kind == "verify":
                         outputs.setdefault(rid, []).append(self._verify(call, logits, now, ttfts, itls, spec_counts))
@@ -387,13 +388,28 @@ class LLMEngine:
         left = min(p.max_tokens - (len(seq.tokens) - seq.prompt_len), self.context_limit - len(seq.tokens))
         return max(0, min(spec.gamma, left - 1))
 
+    def _draft(self, seq: Seq, logits) -> None:
+        """Record the sparse model's next draft: its argmax for a greedy request, else a
+        draw from its distribution under the sequence's sampling parameters (kept for the
+        rejection test at verification)."""
+        st = seq.group.data.seqs[seq.index]
+        if seq.group.data.request.params.greedy:
+            st.spec.drafts.append(int(np.asarray(logits).argmax()))
+            return
+        token, q = st.sampler.draft(logits)
+        st.spec.drafts.append(token)
+        st.spec.draft_probs.append(q)
+
     def _verify(
         self, call: _Call, logits, now: float, ttfts: list[float], itls: list[float], spec_counts: list[int]
     ) -> CompletionDelta:
         """Sample from dense's logits after each position, keeping drafts while they agree:
-        the tokens are exactly those of plain dense decoding (same sampler, same stops). The
-        cache keeps the positions whose input tokens were accepted; drafts' traces in the
-        runner (block summaries) are rebuilt from the kept keys."""
+        the tokens are distributed exactly as in plain dense decoding (same sampler, same
+        stops; greedy: the very same tokens). A sampled request's draft is kept with
+        probability min(1, p/q), else replaced by a draw from max(0, p - q) (speculative
+        rejection sampling, `SequenceSampler.verify_draft`), so a replaced draft never equals
+        the token that replaces it. The cache keeps the positions whose input tokens were
+        accepted; drafts' traces in the runner (block summaries) are rebuilt from the kept keys."""
         seq, start = call.chunk.seq, call.run.start
         spec = seq.group.data.seqs[seq.index].spec
         drafts, rows = spec.drafts, np.asarray(logits)
@@ -401,13 +417,14 @@ class LLMEngine:
         for i in range(len(drafts) + 1):
             # positions start..start+i hold the sequence's own tokens (drafts 1..i matched)
             seq.computed = self.cache.lengths[seq.slot] = start + i + 1
-            deltas.append(self._sample(seq, rows[i], now, ttfts, itls))
+            proposal = (drafts[i], spec.draft_probs[i]) if i < len(spec.draft_probs) else None
+            deltas.append(self._sample(seq, rows[i], now, ttfts, itls, proposal))
             if seq.finished or i == len(drafts) or deltas[-1].token_ids[0] != drafts[i]:
                 break
             spec_counts[1] += 1
         spec_counts[0] += len(drafts)
         self.runner.rollback(seq.slot, start + len(deltas), start)
-        spec.drafts = []
+        spec.drafts, spec.draft_probs = [], []
         return _merge_deltas(deltas)
 
     def _forward(self, calls: list[_Call], errors: dict[str, RequestFailed]) -> list[np.ndarray | None]:
@@ -466,11 +483,23 @@ class LLMEngine:
                 self.runner.copy_slot(seq.slot, child.slot, seq.computed)
         return [seq, *children]
 
-    def _sample(self, seq: Seq, logits, now: float, ttfts: list[float], itls: list[float]) -> CompletionDelta:
+    def _sample(
+        self,
+        seq: Seq,
+        logits,
+        now: float,
+        ttfts: list[float],
+        itls: list[float],
+        proposal: tuple[int, np.ndarray] | None = None,
+    ) -> CompletionDelta:
+        """The sequence's next token from these logits (or, with a `proposal` (draft, q) of a
+        sampled speculation round, the rejection test of that draft), then its stops."""
         req: _RequestState = seq.group.data
         st = req.seqs[seq.index]
         p = req.request.params
-        sampled: SampledToken = st.sampler.sample(logits)
+        sampled: SampledToken = (
+            st.sampler.sample(logits) if proposal is None else st.sampler.verify_draft(logits, *proposal)
+        )
         token = sampled.token
         self.scheduler.append_token(seq, token)
         if req.first_token is None:

@@ -179,6 +179,60 @@ class SequenceSampler:
                 token = int(raw.argmax())
         else:
             token = self._draw(x, raw)
+        return self._emit(raw, token)
+
+    # -- speculative sampling (self-speculative decoding of sampled requests) -------------
+    # Leviathan et al. 2023 / Chen et al. 2023: a draft token d ~ q is kept with probability
+    # min(1, p(d) / q(d)); if not, the token is drawn from max(0, p - q) renormalised. The
+    # kept or redrawn token is distributed exactly as p, whatever q is -- so q may be the
+    # sparse model's distribution under this sampler's state at the round's start (penalties
+    # not counting the round's earlier drafts): a worse q only lowers acceptance.
+
+    def distribution(self, logits) -> np.ndarray:
+        """The normalised float64 distribution `sample` draws from for these logits (one-hot
+        for a greedy request): processing, top-k, temperature, top-p and min-p applied."""
+        raw = np.asarray(logits)
+        x = self.process(raw)
+        if self.params.greedy:
+            token = int(x.argmax())
+            out = np.zeros(raw.size)
+            out[token if x[token] != -np.inf else int(raw.argmax())] = 1.0
+            return out
+        probs = self._probs(x)
+        if probs is None:  # every token suppressed: the model's own choice
+            probs = np.zeros(raw.size)
+            probs[int(raw.argmax())] = 1.0
+        return probs / probs.sum()
+
+    def draft(self, logits) -> tuple[int, np.ndarray]:
+        """A draft token drawn from the draft model's logits, and the distribution q it was
+        drawn from (needed by `verify_draft`). The sampler's state does not change."""
+        q = self.distribution(logits)
+        return self._pick(q), q
+
+    def verify_draft(self, logits, draft: int, q: np.ndarray) -> SampledToken:
+        """The next token given the target model's logits and a draft d ~ q: d itself with
+        probability min(1, p(d) / q(d)), else a draw from max(0, p - q). Accepted like
+        `sample` (counts, logprobs of the target's raw logits)."""
+        raw = np.asarray(logits)
+        if not math.isfinite(float(raw.sum(dtype=np.float64))) and not np.isfinite(raw).all():
+            bad = int(np.count_nonzero(~np.isfinite(raw)))
+            raise SamplingError(f"the model produced {bad} non-finite logits (NaN or infinite) for this sequence")
+        p = self.distribution(raw)
+        if self.rng.random() * q[draft] < p[draft]:  # u < p(d) / q(d), without dividing
+            return self._emit(raw, draft)
+        residual = np.maximum(p - q, 0.0)
+        return self._emit(raw, self._pick(residual if residual.sum() > 0 else p))
+
+    def _pick(self, probs: np.ndarray) -> int:
+        """One draw from unnormalised probabilities (at least one positive)."""
+        cdf = np.cumsum(probs)
+        token = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+        return min(token, int(np.flatnonzero(probs)[-1]))  # rounding at the very top of the cdf
+
+    def _emit(self, raw: np.ndarray, token: int) -> SampledToken:
+        """Count the chosen token; its logprobs (of the raw distribution) when asked."""
+        p = self.params
         self.accept(token)
         if p.logprobs is None:
             return SampledToken(token)
@@ -224,24 +278,27 @@ class SequenceSampler:
         return x
 
     def _draw(self, x: np.ndarray, raw: np.ndarray) -> int:
-        """top-k -> temperature -> top-p -> min-p -> one draw. (top-k is taken before the
-        temperature: the same set in exact arithmetic, and an extreme temperature cannot
-        round distinct logits into ties.)"""
+        """One draw from the processed scores `x` (the raw argmax if all are suppressed)."""
+        probs = self._probs(x)
+        return int(raw.argmax()) if probs is None else self._pick(probs)
+
+    def _probs(self, x: np.ndarray) -> np.ndarray | None:
+        """top-k -> temperature -> top-p -> min-p: unnormalised probabilities, None when
+        every token is suppressed. (top-k is taken before the temperature: the same set in
+        exact arithmetic, and an extreme temperature cannot round distinct logits into ties.)"""
         p = self.params
         x = np.asarray(x, dtype=np.float64)
         if p.top_k > 0 and p.top_k < x.size:
             kth = np.partition(x, x.size - p.top_k)[x.size - p.top_k]
             x = np.where(x < kth, -np.inf, x)
         probs = _softmax(x, p.temperature)
-        if probs is None:  # every token suppressed
-            return int(raw.argmax())
+        if probs is None:
+            return None
         if p.top_p < 1.0:
             probs = _top_p(probs, p.top_p)
         if p.min_p > 0.0:
             probs = np.where(probs < p.min_p * probs.max(), 0.0, probs)
-        cdf = np.cumsum(probs)
-        token = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
-        return min(token, int(np.flatnonzero(probs)[-1]))  # rounding at the very top of the cdf
+        return probs
 
 
 def _softmax(x: np.ndarray, temperature: float) -> np.ndarray | None:

@@ -71,9 +71,9 @@ class ServerSettings:
     )
     speculative_tokens: int = setting(
         0,
-        "self-speculative decoding of greedy requests by default: the sparse model "
-        "drafts this many tokens, one dense pass verifies them, output identical to "
-        "dense (0: off; a request's num_speculative_tokens overrides it; docs/server.md)",
+        "self-speculative decoding by default: the sparse model drafts this many tokens, "
+        "one dense pass verifies them; greedy output identical to dense, sampled output "
+        "distributed as dense's (0: off; a request's num_speculative_tokens overrides it; docs/server.md)",
     )
     max_body_bytes: int = setting(4 << 20, "larger request bodies get HTTP 413", minimum=1, default_text="4 MiB")
     shutdown_grace_s: float = setting(30.0, "on SIGTERM: seconds in-flight requests may take to finish")

@@ -179,6 +179,11 @@ def train(tc: TrainConfig, out: Path, data_dir: Path, progress: bool = True, unt
     tc = tc.resolved()
     out = Path(out)
     p = PRESETS[tc.preset]
+    resuming = (out / STATE_JSON).is_file()
+    if resuming:  # refuse a different run before reading the corpus
+        saved = json.loads((out / STATE_JSON).read_text())["train_config"]
+        if _run_identity(saved) != _run_identity(json.loads(json.dumps(asdict(tc)))):
+            raise RagtopError(f"{out} holds a run with different settings; choose another --out")
     train_docs, heldout_docs = split_by_year(load_sotu(data_dir), tc.heldout_from)
     tokenizer = cached_bpe([d.text for d in train_docs], p.vocab_size, Path(data_dir) / "tokenizers")
     eos = tokenizer.token_to_id(EOS)
@@ -205,10 +210,7 @@ def train(tc: TrainConfig, out: Path, data_dir: Path, progress: bool = True, unt
     )
 
     start = 0
-    if (out / STATE_JSON).is_file():  # resume
-        saved = json.loads((out / STATE_JSON).read_text())["train_config"]
-        if _run_identity(saved) != _run_identity(json.loads(json.dumps(asdict(tc)))):
-            raise RagtopError(f"{out} holds a run with different settings; choose another --out")
+    if resuming:
         from ..checkpoint import load_checkpoint
 
         model.load_state_dict(load_checkpoint(out).model.state_dict())

@@ -84,3 +84,45 @@ def test_validation_names_the_field(kw, message):
 
 def test_a_single_stop_string_is_accepted():
     assert SamplingParams(stop="END").stop == ("END",)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7, top_k=4),
+        SamplingParams(temperature=1.3, top_p=0.8),
+        SamplingParams(temperature=0),
+    ],
+)
+def test_speculative_rejection_sampling_keeps_the_target_distribution(params):
+    """A draft d ~ q (another model's distribution) verified against the target's logits
+    yields tokens distributed as the target's own sampling distribution p, whatever q is;
+    drafts are kept about sum(min(p, q)) of the time (Leviathan et al. 2023)."""
+    import numpy as np
+
+    target = np.array([2.0, 1.5, 0.3, -0.5, 1.0, -2.0, 0.0, 0.9])
+    draft_logits = np.array([0.5, 2.5, 0.0, 1.0, -1.0, -2.0, 1.2, 0.1])  # disagrees with the target
+    s = SequenceSampler(params, [], target.size, seed=7)
+    p, q = s.distribution(target), s.distribution(draft_logits)
+    assert p.sum() == pytest.approx(1.0) and q.sum() == pytest.approx(1.0)
+    n, counts, kept = 20000, np.zeros(target.size), 0
+    for _ in range(n):
+        d, q_d = s.draft(draft_logits)
+        assert q_d[d] > 0
+        token = s.verify_draft(target, d, q_d).token
+        counts[token] += 1
+        kept += token == d
+    assert s.generated == n  # every verification counts its one token; drafting counts nothing
+    assert 0.5 * np.abs(counts / n - p).sum() < 0.015  # total variation: sampling noise is ~0.005
+    assert kept / n == pytest.approx(np.minimum(p, q).sum(), abs=0.015)
+
+
+def test_distribution_is_what_sample_draws_from():
+    """One-hot on the argmax when greedy; after bias, penalties and truncation otherwise."""
+    import numpy as np
+
+    logits = np.array([0.1, 3.0, 2.9, -1.0])
+    assert SequenceSampler(SamplingParams(temperature=0), [], 4).distribution(logits).tolist() == [0, 1, 0, 0]
+    p = SequenceSampler(SamplingParams(temperature=1.0, top_k=2, logit_bias={3: 10.0}), [], 4).distribution(logits)
+    assert p[0] == p[2] == 0 and p[3] > p[1] > 0 and p.sum() == pytest.approx(1.0)

@@ -118,14 +118,14 @@ def test_greedy_output_is_dense_for_every_gamma(exported, variant):
 
 
 def test_speculating_and_plain_requests_share_steps(exported):
-    """Per-request option: speculating requests get dense's output, plain ones (0 drafts,
-    and a sampled one, which falls back to plain decoding) exactly what they get alone."""
+    """Per-request option: speculating requests get dense's output, plain ones (0 drafts)
+    and a seeded sampled speculating one exactly what they get alone."""
     path = exported["topk-block"]
     ps = prompts(4, seed=3)
     dense = generate(engine(path, dense=True), [Request(str(i), p, GREEDY) for i, p in enumerate(ps)])
     sparse = generate(engine(path), [Request(str(i), p, GREEDY) for i, p in enumerate(ps)])
     sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True)
-    alone = generate(engine(path), [Request("s", ps[0], sampled)])
+    alone = generate(engine(path), [Request("s", ps[0], sampled, num_speculative_tokens=4)])
     mixed = [
         Request("0", ps[0], GREEDY, num_speculative_tokens=4),
         Request("1", ps[1], GREEDY, num_speculative_tokens=0),
@@ -137,8 +137,38 @@ def test_speculating_and_plain_requests_share_steps(exported):
     got = generate(eng, mixed)
     assert got["0"] == dense["0"] and got["2"] == dense["2"]
     assert got["1"] == sparse["1"] and got["3"] == sparse["3"]
-    assert got["s"] == alone["s"]
+    assert got["s"] == alone["s"] and len(got["s"][0][2]) == 12
     assert spec_counts(eng)[0] > 0
+
+
+def test_sampled_requests_speculate_with_dense_sampling_distribution(exported):
+    """Sampled requests speculate by rejection sampling (drafts drawn from the sparse
+    model, kept with probability min(1, p/q)): the tokens follow the dense model's sampling
+    distribution. Same seeds, so the first token (from the dense prefill) is the same in
+    both runs; the next two come from verification rounds, compared as joint histograms.
+    (tests/runtime/test_sampling.py checks the rejection step itself to sampling noise.)"""
+    from collections import Counter
+
+    path = exported["topk-block"]
+    prompt = prompts(1, seed=4)[0]
+    n = 400
+
+    def tokens(eng, gamma):
+        params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=3, seed=i, ignore_eos=True) for i in range(n)]
+        out = generate(eng, [Request(str(i), prompt, p, num_speculative_tokens=gamma) for i, p in enumerate(params)])
+        return [out[str(i)][0][2] for i in range(n)]
+
+    dense = tokens(engine(path, dense=True, max_batch_size=16, max_waiting=n), 0)
+    eng = engine(path, max_batch_size=16, max_waiting=n)
+    spec = tokens(eng, 2)
+    assert [t[0] for t in spec] == [t[0] for t in dense]
+    assert all(len(t) == 3 for t in spec)
+    drafted, accepted = spec_counts(eng)
+    assert drafted > 0 and 0 < accepted < drafted  # some drafts are rejected and redrawn
+    for length in (2, 3):  # (first, second) and (first, second, third): 9 and 27 cells with top_k=3
+        want, got = Counter(tuple(t[:length]) for t in dense), Counter(tuple(t[:length]) for t in spec)
+        tv = 0.5 * sum(abs(want[k] - got[k]) for k in {*want, *got}) / n
+        assert tv < 0.1 * length, (length, tv, want.most_common(5), got.most_common(5))  # noise: ~0.05 / ~0.12
 
 
 @pytest.mark.parametrize(

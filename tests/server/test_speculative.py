@@ -72,6 +72,13 @@ def test_server_default_and_per_request_option(serve, exported):
         },
     )
     assert chat.status_code == 200, chat.text
+    # a sampled request speculates too (rejection sampling): seeded, it is reproducible
+    seeded = {"temperature": 0.9, "seed": 11, "max_tokens": 12, "ignore_eos": True, "num_speculative_tokens": 3}
+    first = complete(live.url, PROMPTS[1], **seeded)
+    assert first.status_code == 200, first.text
+    assert complete(live.url, PROMPTS[1], **seeded).json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+    assert first.json()["usage"]["completion_tokens"] == 12
+    assert live.metric("ragtop:spec_decode_num_draft_tokens_total", model_name="tiny") > drafted
 
 
 def test_bad_values_are_4xx_naming_the_field(serve):
