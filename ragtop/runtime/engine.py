@@ -291,7 +291,7 @@ class LLMEngine:
         for g in plan.preempted:  # recomputed from scratch: a round's drafts are gone with the pages
             for st in g.data.seqs.values():
                 if st.spec is not None:
-                    st.spec.drafts = []
+                    st.spec.drafts, st.spec.draft_probs = [], []
         for src, dst, n in plan.copies:  # prefixes cached in running sequences' slots
             try:
                 self.runner.copy_slot(src, dst, n)

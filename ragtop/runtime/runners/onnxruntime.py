@@ -210,6 +210,8 @@ class OrtRunner:
             keys = self.buffers[i, "key"]  # [N, Hkv, P, Dh]
             for blk in range(first, last + 1):
                 j0, j1 = blk * bs, min((blk + 1) * bs, length)
+                if j0 // P >= len(table):  # the sequence finished and gave this page back
+                    break
                 page, r0 = table[j0 // P], j0 % P
                 rows = keys[page, :, r0 : r0 + (j1 - j0)]
                 self.buffers[i, "key_min"][page, :, r0 // bs] = rows.min(axis=1)
