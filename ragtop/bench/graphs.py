@@ -34,6 +34,7 @@ def topk_attention_model(
     local_window: int | None = None,
     with_function: bool = False,
     attention_dense: bool = False,
+    paged: bool = False,
 ) -> bytes:
     """One ragtop::TopKAttention node; block mode adds the summary inputs/outputs.
 
@@ -41,9 +42,12 @@ def topk_attention_model(
     it existed). with_function: the file carries the op's standard-op body, so a stock
     onnxruntime (no plugin) runs it. attention_dense: the node takes the optional per-sequence
     dense flag (graph input `attention_dense` [B] int64; exact mode passes empty summaries).
+    paged: the cache inputs are page pools [N, Hkv, P, Dh] read through the input
+    `block_table` [B, M] (ops.py input 9; implies attention_dense).
     """
+    attention_dense = attention_dense or paged
     hd, kvd = num_heads * head_dim, num_kv_heads * head_dim
-    cache = ["B", num_kv_heads, "C", head_dim]
+    cache = ["N", num_kv_heads, "P", head_dim] if paged else ["B", num_kv_heads, "C", head_dim]
     inputs = [
         helper.make_tensor_value_info("query", F, ["B", "S", hd]),
         helper.make_tensor_value_info("key", F, ["B", "S", kvd]),
@@ -58,7 +62,7 @@ def topk_attention_model(
         helper.make_tensor_value_info("present_value", F, cache),
     ]
     if block_size:
-        summary = ["B", num_kv_heads, "NB", head_dim]
+        summary = ["N", num_kv_heads, "PB", head_dim] if paged else ["B", num_kv_heads, "NB", head_dim]
         inputs += [helper.make_tensor_value_info(n, F, summary) for n in ("past_key_min", "past_key_max")]
         outputs += [helper.make_tensor_value_info(n, F, summary) for n in ("present_key_min", "present_key_max")]
     names, inits = [i.name for i in inputs], []
@@ -68,6 +72,9 @@ def topk_attention_model(
             names += [ops.NO_BLOCK_SUMMARY] * 2
         names.append(ops.ATTENTION_DENSE)
         inputs.append(helper.make_tensor_value_info(ops.ATTENTION_DENSE, I64, ["B"]))
+    if paged:
+        names.append(ops.BLOCK_TABLE)
+        inputs.append(helper.make_tensor_value_info(ops.BLOCK_TABLE, I64, ["B", "M"]))
     node = helper.make_node(
         ops.TOPK_ATTENTION,
         names,
@@ -83,9 +90,14 @@ def topk_attention_model(
     )
     body = []
     if with_function:
-        from ragtop.export.functions import topk_attention_function
+        from ragtop.export.functions import paged_topk_attention_function, topk_attention_function
 
-        body = [topk_attention_function("block" if block_size else "exact", 21, dense_flag=attention_dense)]
+        mode = "block" if block_size else "exact"
+        body = [
+            paged_topk_attention_function(mode, 21)
+            if paged
+            else topk_attention_function(mode, 21, dense_flag=attention_dense)
+        ]
     return _model([node], inputs, outputs, {ops.DOMAIN: ops.OPSET_VERSION}, initializers=inits, functions=body)
 
 

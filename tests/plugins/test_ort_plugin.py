@@ -378,3 +378,64 @@ def test_ragged_embedding_matches_reference():
     )
     got = session(model).run(None, {"input_ids": ids.numpy()})[0]
     np.testing.assert_allclose(got, want, **TOL)
+
+
+PAGED_CASES = [  # B, S, H, Hkv, Dh, C, lens, topk, block_size, budget, sink, window, page
+    (2, 1, 4, 2, 16, 64, [40, 63], 8, 0, 0, 0, 0, 16),  # exact decode
+    (3, 5, 3, 1, 8, 48, [10, 0, 31], 1000, 0, 0, 0, 0, 16),  # dense via exact: mixed lengths, chunked append
+    (2, 70, 2, 2, 8, 128, [3, 50], 6, 0, 0, 2, 20, 32),  # exact prefill across pages, sinks + window
+    (2, 6, 6, 2, 8, 96, [33, 70], 4, 8, 2, 8, 8, 8),  # blocks: one summary per page
+    (1, 40, 4, 2, 16, 64, [0], 6, 8, 2, 3, 9, 16),  # blocks: two summaries per page, prefill from empty
+]
+
+
+def to_pages(cache, table, pool_pages, rows):
+    """[B, Hkv, M*rows, Dh] -> a pool [N, Hkv, rows, Dh] holding sequence b's row block i in page table[b, i]."""
+    B, Hkv, _, Dh = cache.shape
+    pool = np.random.default_rng(0).standard_normal((pool_pages, Hkv, rows, Dh), dtype=np.float32)
+    for b in range(B):
+        for i, page in enumerate(table[b]):
+            pool[page] = cache[b, :, i * rows : (i + 1) * rows]
+    return pool
+
+
+def from_pages(pool, table):
+    return np.stack([np.concatenate([pool[p] for p in row], axis=1) for row in table])
+
+
+@pytest.mark.parametrize("B,S,H,Hkv,Dh,C,lens,topk,bs,budget,sink,window,page", PAGED_CASES)
+def test_paged_cache_kernel_and_body_equal_the_contiguous_layout(
+    B, S, H, Hkv, Dh, C, lens, topk, bs, budget, sink, window, page
+):
+    """block_table (input 9): pages in shuffled order in a pool with spare pages; kernel and
+    standard-op body give the contiguous layout's output, and write exactly the same rows and
+    summaries in the pages (other pages untouched)."""
+    rng = np.random.default_rng(B * 10 + S + page)
+    q, k, v, past_k, past_v, lens = random_case(rng, B, S, H, Hkv, Dh, C, lens)
+    sums = [np.nan_to_num(x) for x in summaries(past_k, lens, bs)] if bs else []
+    M, N = C // page, B * (C // page) + 3
+    table = rng.permutation(N)[: B * M].reshape(B, M).astype(np.int64)
+    plain = topk_attention_model(H, Hkv, Dh, topk, bs, budget, sink, window, with_function=True)
+    want = run_plugin(session(plain), q, k, v, past_k, past_v, lens, *sums)
+    model = topk_attention_model(H, Hkv, Dh, topk, bs, budget, sink, window, with_function=True, paged=True)
+    feeds = dict(
+        query=q,
+        key=k,
+        value=v,
+        past_key=to_pages(past_k, table, N, page),
+        past_value=to_pages(past_v, table, N, page),
+        past_lengths=lens,
+        attention_dense=np.zeros(B, np.int64),
+        block_table=table,
+    )
+    if bs:
+        feeds.update(past_key_min=to_pages(sums[0], table, N, page // bs))
+        feeds.update(past_key_max=to_pages(sums[1], table, N, page // bs))
+    for sess in (session(model), stock_session(model)):
+        got = sess.run(None, feeds)
+        np.testing.assert_allclose(got[0], want[0], **TOL)
+        spare = np.setdiff1d(np.arange(N), table)
+        for i, (pool, contiguous) in enumerate(zip(got[1:], want[1:], strict=True)):
+            before = feeds[["past_key", "past_value", "past_key_min", "past_key_max"][i]]
+            np.testing.assert_array_equal(from_pages(pool, table), contiguous)
+            np.testing.assert_array_equal(pool[spare], before[spare])  # pages of nobody: untouched
