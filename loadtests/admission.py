@@ -219,6 +219,40 @@ def decode_speed(folder: Path, paged: bool, streams: int, prompt: int, new: int,
     }
 
 
+def step_cpu_ms(folder: Path, streams: int, length: int, threads: int, repeats: int, calls: int = 10) -> dict:
+    """CPU milliseconds of one decode call of `streams` sequences holding `length` tokens each,
+    straight through the runner (no engine), both layouts alternating. The caches hold zeros:
+    the kernels' work depends on the lengths, not on the values."""
+    from ragtop.runtime.runners.base import Chunk
+    from ragtop.runtime.runners.onnxruntime import OrtRunner
+
+    runners = {}
+    for paged in (False, True):
+        r = OrtRunner(folder, threads=threads, paged=paged)
+        if paged:
+            per = -(-(length + 1) // r.page_size)
+            r.allocate_pages(streams * per)
+            r.block_tables = [list(range(b * per, (b + 1) * per)) for b in range(streams)]
+        else:
+            r.allocate(streams, length + 1)
+        runners[paged] = r
+    chunks = [Chunk(b, [5], length, "last") for b in range(streams)]
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for paged, r in runners.items():
+            r.forward(chunks)
+            c0 = time.process_time()
+            for _ in range(calls):
+                r.forward(chunks)
+            cpu[paged].append((time.process_time() - c0) / calls * 1000)
+    return {
+        "streams": streams,
+        "length": length,
+        "whole_context_ms": round(statistics.median(cpu[False]), 1),
+        "paged_ms": round(statistics.median(cpu[True]), 1),
+    }
+
+
 def add_decode_arguments(sub) -> None:
     p = sub.add_parser("paged-decode", help="decode tokens per CPU-second: paged vs whole-context slots")
     p.add_argument("--model", type=Path, required=True, help="exported model folder (custom ops)")
@@ -228,6 +262,11 @@ def add_decode_arguments(sub) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each layout (best kept)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--step-only",
+        action="store_true",
+        help="CPU time of one decode call through the runner at --prompt cached tokens (no engine, no prefill)",
+    )
     p.add_argument("--out", type=Path, default=Path("build/paged-decode"))
     p.set_defaults(func=cmd_decode)
 
@@ -235,6 +274,14 @@ def add_decode_arguments(sub) -> None:
 def cmd_decode(a: argparse.Namespace) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     folder = paged_folder(a.model, a.out / "paged-model")
+    if a.step_only:
+        for streams in [int(x) for x in a.streams.split(",")]:
+            r = step_cpu_ms(folder, streams, a.prompt, a.threads, max(3, a.repeats))
+            print(
+                f"{streams:2d} streams at {a.prompt} tokens: decode call {r['whole_context_ms']} ms CPU whole-context, "
+                f"{r['paged_ms']} ms paged (median): paged / whole-context {r['whole_context_ms'] / r['paged_ms']:.2f}x"
+            )
+        return 0
     rows = []
     for streams in [int(x) for x in a.streams.split(",")]:
         best: dict[bool, dict] = {}
