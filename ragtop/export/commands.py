@@ -46,6 +46,7 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     dtype: str | None = None  # None: fp16 with --weights fp16, else fp32
     weights: str | None = None  # None: as dtype
+    kv_dtype: str | None = None  # None: as dtype (the key/value cache's type)
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
     ops: str = "custom"
     max_context: int | None = None
@@ -86,6 +87,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="weights: fp32 / fp16 (as --dtype), or int8 / int4 block-quantized (blocks of 32, "
         "com.microsoft::MatMulNBits; a GGUF import keeps the file's own Q4_1 / Q8_0 blocks)",
+    )
+    p.add_argument(
+        "--kv-dtype",
+        choices=["fp32", "fp16"],
+        default=None,
+        help="key/value cache: fp16 halves its bytes (rounded when written, read as fp32 in the "
+        "kernels; block summaries stay exact bounds of the stored keys) (default: as --dtype)",
     )
     p.add_argument(
         "--accuracy-level",
@@ -178,6 +186,10 @@ def check_args(a: ExportOptions) -> ExportOptions:
         a = dataclasses.replace(a, dtype="fp16" if a.weights == "fp16" else "fp32")
     if a.weights is None:
         a = dataclasses.replace(a, weights=a.dtype)
+    if a.kv_dtype == "fp32" and a.dtype == "fp16":
+        raise RagtopError("--kv-dtype fp32 with fp16 activations is not a combination: leave --kv-dtype out")
+    if a.kv_dtype is None:
+        a = dataclasses.replace(a, kv_dtype=a.dtype)
     if a.quantize and a.dtype != "fp32":
         raise RagtopError("--quantize int8 needs --dtype fp32")
     if a.quantize and a.weights != "fp32":
@@ -259,7 +271,7 @@ def export(a: ExportOptions) -> int:
     ckpt = load_checkpoint(a.checkpoint)
     cfg, model = ckpt.config, ckpt.model
     context = a.max_context or cfg.max_seq_len
-    spec = make_spec(model, context, a.ops, a.dtype, a.opset, a.weights, a.accuracy_level)
+    spec = make_spec(model, context, a.ops, a.dtype, a.opset, a.weights, a.accuracy_level, a.kv_dtype)
     atol, rtol = tolerances(a, spec.attention_mode)
     planned = qweights.plan(model, a.weights, load_file_blocks(ckpt.path))
     if planned:
@@ -270,7 +282,7 @@ def export(a: ExportOptions) -> int:
     log(
         f"exporting ({a.ops} ops, {spec.attention_mode} attention, "
         f"{f'{spec.num_tiers}-tier ragged' if spec.num_tiers else 'uniform'} embedding, "
-        f"{a.dtype}, {a.weights} weights, opset {a.opset})"
+        f"{a.dtype}, {a.weights} weights, {a.kv_dtype} KV cache, opset {a.opset})"
     )
     proto = export_graph(model, spec, quantized={k: v.blocks for k, v in planned.items()})
     out: Path = a.out_dir
