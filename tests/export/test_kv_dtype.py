@@ -88,6 +88,8 @@ def test_fp16_cache_plugin_matches_function_body(fp16_exports, attention):
 
 def test_kv_dtype_fp32_with_fp16_activations_is_refused(make_checkpoint, tmp_path, capsys):
     ckpt = make_checkpoint("topk", "uniform")
-    rc = export_model_main([str(ckpt), str(tmp_path / "o"), "--dtype", "fp16", "--weights", "fp16", "--kv-dtype", "fp32"])
+    rc = export_model_main(
+        [str(ckpt), str(tmp_path / "o"), "--dtype", "fp16", "--weights", "fp16", "--kv-dtype", "fp32"]
+    )
     assert rc == 2
     assert "--kv-dtype fp32 with fp16 activations" in capsys.readouterr().err
