@@ -157,6 +157,32 @@ static const HalfToFloatFn half_row_to_float = half_to_float_generic;
 static const FloatToHalfFn float_row_to_half = float_to_half_generic;
 #endif
 
+// out[d] += w * v[d] over a half row (the weighted sum of value rows).
+using HalfAxpyFn = void (*)(float w, const Half* v, int64_t n, float* out);
+static void half_axpy_generic(float w, const Half* v, int64_t n, float* out) {
+  for (int64_t d = 0; d < n; ++d) out[d] += w * half_to_float(v[d]);
+}
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx2,fma,f16c"))) static void half_axpy_f16c(float w, const Half* v, int64_t n, float* out) {
+  const __m256 wv = _mm256_set1_ps(w);
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + d)));
+    _mm256_storeu_ps(out + d, _mm256_fmadd_ps(wv, x, _mm256_loadu_ps(out + d)));
+  }
+  for (; d < n; ++d) out[d] += w * half_to_float(v[d]);
+}
+static HalfAxpyFn pick_half_axpy() {
+  __builtin_cpu_init();
+  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+             ? half_axpy_f16c
+             : half_axpy_generic;
+}
+static const HalfAxpyFn half_axpy = pick_half_axpy();
+#else
+static const HalfAxpyFn half_axpy = half_axpy_generic;
+#endif
+
 // A cache row as float: the row itself, or its widened copy in `buf` (n floats).
 static inline const float* as_float(const float* row, int64_t, float*) { return row; }
 static inline const float* as_float(const Half* row, int64_t n, float* buf) {
@@ -329,6 +355,19 @@ static inline int64_t forced_keys(const float* __restrict qs, const KV* __restri
                                   int64_t sink, int64_t window, Cand* out, float* row) {
   int64_t n = 0;
   const int64_t a = std::min(sink, p + 1);
+  if constexpr (std::is_same_v<KV, Half>) {  // both spans are contiguous: score them as tiles (F16C)
+    float t[kTile];
+    auto span = [&](int64_t j0, int64_t j1) {
+      for (int64_t s0 = j0; s0 < j1; s0 += kTile) {
+        const int64_t m = std::min(kTile, j1 - s0);
+        score_tile(qs, 1, keys + s0 * Dh, m, Dh, t);
+        for (int64_t i = 0; i < m; ++i) out[n++] = Cand{t[i], static_cast<int32_t>(s0 + i)};
+      }
+    };
+    span(0, a);
+    span(std::max(sink, p + 1 - window), p + 1);
+    return n;
+  }
   for (int64_t j = 0; j < a; ++j) out[n++] = Cand{dot(qs, as_float(keys + j * Dh, Dh, row), Dh), static_cast<int32_t>(j)};
   for (int64_t j = std::max(sink, p + 1 - window); j <= p; ++j)
     out[n++] = Cand{dot(qs, as_float(keys + j * Dh, Dh, row), Dh), static_cast<int32_t>(j)};
@@ -350,9 +389,13 @@ static inline void softmax_gather(TopK& t, const KV* __restrict vrows, int64_t D
   auto add = [&](const Cand& c) {
     const float w = std::exp(c.s - m);
     total += w;
-    const float* __restrict v = as_float(vrows + static_cast<int64_t>(c.j) * Dh, Dh, row);
+    if constexpr (std::is_same_v<KV, Half>) {
+      half_axpy(w, vrows + static_cast<int64_t>(c.j) * Dh, Dh, out);  // widened in registers
+    } else {
+      const float* __restrict v = as_float(vrows + static_cast<int64_t>(c.j) * Dh, Dh, row);
 #pragma omp simd
-    for (int64_t d = 0; d < Dh; ++d) out[d] += w * v[d];
+      for (int64_t d = 0; d < Dh; ++d) out[d] += w * v[d];
+    }
   };
   for (int32_t i = 0; i < t.n; ++i) add(t.c[i]);
   for (int64_t i = 0; i < nf; ++i) add(forced[i]);
