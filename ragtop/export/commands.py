@@ -33,6 +33,7 @@ MARKERS = ("genai_config.json", "model.onnx", "export_report.json")  # what make
 DEFAULT_ACCURACY_LEVEL = 0
 DEFAULT_ATOL = 1e-4
 LEVEL4_RTOL = 0.25  # see tolerances()
+FP16_CACHE_RTOL = 2e-3  # --kv-dtype fp16 under fp32 activations: see tolerances()
 VALIDATION_TEXT = "The State of the Union is strong, and the people of this nation"
 
 
@@ -128,7 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="validation: relative part (default for fp32 and int4/int8 at accuracy level 0/1: 1e-4, "
-        f"2e-4 with top-k / block selection; 1e-2 for fp16; {LEVEL4_RTOL:g} for int4/int8 at level 4)",
+        f"2e-4 with top-k / block selection; {FP16_CACHE_RTOL:g} with --kv-dtype fp16; 1e-2 for fp16; "
+        f"{LEVEL4_RTOL:g} for int4/int8 at level 4)",
     )
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch validation")
     p.add_argument("--ort-format", action="store_true", help="also write model.ort and required_operators.config")
@@ -357,6 +359,11 @@ def tolerances(a: ExportOptions, attention_mode: str = "dense") -> tuple[float, 
     SmolLM2 (30 layers) moved by up to 5 % of the logits' range in prefill and 17 % in the
     mixed batch with random caches. rtol 0.25 still fails a wrong graph (off by the whole
     range), and the greedy tokens must match exactly.
+    A float16 cache (--kv-dtype fp16, fp32 activations): rtol 2e-3. The reference stores the same
+    rounded keys, but a key whose fp32 value differs from PyTorch's by ~1e-6 rounds to the
+    neighbouring float16 now and then (one step, 2^-10 relative), and 30 layers of such flips
+    moved SmolLM2's logits by up to 2.2e-2 on logits of ~35 (6.5e-4 relative; block selection,
+    int4 weights at level 0, docs/export.md).
     """
     atol = a.atol if a.atol is not None else DEFAULT_ATOL
     if a.rtol is not None:
@@ -365,6 +372,8 @@ def tolerances(a: ExportOptions, attention_mode: str = "dense") -> tuple[float, 
         return atol, LEVEL4_RTOL
     if a.dtype == "fp16":
         return atol, 1e-2
+    if a.kv_dtype == "fp16":
+        return atol, FP16_CACHE_RTOL
     return atol, (1e-4 if attention_mode == "dense" else 2e-4)
 
 

@@ -122,7 +122,8 @@ def compare_case(
     diffs = {"logits": float(np.abs(outs["logits"].astype(np.float32) - want.numpy()).max())}
     tol = {"logits": atol + rtol * float(want.abs().max())}
     # a float16 cache may round a key to the neighbouring float16 when the graph's fp32 key
-    # differs from PyTorch's by ~1e-6: allow one float16 step (2^-10 relative) on key/value
+    # differs from PyTorch's by ~1e-6: allow one float16 step (2^-10 relative) on the stored
+    # keys/values and on the summaries (bounds of the stored keys)
     kv_rtol = max(rtol, 2.0**-10) if spec.kv_dtype == "fp16" and spec.dtype != "fp16" else rtol
     for kind in spec.cache_names:
         d, scale = 0.0, 0.0
@@ -135,7 +136,7 @@ def compare_case(
             d = max(d, float(np.abs(got - ref.numpy()).max()))
             scale = max(scale, float(ref.abs().max()))
         diffs[f"present.*.{kind}"] = d
-        tol[f"present.*.{kind}"] = atol + (kv_rtol if kind in ("key", "value") else rtol) * scale
+        tol[f"present.*.{kind}"] = atol + kv_rtol * scale
     shape = f"B={ids.shape[0]} S={ids.shape[1]} C={cache.capacity} past={cache.lengths.tolist()} K={K}"
     return CaseResult(name, shape, diffs, all(diffs[k] <= tol[k] for k in diffs), tol)
 
