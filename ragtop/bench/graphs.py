@@ -34,6 +34,7 @@ def topk_attention_model(
     local_window: int | None = None,
     with_function: bool = False,
     attention_dense: bool = False,
+    kv_dtype: str = "fp32",
 ) -> bytes:
     """One ragtop::TopKAttention node; block mode adds the summary inputs/outputs.
 
@@ -41,21 +42,23 @@ def topk_attention_model(
     it existed). with_function: the file carries the op's standard-op body, so a stock
     onnxruntime (no plugin) runs it. attention_dense: the node takes the optional per-sequence
     dense flag (graph input `attention_dense` [B] int64; exact mode passes empty summaries).
+    kv_dtype "fp16": past/present key/value are float16 (the summaries stay float).
     """
     hd, kvd = num_heads * head_dim, num_kv_heads * head_dim
     cache = ["B", num_kv_heads, "C", head_dim]
+    KV = TensorProto.FLOAT16 if kv_dtype == "fp16" else F
     inputs = [
         helper.make_tensor_value_info("query", F, ["B", "S", hd]),
         helper.make_tensor_value_info("key", F, ["B", "S", kvd]),
         helper.make_tensor_value_info("value", F, ["B", "S", kvd]),
-        helper.make_tensor_value_info("past_key", F, cache),
-        helper.make_tensor_value_info("past_value", F, cache),
+        helper.make_tensor_value_info("past_key", KV, cache),
+        helper.make_tensor_value_info("past_value", KV, cache),
         helper.make_tensor_value_info("past_lengths", I64, ["B"]),
     ]
     outputs = [
         helper.make_tensor_value_info("output", F, ["B", "S", hd]),
-        helper.make_tensor_value_info("present_key", F, cache),
-        helper.make_tensor_value_info("present_value", F, cache),
+        helper.make_tensor_value_info("present_key", KV, cache),
+        helper.make_tensor_value_info("present_value", KV, cache),
     ]
     if block_size:
         summary = ["B", num_kv_heads, "NB", head_dim]
@@ -85,7 +88,8 @@ def topk_attention_model(
     if with_function:
         from ragtop.export.functions import topk_attention_function
 
-        body = [topk_attention_function("block" if block_size else "exact", 21, dense_flag=attention_dense)]
+        mode = "block" if block_size else "exact"
+        body = [topk_attention_function(mode, 21, dense_flag=attention_dense, kv_cast=kv_dtype == "fp16")]
     return _model([node], inputs, outputs, {ops.DOMAIN: ops.OPSET_VERSION}, initializers=inits, functions=body)
 
 
