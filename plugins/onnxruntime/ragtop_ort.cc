@@ -51,6 +51,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -89,6 +90,114 @@ static inline float block_bound(const float* __restrict q, const float* __restri
 }
 
 // ---------------------------------------------------------------------------------------
+// Cache element types. The KV cache holds float or IEEE half (uint16_t bits, the contract's
+// float16 cache); queries, outputs and the block summaries are float. A half row is
+// widened to float in registers (F16C vcvtph2ps where the CPU has it, a portable bit
+// conversion otherwise) and new rows are narrowed with round-to-nearest-even (vcvtps2ph,
+// or the same rounding in portable code), so the stored keys are what torch's
+// `.to(torch.float16)` gives and the summaries are exact bounds of those stored keys.
+using Half = uint16_t;
+
+static inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+static inline float f32_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// Portable conversions (after Maratyszcza's FP16 library): exact for normals, subnormals,
+// infinities and NaN; float -> half rounds to nearest even.
+static inline float half_to_float(Half h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16, sign = w & 0x80000000u, two_w = w + w;
+  const float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  return f32_from_bits(sign | (two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized)));
+}
+static inline Half float_to_half(float f) {
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = f32_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f32_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return static_cast<Half>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+// Row conversions, picked once at load time like the score tiles below.
+using HalfToFloatFn = void (*)(const Half* src, int64_t n, float* dst);
+using FloatToHalfFn = void (*)(const float* src, int64_t n, Half* dst);
+static void half_to_float_generic(const Half* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+static void float_to_half_generic(const float* src, int64_t n, Half* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_half(src[i]);
+}
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx,f16c"))) static void half_to_float_f16c(const Half* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+__attribute__((target("avx,f16c"))) static void float_to_half_f16c(const float* src, int64_t n, Half* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = float_to_half(src[i]);
+}
+static bool has_f16c() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+}
+static const HalfToFloatFn half_row_to_float = has_f16c() ? half_to_float_f16c : half_to_float_generic;
+static const FloatToHalfFn float_row_to_half = has_f16c() ? float_to_half_f16c : float_to_half_generic;
+#else
+static const HalfToFloatFn half_row_to_float = half_to_float_generic;
+static const FloatToHalfFn float_row_to_half = float_to_half_generic;
+#endif
+
+// out[d] += w * v[d] over a half row (the weighted sum of value rows).
+using HalfAxpyFn = void (*)(float w, const Half* v, int64_t n, float* out);
+static void half_axpy_generic(float w, const Half* v, int64_t n, float* out) {
+  for (int64_t d = 0; d < n; ++d) out[d] += w * half_to_float(v[d]);
+}
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx2,fma,f16c"))) static void half_axpy_f16c(float w, const Half* v, int64_t n, float* out) {
+  const __m256 wv = _mm256_set1_ps(w);
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + d)));
+    _mm256_storeu_ps(out + d, _mm256_fmadd_ps(wv, x, _mm256_loadu_ps(out + d)));
+  }
+  for (; d < n; ++d) out[d] += w * half_to_float(v[d]);
+}
+static HalfAxpyFn pick_half_axpy() {
+  __builtin_cpu_init();
+  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+             ? half_axpy_f16c
+             : half_axpy_generic;
+}
+static const HalfAxpyFn half_axpy = pick_half_axpy();
+#else
+static const HalfAxpyFn half_axpy = half_axpy_generic;
+#endif
+
+// A cache row as float: the row itself, or its widened copy in `buf` (n floats).
+static inline const float* as_float(const float* row, int64_t, float*) { return row; }
+static inline const float* as_float(const Half* row, int64_t n, float* buf) {
+  half_row_to_float(row, n, buf);
+  return buf;
+}
+// Store a new float row into the cache (a copy, or a rounding to half).
+static inline void store_row(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
+static inline void store_row(const float* src, int64_t n, Half* dst) { float_row_to_half(src, n, dst); }
+
+// ---------------------------------------------------------------------------------------
 // Score tiles: out[r * n + i] = q_r . k_i for R query rows and n (<= kTile) consecutive key
 // rows. This is where exact top-k spends its time. The AVX2 version scores 8 keys at once
 // for one row: 8 vector accumulators over d (one FMA per 8 floats, no horizontal sum in the
@@ -97,33 +206,50 @@ static inline float block_bound(const float* __restrict q, const float* __restri
 // load time from the CPU's features, so the library runs on any x86-64.
 constexpr int64_t kTile = 64;
 using ScoreTileFn = void (*)(const float* q, int64_t R, const float* k, int64_t n, int64_t Dh, float* out);
+using ScoreTileHalfFn = void (*)(const float* q, int64_t R, const Half* k, int64_t n, int64_t Dh, float* out);
 
 static void score_tile_generic(const float* q, int64_t R, const float* k, int64_t n, int64_t Dh, float* out) {
   for (int64_t r = 0; r < R; ++r)
     for (int64_t i = 0; i < n; ++i) out[r * n + i] = dot(q + r * Dh, k + i * Dh, Dh);
 }
+// half keys without AVX2: widen the tile's rows (contiguous) once, then score as float
+static void score_tile_half_generic(const float* q, int64_t R, const Half* k, int64_t n, int64_t Dh, float* out) {
+  thread_local std::vector<float> buf;
+  buf.resize(static_cast<size_t>(n * Dh));
+  half_row_to_float(k, n * Dh, buf.data());
+  score_tile_generic(q, R, buf.data(), n, Dh, out);
+}
 
 #if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target("avx2,fma"))) static void score_tile_avx2(const float* q, int64_t R, const float* k, int64_t n,
-                                                                 int64_t Dh, float* out) {
-  if (Dh % 8) return score_tile_generic(q, R, k, n, Dh, out);
+// 8 consecutive cache elements as floats: a load, or a load + vcvtph2ps (F16C)
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 load8(const Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <typename KV>
+__attribute__((target("avx2,fma,f16c"))) static void score_tile_avx2(const float* q, int64_t R, const KV* k, int64_t n,
+                                                                      int64_t Dh, float* out) {
+  if (Dh % 8) {
+    if constexpr (std::is_same_v<KV, float>) return score_tile_generic(q, R, k, n, Dh, out);
+    else return score_tile_half_generic(q, R, k, n, Dh, out);
+  }
   const int64_t n8 = n - n % 8;
   for (int64_t r = 0; r < R; ++r) {
     const float* qr = q + r * Dh;
     float* o = out + r * n;
     for (int64_t i = 0; i < n8; i += 8) {  // hot loop: 8 keys x Dh
-      const float* k0 = k + i * Dh;
+      const KV* k0 = k + i * Dh;
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
       for (int64_t d = 0; d < Dh; d += 8) {
         const __m256 qv = _mm256_loadu_ps(qr + d);
-        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 0 * Dh + d), a0);
-        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 1 * Dh + d), a1);
-        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * Dh + d), a2);
-        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * Dh + d), a3);
-        a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 4 * Dh + d), a4);
-        a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 5 * Dh + d), a5);
-        a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 6 * Dh + d), a6);
-        a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 7 * Dh + d), a7);
+        a0 = _mm256_fmadd_ps(qv, load8(k0 + 0 * Dh + d), a0);
+        a1 = _mm256_fmadd_ps(qv, load8(k0 + 1 * Dh + d), a1);
+        a2 = _mm256_fmadd_ps(qv, load8(k0 + 2 * Dh + d), a2);
+        a3 = _mm256_fmadd_ps(qv, load8(k0 + 3 * Dh + d), a3);
+        a4 = _mm256_fmadd_ps(qv, load8(k0 + 4 * Dh + d), a4);
+        a5 = _mm256_fmadd_ps(qv, load8(k0 + 5 * Dh + d), a5);
+        a6 = _mm256_fmadd_ps(qv, load8(k0 + 6 * Dh + d), a6);
+        a7 = _mm256_fmadd_ps(qv, load8(k0 + 7 * Dh + d), a7);
       }
       // 8 accumulators -> [sum a0, ..., sum a7]
       const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
@@ -133,17 +259,41 @@ __attribute__((target("avx2,fma"))) static void score_tile_avx2(const float* q, 
       const __m256 hi = _mm256_permute2f128_ps(h0123, h4567, 0x31);
       _mm256_storeu_ps(o + i, _mm256_add_ps(lo, hi));
     }
-    for (int64_t i = n8; i < n; ++i) o[i] = dot(qr, k + i * Dh, Dh);
+    for (int64_t i = n8; i < n; ++i) {
+      if constexpr (std::is_same_v<KV, float>) {
+        o[i] = dot(qr, k + i * Dh, Dh);
+      } else {  // one half row: 8 lanes at a time
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t d = 0; d < Dh; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), load8(k + i * Dh + d), a);
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, a);
+        o[i] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+      }
+    }
   }
 }
 static ScoreTileFn pick_score_tile() {
   __builtin_cpu_init();
-  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? score_tile_avx2 : score_tile_generic;
+  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? score_tile_avx2<float> : score_tile_generic;
+}
+static ScoreTileHalfFn pick_score_tile_half() {
+  __builtin_cpu_init();
+  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+             ? score_tile_avx2<Half>
+             : score_tile_half_generic;
 }
 #else
 static ScoreTileFn pick_score_tile() { return score_tile_generic; }
+static ScoreTileHalfFn pick_score_tile_half() { return score_tile_half_generic; }
 #endif
-static const ScoreTileFn score_tile = pick_score_tile();
+static const ScoreTileFn score_tile_f32 = pick_score_tile();
+static const ScoreTileHalfFn score_tile_f16 = pick_score_tile_half();
+static inline void score_tile(const float* q, int64_t R, const float* k, int64_t n, int64_t Dh, float* out) {
+  score_tile_f32(q, R, k, n, Dh, out);
+}
+static inline void score_tile(const float* q, int64_t R, const Half* k, int64_t n, int64_t Dh, float* out) {
+  score_tile_f16(q, R, k, n, Dh, out);
+}
 
 // ---------------------------------------------------------------------------------------
 // TopK: the k best (score, index) pairs of a stream, "best" meaning higher score and, among
@@ -203,17 +353,18 @@ static inline void select_scores(TopK& tk, const float* __restrict t, int64_t m,
 
 // Where key/value row j of one (sequence, KV head) lives: contiguous (table == nullptr:
 // base + j * Dh) or paged (row j % per_page of page table[j / per_page], pages page_stride
-// floats apart). Block summaries use the same struct with rows = blocks.
+// elements apart). Block summaries use the same struct with rows = blocks.
+template <typename T>
 struct Rows {
-  float* base = nullptr;
+  T* base = nullptr;
   const int64_t* table = nullptr;
   int64_t per_page = 0, page_stride = 0, Dh = 0;
   int shift = -1;  // log2(per_page) when a power of two: a shift, not a 64-bit division, per row
-  Rows(float* b, const int64_t* t, int64_t per, int64_t stride, int64_t dh)
+  Rows(T* b, const int64_t* t, int64_t per, int64_t stride, int64_t dh)
       : base(b), table(t), per_page(per), page_stride(stride), Dh(dh) {
     if (per > 0 && (per & (per - 1)) == 0) shift = __builtin_ctzll(static_cast<unsigned long long>(per));
   }
-  float* row(int64_t j) const {
+  T* row(int64_t j) const {
     if (!table) return base + j * Dh;
     if (shift >= 0) return base + table[j >> shift] * page_stride + (j & (per_page - 1)) * Dh;
     return base + table[j / per_page] * page_stride + (j % per_page) * Dh;
@@ -224,20 +375,36 @@ struct Rows {
 
 // Always-kept keys of the query at position p: [0, min(sink, p+1)) and
 // [max(sink, p+1-window), p]; their scores (qs . k) go to `out`, returns how many.
-static inline int64_t forced_keys(const float* __restrict qs, const Rows& keys, int64_t Dh, int64_t p,
-                                  int64_t sink, int64_t window, Cand* out) {
+// `row`: Dh floats of scratch for a widened half row (unused with a float cache).
+template <typename KV>
+static inline int64_t forced_keys(const float* __restrict qs, const Rows<const KV>& keys, int64_t Dh, int64_t p,
+                                  int64_t sink, int64_t window, Cand* out, float* row) {
   int64_t n = 0;
   const int64_t a = std::min(sink, p + 1);
-  for (int64_t j = 0; j < a; ++j) out[n++] = Cand{dot(qs, keys.row(j), Dh), static_cast<int32_t>(j)};
+  if constexpr (std::is_same_v<KV, Half>) {  // both spans are contiguous: score them as tiles (F16C)
+    float t[kTile];
+    auto span = [&](int64_t j0, int64_t j1) {
+      for (int64_t s0 = j0, m = 0; s0 < j1; s0 += m) {
+        m = std::min({kTile, j1 - s0, keys.run(s0)});
+        score_tile(qs, 1, keys.row(s0), m, Dh, t);
+        for (int64_t i = 0; i < m; ++i) out[n++] = Cand{t[i], static_cast<int32_t>(s0 + i)};
+      }
+    };
+    span(0, a);
+    span(std::max(sink, p + 1 - window), p + 1);
+    return n;
+  }
+  for (int64_t j = 0; j < a; ++j) out[n++] = Cand{dot(qs, as_float(keys.row(j), Dh, row), Dh), static_cast<int32_t>(j)};
   for (int64_t j = std::max(sink, p + 1 - window); j <= p; ++j)
-    out[n++] = Cand{dot(qs, keys.row(j), Dh), static_cast<int32_t>(j)};
+    out[n++] = Cand{dot(qs, as_float(keys.row(j), Dh, row), Dh), static_cast<int32_t>(j)};
   return n;
 }
 
 // Softmax over the kept entries and the `nf` always-kept ones, weighted sum of their
-// value rows -> out[Dh].
-static inline void softmax_gather(TopK& t, const Rows& vrows, int64_t Dh, float* __restrict out,
-                                  const Cand* forced = nullptr, int64_t nf = 0) {
+// value rows -> out[Dh]. `row`: as in forced_keys.
+template <typename KV>
+static inline void softmax_gather(TopK& t, const Rows<const KV>& vrows, int64_t Dh, float* __restrict out,
+                                  const Cand* forced, int64_t nf, float* row) {
   t.compact();
   std::fill(out, out + Dh, 0.f);
   if (t.n == 0 && nf == 0) return;
@@ -248,9 +415,13 @@ static inline void softmax_gather(TopK& t, const Rows& vrows, int64_t Dh, float*
   auto add = [&](const Cand& c) {
     const float w = std::exp(c.s - m);
     total += w;
-    const float* __restrict v = vrows.row(c.j);
+    if constexpr (std::is_same_v<KV, Half>) {
+      half_axpy(w, vrows.row(c.j), Dh, out);  // widened in registers
+    } else {
+      const float* __restrict v = as_float(vrows.row(c.j), Dh, row);
 #pragma omp simd
-    for (int64_t d = 0; d < Dh; ++d) out[d] += w * v[d];
+      for (int64_t d = 0; d < Dh; ++d) out[d] += w * v[d];
+    }
   };
   for (int32_t i = 0; i < t.n; ++i) add(t.c[i]);
   for (int64_t i = 0; i < nf; ++i) add(forced[i]);
@@ -268,8 +439,8 @@ struct AttnProblem {
   float scale;
   const float* q;        // [B, S, H*Dh]
   const int64_t* lens;   // [B]
-  const float* kc;       // present_key   [B, Hkv, C, Dh] (already holds the new keys)
-  const float* vc;       // present_value [B, Hkv, C, Dh]
+  const void* kc;        // present_key   [B, Hkv, C, Dh] (already holds the new keys), float or Half
+  const void* vc;        // present_value [B, Hkv, C, Dh]
   const float* kmin;     // present_key_min [B, Hkv, nb, Dh] (block mode, updated)
   const float* kmax;
   float* out;            // [B, S, H*Dh]
@@ -279,16 +450,16 @@ struct AttnProblem {
   int64_t M = 0, page = 0;
 
   // rows of sequence b, KV head h in a cache buffer (keys/values) or a summary buffer
-  Rows kv(const float* buf, int64_t b, int64_t h) const {
-    float* base = const_cast<float*>(buf);
-    if (!block_table) return Rows{base + (b * Hkv + h) * C * Dh, nullptr, 0, 0, Dh};
-    return Rows{base + h * page * Dh, block_table + b * M, page, Hkv * page * Dh, Dh};
+  template <typename T>
+  Rows<T> kv(T* base, int64_t b, int64_t h) const {
+    if (!block_table) return Rows<T>(base + (b * Hkv + h) * C * Dh, nullptr, 0, 0, Dh);
+    return Rows<T>(base + h * page * Dh, block_table + b * M, page, Hkv * page * Dh, Dh);
   }
-  Rows summary(const float* buf, int64_t b, int64_t h) const {
-    float* base = const_cast<float*>(buf);
-    if (!block_table) return Rows{base + (b * Hkv + h) * nb * Dh, nullptr, 0, 0, Dh};
+  template <typename T>
+  Rows<T> summary(T* base, int64_t b, int64_t h) const {
+    if (!block_table) return Rows<T>(base + (b * Hkv + h) * nb * Dh, nullptr, 0, 0, Dh);
     const int64_t per = page / bs;
-    return Rows{base + h * per * Dh, block_table + b * M, per, Hkv * per * Dh, Dh};
+    return Rows<T>(base + h * per * Dh, block_table + b * M, per, Hkv * per * Dh, Dh);
   }
 };
 
@@ -307,6 +478,7 @@ struct Scratch {
   std::vector<float> q;     // scaled query rows
   std::vector<float> tile;  // scores of one key tile
   std::vector<Cand> forced; // always-kept keys of one row
+  std::vector<float> row;   // one widened half cache row
 };
 static Scratch& scratch() {
   thread_local Scratch sc;
@@ -320,12 +492,14 @@ static Scratch& scratch() {
 // loop over rows starts at the first such row. Each key row (Dh floats) is loaded once
 // and scored against all rows of the item (the GQA heads and the chunk's queries) while
 // it sits in L1.
+template <typename KV>
 static void attend_exact(const AttnProblem& P, const AttnItem& it) {
   const int64_t len = P.lens[it.b], Dh = P.Dh;
   const int64_t ns = it.s1 - it.s0, R = ns * it.nh;
   const int64_t pmax = len + it.s1 - 1;
   const int64_t kcap = std::min<int64_t>(P.topk, pmax + 1);
-  const Rows keys = P.kv(P.kc, it.b, it.kvh), vals = P.kv(P.vc, it.b, it.kvh);
+  const Rows<const KV> keys = P.kv(static_cast<const KV*>(P.kc), it.b, it.kvh);
+  const Rows<const KV> vals = P.kv(static_cast<const KV*>(P.vc), it.b, it.kvh);
 
   Scratch& sc = scratch();
   const int64_t cap = TopK::capacity(kcap);
@@ -357,20 +531,23 @@ static void attend_exact(const AttnProblem& P, const AttnItem& it) {
     }
   }
   sc.forced.resize(std::min(P.C, P.sink + P.window));
+  sc.row.resize(Dh);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t s = it.s0 + r / it.nh, h = it.h0 + r % it.nh;
-    const int64_t nf = forced_keys(qs + r * Dh, keys, Dh, len + s, P.sink, P.window, sc.forced.data());
-    softmax_gather(sel[r], vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh, sc.forced.data(), nf);
+    const int64_t nf = forced_keys(qs + r * Dh, keys, Dh, len + s, P.sink, P.window, sc.forced.data(), sc.row.data());
+    softmax_gather(sel[r], vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh, sc.forced.data(), nf, sc.row.data());
   }
 }
 
 // Block mode: per row, rank the earlier blocks by their upper bound (reads only the
 // block summaries), keep `budget` of them plus the own block, then exact top-k over the
 // keys of the chosen blocks in increasing key order.
+template <typename KV>
 RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
   const int64_t len = P.lens[it.b], Dh = P.Dh, bs = P.bs;
-  const Rows keys = P.kv(P.kc, it.b, it.kvh), vals = P.kv(P.vc, it.b, it.kvh);
-  const Rows lo = P.summary(P.kmin, it.b, it.kvh), hi = P.summary(P.kmax, it.b, it.kvh);
+  const Rows<const KV> keys = P.kv(static_cast<const KV*>(P.kc), it.b, it.kvh);
+  const Rows<const KV> vals = P.kv(static_cast<const KV*>(P.vc), it.b, it.kvh);
+  const Rows<const float> lo = P.summary(P.kmin, it.b, it.kvh), hi = P.summary(P.kmax, it.b, it.kvh);
 
   Scratch& sc = scratch();
   const int64_t budget = std::min(P.budget, P.nb);  // a budget >= nb keeps every block
@@ -378,7 +555,7 @@ RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
   sc.cand.resize(TopK::capacity(kcap)), sc.bcand.resize(TopK::capacity(budget));
   sc.blocks.resize(budget + 1), sc.q.resize(Dh);
   sc.forced.resize(std::min(P.C, P.sink + P.window));
-  sc.tile.resize(kTile);
+  sc.tile.resize(kTile), sc.row.resize(Dh);
   float* tile = sc.tile.data();
   TopK keysel, blocksel;
 
@@ -418,8 +595,9 @@ RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
           select_scores(keysel, tile, n, t0);
         }
       }
-      const int64_t nf = forced_keys(qs, keys, Dh, p, P.sink, P.window, sc.forced.data());
-      softmax_gather(keysel, vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh, sc.forced.data(), nf);
+      const int64_t nf = forced_keys(qs, keys, Dh, p, P.sink, P.window, sc.forced.data(), sc.row.data());
+      softmax_gather(keysel, vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh, sc.forced.data(), nf,
+                     sc.row.data());
     }
   }
 }
@@ -460,7 +638,12 @@ static std::string shape_str(const std::vector<int64_t>& s) {
   } while (0)
 
 // ---------------------------------------------------------------------------------------
+// CacheT: the ORT element type of past/present key/value (float, or Ort::Float16_t for a
+// float16 cache: one registration each, same op name); KV: how the kernels see it.
+template <typename CacheT>
 struct TopKAttentionKernel {
+  using KV = std::conditional_t<std::is_same_v<CacheT, float>, float, Half>;
+  static_assert(sizeof(CacheT) == sizeof(KV), "cache element size");
   int64_t num_heads, num_kv_heads, topk, block_size, block_budget, sink_tokens, local_window;
   float scale;
 
@@ -487,13 +670,13 @@ struct TopKAttentionKernel {
   }
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& query, const Tensor<float>& key,
-                      const Tensor<float>& value, const Tensor<float>& past_key,
-                      const Tensor<float>& past_value, const Tensor<int64_t>& past_lengths,
+                      const Tensor<float>& value, const Tensor<CacheT>& past_key,
+                      const Tensor<CacheT>& past_value, const Tensor<int64_t>& past_lengths,
                       std::optional<const Tensor<float>*> past_key_min,
                       std::optional<const Tensor<float>*> past_key_max,
                       std::optional<const Tensor<int64_t>*> attention_dense,
                       std::optional<const Tensor<int64_t>*> block_table, Tensor<float>& output,
-                      Tensor<float>& present_key, Tensor<float>& present_value,
+                      Tensor<CacheT>& present_key, Tensor<CacheT>& present_value,
                       std::optional<Tensor<float>*> present_key_min,
                       std::optional<Tensor<float>*> present_key_max) {
     try {
@@ -506,13 +689,13 @@ struct TopKAttentionKernel {
   }
 
   Ort::Status run(OrtKernelContext* ctx, const Tensor<float>& query, const Tensor<float>& key,
-                  const Tensor<float>& value, const Tensor<float>& past_key,
-                  const Tensor<float>& past_value, const Tensor<int64_t>& past_lengths,
+                  const Tensor<float>& value, const Tensor<CacheT>& past_key,
+                  const Tensor<CacheT>& past_value, const Tensor<int64_t>& past_lengths,
                   std::optional<const Tensor<float>*> past_key_min,
                   std::optional<const Tensor<float>*> past_key_max,
                   std::optional<const Tensor<int64_t>*> attention_dense,
                   std::optional<const Tensor<int64_t>*> block_table, Tensor<float>& output,
-                  Tensor<float>& present_key, Tensor<float>& present_value,
+                  Tensor<CacheT>& present_key, Tensor<CacheT>& present_value,
                   std::optional<Tensor<float>*> present_key_min,
                   std::optional<Tensor<float>*> present_key_max) const {
     const auto& qs = query.Shape();
@@ -580,11 +763,11 @@ struct TopKAttentionKernel {
     // Outputs. With IO binding, present_* may be the very buffers of past_*: then only the
     // new positions are written. Otherwise copy past -> present first.
     float* out = output.Allocate(qs);
-    float* kc = present_key.Allocate(cs);
-    float* vc = present_value.Allocate(cs);
-    const size_t cache_bytes = static_cast<size_t>(cs[0] * cs[1] * cs[2] * cs[3]) * sizeof(float);
-    if (kc != past_key.Data()) std::memcpy(kc, past_key.Data(), cache_bytes);
-    if (vc != past_value.Data()) std::memcpy(vc, past_value.Data(), cache_bytes);
+    KV* kc = reinterpret_cast<KV*>(present_key.Allocate(cs));
+    KV* vc = reinterpret_cast<KV*>(present_value.Allocate(cs));
+    const size_t cache_bytes = static_cast<size_t>(cs[0] * cs[1] * cs[2] * cs[3]) * sizeof(KV);
+    if (static_cast<const void*>(kc) != past_key.Data()) std::memcpy(kc, past_key.Data(), cache_bytes);
+    if (static_cast<const void*>(vc) != past_value.Data()) std::memcpy(vc, past_value.Data(), cache_bytes);
     float *lo = nullptr, *hi = nullptr;
     if (blocks) {
       lo = (*present_key_min)->Allocate(sum_shape);
@@ -602,13 +785,16 @@ struct TopKAttentionKernel {
     const float* vnew = value.Data();
     parallel_for(ctx, static_cast<size_t>(P.B * P.Hkv), [&](size_t i) {
       const int64_t b = static_cast<int64_t>(i) / P.Hkv, h = static_cast<int64_t>(i) % P.Hkv;
-      const Rows kd = P.kv(kc, b, h), vd = P.kv(vc, b, h);
+      std::vector<float>& row = scratch().row;
+      row.resize(P.Dh);
+      const Rows<KV> kd = P.kv(kc, b, h), vd = P.kv(vc, b, h);
       for (int64_t s = 0; s < P.S; ++s) {
         const int64_t pos = lens[b] + s;
-        const float* ksrc = knew + ((b * P.S + s) * P.Hkv + h) * P.Dh;
-        std::memcpy(kd.row(pos), ksrc, P.Dh * sizeof(float));
-        std::memcpy(vd.row(pos), vnew + ((b * P.S + s) * P.Hkv + h) * P.Dh, P.Dh * sizeof(float));
-        if (blocks) {
+        KV* kdst = kd.row(pos);
+        store_row(knew + ((b * P.S + s) * P.Hkv + h) * P.Dh, P.Dh, kdst);  // a half cache rounds here
+        store_row(vnew + ((b * P.S + s) * P.Hkv + h) * P.Dh, P.Dh, vd.row(pos));
+        if (blocks) {  // the summaries bound the keys as stored (rounded), read back
+          const float* ksrc = as_float(kdst, P.Dh, row.data());
           float* l = P.summary(lo, b, h).row(pos / P.bs);
           float* u = P.summary(hi, b, h).row(pos / P.bs);
           if (pos % P.bs == 0) {  // a block whose first key is new starts afresh
@@ -647,11 +833,11 @@ struct TopKAttentionKernel {
       const int64_t kvh = r % P.Hkv, b = r / P.Hkv;
       AttnItem it{b, kvh, kvh * P.G + g * nh, nh, c * qc, std::min(P.S, (c + 1) * qc)};
       if (!dense.empty() && dense[b])
-        attend_exact(dense_problem, it);
+        attend_exact<KV>(dense_problem, it);
       else if (blocks)
-        attend_blocks(P, it);
+        attend_blocks<KV>(P, it);
       else
-        attend_exact(P, it);
+        attend_exact<KV>(P, it);
     });
     return Ort::Status(nullptr);
   }
@@ -739,15 +925,19 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   }
   Ort::InitApi(api);
   static std::mutex mu;
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> attn, embed;
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> attn, attn16, embed;
   static std::unique_ptr<Ort::CustomOpDomain> domain;
   try {
     std::lock_guard<std::mutex> lock(mu);
     if (!domain) {  // one domain object, alive as long as the library, shared by sessions
-      attn.reset(Ort::Custom::CreateLiteCustomOp<ragtop::TopKAttentionKernel>("TopKAttention", "CPUExecutionProvider", 1));
+      attn.reset(
+          Ort::Custom::CreateLiteCustomOp<ragtop::TopKAttentionKernel<float>>("TopKAttention", "CPUExecutionProvider", 1));
+      attn16.reset(Ort::Custom::CreateLiteCustomOp<ragtop::TopKAttentionKernel<Ort::Float16_t>>(
+          "TopKAttention", "CPUExecutionProvider", 1));
       embed.reset(Ort::Custom::CreateLiteCustomOp<ragtop::RaggedEmbeddingKernel>("RaggedEmbedding", "CPUExecutionProvider", 1));
       domain = std::make_unique<Ort::CustomOpDomain>("ragtop");
       domain->Add(attn.get());
+      domain->Add(attn16.get());  // same name, float16 cache: onnxruntime picks by input types
       domain->Add(embed.get());
     }
     Ort::UnownedSessionOptions(options).Add(*domain);

@@ -34,6 +34,7 @@ def topk_attention_model(
     local_window: int | None = None,
     with_function: bool = False,
     attention_dense: bool = False,
+    kv_dtype: str = "fp32",
     paged: bool = False,
 ) -> bytes:
     """One ragtop::TopKAttention node; block mode adds the summary inputs/outputs.
@@ -42,24 +43,26 @@ def topk_attention_model(
     it existed). with_function: the file carries the op's standard-op body, so a stock
     onnxruntime (no plugin) runs it. attention_dense: the node takes the optional per-sequence
     dense flag (graph input `attention_dense` [B] int64; exact mode passes empty summaries).
+    kv_dtype "fp16": past/present key/value are float16 (the summaries stay float).
     paged: the cache inputs are page pools [N, Hkv, P, Dh] read through the input
     `block_table` [B, M] (ops.py input 9; implies attention_dense).
     """
     attention_dense = attention_dense or paged
     hd, kvd = num_heads * head_dim, num_kv_heads * head_dim
     cache = ["N", num_kv_heads, "P", head_dim] if paged else ["B", num_kv_heads, "C", head_dim]
+    KV = TensorProto.FLOAT16 if kv_dtype == "fp16" else F
     inputs = [
         helper.make_tensor_value_info("query", F, ["B", "S", hd]),
         helper.make_tensor_value_info("key", F, ["B", "S", kvd]),
         helper.make_tensor_value_info("value", F, ["B", "S", kvd]),
-        helper.make_tensor_value_info("past_key", F, cache),
-        helper.make_tensor_value_info("past_value", F, cache),
+        helper.make_tensor_value_info("past_key", KV, cache),
+        helper.make_tensor_value_info("past_value", KV, cache),
         helper.make_tensor_value_info("past_lengths", I64, ["B"]),
     ]
     outputs = [
         helper.make_tensor_value_info("output", F, ["B", "S", hd]),
-        helper.make_tensor_value_info("present_key", F, cache),
-        helper.make_tensor_value_info("present_value", F, cache),
+        helper.make_tensor_value_info("present_key", KV, cache),
+        helper.make_tensor_value_info("present_value", KV, cache),
     ]
     if block_size:
         summary = ["N", num_kv_heads, "PB", head_dim] if paged else ["B", num_kv_heads, "NB", head_dim]
@@ -93,10 +96,11 @@ def topk_attention_model(
         from ragtop.export.functions import paged_topk_attention_function, topk_attention_function
 
         mode = "block" if block_size else "exact"
+        kv_cast = kv_dtype == "fp16"
         body = [
-            paged_topk_attention_function(mode, 21)
+            paged_topk_attention_function(mode, 21, kv_cast=kv_cast)
             if paged
-            else topk_attention_function(mode, 21, dense_flag=attention_dense)
+            else topk_attention_function(mode, 21, dense_flag=attention_dense, kv_cast=kv_cast)
         ]
     return _model([node], inputs, outputs, {ops.DOMAIN: ops.OPSET_VERSION}, initializers=inits, functions=body)
 

@@ -95,8 +95,13 @@ def attention_mode(topk: int | None, block_size: int | None, context_limit: int)
     return "block" if block_size else "exact"
 
 
-def topk_attention_function(mode: str, opset: int, dense_flag: bool = False) -> FunctionProto:
+def topk_attention_function(mode: str, opset: int, dense_flag: bool = False, kv_cast: bool = False) -> FunctionProto:
     """ragtop::TopKAttention in one mode (see ops.py for the contract).
+
+    kv_cast: the cache (past/present key/value) has another float type than the query (a
+    float16 cache under float activations): the new rows are cast to the cache's type before
+    the write, and the cache to the query's type for the math. Without it no Cast node is
+    emitted (a same-type Cast would copy the whole cache per layer).
 
     dense_flag: the function takes the optional input `attention_dense` [B] (after the block
     summaries, for which an exact-mode node passes empty tensors): a flagged sequence's queries attend to
@@ -143,13 +148,18 @@ def topk_attention_function(mode: str, opset: int, dense_flag: bool = False) -> 
     pos = b.op("Add", b.op("Unsqueeze", "past_lengths", c([1])), b.op("Unsqueeze", s_range, c([0])))  # [B,S]
     # cache write: present[b,h,pos[b,s],:] = new[b,h,s,:] (ScatterElements on axis 2)
     idx = b.op("Expand", b.op("Unsqueeze", pos, c([1, 3])), b.op("Concat", B, Hkv, S, Dh, axis=0))  # [B,Hkv,S,Dh]
+    if kv_cast:  # rounded to the cache's type as stored; the math below reads the stored rows
+        k_new, v_new = b.op("CastLike", k_new, "past_key"), b.op("CastLike", v_new, "past_value")
     b.op("ScatterElements", "past_key", idx, k_new, axis=2, out="present_key")
     b.op("ScatterElements", "past_value", idx, v_new, axis=2, out="present_value")
+    keys, values = "present_key", "present_value"
+    if kv_cast:
+        keys, values = b.op("CastLike", keys, "query"), b.op("CastLike", values, "query")
 
     # queries grouped by kv head: [B,S,H*Dh] -> [B,S,Hkv,G,Dh] -> [B,Hkv,G,S,Dh]
     q = b.op("Transpose", b.op("Reshape", "query", b.op("Concat", B, S, Hkv, G, Dh, axis=0)), perm=[0, 2, 3, 1, 4])
-    keys5 = b.op("Unsqueeze", "present_key", c([2]))  # [B,Hkv,1,C,Dh]
-    values5 = b.op("Unsqueeze", "present_value", c([2]))
+    keys5 = b.op("Unsqueeze", keys, c([2]))  # [B,Hkv,1,C,Dh]
+    values5 = b.op("Unsqueeze", values, c([2]))
     scale = b.op("CastLike", b.ref("scale", AttributeProto.FLOAT), "query")
     scores = b.op("Mul", b.op("MatMul", q, b.op("Transpose", keys5, perm=[0, 1, 2, 4, 3])), scale)  # [B,Hkv,G,S,C]
     # visibility: key j is visible to query s of sequence b iff j <= pos[b,s]
@@ -170,7 +180,7 @@ def topk_attention_function(mode: str, opset: int, dense_flag: bool = False) -> 
         forced = b.op("Unsqueeze", forced, c([1, 2]))  # [B,1,1,S,C]
         cand = b.op("And", allowed, b.op("Not", forced))  # top-k runs over the other visible keys
         if blocks:
-            cand = b.op("And", cand, _block_selection(b, q, pos, B, Hkv, C, Dh, S, sink, window))
+            cand = b.op("And", cand, _block_selection(b, q, keys, pos, B, Hkv, C, Dh, S, sink, window))
         # keep each row's topk best candidates (k = min(topk, C)); -inf picks are dropped by `cand`
         k = b.op("Min", b.op("Reshape", b.ref("topk", AttributeProto.INT), c([1])), C)
         _, best = b.op("TopK", b.op("Where", cand, scores, neg_inf), k, axis=-1, largest=1, sorted=1, outputs=2)
@@ -199,10 +209,11 @@ def topk_attention_function(mode: str, opset: int, dense_flag: bool = False) -> 
 
 
 def _block_selection(
-    b: _Body, q: str, pos: str, B: str, Hkv: str, C: str, Dh: str, S: str, sink: str, window: str
+    b: _Body, q: str, keys: str, pos: str, B: str, Hkv: str, C: str, Dh: str, S: str, sink: str, window: str
 ) -> str:
     """Update the block summaries (present_key_min/max) and return the [B,Hkv,G,S,C] bool
-    mask of keys in each query's chosen blocks (ragtop TopKAttention.block_selection)."""
+    mask of keys in each query's chosen blocks (ragtop TopKAttention.block_selection).
+    keys: the updated cache in the query's type (the stored keys, so the summaries bound them)."""
     c = b.const
     bs = b.op("Reshape", b.ref("block_size", AttributeProto.INT), c([1]))
     nb = b.op("Div", C, bs)  # C is a multiple of block_size
@@ -214,7 +225,7 @@ def _block_selection(
     end = b.op("Add", start, S)
     is_new = b.op("And", b.op("GreaterOrEqual", j, start), b.op("Less", j, end))  # [B,C]
     new5 = b.op("Reshape", is_new, b.op("Concat", B, c([1]), nb, bs, c([1]), axis=0))  # [B,1,nb,bs,1]
-    keys5 = b.op("Reshape", "present_key", b.op("Concat", B, Hkv, nb, bs, Dh, axis=0))  # [B,Hkv,nb,bs,Dh]
+    keys5 = b.op("Reshape", keys, b.op("Concat", B, Hkv, nb, bs, Dh, axis=0))  # [B,Hkv,nb,bs,Dh]
     inf = b.op("CastLike", b.const(float("inf"), "float"), "query")
     ninf = b.op("Neg", inf)
     new_min = b.op("ReduceMin", b.op("Where", new5, keys5, inf), c([3]), keepdims=0)  # [B,Hkv,nb,Dh]
@@ -269,7 +280,7 @@ _GATHERED = {n: f"paged_{n}" for n in ("past_key", "past_value", "past_key_min",
 _CONTIGUOUS_OUT = {n: f"paged_{n}" for n in ("present_key", "present_value", "present_key_min", "present_key_max")}
 
 
-def paged_topk_attention_function(mode: str, opset: int) -> FunctionProto:
+def paged_topk_attention_function(mode: str, opset: int, kv_cast: bool = False) -> FunctionProto:
     """ragtop::TopKAttention over a paged KV cache (ops.py input 9, `block_table`).
 
     The cache inputs are page pools [N, Hkv, P, Dh] (summaries [N, Hkv, P/bs, Dh]); row j of
@@ -280,8 +291,9 @@ def paged_topk_attention_function(mode: str, opset: int) -> FunctionProto:
     duplicate indices can only come from one sequence's summary block written by several of
     its new keys, with identical values). Padding entries of the table (past a sequence's
     pages) are read but never written. Every input of the contract is taken (an exact-mode
-    node passes ops.NO_BLOCK_SUMMARY, a dense file `attention_dense` it ignores)."""
-    inner = topk_attention_function(mode, opset, dense_flag=mode != "dense")
+    node passes ops.NO_BLOCK_SUMMARY, a dense file `attention_dense` it ignores). kv_cast: as
+    in topk_attention_function (a float16 cache: the new rows are rounded to it as stored)."""
+    inner = topk_attention_function(mode, opset, dense_flag=mode != "dense", kv_cast=kv_cast)
     blocks = mode == "block"
     b = _Body("p")
     c = b.const
@@ -326,8 +338,11 @@ def paged_topk_attention_function(mode: str, opset: int) -> FunctionProto:
 
     rows_new = indices(b.op("Mod", pos, P))
     split = b.op("Concat", B, S, Hkv, Dh, axis=0)
-    b.op("ScatterND", "past_key", rows_new, b.op("Reshape", "key", split), out="present_key")
-    b.op("ScatterND", "past_value", rows_new, b.op("Reshape", "value", split), out="present_value")
+    k_rows, v_rows = b.op("Reshape", "key", split), b.op("Reshape", "value", split)
+    if kv_cast:
+        k_rows, v_rows = b.op("CastLike", k_rows, "past_key"), b.op("CastLike", v_rows, "past_value")
+    b.op("ScatterND", "past_key", rows_new, k_rows, out="present_key")
+    b.op("ScatterND", "past_value", rows_new, v_rows, out="present_value")
     if blocks:
         bs = b.op("Div", P, R)
         blk_in_page = indices(b.op("Div", b.op("Mod", pos, P), bs))

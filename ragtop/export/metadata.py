@@ -71,7 +71,8 @@ def genai_config(
             "kv_cache": {
                 "layout": "[batch, num_key_value_heads, capacity, head_size]",
                 "summary_layout": "[batch, num_key_value_heads, capacity / block_size, head_size]" if block else None,
-                "dtype": "float16" if spec.dtype == "fp16" else "float32",
+                "dtype": "float16" if spec.kv_dtype == "fp16" else "float32",  # key/value
+                "summary_dtype": ("float16" if spec.dtype == "fp16" else "float32") if block else None,
                 "capacity_multiple": spec.block_size or 1,
                 "preallocated": True,
                 "share_past_and_present": True,

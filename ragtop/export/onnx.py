@@ -10,9 +10,9 @@ Graph interface (one graph for prefill and decode; names follow Hugging Face / O
                                                                 this sequence attends densely
                                                                 (speculative verification);
                                                                 optional, default [0] = all off
-             past_key_values.{i}.key      [B, Hkv, C, Dh] float  C = cache capacity
-             past_key_values.{i}.value    [B, Hkv, C, Dh]
-             past_key_values.{i}.key_min  [B, Hkv, C/bs, Dh]  block selection only
+             past_key_values.{i}.key      [B, Hkv, C, Dh] float  C = cache capacity (float16
+             past_key_values.{i}.value    [B, Hkv, C, Dh]        with --kv-dtype fp16)
+             past_key_values.{i}.key_min  [B, Hkv, C/bs, Dh]  block selection only (activations' type)
              past_key_values.{i}.key_max  [B, Hkv, C/bs, Dh]  block selection only
     outputs  logits                       [B, K, V]
              present.{i}.key|value|key_min|key_max   same shapes as the past inputs
@@ -79,6 +79,11 @@ class ExportSpec:
     sink_tokens: int = 0  # always-kept first tokens (top-k modes)
     local_window: int = 0  # always-kept last tokens up to each query (top-k modes)
     dense_layers: int = 0  # the first N layers' nodes attend densely (top-k modes)
+    kv_dtype: str = "fp32"  # fp32 | fp16: the key/value cache (summaries keep the activations' type)
+
+    @property
+    def cache_torch_dtype(self) -> torch.dtype:
+        return torch.float16 if self.kv_dtype == "fp16" else torch.float32
 
     @property
     def cache_names(self) -> list[str]:
@@ -100,7 +105,10 @@ def make_spec(
     opset: int,
     weights: str | None = None,
     accuracy_level: int = 0,
+    kv_dtype: str | None = None,
 ) -> ExportSpec:
+    """kv_dtype: the key/value cache's type, default the activations' (fp16 under fp32
+    activations halves the cache; fp32 under fp16 activations is refused)."""
     cfg = model.config
     a = cfg.attention
     mode = functions.attention_mode(a.topk if a.kind == "topk" else None, a.block_size, context_limit)
@@ -121,6 +129,7 @@ def make_spec(
         opset=opset,
         weights=weights or dtype,
         accuracy_level=accuracy_level if weights in ("int4", "int8") else 0,
+        kv_dtype=kv_dtype or dtype,
         **(
             {}
             if mode == "dense"
@@ -331,7 +340,7 @@ class ExportGraph(nn.Module):
             f"{ops.DOMAIN}::{ops.TOPK_ATTENTION}",
             [q, k, v, past[0], past[1], past_lengths, *past[2:]],
             attrs,
-            dtypes=[q.dtype] * (1 + len(past)),
+            dtypes=[q.dtype, *(p.dtype for p in past)],
             shapes=[q.shape, *(p.shape for p in past)],
             version=ops.OPSET_VERSION,
         )
@@ -361,8 +370,9 @@ def example_inputs(spec: ExportSpec, dtype: torch.dtype) -> tuple:
     B, S = 2, 5  # and K = 3 logits per sequence
     C = 8 * spec.block_size if spec.block_size else 17
     cache = []
+    kv = torch.float16 if spec.kv_dtype == "fp16" else dtype  # the summaries keep `dtype`
     for _ in range(spec.n_layers):
-        cache += [torch.zeros(B, spec.n_kv_heads, C, spec.head_dim, dtype=dtype) for _ in range(2)]
+        cache += [torch.zeros(B, spec.n_kv_heads, C, spec.head_dim, dtype=kv) for _ in range(2)]
         if spec.block_size:
             cache += [
                 torch.zeros(B, spec.n_kv_heads, C // spec.block_size, spec.head_dim, dtype=dtype) for _ in range(2)
@@ -426,7 +436,8 @@ def finish_model(proto: onnx.ModelProto, spec: ExportSpec) -> onnx.ModelProto:
     if dense_flag:
         add_dense_flag(proto, spec)
     if (ops.DOMAIN, ops.TOPK_ATTENTION) in used:
-        proto.functions.append(functions.topk_attention_function(spec.attention_mode, spec.opset, dense_flag))
+        kv_cast = spec.kv_dtype != spec.dtype  # a float16 cache under float activations
+        proto.functions.append(functions.topk_attention_function(spec.attention_mode, spec.opset, dense_flag, kv_cast))
     if (ops.DOMAIN, ops.RAGGED_EMBEDDING) in used:
         proto.functions.append(functions.ragged_embedding_function(spec.num_tiers, spec.opset))
     if not any(o.domain == ops.DOMAIN for o in proto.opset_import):
@@ -442,6 +453,7 @@ def finish_model(proto: onnx.ModelProto, spec: ExportSpec) -> onnx.ModelProto:
         "ragtop.ops": spec.ops,
         "ragtop.context_limit": str(spec.context_limit),
         "ragtop.weights": spec.weights,
+        "ragtop.kv_dtype": spec.kv_dtype,
     }
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
@@ -542,9 +554,12 @@ def page_graph(proto: onnx.ModelProto, attention_mode: str) -> onnx.ModelProto:
             dims = v.type.tensor_type.shape.dim
             dims[0].dim_param = "num_pages"
             dims[2].dim_param = "page_blocks" if v.name.endswith(("key_min", "key_max")) else "page_size"
-    keep = [f for f in proto.functions if not (f.domain == ops.DOMAIN and f.name == ops.TOPK_ATTENTION)]
+    old = [f for f in proto.functions if f.domain == ops.DOMAIN and f.name == ops.TOPK_ATTENTION]
+    # a float16 cache under float activations: the old body casts the new rows to the cache's type
+    kv_cast = any(n.op_type == "CastLike" and "past_key" in n.input for f in old for n in f.node)
+    keep = [f for f in proto.functions if f not in old]
     del proto.functions[:]
-    proto.functions.extend([*keep, functions.paged_topk_attention_function(attention_mode, opset)])
+    proto.functions.extend([*keep, functions.paged_topk_attention_function(attention_mode, opset, kv_cast)])
     proto.metadata_props.add(key="ragtop.kv_cache", value="paged")
     return proto
 

@@ -9,11 +9,11 @@ ragtop::TopKAttention (version 1) -- attention over a preallocated, shared KV ca
       0 query        [B, S, H*Dh]      float, rotary already applied
       1 key          [B, S, Hkv*Dh]    float, rotary already applied (the new tokens only)
       2 value        [B, S, Hkv*Dh]    float
-      3 past_key     [B, Hkv, C, Dh]   float, C = cache capacity
-      4 past_value   [B, Hkv, C, Dh]   float
+      3 past_key     [B, Hkv, C, Dh]   cache type (float, or float16), C = cache capacity
+      4 past_value   [B, Hkv, C, Dh]   cache type
       5 past_lengths [B]               int64: tokens already cached for each sequence
       block selection only (block_size > 0):
-      6 past_key_min [B, Hkv, C/bs, Dh] element-wise min of each block's written keys
+      6 past_key_min [B, Hkv, C/bs, Dh] float: element-wise min of each block's written keys
       7 past_key_max [B, Hkv, C/bs, Dh] element-wise max (C a multiple of bs)
       optional (files exported with it; an exact-mode node passes the empty float tensor
       NO_BLOCK_SUMMARY ([0]) as inputs 6 and 7 -- not "", which onnxruntime's lite
@@ -23,7 +23,7 @@ ragtop::TopKAttention (version 1) -- attention over a preallocated, shared KV ca
     outputs
       0 output       [B, S, H*Dh]
       1 present_key  [B, Hkv, C, Dh]   past_key with the new keys written at
-                                       [past_lengths[b], past_lengths[b] + S)
+                                       [past_lengths[b], past_lengths[b] + S) (cache type)
       2 present_value[B, Hkv, C, Dh]
       block selection only:
       3 present_key_min, 4 present_key_max   the summaries updated for the new keys (a block
@@ -36,6 +36,17 @@ ragtop::TopKAttention (version 1) -- attention over a preallocated, shared KV ca
       block_budget: int  ragtop/model/attention.py, whose semantics the kernel reproduces)
       sink_tokens: int   (default 0) keys j < sink_tokens are always kept
       local_window: int  (default 0) keys j > p - local_window are always kept
+    cache type
+      query, key, value, output and the block summaries have the activations' type (float;
+      float16 in a --dtype fp16 file); past/present key/value may be float16 under float
+      activations (export --kv-dtype fp16: half the cache bytes). Then the new keys and values
+      are rounded to float16 (round to nearest even) when written, every score, softmax and
+      weighted sum reads the stored (rounded) rows widened to float, and the float summaries
+      are the exact element-wise min/max of the *stored* keys -- so block selection picks the
+      blocks a reference that rounds its cached keys to float16 picks. The plugin registers
+      one kernel per cache type under the same name (onnxruntime picks by input types); the
+      function body casts (CastLike) the new rows to the cache type and the cache to the
+      query's type for the math.
     semantics
       query s of sequence b sits at p = past_lengths[b] + s and sees keys j <= p. Its
       always-kept keys are the visible j < sink_tokens or j > p - local_window; the others

@@ -112,14 +112,16 @@ class Attention(nn.Module):
 
 
 def write_cache(cache: tuple[Tensor, Tensor], k: Tensor, v: Tensor, write_at: Tensor) -> tuple[Tensor, Tensor]:
-    """Write the new keys/values of each sequence at its own offset; returns the full buffers."""
+    """Write the new keys/values of each sequence at its own offset; returns the full buffers.
+    A cache of a narrower float type (e.g. float16 under float32 activations) stores the rows
+    rounded to its type, and attention reads the stored rows in the activations' type."""
     keys, values = cache  # [B, Hkv, L, Dh]
     B, Hkv, S, Dh = k.shape
     idx = write_at[:, None] + torch.arange(S, device=k.device)  # [B, S]
     idx = idx[:, None, :, None].expand(B, Hkv, S, Dh)
-    keys.scatter_(2, idx, k)
-    values.scatter_(2, idx, v)
-    return keys, values
+    keys.scatter_(2, idx, k.to(keys.dtype))
+    values.scatter_(2, idx, v.to(values.dtype))
+    return keys.to(k.dtype), values.to(v.dtype)
 
 
 class DenseAttention(Attention):

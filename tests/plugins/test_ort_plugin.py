@@ -63,13 +63,13 @@ def reference(q, k, v, past_k, past_v, lens, H, Hkv, topk, block_size=0, block_b
     lens_t = torch.from_numpy(lens)
     kc, vc = torch.from_numpy(past_k.copy()), torch.from_numpy(past_v.copy())
     to_heads = lambda x, h: torch.from_numpy(x).view(B, S, h, Dh).transpose(1, 2)  # noqa: E731
-    write_cache((kc, vc), to_heads(k, Hkv), to_heads(v, Hkv), lens_t)
+    kf, vf = write_cache((kc, vc), to_heads(k, Hkv), to_heads(v, Hkv), lens_t)  # float16 cache: stored rounded
     positions = lens_t[:, None] + torch.arange(S)
     visible = (torch.arange(C)[None, None, :] <= positions[:, :, None])[:, None]
     dense_rows = None if dense is None else torch.from_numpy(np.asarray(dense) != 0)
     ctx = AttnContext(None, None, positions, visible, lens_t, causal=False, dense_rows=dense_rows)
     with torch.no_grad():
-        out = attn.attend(to_heads(q, H), kc, vc, ctx)
+        out = attn.attend(to_heads(q, H), kf, vf, ctx)
     return out.transpose(1, 2).reshape(B, S, H * Dh).numpy(), kc.numpy(), vc.numpy()
 
 
@@ -439,3 +439,155 @@ def test_paged_cache_kernel_and_body_equal_the_contiguous_layout(
             before = feeds[["past_key", "past_value", "past_key_min", "past_key_max"][i]]
             np.testing.assert_array_equal(from_pages(pool, table), contiguous)
             np.testing.assert_array_equal(pool[spare], before[spare])  # pages of nobody: untouched
+
+
+# --- float16 KV cache (export --kv-dtype fp16): queries, outputs and summaries stay float --
+# The reference writes into a float16 cache (write_cache rounds the new rows) and attends to
+# the stored rows widened to float, so kernel, function body and reference see the same keys:
+# the stored cache must be bit-identical (round to nearest even everywhere), the summaries
+# exact bounds of the stored keys, the outputs within TOL (float summation order).
+FP16_CASES = [  # B, S, H, Hkv, Dh, C, lens, topk, block_size, budget, sink, window
+    (1, 1, 4, 4, 16, 128, [100], 8, 0, 0, 0, 0),  # exact decode
+    (2, 9, 4, 2, 12, 64, [7, 40], 5, 0, 0, 3, 0),  # exact prefill, sinks, Dh not a multiple of 8
+    (2, 70, 2, 2, 8, 128, [3, 50], 6, 0, 0, 0, 20),  # exact, window, > one query chunk
+    (1, 1, 4, 4, 16, 128, [100], 8, 8, 3, 0, 0),  # blocks decode
+    (2, 1, 6, 2, 8, 96, [0, 95], 5, 16, 2, 5, 20),  # blocks: sink/window mid-block, GQA
+    (3, 6, 3, 1, 8, 64, [9, 0, 33], 4, 4, 5, 2, 3),  # blocks: mixed lengths, blocks filled mid-call
+    (2, 20, 2, 2, 8, 64, [3, 30], 1000, 8, 2, 4, 12),  # blocks, all keys of chosen blocks (Quest)
+]
+
+
+def half_case(rng, B, S, H, Hkv, Dh, C, lens):
+    q, k, v, past_k, past_v, lens = random_case(rng, B, S, H, Hkv, Dh, C, lens)
+    return q, k, v, past_k.astype(np.float16), past_v.astype(np.float16), lens
+
+
+def half_summaries(keys16, lengths, bs):
+    return [np.nan_to_num(x) for x in summaries(keys16.astype(np.float32), lengths, bs)] if bs else []
+
+
+@pytest.mark.parametrize("B,S,H,Hkv,Dh,C,lens,topk,bs,budget,sink,window", FP16_CASES)
+def test_fp16_cache_kernel_body_and_reference_agree(B, S, H, Hkv, Dh, C, lens, topk, bs, budget, sink, window):
+    rng = np.random.default_rng(B * 1000 + S + 7 * sink + window + 3)
+    q, k, v, past_k, past_v, lens = half_case(rng, B, S, H, Hkv, Dh, C, lens)
+    sums = half_summaries(past_k, lens, bs)
+    model = topk_attention_model(H, Hkv, Dh, topk, bs, budget, sink, window, with_function=True, kv_dtype="fp16")
+    ref_out, ref_k, ref_v = reference(q, k, v, past_k, past_v, lens, H, Hkv, topk, bs, budget, sink, window)
+    assert ref_k.dtype == np.float16
+    for sess in (session(model), stock_session(model)):
+        got = run_plugin(sess, q, k, v, past_k, past_v, lens, *sums)
+        assert got[0].dtype == np.float32 and got[1].dtype == got[2].dtype == np.float16
+        np.testing.assert_allclose(got[0], ref_out, **TOL)
+        np.testing.assert_array_equal(got[1], ref_k)  # new rows rounded exactly as torch rounds
+        np.testing.assert_array_equal(got[2], ref_v)
+        if bs:  # float summaries: exact bounds of the stored (rounded) keys
+            assert got[3].dtype == np.float32
+            want_min, want_max = summaries(ref_k.astype(np.float32), lens + S, bs)
+            written = ~np.isnan(want_min)
+            np.testing.assert_array_equal(got[3][written], want_min[written])
+            np.testing.assert_array_equal(got[4][written], want_max[written])
+
+
+@pytest.mark.parametrize("bs,budget", [(0, 0), (8, 2)])
+def test_fp16_cache_is_close_to_fp32_cache(bs, budget):
+    """Same inputs through a float and a float16 cache: the outputs differ by the rounding of
+    the cached rows only (|diff| <= 1e-2 with unit-variance keys/values; the selected keys
+    are the same here, so no near tie is flipped)."""
+    H, Hkv, Dh, C, topk = 4, 2, 16, 128, 8
+    rng = np.random.default_rng(21)
+    q, k, v, past_k, past_v, lens = random_case(rng, 2, 1, H, Hkv, Dh, C, [60, 120])
+    past_k16, past_v16 = past_k.astype(np.float16), past_v.astype(np.float16)
+    past_k, past_v = past_k16.astype(np.float32), past_v16.astype(np.float32)  # the same stored past
+    f32 = session(topk_attention_model(H, Hkv, Dh, topk, bs, budget))
+    f16 = session(topk_attention_model(H, Hkv, Dh, topk, bs, budget, kv_dtype="fp16"))
+    out32 = run_plugin(f32, q, k, v, past_k, past_v, lens, *half_summaries(past_k16, lens, bs))
+    out16 = run_plugin(f16, q, k, v, past_k16, past_v16, lens, *half_summaries(past_k16, lens, bs))
+    np.testing.assert_allclose(out16[0], out32[0], atol=1e-2, rtol=0)
+    np.testing.assert_array_equal(out16[1], out32[1].astype(np.float16))  # the stored rows: fp32 rounded
+
+
+def test_fp16_cache_rounding_matches_numpy():
+    """New rows are stored as numpy's float16 rounding (nearest even) for every kind of value:
+    halfway ties, subnormals, overflow to inf, signed zero; both the vector body (8 lanes) and
+    the scalar tail (Dh = 12)."""
+    H, Hkv, Dh, C = 2, 2, 12, 16
+    sess = session(topk_attention_model(H, Hkv, Dh, 4, kv_dtype="fp16"))
+    specials = np.array(
+        [1 + 2**-11, 1 + 3 * 2**-11, 2**-24, 2**-25, 3 * 2**-25, 1e-8, 65519.0, 65520.0, -0.0, -1.5, 7e4, 3.14159],
+        np.float32,
+    )
+    rng = np.random.default_rng(4)
+    k = np.tile(specials, (1, 3, Hkv))  # [1, 3, Hkv*Dh]
+    k[0, 1] *= -1
+    k[0, 2] = rng.standard_normal(Hkv * Dh).astype(np.float32) * 1e3
+    q = rng.standard_normal((1, 3, H * Dh), dtype=np.float32) * 1e-3
+    zeros = np.zeros((1, Hkv, C, Dh), np.float16)
+    got = run_plugin(sess, q, k, k, zeros, zeros, np.array([0], np.int64))
+    with np.errstate(over="ignore"):  # 7e4 -> inf, on purpose
+        want = k.reshape(1, 3, Hkv, Dh).transpose(0, 2, 1, 3).astype(np.float16)
+    np.testing.assert_array_equal(got[1][:, :, :3].view(np.uint16), want.view(np.uint16))
+    np.testing.assert_array_equal(got[2][:, :, :3].view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("B,S,H,Hkv,Dh,C,lens,topk,bs,budget,sink,window,flags", DENSE_FLAG_CASES[::2])
+def test_fp16_cache_dense_flag(B, S, H, Hkv, Dh, C, lens, topk, bs, budget, sink, window, flags):
+    rng = np.random.default_rng(B * 100 + S + sum(flags) + 1)
+    q, k, v, past_k, past_v, lens = half_case(rng, B, S, H, Hkv, Dh, C, lens)
+    flags = np.asarray(flags, np.int64)
+    sums = half_summaries(past_k, lens, bs)
+    model = topk_attention_model(
+        H, Hkv, Dh, topk, bs, budget, sink, window, with_function=True, attention_dense=True, kv_dtype="fp16"
+    )
+    want, ref_k, _ = reference(q, k, v, past_k, past_v, lens, H, Hkv, topk, bs, budget, sink, window, dense=flags)
+    for sess in (session(model), stock_session(model)):
+        feeds = dict(
+            query=q, key=k, value=v, past_key=past_k, past_value=past_v, past_lengths=lens, attention_dense=flags
+        )
+        if bs:
+            feeds.update(past_key_min=sums[0], past_key_max=sums[1])
+        got = sess.run(None, feeds)
+        np.testing.assert_allclose(got[0], want, **TOL)
+        np.testing.assert_array_equal(got[1], ref_k)
+
+
+def test_fp16_cache_in_place_incremental_decode_with_blocks():
+    """Prefill then decode steps on one shared float16 cache (+ float summaries) bound as past
+    and present: only new rows are written, the summaries stay exact bounds of the stored keys."""
+    H, Hkv, Dh, C, topk, bs, budget = 4, 2, 8, 64, 5, 8, 2
+    sess = session(topk_attention_model(H, Hkv, Dh, topk, bs, budget, kv_dtype="fp16"))
+    rng = np.random.default_rng(12)
+    bufs = {n: np.zeros((2, Hkv, C, Dh), np.float16) for n in ("past_key", "past_value")}
+    bufs.update({n: np.zeros((2, Hkv, C // bs, Dh), np.float32) for n in ("past_key_min", "past_key_max")})
+    vals = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in bufs.items()}
+    ptrs = {n: val.data_ptr() for n, val in vals.items()}
+    ref_k, ref_v = np.zeros_like(bufs["past_key"]), np.zeros_like(bufs["past_value"])
+    lens = np.array([0, 3], np.int64)
+    for S in (13, 1, 1, 4, 1):
+        q, k, v, *_ = random_case(rng, 2, S, H, Hkv, Dh, 1, [0, 0])
+        io = sess.io_binding()
+        for name, arr in dict(query=q, key=k, value=v, past_lengths=lens).items():
+            io.bind_cpu_input(name, arr)
+        io.bind_output("output")
+        for n, val in vals.items():
+            io.bind_ortvalue_input(n, val)
+            io.bind_ortvalue_output(n.replace("past", "present"), val)
+        sess.run_with_iobinding(io)
+        want, ref_k, ref_v = reference(q, k, v, ref_k, ref_v, lens, H, Hkv, topk, bs, budget)
+        np.testing.assert_allclose(io.copy_outputs_to_cpu()[0], want, **TOL)
+        lens = lens + S
+    assert {n: val.data_ptr() for n, val in vals.items()} == ptrs
+    np.testing.assert_array_equal(vals["past_key"].numpy(), ref_k)
+    np.testing.assert_array_equal(vals["past_value"].numpy(), ref_v)
+    lo, hi = summaries(ref_k.astype(np.float32), lens, bs)
+    written = ~np.isnan(lo)
+    np.testing.assert_array_equal(vals["past_key_min"].numpy()[written], lo[written])
+    np.testing.assert_array_equal(vals["past_key_max"].numpy()[written], hi[written])
+
+
+def test_fp16_cache_runs_the_kernel():
+    """The float16 registration is the one onnxruntime picks (the kernel's own error message,
+    not the function body's)."""
+    sess = session(topk_attention_model(2, 2, 8, 4, kv_dtype="fp16"))
+    q, k, v, past_k, past_v, lens = half_case(np.random.default_rng(0), 1, 4, 2, 2, 8, 8, [6])
+    with pytest.raises(Exception, match="exceeds the cache capacity"):
+        run_plugin(sess, q, k, v, past_k, past_v, lens)

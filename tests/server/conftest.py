@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -175,6 +176,18 @@ def wait_until(condition: Callable[[], Any], timeout: float = 30.0, every: float
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(every)
     return value
+
+
+def serve_process(
+    *args: str, python: str = sys.executable, program: tuple[str, ...] = ("-m", "ragtop.cli"), **popen: Any
+) -> tuple[subprocess.Popen, str]:
+    """`ragtop serve ARGS --port P` started as a child process on a free port: (process, its
+    URL). Its stdout and stderr are one text pipe (shown when `wait_for_process` fails);
+    `popen` passes env / cwd."""
+    port = free_port()
+    cmd = [python, *program, "serve", *args, "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def free_port() -> int:

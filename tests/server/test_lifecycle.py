@@ -18,7 +18,7 @@ from ragtop.errors import RagtopError
 from ragtop.runtime.plugin import plugin_library_path
 from ragtop.server import ServerSettings
 
-from .conftest import free_port, start_server, wait_for_process, wait_until
+from .conftest import free_port, serve_process, start_server, wait_for_process, wait_until
 
 
 def answer(url: str) -> str:
@@ -120,28 +120,8 @@ def test_graceful_shutdown_finishes_in_flight_requests(serve):
 
 
 def test_ragtop_serve_process_answers_and_exits_on_sigterm(exported):
-    port = free_port()
     env = {**os.environ, "RAGTOP_LOG_LEVEL": "info"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ragtop.cli",
-            "serve",
-            str(exported["topk"]),
-            "--port",
-            str(port),
-            "--threads",
-            "1",
-            "--served-model-name",
-            "tiny",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = serve_process(str(exported["topk"]), "--threads", "1", "--served-model-name", "tiny", env=env)
     try:
         wait_for_process(proc, url)
         prompt = "a secret prompt text"
@@ -235,17 +215,9 @@ def test_ragtop_serve_without_a_model_opens_the_port_while_it_exports_the_defaul
 
     ckpt, onnx_dir = default_model_dirs(tmp_path)
     shutil.copytree(exported["topk-ckpt"], ckpt)
-    port = free_port()
     env = {**os.environ, "RAGTOP_DATA_DIR": str(tmp_path), "RAGTOP_THREADS": "1"}
     env.pop("RAGTOP_MODEL", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ragtop.cli", "serve", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = serve_process(env=env)
     seen: list[dict] = []
 
     def ready() -> bool:
@@ -259,7 +231,7 @@ def test_ragtop_serve_without_a_model_opens_the_port_while_it_exports_the_defaul
         return r.status_code == 200
 
     try:
-        wait_until(ready, timeout=300)
+        wait_until(ready, timeout=900)  # a hang guard: preparing takes ~1 min, far longer on a loaded machine
         assert (onnx_dir / "model.onnx").is_file()
         exporting = [s for s in seen if "exporting" in s.get("detail", "")]
         assert exporting and exporting[0]["status"] == "loading" and "to ONNX" in exporting[0]["detail"], seen

@@ -13,38 +13,18 @@ from pathlib import Path
 import httpx
 import openai
 
-from .conftest import free_port, wait_for_process
+from .conftest import serve_process, wait_for_process
 
 BLOCKED = ("torch", "onnx", "onnxscript", "gguf", "safetensors", "transformers")
 # sys.modules[name] = None makes `import name` raise ImportError, as if it were not installed
 PROGRAM = f"import sys; sys.modules.update(dict.fromkeys({BLOCKED!r})); from ragtop.cli import main; sys.exit(main())"
 
 
-def serve_without_torch(model, port: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            PROGRAM,
-            "serve",
-            str(model),
-            "--port",
-            str(port),
-            "--threads",
-            "1",
-            "--served-model-name",
-            "tiny",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+TINY = ("--threads", "1", "--served-model-name", "tiny")
 
 
 def test_an_exported_model_serves_without_torch(exported):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = serve_without_torch(exported["topk"], port)
+    proc, url = serve_process(str(exported["topk"]), *TINY, program=("-c", PROGRAM))
     try:
         wait_for_process(proc, url)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
@@ -67,7 +47,7 @@ def test_an_exported_model_serves_without_torch(exported):
 
 
 def test_a_checkpoint_without_torch_is_a_clear_error(exported):
-    proc = serve_without_torch(exported["topk-ckpt"], free_port())
+    proc, _ = serve_process(str(exported["topk-ckpt"]), *TINY, program=("-c", PROGRAM))
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "needs PyTorch" in out and "export-model" in out
 
@@ -117,27 +97,7 @@ def test_the_base_install_in_a_fresh_venv_serves_without_torch(exported, tmp_pat
     for module in ("torch", "onnx", "transformers"):
         probe = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True, text=True)
         assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, module
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [
-            str(python),
-            "-m",
-            "ragtop.cli",
-            "serve",
-            str(exported["topk"]),
-            "--port",
-            str(port),
-            "--threads",
-            "1",
-            "--served-model-name",
-            "tiny",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=tmp_path,
-    )
+    proc, url = serve_process(str(exported["topk"]), *TINY, python=str(python), cwd=tmp_path)
     try:
         wait_for_process(proc, url)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)

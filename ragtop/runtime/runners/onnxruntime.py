@@ -75,14 +75,17 @@ class OrtRunner:
             dec["num_key_value_heads"],
             dec["head_size"],
         )
-        self.np_dtype = DTYPES[rt["kv_cache"]["dtype"]]
+        self.np_dtype = DTYPES[rt["kv_cache"]["dtype"]]  # keys and values
+        # block summaries: the activations' type (float32 under a float16 cache; files written
+        # before summary_dtype existed keep one type for every cache tensor)
+        self.summary_dtype = DTYPES[rt["kv_cache"].get("summary_dtype") or rt["kv_cache"]["dtype"]]
         att = rt["attention"]
         self.block_size = int(att.get("block_size") or 0)
         self.kinds = ["key", "value"] + (["key_min", "key_max"] if self.block_size else [])
-        itemsize = np.dtype(self.np_dtype).itemsize
+        itemsize, sum_itemsize = np.dtype(self.np_dtype).itemsize, np.dtype(self.summary_dtype).itemsize
         per_token = 2 * self.n_layers * self.n_kv_heads * self.head_dim * itemsize
         if self.block_size:  # summaries: 2 vectors per block of block_size tokens
-            per_token += -(-2 * self.n_layers * self.n_kv_heads * self.head_dim * itemsize // self.block_size)
+            per_token += -(-2 * self.n_layers * self.n_kv_heads * self.head_dim * sum_itemsize // self.block_size)
         label = {"dense": "dense", "exact": "topk", "block": "topk-block"}.get(att["mode"], att["mode"])
         self.spec = RunnerSpec(
             "onnxruntime",
@@ -149,9 +152,11 @@ class OrtRunner:
         self.buffers = {}
         for i in range(self.n_layers):
             for kind in self.kinds:
-                positions = self.capacity // self.block_size if kind.startswith("key_m") else self.capacity
+                summary = kind.startswith("key_m")
+                positions = self.capacity // self.block_size if summary else self.capacity
                 self.buffers[i, kind] = np.zeros(
-                    (slots, self.n_kv_heads, positions, self.head_dim), dtype=self.np_dtype
+                    (slots, self.n_kv_heads, positions, self.head_dim),
+                    dtype=self.summary_dtype if summary else self.np_dtype,
                 )
         self.lengths = np.zeros(slots, dtype=np.int64)
         self._bindings = {}
@@ -164,8 +169,12 @@ class OrtRunner:
         self.buffers = {}
         for i in range(self.n_layers):
             for kind in self.kinds:
-                rows = P // self.block_size if kind.startswith("key_m") else P
-                self.buffers[i, kind] = np.zeros((num_pages, self.n_kv_heads, rows, self.head_dim), dtype=self.np_dtype)
+                summary = kind.startswith("key_m")
+                rows = P // self.block_size if summary else P
+                self.buffers[i, kind] = np.zeros(
+                    (num_pages, self.n_kv_heads, rows, self.head_dim),
+                    dtype=self.summary_dtype if summary else self.np_dtype,
+                )
         self.capacity = 0
         self._bindings = {}
 
@@ -249,8 +258,9 @@ class OrtRunner:
             for (i, kind), buf in self.buffers.items():
                 view = buf[lo:hi]  # contiguous: slots are the outermost dimension
                 shape, ptr = list(view.shape), view.ctypes.data
-                io.bind_input(self.io_names[f"past_{kind}_names"] % i, "cpu", 0, self.np_dtype, shape, ptr)
-                io.bind_output(self.out_names[f"present_{kind}_names"] % i, "cpu", 0, self.np_dtype, shape, ptr)
+                dt = buf.dtype.type
+                io.bind_input(self.io_names[f"past_{kind}_names"] % i, "cpu", 0, dt, shape, ptr)
+                io.bind_output(self.out_names[f"present_{kind}_names"] % i, "cpu", 0, dt, shape, ptr)
             self._bindings[lo, hi] = io
         return io
 
@@ -308,9 +318,9 @@ class OrtRunner:
         if io is None:  # the pools, bound once as past and present
             io = self.session.io_binding()
             for (i, kind), buf in self.buffers.items():
-                shape, ptr = list(buf.shape), buf.ctypes.data
-                io.bind_input(self.io_names[f"past_{kind}_names"] % i, "cpu", 0, self.np_dtype, shape, ptr)
-                io.bind_output(self.out_names[f"present_{kind}_names"] % i, "cpu", 0, self.np_dtype, shape, ptr)
+                shape, ptr, dt = list(buf.shape), buf.ctypes.data, buf.dtype.type
+                io.bind_input(self.io_names[f"past_{kind}_names"] % i, "cpu", 0, dt, shape, ptr)
+                io.bind_output(self.out_names[f"present_{kind}_names"] % i, "cpu", 0, dt, shape, ptr)
             self._bindings[0, 0] = io
         io.bind_cpu_input(self.io_names["input_ids"], ids)
         io.bind_cpu_input(self.io_names["past_lengths"], lengths)
