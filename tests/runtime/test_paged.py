@@ -263,3 +263,26 @@ def test_pages_holding_several_selection_blocks(exported, tmp_path, use_plugin):
     got, _ = run(folder, prompts, paged=True, use_plugin=use_plugin, sched=sched)
     assert load_model(folder, paged=True).runner.spec.page_size == 8
     assert got == want
+
+
+@pytest.mark.parametrize("use_plugin", [True, False], ids=["plugin", "function-body"])
+def test_paged_float16_cache_equals_contiguous(tokenizer, tmp_path_factory, use_plugin):
+    """--kv-dtype fp16 --paged-kv: float16 page pools (float summaries), the same tokens as the
+    contiguous float16 cache."""
+    root = tmp_path_factory.mktemp("paged-fp16")
+    ckpt = save_checkpoint(
+        root / "ckpt",
+        make_model(tokenizer.get_vocab_size(), "topk-block"),
+        tokenizer.to_str(),
+        generation={"bos_token_id": 0, "eos_token_id": 0},
+    )
+    args = ["export", str(ckpt), str(root / "onnx"), "--no-validate", "--paged-kv", "--kv-dtype", "fp16"]
+    assert main(args) == 0
+    runner = load_model(root / "onnx", paged=True).runner
+    runner.allocate_pages(4)
+    assert runner.buffers[0, "key"].dtype == np.float16 and runner.buffers[0, "key_min"].dtype == np.float32
+    prompts = prompts_of((3, 9, 17, 30), seed=11)
+    sched = {"max_batch_size": 4, "prefill_chunk": 5, "max_tokens_per_step": 16}
+    want, _ = run(root / "onnx", prompts, paged=False, use_plugin=use_plugin, sched=sched)
+    got, _ = run(root / "onnx", prompts, paged=True, use_plugin=use_plugin, sched=sched)
+    assert got == want
