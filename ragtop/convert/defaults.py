@@ -39,12 +39,10 @@ DEFAULT_WEIGHTS = "int4"
 DEFAULT_ACCURACY_LEVEL = 4
 # `export-model --kv-dtype` of the served model. float16 halves the cache (47,520 -> 24,480
 # bytes per token with the block summaries) and decoded 1.34x / 1.42x / 1.30x as many tokens
-# per CPU-second at 1k / 4k / 8k (docs/export.md, "Float16 KV cache: SmolLM2 measured";
-# perplexity +0.11 % / +0.00 % at 1k / 4k). Not the default yet: the served export's validation must pass, and at
-# accuracy level 4 its mixed-batch case (random caches) exceeds rtol 0.25 for either cache type
-# on six other draws of it (the fp32 export passes only at the draw validation uses, the fp16
-# one fails that too): the level-4 tolerance needs fixing first. Flipping this also renames
-# the export folder (default_model.kv_suffix).
-DEFAULT_KV_DTYPE = "fp32"
+# per CPU-second at 1k / 4k / 8k, prefilling in 0.78-0.89x the CPU time (docs/export.md,
+# "Float16 KV cache: SmolLM2 measured"; perplexity +0.11 % / +0.00 % at 1k / 4k). Its export
+# validates: the level-0 twin strictly (rtol 2e-3, greedy 32/32), level 4 at rtol 0.25
+# (export.commands.tolerances). The export folder's name says so (default_model.kv_suffix).
+DEFAULT_KV_DTYPE = "fp16"
 # Ragged embeddings become the served default only within this perplexity increase over dense.
 RAGGED_MAX_PPL_INCREASE = 0.02

@@ -331,15 +331,47 @@ def export(a: ExportOptions) -> int:
     ok = True
     ids = prompt_ids(tokenizer, cfg.vocab_size, ckpt.generation.get("bos_token_id"))
     if not a.no_validate:
-        v = validate(reference, session(onnx_path), spec, atol, ids, log=log, rtol=rtol)
+        level4 = bool(planned) and spec.accuracy_level == 4
+        if level4:
+            # The same graph at accuracy level 0 computes in fp32 on the same weights: exact to
+            # float order, so it is validated at the strict tolerance and proves the graph.
+            # Level 4 itself rounds matmul inputs to int8, which 30 layers amplify into
+            # differences of the quantization error's own size, so only its cases on real
+            # (not random) caches gate, at rtol LEVEL4_RTOL (tolerances(); docs/export.md).
+            _, rtol0 = tolerances(dataclasses.replace(a, accuracy_level=0), spec.attention_mode)
+            twin = write_level0_twin(onnx_path)
+            try:
+                v0 = validate(
+                    qweights.reference_model(model, planned, 0), session(twin), spec, atol, ids, log=log, rtol=rtol0
+                )
+            finally:
+                twin.unlink()
+            print(
+                f"validation of model.onnx at accuracy level 0 (onnxruntime {onnxruntime.__version__}, no plugin, "
+                f"tolerance {atol:g} + {rtol0:g} * max|reference|, reference: the same dequantized weights)"
+            )
+            print(v0.table())
+            report["validation_level0"] = v0.as_dict()
+        v = validate(
+            reference,
+            session(onnx_path),
+            spec,
+            atol,
+            ids,
+            log=log,
+            rtol=rtol,
+            informational=("mixed_batch", "greedy") if level4 else (),
+        )
         print(
-            f"validation of model.onnx (onnxruntime {onnxruntime.__version__}, no plugin, "
+            f"validation of model.onnx{' at accuracy level 4' if level4 else ''} "
+            f"(onnxruntime {onnxruntime.__version__}, no plugin, "
             f"tolerance {atol:g} + {rtol:g} * max|reference|"
-            f"{', reference: the same dequantized weights' if planned else ''})"
+            f"{', reference: the same dequantized weights' if planned else ''}"
+            f"{', int8-rounded inputs' if level4 else ''})"
         )
         print(v.table())
         report["validation"] = v.as_dict()
-        ok = v.passed
+        ok = v.passed and (v0.passed if level4 else True)
 
     if a.paged_kv:
         from .onnx import write_paged_graph
@@ -360,6 +392,22 @@ def export(a: ExportOptions) -> int:
     return 0
 
 
+def write_level0_twin(onnx_path: Path) -> Path:
+    """model.onnx with every MatMulNBits at accuracy level 0, written beside it (sharing its
+    external weights file) for validation; the caller deletes it."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = 0
+    twin = onnx_path.with_name(onnx_path.stem + ".level0-check.onnx")
+    onnx.save(proto, str(twin))
+    return twin
+
+
 def tolerances(a: ExportOptions, attention_mode: str = "dense") -> tuple[float, float]:
     """(atol, rtol) of the validation: |onnx - torch| <= atol + rtol * max|torch| per output.
 
@@ -372,8 +420,11 @@ def tolerances(a: ExportOptions, attention_mode: str = "dense") -> tuple[float, 
     test_weights.py), but a deep model amplifies the inputs that land on the other side of a
     rounding boundary (and, with block selection, the near-tie block choices they flip):
     SmolLM2 (30 layers) moved by up to 5 % of the logits' range in prefill and 17 % in the
-    mixed batch with random caches. rtol 0.25 still fails a wrong graph (off by the whole
-    range), and the greedy tokens must match exactly.
+    mixed batch with random caches (other random draws: up to 90 %, scripts/validation_seeds.py),
+    and greedy tokens part on near ties. So a level-4 export is validated twice: the same
+    graph at level 0 strictly (every case, exact greedy tokens: it proves the graph), then at
+    level 4 with rtol 0.25 on prefill, decode and the empty batch (a wrong graph is off by the
+    whole range), the mixed batch and greedy tokens reported (`write_level0_twin`).
     A float16 cache (--kv-dtype fp16, fp32 activations): rtol 2e-3. The reference stores the same
     rounded keys, but a key whose fp32 value differs from PyTorch's by ~1e-6 rounds to the
     neighbouring float16 now and then (one step, 2^-10 relative), and 30 layers of such flips

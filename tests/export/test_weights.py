@@ -155,9 +155,14 @@ def test_int8_compute_level_4(make_checkpoint, tmp_path, capsys):
     rc = export_model_main([str(ckpt), str(out), "--weights", "int4", "--accuracy-level", "4"])
     assert rc == 0, capsys.readouterr().err
     assert sorted(set(nbits_nodes(out / "model.onnx"))) == [(4, 4), (8, 4)]
-    v = json.loads((out / "export_report.json").read_text())["validation"]
+    report = json.loads((out / "export_report.json").read_text())
+    v, v0 = report["validation"], report["validation_level0"]
     assert v["passed"] and v["greedy_match"] and v["rtol"] == 0.25
     assert max(c["max_abs_diff"]["logits"] for c in v["cases"]) < 1e-4  # two layers: no amplification
+    assert v["informational"] == ["mixed_batch", "greedy"]  # reported, not gating at level 4
+    # the same graph at level 0 was validated strictly against the fp32-compute reference
+    assert v0["passed"] and v0["greedy_match"] and v0["rtol"] <= 2e-4 and not v0["informational"]
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["model.onnx"]  # the level-0 twin is gone
 
     from ragtop.checkpoint import load_checkpoint
     from ragtop.export import weights as qweights
@@ -170,6 +175,33 @@ def test_int8_compute_level_4(make_checkpoint, tmp_path, capsys):
     with torch.no_grad():
         a, b = exact(ids), rounded(ids)
     assert 0 < float((a - b).abs().max()) < 0.1 * float(a.abs().max())  # rounded, and only slightly
+
+
+def test_level_4_validation_still_fails_a_wrong_graph(make_checkpoint, tmp_path):
+    """The level-0 twin gates strictly: a graph whose weights are off fails it, even where
+    level 4's lenient tolerance would let the difference through."""
+    from ragtop.checkpoint import load_checkpoint
+    from ragtop.export import weights as qweights
+    from ragtop.export.commands import write_level0_twin
+    from ragtop.export.onnx import export_graph, make_spec, save_model
+    from ragtop.export.verify import session, validate
+    from ragtop.quant import load_file_blocks
+
+    model = load_checkpoint(make_checkpoint("dense", "uniform")).model
+    planned = qweights.plan(model, "int4", load_file_blocks(make_checkpoint("dense", "uniform")))
+    spec = make_spec(model, 64, "custom", "fp32", 23, "int4", 4, "fp32")
+    path = tmp_path / "model.onnx"
+    save_model(export_graph(model, spec, quantized={k: v.blocks for k, v in planned.items()}), path)
+    twin = write_level0_twin(path)
+    prompt = list(range(1, 9))
+    good = validate(qweights.reference_model(model, planned, 0), session(twin), spec, 1e-5, prompt, 4, rtol=2e-4)
+    assert good.passed
+    with torch.no_grad():  # the reference now differs from the graph by 1 % of one matrix's weights
+        wrong = qweights.reference_model(model, planned, 0)
+        w = next(m.weight for m in wrong.modules() if getattr(m, "weight", None) is not None and m.weight.ndim == 2)
+        w.mul_(1.01)
+    bad = validate(wrong, session(twin), spec, 1e-5, prompt, 4, rtol=2e-4)
+    assert not bad.passed and not all(c.passed for c in bad.cases)
 
 
 def test_int8_blocks_rounding():
