@@ -185,6 +185,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--depths", type=_floats, default=[0.1, 0.5, 0.9], help="needle depths (fraction of the filler before it)"
     )
+    p.add_argument("--no-dense", action="store_true", help="skip the dense trials (e.g. to run a setting first)")
     p.add_argument("--trials", type=int, default=1, help="prompts (keys) per length and depth")
     p.add_argument("--answer-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -221,7 +222,8 @@ def run(a: argparse.Namespace) -> int:
         raise RagtopError(
             f"--lengths: {max(a.lengths)} exceeds the model's context of {ckpt.config.max_seq_len} tokens"
         )
-    settings = [("dense", AttentionConfig())] + [(s.name, s.attention()) for s in map(parse_setting, a.setting)]
+    settings = [] if a.no_dense else [("dense", AttentionConfig())]
+    settings += [(s.name, s.attention()) for s in map(parse_setting, a.setting)]
     tok = ckpt.tokenizer()
     sep = ckpt.generation.get("document_separator_id", ckpt.generation.get("bos_token_id"))
     prompts = make_prompts(tok, a.lengths, a.depths, a.trials, a.seed, [] if sep is None else [int(sep)])

@@ -121,6 +121,7 @@ class OnnxEvaluator:
             )
             del full
             marker.write_text(stamp)
+        self.stamp = stamp
         shutil.copy(export_dir / "genai_config.json", self.work / "genai_config.json")
         self.graph = onnx.load(str(self.work / GRAPH), load_external_data=False)
         if len(attention_nodes(self.graph)) != self.n_layers:
@@ -226,6 +227,15 @@ def shared_windows(sets: dict[int, list[Passage]]) -> tuple[list[Passage], dict[
     return runs, where
 
 
+def dense_cache(ev: OnnxEvaluator, ids: Sequence[int], tail: int) -> Path:
+    """Where the dense run of a window is kept (its NLL per position and the keys/values of
+    its prefill), so a later sweep on the same export need not run it again."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps([ev.stamp, list(ids), tail]).encode()).hexdigest()[:16]
+    return ev.work / f"dense-{key}.npz"
+
+
 def run_calibration_onnx(
     ev: OnnxEvaluator,
     settings: Sequence[SparseSetting | None],
@@ -250,9 +260,17 @@ def run_calibration_onnx(
     for p in runs:
         ids = p.ids.tolist()
         n = len(ids) - 1
+        cached = dense_cache(ev, ids, tail)
+        if cached.is_file():  # an earlier sweep's dense run of the same window (same export)
+            with np.load(cached) as z:
+                dense_nll.append(z["nll"])
+                snaps.append({(int(k.split(".")[0]), k.split(".")[1]): z[k] for k in z.files if k != "nll"})
+            log(f"  dense run of {n} tokens ({p.title}) read from {cached}")
+            continue
         allocate(dense_runner, n)
         dense_nll.append(score_positions(dense_runner, ids[:-1], ids[1:], chunk, dense_until=n))
         snaps.append(snapshot(dense_runner, n - tail))
+        np.savez(cached, nll=dense_nll[-1], **{f"{i}.{kind}": v for (i, kind), v in snaps[-1].items()})
         log(f"  dense run of {n} tokens ({p.title}) done at {time.perf_counter() - t0:.0f}s")
     dense_runner.close()
     dense_seconds = round(time.perf_counter() - t0, 1)

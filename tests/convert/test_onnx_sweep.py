@@ -147,6 +147,8 @@ def test_calibration_rows_and_greedy(evaluator):
     )
     assert dense["tail"]["sparse"] == dense["tail"]["dense"] == dense["tail"]["dense_prefill"]
     assert sparse["tail"]["dense"] == pytest.approx(np.exp(reference_nll(AttentionConfig(), x.tolist())[-tail:].mean()))
+    again = run_calibration_onnx(evaluator, [None, setting], sets, tail=tail, chunk=16, log=lambda m: None)
+    assert [r["lengths"] for r in again] == [r["lengths"] for r in rows]  # the dense run read from its cache
     r = evaluator.runner(setting.attention())
     out = greedy_onnx(r, x[:40].tolist(), 5)
     with torch.no_grad():
