@@ -188,7 +188,8 @@ def add_parsers(sub, default_data_dir: Callable[[], Path]) -> None:
         "--tail",
         type=int,
         default=512,
-        help="--runner onnx: also score each window's last N tokens as one sparse chunk after a dense prefill",
+        help="--runner onnx: also score each window's last N tokens as one sparse chunk after a dense prefill "
+        "(0: not; with --no-dense no dense run at all)",
     )
     c.add_argument("--threads", type=int, default=None, help="--runner onnx: onnxruntime intra-op threads")
     w.set_defaults(func=run_sweep_command, default_data_dir=default_data_dir)
@@ -422,8 +423,8 @@ def run_calibration_onnx_command(a: argparse.Namespace, ckpt, settings, heldout)
 
     if a.export is None:
         raise RagtopError("--runner onnx needs --export DIR (a block-selection export with fp32 weights)")
-    if a.tail <= 0 or any(a.tail >= n for n in a.lengths):
-        raise RagtopError(f"--tail {a.tail}: must be positive and shorter than every length")
+    if a.tail < 0 or any(a.tail >= n for n in a.lengths):
+        raise RagtopError(f"--tail {a.tail}: must be shorter than every length (0: no dense-prefill scoring)")
     tok = ckpt.tokenizer()
     sep = int(ckpt.generation.get("document_separator_id", ckpt.generation.get("bos_token_id", 0)))
     sets = {n: make_passages(heldout, tok, sep, n, a.passages) for n in a.lengths}

@@ -253,11 +253,13 @@ def run_calibration_onnx(
     from .sweep import format_calibration_row
 
     runs, where = shared_windows(sets)
-    # dense first, always: its per-position NLL and its prefill cache serve every setting
+    # dense first: its per-position NLL and its prefill cache serve every setting's tail
+    # (tail = 0 and no dense row: all-sparse perplexity only, no dense run)
+    need_dense = tail > 0 or any(s is None for s in settings)
     t0 = time.perf_counter()
-    dense_runner = ev.runner(AttentionConfig())
+    dense_runner = ev.runner(AttentionConfig()) if need_dense else None
     dense_nll, snaps = [], []
-    for p in runs:
+    for p in runs if need_dense else ():
         ids = p.ids.tolist()
         n = len(ids) - 1
         cached = dense_cache(ev, ids, tail)
@@ -272,7 +274,8 @@ def run_calibration_onnx(
         snaps.append(snapshot(dense_runner, n - tail))
         np.savez(cached, nll=dense_nll[-1], **{f"{i}.{kind}": v for (i, kind), v in snaps[-1].items()})
         log(f"  dense run of {n} tokens ({p.title}) done at {time.perf_counter() - t0:.0f}s")
-    dense_runner.close()
+    if dense_runner is not None:
+        dense_runner.close()
     dense_seconds = round(time.perf_counter() - t0, 1)
     rows = []
     for s in settings:
@@ -292,9 +295,11 @@ def run_calibration_onnx(
             full, tails_sparse, tails_prefill, tails_dense = [], [], [], []
             for i, p in enumerate(ps):
                 k = where[n, i]
-                dnll = dense_nll[k][:n]
+                dnll = dense_nll[k][:n] if need_dense else None
                 nll = dnll if r is None else full_nll[k][:n]
                 full.append(nll)
+                if not tail:
+                    continue
                 tails_dense.append(dnll[n - tail :])
                 tails_sparse.append(nll[n - tail :])
                 if r is None:
@@ -307,13 +312,14 @@ def run_calibration_onnx(
             row["lengths"][str(n)] = {
                 **_summary(np.concatenate(full), sum(p.bytes for p in ps)),
                 "kv_read": kv_read_fraction(a, ev.n_layers, n),
-                "tail": {
+            }
+            if tail:
+                row["lengths"][str(n)]["tail"] = {
                     "tokens": tail * len(ps),
                     "dense": _summary(np.concatenate(tails_dense))["perplexity"],
                     "sparse": _summary(np.concatenate(tails_sparse))["perplexity"],
                     "dense_prefill": _summary(np.concatenate(tails_prefill))["perplexity"],
-                },
-            }
+                }
         if r is not None:
             r.close()
         row["seconds"] = dense_seconds if s is None else round(time.perf_counter() - t0, 1)

@@ -149,6 +149,8 @@ def test_calibration_rows_and_greedy(evaluator):
     assert sparse["tail"]["dense"] == pytest.approx(np.exp(reference_nll(AttentionConfig(), x.tolist())[-tail:].mean()))
     again = run_calibration_onnx(evaluator, [None, setting], sets, tail=tail, chunk=16, log=lambda m: None)
     assert [r["lengths"] for r in again] == [r["lengths"] for r in rows]  # the dense run read from its cache
+    (only,) = run_calibration_onnx(evaluator, [setting], sets, tail=0, chunk=16, log=lambda m: None)
+    assert only["lengths"][str(n)] == {k: v for k, v in sparse.items() if k != "tail"}  # no dense run needed
     r = evaluator.runner(setting.attention())
     out = greedy_onnx(r, x[:40].tolist(), 5)
     with torch.no_grad():
