@@ -91,22 +91,29 @@ def run_retrieval(
     out: Path | None = None,
     log: Callable[[str], None] = print,
     done: Sequence[dict] = (),
+    generator: Callable[[AttentionConfig], Callable[[Sequence[int], int], list[int]]] | None = None,
+    extra: dict | None = None,
 ) -> list[dict]:
     """One row per (setting, prompt): whether the greedy answer holds the key. Rows in
-    `done` (an earlier run's JSON lines) are kept and their trials not run again."""
+    `done` (an earlier run's JSON lines) are kept and their trials not run again.
+    `generator(attention)` gives the greedy function of a setting (default: the PyTorch
+    reference on `model`); `extra` is added to every row (e.g. the runner)."""
     from ..convert.sparsify import with_attention
 
+    if generator is None:
+        generator = lambda attention: lambda ids, n: greedy(with_attention(model, attention), ids, n)  # noqa: E731
     key = lambda r: (r["setting"], r["length"], r["depth"], r["key"])  # noqa: E731
     earlier = {key(r): r for r in done}
     rows = []
     for name, attention in settings:
-        m = with_attention(model, attention)
+        generate = None
         t0 = time.perf_counter()
         for p in prompts:
             if (name, p.length, p.depth, p.key) in earlier:
                 rows.append(earlier[(name, p.length, p.depth, p.key)])
                 continue
-            answer = tokenizer.decode(greedy(m, p.ids, answer_tokens))
+            generate = generate or generator(attention)
+            answer = tokenizer.decode(generate(p.ids, answer_tokens))
             row = {
                 "setting": name,
                 "length": p.length,
@@ -116,6 +123,7 @@ def run_retrieval(
                 "answer": answer,
                 "correct": p.key in answer,
                 "attention": asdict(attention),
+                **(extra or {}),
             }
             rows.append(row)
             if out is not None:
@@ -177,6 +185,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--depths", type=_floats, default=[0.1, 0.5, 0.9], help="needle depths (fraction of the filler before it)"
     )
+    p.add_argument("--no-dense", action="store_true", help="skip the dense trials (e.g. to run a setting first)")
     p.add_argument("--trials", type=int, default=1, help="prompts (keys) per length and depth")
     p.add_argument("--answer-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -185,6 +194,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="skip the trials already in --jsonl (same seed, lengths, depths)"
     )
     p.add_argument("--markdown", type=Path, default=None, help="write the table here")
+    p.add_argument(
+        "--runner",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="torch: the PyTorch reference; onnx: onnxruntime + the ragtop plugin on --export (attributes "
+        "rewritten per setting, as `ragtop sweep --runner onnx`)",
+    )
+    p.add_argument("--export", type=Path, default=None, help="--runner onnx: a block-selection fp32 export")
+    p.add_argument(
+        "--dense-prefill",
+        action="store_true",
+        help="--runner onnx: the prompt attends densely, the answer tokens sparsely (Quest's serving mode)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="--runner onnx: onnxruntime intra-op threads")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -199,16 +222,46 @@ def run(a: argparse.Namespace) -> int:
         raise RagtopError(
             f"--lengths: {max(a.lengths)} exceeds the model's context of {ckpt.config.max_seq_len} tokens"
         )
-    settings = [("dense", AttentionConfig())] + [(s.name, s.attention()) for s in map(parse_setting, a.setting)]
+    settings = [] if a.no_dense else [("dense", AttentionConfig())]
+    settings += [(s.name, s.attention()) for s in map(parse_setting, a.setting)]
     tok = ckpt.tokenizer()
     sep = ckpt.generation.get("document_separator_id", ckpt.generation.get("bos_token_id"))
     prompts = make_prompts(tok, a.lengths, a.depths, a.trials, a.seed, [] if sep is None else [int(sep)])
     done = []
     if a.resume and a.jsonl is not None and a.jsonl.is_file():
         done = [json.loads(line) for line in a.jsonl.read_text().splitlines() if line.strip()]
-    rows = run_retrieval(ckpt.model, tok, settings, prompts, a.answer_tokens, a.jsonl, done=done)
+    generator, extra = None, None
+    if a.runner == "onnx":
+        generator, extra = onnx_generator(a), {"runner": "onnx", "dense_prefill": a.dense_prefill}
+        if a.dense_prefill:  # rows of both modes may share a file: name them apart
+            settings = [(n if n == "dense" else f"{n} (dense prefill)", s) for n, s in settings]
+    elif a.dense_prefill:
+        raise RagtopError("--dense-prefill needs --runner onnx")
+    rows = run_retrieval(
+        ckpt.model, tok, settings, prompts, a.answer_tokens, a.jsonl, done=done, generator=generator, extra=extra
+    )
     table = retrieval_table(rows)
     print(table)
     if a.markdown is not None:
         a.markdown.write_text(table + "\n")
     return 0
+
+
+def onnx_generator(a: argparse.Namespace):
+    """greedy functions on the plugin kernel: one session per setting (ragtop/convert/onnx_sweep.py)."""
+    from ..convert.onnx_sweep import OnnxEvaluator, greedy_onnx
+    from ..errors import RagtopError
+
+    if a.export is None:
+        raise RagtopError("--runner onnx needs --export DIR (a block-selection export with fp32 weights)")
+    ev = OnnxEvaluator(a.export, threads=a.threads)
+    state: dict = {}
+
+    def make(attention: AttentionConfig):
+        if state.get("runner") is not None:
+            state["runner"].close()
+        r = state["runner"] = ev.runner(attention)
+        dense = attention.kind == "dense"
+        return lambda ids, n: greedy_onnx(r, ids, n, dense=dense, dense_prefill=a.dense_prefill)
+
+    return make

@@ -170,6 +170,28 @@ def add_parsers(sub, default_data_dir: Callable[[], Path]) -> None:
         default=None,
         help="write the Pareto plot (Δ perplexity vs KV read) at the longest length here",
     )
+    c.add_argument(
+        "--runner",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="torch: the PyTorch reference; onnx: onnxruntime + the ragtop plugin kernel on --export, its "
+        "attributes rewritten per setting (much faster; also scores --tail tokens after a dense prefill)",
+    )
+    c.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        help="--runner onnx: a block-selection export of this checkpoint with fp32 weights "
+        "(ragtop convert ... --block-size 32 ..., then ragtop export --weights fp32)",
+    )
+    c.add_argument(
+        "--tail",
+        type=int,
+        default=512,
+        help="--runner onnx: also score each window's last N tokens as one sparse chunk after a dense prefill "
+        "(0: not; with --no-dense no dense run at all)",
+    )
+    c.add_argument("--threads", type=int, default=None, help="--runner onnx: onnxruntime intra-op threads")
     w.set_defaults(func=run_sweep_command, default_data_dir=default_data_dir)
 
 
@@ -376,6 +398,8 @@ def run_calibration_command(a: argparse.Namespace, ckpt) -> int:
             f"--lengths: {max(a.lengths)} exceeds the model's context of {ckpt.config.max_seq_len} tokens"
         )
     _, heldout = split_by_year(load_sotu(a.data_dir or a.default_data_dir()))
+    if a.runner == "onnx":
+        return run_calibration_onnx_command(a, ckpt, settings, [(d.title, d.text) for d in heldout])
     rows = run_calibration(
         ckpt,
         ([] if a.no_dense else [None]) + settings,
@@ -385,6 +409,32 @@ def run_calibration_command(a: argparse.Namespace, ckpt) -> int:
         a.jsonl,
     )
     table = calibration_table(rows)
+    print(table)
+    if a.markdown is not None:
+        a.markdown.write_text(table + "\n")
+    if a.plot is not None and not a.no_dense:
+        pareto_plot(rows, str(max(a.lengths)), a.plot)
+    return 0
+
+
+def run_calibration_onnx_command(a: argparse.Namespace, ckpt, settings, heldout) -> int:
+    from .onnx_sweep import OnnxEvaluator, run_calibration_onnx, tail_table
+    from .sweep import calibration_table, make_passages, pareto_plot
+
+    if a.export is None:
+        raise RagtopError("--runner onnx needs --export DIR (a block-selection export with fp32 weights)")
+    if a.tail < 0 or any(a.tail >= n for n in a.lengths):
+        raise RagtopError(f"--tail {a.tail}: must be shorter than every length (0: no dense-prefill scoring)")
+    tok = ckpt.tokenizer()
+    sep = int(ckpt.generation.get("document_separator_id", ckpt.generation.get("bos_token_id", 0)))
+    sets = {n: make_passages(heldout, tok, sep, n, a.passages) for n in a.lengths}
+    for n, ps in sets.items():
+        print(f"{n} tokens: {len(ps)} passage(s): {', '.join(p.title for p in ps)}", flush=True)
+    ev = OnnxEvaluator(a.export, threads=a.threads)
+    rows = run_calibration_onnx(
+        ev, ([] if a.no_dense else [None]) + settings, sets, a.tail, out=a.jsonl, log=lambda m: print(m, flush=True)
+    )
+    table = calibration_table(rows) + "\n\n" + tail_table(rows)
     print(table)
     if a.markdown is not None:
         a.markdown.write_text(table + "\n")

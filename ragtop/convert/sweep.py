@@ -370,13 +370,24 @@ def pareto_plot(rows: Sequence[dict], length: str, path: Path) -> None:
 
     dense = next(r for r in rows if r["setting"] == "dense")["lengths"][length]["perplexity"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    tails = False
     for r in rows:
         x = r["lengths"].get(length)
         if x is None:
             continue
         d = 100 * (x["perplexity"] / dense - 1)
-        ax.scatter(x["kv_read"], d, s=18)
+        dot = ax.scatter(x["kv_read"], d, s=18)
         ax.annotate(r["setting"], (x["kv_read"], d), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        t = x.get("tail")
+        if t is not None and r["setting"] != "dense":  # --runner onnx: the last N tokens after a dense prefill
+            tails = True
+            ax.scatter(
+                x["kv_read"], 100 * (t["dense_prefill"] / t["dense"] - 1), s=24, marker="x", color=dot.get_facecolor()
+            )
+    if tails:
+        ax.scatter([], [], s=18, color="grey", label="all sparse (every token of the windows)")
+        ax.scatter([], [], s=24, marker="x", color="grey", label="dense prefill + sparse (last tokens of each window)")
+        ax.legend(fontsize=7, loc="upper right")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.axvline(0.25, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("KV bytes read per token / dense")
@@ -393,6 +404,10 @@ if __name__ == "__main__":  # python -m ragtop.convert.sweep ROWS.jsonl [PLOT.pn
     rows = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]
     if rows and "setting" in rows[0]:  # ragtop sweep --setting rows; [PLOT.png] for the Pareto plot
         print(calibration_table(rows))
+        if any("tail" in x for r in rows for x in r["lengths"].values()):  # --runner onnx rows
+            from .onnx_sweep import tail_table
+
+            print("\n" + tail_table(rows))
         if len(sys.argv) > 2:
             pareto_plot(rows, max(rows[0]["lengths"], key=int), Path(sys.argv[2]))
     else:
