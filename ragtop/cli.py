@@ -280,6 +280,19 @@ def add_convert_commands(sub) -> None:
     from .convert.commands import add_parsers
 
     add_parsers(sub, default_data_dir)
+    sub.choices["sweep"].set_defaults(func=run_sweep)
+
+
+def run_sweep(a: argparse.Namespace) -> int:
+    """`ragtop sweep`: the PyTorch reference in convert; `--setting ... --runner onnx` scores on
+    the plugin kernel, which convert may not import (bench/onnx_sweep.py)."""
+    if a.setting and a.runner == "onnx":
+        from .bench.onnx_sweep import calibration_command
+
+        return calibration_command(a)
+    from .convert.commands import run_sweep_command
+
+    return run_sweep_command(a)
 
 
 # -- entry points ---------------------------------------------------------------------

@@ -248,9 +248,9 @@ def run(a: argparse.Namespace) -> int:
 
 
 def onnx_generator(a: argparse.Namespace):
-    """greedy functions on the plugin kernel: one session per setting (ragtop/convert/onnx_sweep.py)."""
-    from ..convert.onnx_sweep import OnnxEvaluator, greedy_onnx
+    """greedy functions on the plugin kernel: one session per setting (ragtop/bench/onnx_sweep.py)."""
     from ..errors import RagtopError
+    from .onnx_sweep import OnnxEvaluator, greedy_onnx
 
     if a.export is None:
         raise RagtopError("--runner onnx needs --export DIR (a block-selection export with fp32 weights)")

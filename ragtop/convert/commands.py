@@ -347,11 +347,11 @@ def run_sweep_command(a: argparse.Namespace) -> int:
         run_sweep,
     )
 
+    if a.setting:
+        return run_calibration_command(a)  # --runner onnx: bench/onnx_sweep.py (ragtop/cli.py)
     ckpt = load_checkpoint(a.checkpoint)
     if ckpt.config.attention.kind != "dense" or ckpt.config.embedding.kind != "uniform":
         raise RagtopError(f"{a.checkpoint}: the sweep starts from a dense, uniform-embedding checkpoint")
-    if a.setting:
-        return run_calibration_command(a, ckpt)
     combined = DEFAULT_COMBINED
     if a.combined:
         try:
@@ -388,53 +388,29 @@ def run_sweep_command(a: argparse.Namespace) -> int:
     return 0
 
 
-def run_calibration_command(a: argparse.Namespace, ckpt) -> int:
+def calibration_inputs(a: argparse.Namespace):
+    """(checkpoint, settings, held-out (title, text) pairs) of a `ragtop sweep --setting` run."""
     from ..train.corpus import load_sotu, split_by_year
-    from .sweep import calibration_table, pareto_plot, parse_setting, run_calibration
+    from .sweep import parse_setting
 
+    ckpt = load_checkpoint(a.checkpoint)
+    if ckpt.config.attention.kind != "dense" or ckpt.config.embedding.kind != "uniform":
+        raise RagtopError(f"{a.checkpoint}: the sweep starts from a dense, uniform-embedding checkpoint")
     settings = [parse_setting(s) for s in a.setting]
     if max(a.lengths) > ckpt.config.max_seq_len:
         raise RagtopError(
             f"--lengths: {max(a.lengths)} exceeds the model's context of {ckpt.config.max_seq_len} tokens"
         )
     _, heldout = split_by_year(load_sotu(a.data_dir or a.default_data_dir()))
-    if a.runner == "onnx":
-        return run_calibration_onnx_command(a, ckpt, settings, [(d.title, d.text) for d in heldout])
-    rows = run_calibration(
-        ckpt,
-        ([] if a.no_dense else [None]) + settings,
-        [(d.title, d.text) for d in heldout],
-        a.lengths,
-        a.passages,
-        a.jsonl,
-    )
+    return ckpt, settings, [(d.title, d.text) for d in heldout]
+
+
+def run_calibration_command(a: argparse.Namespace) -> int:
+    from .sweep import calibration_table, pareto_plot, run_calibration
+
+    ckpt, settings, heldout = calibration_inputs(a)
+    rows = run_calibration(ckpt, ([] if a.no_dense else [None]) + settings, heldout, a.lengths, a.passages, a.jsonl)
     table = calibration_table(rows)
-    print(table)
-    if a.markdown is not None:
-        a.markdown.write_text(table + "\n")
-    if a.plot is not None and not a.no_dense:
-        pareto_plot(rows, str(max(a.lengths)), a.plot)
-    return 0
-
-
-def run_calibration_onnx_command(a: argparse.Namespace, ckpt, settings, heldout) -> int:
-    from .onnx_sweep import OnnxEvaluator, run_calibration_onnx, tail_table
-    from .sweep import calibration_table, make_passages, pareto_plot
-
-    if a.export is None:
-        raise RagtopError("--runner onnx needs --export DIR (a block-selection export with fp32 weights)")
-    if a.tail < 0 or any(a.tail >= n for n in a.lengths):
-        raise RagtopError(f"--tail {a.tail}: must be shorter than every length (0: no dense-prefill scoring)")
-    tok = ckpt.tokenizer()
-    sep = int(ckpt.generation.get("document_separator_id", ckpt.generation.get("bos_token_id", 0)))
-    sets = {n: make_passages(heldout, tok, sep, n, a.passages) for n in a.lengths}
-    for n, ps in sets.items():
-        print(f"{n} tokens: {len(ps)} passage(s): {', '.join(p.title for p in ps)}", flush=True)
-    ev = OnnxEvaluator(a.export, threads=a.threads)
-    rows = run_calibration_onnx(
-        ev, ([] if a.no_dense else [None]) + settings, sets, a.tail, out=a.jsonl, log=lambda m: print(m, flush=True)
-    )
-    table = calibration_table(rows) + "\n\n" + tail_table(rows)
     print(table)
     if a.markdown is not None:
         a.markdown.write_text(table + "\n")

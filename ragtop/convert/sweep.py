@@ -398,6 +398,44 @@ def pareto_plot(rows: Sequence[dict], length: str, path: Path) -> None:
     plt.close(fig)
 
 
+def tail_table(rows: Sequence[dict]) -> str:
+    """Markdown: the last N tokens of each window, dense vs all sparse vs dense prefill + sparse."""
+    rows = [r for r in rows if any("tail" in x for x in r["lengths"].values())]
+    if not rows:
+        return ""
+    lengths = list(rows[0]["lengths"])
+    head = "| setting | " + " | ".join(f"{n}: all sparse | dense prefill + sparse" for n in lengths) + " |"
+    lines = [head, "|---|" + "---:|---:|" * len(lengths)]
+    dense_cells = []
+    for n in lengths:
+        t = rows[0]["lengths"][n]["tail"]
+        dense_cells.append(f"{t['dense']:.3f} | {t['dense']:.3f}")
+    lines.append(
+        f"| dense (same {rows[0]['lengths'][lengths[0]]['tail']['tokens']} tokens per length) | "
+        + " | ".join(dense_cells)
+        + " |"
+    )
+    for r in rows:
+        if r["setting"] == "dense":
+            continue
+        cells = []
+        for n in lengths:
+            t = r["lengths"].get(n, {}).get("tail")
+            if t is None:
+                cells.append("– | –")
+                continue
+            d = t["dense"]
+            cells.append(
+                f"{t['sparse']:.3f} ({100 * (t['sparse'] / d - 1):+.2f}%) | "
+                f"{t['dense_prefill']:.3f} ({100 * (t['dense_prefill'] / d - 1):+.2f}%)"
+            )
+        lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- greedy generation (retrieval) --------------------------------------------------------------
+
+
 if __name__ == "__main__":  # python -m ragtop.convert.sweep ROWS.jsonl [PLOT.png]: the table of (appended) sweeps
     import sys
 
@@ -405,8 +443,6 @@ if __name__ == "__main__":  # python -m ragtop.convert.sweep ROWS.jsonl [PLOT.pn
     if rows and "setting" in rows[0]:  # ragtop sweep --setting rows; [PLOT.png] for the Pareto plot
         print(calibration_table(rows))
         if any("tail" in x for r in rows for x in r["lengths"].values()):  # --runner onnx rows
-            from .onnx_sweep import tail_table
-
             print("\n" + tail_table(rows))
         if len(sys.argv) > 2:
             pareto_plot(rows, max(rows[0]["lengths"], key=int), Path(sys.argv[2]))

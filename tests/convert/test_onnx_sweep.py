@@ -17,7 +17,7 @@ from ragtop.model import AttentionConfig, ModelConfig, Transformer
 pytest.importorskip("onnxruntime")
 pytest.importorskip("ragtop.export.onnx")
 
-from ragtop.convert.onnx_sweep import (  # noqa: E402
+from ragtop.bench.onnx_sweep import (  # noqa: E402
     OnnxEvaluator,
     allocate,
     greedy_onnx,

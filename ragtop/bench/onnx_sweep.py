@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..convert.sweep import Passage, SparseSetting, _record, kv_read_fraction, tail_table  # noqa: F401
 from ..errors import RagtopError
 from ..export import ops
 from ..model import AttentionConfig
-from .sweep import Passage, SparseSetting, _record, kv_read_fraction
 
 GRAPH = "sweep.onnx"
 WEIGHTS = "sweep.onnx.data"
@@ -250,7 +250,7 @@ def run_calibration_onnx(
 
     Every token of a window is predicted once (input ids[:-1], targets ids[1:]), as the
     reference's `score` does; windows that are prefixes of longer ones share their run."""
-    from .sweep import format_calibration_row
+    from ..convert.sweep import format_calibration_row
 
     runs, where = shared_windows(sets)
     # dense first: its per-position NLL and its prefill cache serve every setting's tail
@@ -327,42 +327,6 @@ def run_calibration_onnx(
     return rows
 
 
-def tail_table(rows: Sequence[dict]) -> str:
-    """Markdown: the last N tokens of each window, dense vs all sparse vs dense prefill + sparse."""
-    rows = [r for r in rows if any("tail" in x for x in r["lengths"].values())]
-    if not rows:
-        return ""
-    lengths = list(rows[0]["lengths"])
-    head = "| setting | " + " | ".join(f"{n}: all sparse | dense prefill + sparse" for n in lengths) + " |"
-    lines = [head, "|---|" + "---:|---:|" * len(lengths)]
-    dense_cells = []
-    for n in lengths:
-        t = rows[0]["lengths"][n]["tail"]
-        dense_cells.append(f"{t['dense']:.3f} | {t['dense']:.3f}")
-    lines.append(
-        f"| dense (same {rows[0]['lengths'][lengths[0]]['tail']['tokens']} tokens per length) | "
-        + " | ".join(dense_cells)
-        + " |"
-    )
-    for r in rows:
-        if r["setting"] == "dense":
-            continue
-        cells = []
-        for n in lengths:
-            t = r["lengths"].get(n, {}).get("tail")
-            if t is None:
-                cells.append("– | –")
-                continue
-            d = t["dense"]
-            cells.append(
-                f"{t['sparse']:.3f} ({100 * (t['sparse'] / d - 1):+.2f}%) | "
-                f"{t['dense_prefill']:.3f} ({100 * (t['dense_prefill'] / d - 1):+.2f}%)"
-            )
-        lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# -- greedy generation (retrieval) --------------------------------------------------------------
 def greedy_onnx(runner, ids: Sequence[int], new_tokens: int, dense: bool = False, dense_prefill: bool = False):
     """Greedy continuation: prefill once, then one token per step (dense: every call dense;
     dense_prefill: only the prompt)."""
@@ -377,3 +341,33 @@ def greedy_onnx(runner, ids: Sequence[int], new_tokens: int, dense: bool = False
         (logits,) = runner.forward([Chunk(0, [nxt], pos, "last", dense=dense)])
         pos += 1
     return out
+
+
+def calibration_command(a) -> int:
+    """`ragtop sweep CKPT --setting ... --runner onnx` (wired in ragtop/cli.py: the sweep
+    itself lives in convert, which may not import the runtime)."""
+    from ..convert.commands import calibration_inputs
+    from ..convert.sweep import calibration_table, make_passages, pareto_plot
+
+    ckpt, settings, heldout = calibration_inputs(a)
+
+    if a.export is None:
+        raise RagtopError("--runner onnx needs --export DIR (a block-selection export with fp32 weights)")
+    if a.tail < 0 or any(a.tail >= n for n in a.lengths):
+        raise RagtopError(f"--tail {a.tail}: must be shorter than every length (0: no dense-prefill scoring)")
+    tok = ckpt.tokenizer()
+    sep = int(ckpt.generation.get("document_separator_id", ckpt.generation.get("bos_token_id", 0)))
+    sets = {n: make_passages(heldout, tok, sep, n, a.passages) for n in a.lengths}
+    for n, ps in sets.items():
+        print(f"{n} tokens: {len(ps)} passage(s): {', '.join(p.title for p in ps)}", flush=True)
+    ev = OnnxEvaluator(a.export, threads=a.threads)
+    rows = run_calibration_onnx(
+        ev, ([] if a.no_dense else [None]) + settings, sets, a.tail, out=a.jsonl, log=lambda m: print(m, flush=True)
+    )
+    table = calibration_table(rows) + "\n\n" + tail_table(rows)
+    print(table)
+    if a.markdown is not None:
+        a.markdown.write_text(table + "\n")
+    if a.plot is not None and not a.no_dense:
+        pareto_plot(rows, str(max(a.lengths)), a.plot)
+    return 0
