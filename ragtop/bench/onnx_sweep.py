@@ -346,8 +346,8 @@ def greedy_onnx(runner, ids: Sequence[int], new_tokens: int, dense: bool = False
 def calibration_command(a) -> int:
     """`ragtop sweep CKPT --setting ... --runner onnx` (wired in ragtop/cli.py: the sweep
     itself lives in convert, which may not import the runtime)."""
-    from ..convert.commands import calibration_inputs
-    from ..convert.sweep import calibration_table, make_passages, pareto_plot
+    from ..convert.commands import calibration_inputs, report_calibration
+    from ..convert.sweep import calibration_table, make_passages
 
     ckpt, settings, heldout = calibration_inputs(a)
 
@@ -364,10 +364,4 @@ def calibration_command(a) -> int:
     rows = run_calibration_onnx(
         ev, ([] if a.no_dense else [None]) + settings, sets, a.tail, out=a.jsonl, log=lambda m: print(m, flush=True)
     )
-    table = calibration_table(rows) + "\n\n" + tail_table(rows)
-    print(table)
-    if a.markdown is not None:
-        a.markdown.write_text(table + "\n")
-    if a.plot is not None and not a.no_dense:
-        pareto_plot(rows, str(max(a.lengths)), a.plot)
-    return 0
+    return report_calibration(a, rows, calibration_table(rows) + "\n\n" + tail_table(rows))

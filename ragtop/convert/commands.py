@@ -406,11 +406,17 @@ def calibration_inputs(a: argparse.Namespace):
 
 
 def run_calibration_command(a: argparse.Namespace) -> int:
-    from .sweep import calibration_table, pareto_plot, run_calibration
+    from .sweep import calibration_table, run_calibration
 
     ckpt, settings, heldout = calibration_inputs(a)
     rows = run_calibration(ckpt, ([] if a.no_dense else [None]) + settings, heldout, a.lengths, a.passages, a.jsonl)
-    table = calibration_table(rows)
+    return report_calibration(a, rows, calibration_table(rows))
+
+
+def report_calibration(a: argparse.Namespace, rows: list[dict], table: str) -> int:
+    """Print a calibration sweep's table; --markdown writes it, --plot draws the Pareto plot."""
+    from .sweep import pareto_plot
+
     print(table)
     if a.markdown is not None:
         a.markdown.write_text(table + "\n")
