@@ -168,10 +168,7 @@ class SequenceSampler:
         """logits: [V] float (numpy array, or anything numpy reads: a CPU tensor) -> the next
         token (and its logprobs when asked). Raises SamplingError on NaN / infinite logits."""
         p = self.params
-        raw = np.asarray(logits)
-        if not math.isfinite(float(raw.sum(dtype=np.float64))) and not np.isfinite(raw).all():
-            bad = int(np.count_nonzero(~np.isfinite(raw)))
-            raise SamplingError(f"the model produced {bad} non-finite logits (NaN or infinite) for this sequence")
+        raw = _finite(logits)
         x = self.process(raw)
         if p.greedy:
             token = int(x.argmax())
@@ -214,10 +211,7 @@ class SequenceSampler:
         """The next token given the target model's logits and a draft d ~ q: d itself with
         probability min(1, p(d) / q(d)), else a draw from max(0, p - q). Accepted like
         `sample` (counts, logprobs of the target's raw logits)."""
-        raw = np.asarray(logits)
-        if not math.isfinite(float(raw.sum(dtype=np.float64))) and not np.isfinite(raw).all():
-            bad = int(np.count_nonzero(~np.isfinite(raw)))
-            raise SamplingError(f"the model produced {bad} non-finite logits (NaN or infinite) for this sequence")
+        raw = _finite(logits)
         p = self.distribution(raw)
         if self.rng.random() * q[draft] < p[draft]:  # u < p(d) / q(d), without dividing
             return self._emit(raw, draft)
@@ -299,6 +293,15 @@ class SequenceSampler:
         if p.min_p > 0.0:
             probs = np.where(probs < p.min_p * probs.max(), 0.0, probs)
         return probs
+
+
+def _finite(logits) -> np.ndarray:
+    """The logits as a numpy array; SamplingError when any is NaN or infinite (a model fault)."""
+    raw = np.asarray(logits)
+    if not math.isfinite(float(raw.sum(dtype=np.float64))) and not np.isfinite(raw).all():
+        bad = int(np.count_nonzero(~np.isfinite(raw)))
+        raise SamplingError(f"the model produced {bad} non-finite logits (NaN or infinite) for this sequence")
+    return raw
 
 
 def _softmax(x: np.ndarray, temperature: float) -> np.ndarray | None:
