@@ -315,7 +315,7 @@ COMMANDS: list[Callable] = [
 COMMAND_NAMES = {
     add_train: ("train",),
     add_eval: ("eval",),
-    add_convert_commands: ("import", "convert", "sweep"),
+    add_convert_commands: ("import", "convert", "allocate-budgets", "sweep"),
     add_export: ("export",),
     add_generate: ("generate",),
     add_serve: ("serve",),

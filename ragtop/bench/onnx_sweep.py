@@ -55,7 +55,7 @@ def node_attributes(a: AttentionConfig, layer: int, limit: int, export_block_siz
     dense_budget = -(-limit // bs)
     if a.kind == "dense" or layer < a.dense_layers:  # exactly dense (ops.py): topk >= C, every block
         return {"topk": limit, "block_size": bs, "block_budget": dense_budget, "sink_tokens": 0, "local_window": 0}
-    budget = a.block_budget if a.block_size else dense_budget
+    budget = a.budget_of(layer) if a.block_size else dense_budget
     return {
         "topk": int(a.topk),
         "block_size": bs,
@@ -134,6 +134,8 @@ class OnnxEvaluator:
 
         from ..runtime.runners.onnxruntime import OrtRunner
 
+        if a.layer_budgets and len(a.layer_budgets) != self.n_layers:
+            raise RagtopError(f"{len(a.layer_budgets)} layer budgets for a model of {self.n_layers} layers")
         proto = copy.deepcopy(self.graph)
         bs = rewrite_attention(proto, a, self.limit, self.export_block_size)
         self.sessions += 1

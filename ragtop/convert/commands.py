@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..checkpoint import load_checkpoint, save_checkpoint
@@ -50,6 +50,7 @@ class ConversionOptions:
     sink_tokens: int | None = None
     local_window: int | None = None
     dense_layers: int | None = None
+    layer_budgets: tuple[int, ...] | None = None  # one block budget per layer (allocate-budgets)
     embedding: str | None = None  # uniform | ragged
     tiers: str | None = None
     served_defaults: bool = False  # the conversion `make serve` uses (defaults.py) where not given
@@ -60,6 +61,17 @@ class ConversionOptions:
         """The CLI's arguments; the data folder defaults to the CLI's ($RAGTOP_DATA_DIR, ...)."""
         values = {f.name: getattr(a, f.name) for f in fields(cls)}
         return cls(**{**values, "data_dir": a.data_dir or a.default_data_dir()})
+
+
+def parse_budgets(text: str) -> tuple[int, ...]:
+    """ "36,25,21" -> (36, 25, 21): one block budget per layer, each >= 1."""
+    try:
+        budgets = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not budgets or min(budgets) < 1:
+        raise argparse.ArgumentTypeError(f"every layer budget must be an integer >= 1, got {text!r}")
+    return budgets
 
 
 def add_conversion_options(p: argparse.ArgumentParser) -> None:
@@ -84,6 +96,13 @@ def add_conversion_options(p: argparse.ArgumentParser) -> None:
         "--local-window", type=int, default=None, help="top-k: the last N tokens up to each query are always kept"
     )
     g.add_argument("--dense-layers", type=int, default=None, help="top-k: the first N layers stay dense")
+    g.add_argument(
+        "--layer-budgets",
+        type=parse_budgets,
+        default=None,
+        help="top-k block pre-selection: a block budget per layer, B0,B1,... (`ragtop allocate-budgets` "
+        "computes them; --block-budget is then their maximum)",
+    )
     g.add_argument(
         "--embedding",
         choices=["uniform", "ragged"],
@@ -126,6 +145,33 @@ def add_parsers(sub, default_data_dir: Callable[[], Path]) -> None:
     c.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     add_conversion_options(c)
     c.set_defaults(func=run_convert, default_data_dir=default_data_dir)
+
+    b = sub.add_parser(
+        "allocate-budgets",
+        help="block budgets per layer for block selection, from dense attention on training text",
+        description="Measure on training speeches what each layer's attention output loses at every block "
+        "budget (dense attention vs block selection), then share a fixed total of blocks among the layers "
+        "where it reduces that loss most (ragtop/convert/budgets.py). Prints the budgets for "
+        "`ragtop convert --layer-budgets` and `ragtop sweep --setting ...,budgets=B0/B1/...`.",
+    )
+    b.add_argument("checkpoint", type=Path, help="a dense checkpoint (ragtop import smollm2)")
+    b.add_argument("--block-size", type=int, required=True)
+    b.add_argument("--sink-tokens", type=int, default=0)
+    b.add_argument("--local-window", type=int, default=0)
+    b.add_argument("--dense-layers", type=int, default=0)
+    b.add_argument(
+        "--mean-budget",
+        type=float,
+        action="append",
+        required=True,
+        help="blocks per sparse layer on average (the KV bytes read: as --block-budget of this value); repeatable",
+    )
+    b.add_argument("--floor", type=int, default=1, help="the smallest budget of any layer (default 1)")
+    b.add_argument("--length", type=int, default=8192, help="window length in tokens (default 8192)")
+    b.add_argument("--passages", type=int, default=2, help="training speeches measured (default 2)")
+    b.add_argument("--json", type=Path, default=None, help="write the errors per layer and budget here")
+    b.add_argument("--data-dir", type=Path, default=None)
+    b.set_defaults(func=run_allocate_budgets, default_data_dir=default_data_dir)
 
     w = sub.add_parser("sweep", help="held-out quality of dense / top-k / ragged conversions of a dense checkpoint")
     w.add_argument("checkpoint", type=Path)
@@ -211,7 +257,7 @@ def served_defaults(a: ConversionOptions) -> ConversionOptions:
         embedding=a.embedding or defaults.DEFAULT_EMBEDDING,
         topk=a.topk or defaults.DEFAULT_TOPK,
     )
-    selection = (a.block_size, a.block_budget, a.sink_tokens, a.local_window, a.dense_layers)
+    selection = (a.block_size, a.block_budget, a.sink_tokens, a.local_window, a.dense_layers, a.layer_budgets)
     if a.attention == "topk" and all(x is None for x in selection):
         a = replace(
             a,
@@ -220,6 +266,7 @@ def served_defaults(a: ConversionOptions) -> ConversionOptions:
             sink_tokens=defaults.DEFAULT_SINK_TOKENS,
             local_window=defaults.DEFAULT_LOCAL_WINDOW,
             dense_layers=defaults.DEFAULT_DENSE_LAYERS,
+            layer_budgets=defaults.DEFAULT_LAYER_BUDGETS or None,
         )
     return a
 
@@ -257,15 +304,17 @@ def convert_model(model: Transformer, tokenizer, a: ConversionOptions) -> tuple[
                 a.sink_tokens or 0,
                 a.local_window or 0,
                 a.dense_layers or 0,
+                a.layer_budgets or (),
             ),
         )
-        done["attention"] = asdict(model.config.attention)
+        done["attention"] = model.config.to_dict()["attention"]
     elif topk is not None or any(
-        x is not None for x in (a.block_size, a.block_budget, a.sink_tokens, a.local_window, a.dense_layers)
+        x is not None
+        for x in (a.block_size, a.block_budget, a.sink_tokens, a.local_window, a.dense_layers, a.layer_budgets)
     ):
         raise RagtopError(
-            "--topk / --block-size / --block-budget / --sink-tokens / --local-window / --dense-layers "
-            "need --attention topk"
+            "--topk / --block-size / --block-budget / --sink-tokens / --local-window / --dense-layers / "
+            "--layer-budgets need --attention topk"
         )
     elif attention == "dense" and model.config.attention.kind != "dense":
         model = with_attention(model, AttentionConfig())  # dense over the same weights
@@ -334,6 +383,63 @@ def describe(model: Transformer) -> str:
     att = "dense" if c.attention.kind == "dense" else f"top-{c.attention.topk}"
     pc = model.parameter_counts()
     return f"{att} attention, {c.embedding.kind} embeddings, {pc['total'] / 1e6:.1f}M parameters"
+
+
+def run_allocate_budgets(a: argparse.Namespace) -> int:
+    """`ragtop allocate-budgets`: per-layer block budgets (convert/budgets.py)."""
+    import json
+
+    from ..train.corpus import load_sotu, split_by_year
+    from .budgets import SelectionShape, allocate, layer_errors, predicted_error
+    from .sweep import make_passages
+
+    ckpt = load_checkpoint(a.checkpoint)
+    cfg = ckpt.config
+    if cfg.attention.kind != "dense":
+        raise RagtopError(f"{a.checkpoint}: allocate-budgets measures a dense checkpoint (ragtop import smollm2)")
+    if a.length > cfg.max_seq_len:
+        raise RagtopError(f"--length {a.length} exceeds the model's context of {cfg.max_seq_len} tokens")
+    if a.block_size < 1 or a.floor < 1 or a.sink_tokens < 0 or a.local_window < 0:
+        raise RagtopError("--block-size and --floor must be >= 1, --sink-tokens and --local-window >= 0")
+    if not 0 <= a.dense_layers < cfg.n_layers:
+        raise RagtopError(f"--dense-layers must be in [0, {cfg.n_layers})")
+    top = -(-a.length // a.block_size)
+    bad = [m for m in a.mean_budget if not a.floor <= m <= top]
+    if bad:
+        raise RagtopError(
+            f"--mean-budget {bad[0]:g}: must lie in [--floor, {top}] (blocks of {a.block_size} in {a.length})"
+        )
+    train, _ = split_by_year(load_sotu(a.data_dir or a.default_data_dir()))
+    sep = int(ckpt.generation.get("document_separator_id", ckpt.generation.get("bos_token_id", 0)))
+    # the latest training speeches: the closest to the held-out ones (from 2010) in style
+    passages = make_passages([(d.title, d.text) for d in reversed(train)], ckpt.tokenizer(), sep, a.length, a.passages)
+    if not passages:
+        raise RagtopError(f"no training speech has {a.length} tokens")
+    print(f"measuring {len(passages)} training window(s) of {a.length} tokens: {', '.join(p.title for p in passages)}")
+    shape = SelectionShape(a.block_size, a.sink_tokens, a.local_window, max_budget=top)
+    errors = layer_errors(ckpt.model, passages, shape)
+    out = {
+        "shape": vars(shape) | {"dense_layers": a.dense_layers, "length": a.length},
+        "windows": [p.title for p in passages],
+        "errors": errors.tolist(),
+        "budgets": {},
+    }
+    for mean in a.mean_budget:
+        budgets = allocate(errors, mean, a.floor, a.dense_layers)
+        uniform = [round(mean)] * cfg.n_layers
+        out["budgets"][f"{mean:g}"] = budgets
+        listed = ",".join(map(str, budgets))
+        print(
+            f"\nmean budget {mean:g}: {listed}\n"
+            f"  predicted selection error {predicted_error(errors, budgets, a.dense_layers):.3g} "
+            f"(one budget of {round(mean)} for every layer: {predicted_error(errors, uniform, a.dense_layers):.3g})\n"
+            f"  ragtop convert CKPT --out DIR --attention topk --block-size {a.block_size} "
+            f"--sink-tokens {a.sink_tokens} --local-window {a.local_window} --dense-layers {a.dense_layers} "
+            f"--layer-budgets {listed} --topk {(max(budgets) + 1) * a.block_size}"
+        )
+    if a.json is not None:
+        a.json.write_text(json.dumps(out))
+    return 0
 
 
 def run_sweep_command(a: argparse.Namespace) -> int:

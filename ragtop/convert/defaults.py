@@ -27,6 +27,8 @@ DEFAULT_TOPK = (DEFAULT_BLOCK_BUDGET + 1) * DEFAULT_BLOCK_SIZE  # 1056: all keys
 DEFAULT_SINK_TOKENS = 32
 DEFAULT_LOCAL_WINDOW = 256
 DEFAULT_DENSE_LAYERS = 2
+# One block budget per layer (empty: every layer keeps DEFAULT_BLOCK_BUDGET).
+DEFAULT_LAYER_BUDGETS: tuple[int, ...] = ()
 DEFAULT_EMBEDDING = "uniform"
 # Used with --embedding ragged when no --tiers is given (SIZE:WIDTH, most frequent first):
 # the least lossy tier setting measured.

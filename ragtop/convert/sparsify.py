@@ -31,7 +31,11 @@ from ..train.tiers import token_counts
 
 def with_attention(model: Transformer, attention: AttentionConfig) -> Transformer:
     """The same weights under another attention config (dense <-> top-k share parameters)."""
-    new = Transformer(model.config.with_attention(attention))
+    try:
+        cfg = model.config.with_attention(attention)
+    except ConfigError as e:  # e.g. a layer budget per layer of another model
+        raise RagtopError(f"bad attention for this model: {e}") from None
+    new = Transformer(cfg)
     new.load_state_dict(model.state_dict(), strict=True)
     return new.eval()
 
@@ -43,9 +47,15 @@ def topk_attention(
     sink_tokens: int = 0,
     local_window: int = 0,
     dense_layers: int = 0,
+    layer_budgets: tuple[int, ...] = (),
 ) -> AttentionConfig:
+    """layer_budgets: one block budget per layer (block_budget then defaults to their maximum)."""
+    if layer_budgets and block_budget is None:
+        block_budget = max(layer_budgets)
     try:
-        return AttentionConfig("topk", topk, block_size, block_budget, sink_tokens, local_window, dense_layers)
+        return AttentionConfig(
+            "topk", topk, block_size, block_budget, sink_tokens, local_window, dense_layers, tuple(layer_budgets)
+        )
     except ConfigError as e:
         raise RagtopError(f"bad top-k attention options: {e}") from None
 

@@ -217,11 +217,15 @@ class SparseSetting:
     sink_tokens: int = 0
     local_window: int = 0
     dense_layers: int = 0
+    layer_budgets: tuple[int, ...] = ()  # one block budget per layer (block_budget: their maximum)
 
     @property
     def name(self) -> str:
         parts = ["all" if self.topk is None else f"k{self.topk}"]
-        if self.block_size:
+        if self.layer_budgets:
+            mean = sum(self.layer_budgets) / len(self.layer_budgets)
+            parts.append(f"bs{self.block_size}x{mean:g}/layer")
+        elif self.block_size:
             parts.append(f"bs{self.block_size}x{self.block_budget}")
         if self.sink_tokens:
             parts.append(f"sink{self.sink_tokens}")
@@ -232,12 +236,20 @@ class SparseSetting:
         return " ".join(parts)
 
     def attention(self) -> AttentionConfig:
+        budget = max(self.layer_budgets) if self.layer_budgets else self.block_budget
         topk = self.topk
         if topk is None:  # every key of the chosen blocks: top-k never binds
-            topk = (self.block_budget + 1) * self.block_size
+            topk = (budget + 1) * self.block_size
         try:
             return AttentionConfig(
-                "topk", topk, self.block_size, self.block_budget, self.sink_tokens, self.local_window, self.dense_layers
+                "topk",
+                topk,
+                self.block_size,
+                budget,
+                self.sink_tokens,
+                self.local_window,
+                self.dense_layers,
+                self.layer_budgets,
             )
         except ConfigError as e:
             raise RagtopError(f"bad sparse setting {self.name!r}: {e}") from None
@@ -250,11 +262,13 @@ SETTING_KEYS = {
     "sink": "sink_tokens",
     "window": "local_window",
     "dense": "dense_layers",
+    "budgets": "layer_budgets",
 }
 
 
 def parse_setting(spec: str) -> SparseSetting:
-    """ "k=256,bs=32,budget=16,sink=32,window=256,dense=2" (k=all: Quest; bs/budget: blocks)."""
+    """ "k=256,bs=32,budget=16,sink=32,window=256,dense=2" (k=all: Quest; bs/budget: blocks;
+    budgets=B0/B1/...: one block budget per layer instead of budget)."""
     kw: dict = {}
     for item in (x.strip() for x in spec.split(",") if x.strip()):
         key, sep, val = item.partition("=")
@@ -264,12 +278,17 @@ def parse_setting(spec: str) -> SparseSetting:
             )
         name, val = SETTING_KEYS[key.strip()], val.strip()
         try:
-            kw[name] = None if (name == "topk" and val == "all") else int(val)
+            if name == "layer_budgets":
+                kw[name] = tuple(int(b) for b in val.split("/"))
+            else:
+                kw[name] = None if (name == "topk" and val == "all") else int(val)
         except ValueError:
             raise RagtopError(f"bad value {val!r} for {key} in {spec!r}") from None
     setting = SparseSetting(**kw)
     if setting.topk is None and not setting.block_size:
         raise RagtopError(f"{spec!r}: k=all needs blocks (bs=..., budget=...)")
+    if setting.layer_budgets and setting.block_budget is not None:
+        raise RagtopError(f"{spec!r}: give budget= (every layer) or budgets= (per layer), not both")
     setting.attention()  # validates
     return setting
 
@@ -282,6 +301,7 @@ def kv_read_fraction(a: AttentionConfig, n_layers: int, context: int) -> float:
     reads the summaries (min and max) of the eligible earlier blocks, the keys of the chosen
     blocks (counted as if full) and the values of the kept keys; always-kept keys are read
     whole. An upper bound for block selection (chosen blocks may overlap the window).
+    Layer budgets (`layer_budgets`) are counted layer by layer.
     """
     if a.kind == "dense":
         return 1.0
@@ -289,17 +309,19 @@ def kv_read_fraction(a: AttentionConfig, n_layers: int, context: int) -> float:
     forced = min(n, a.sink_tokens + a.local_window)
     free_hi = p - a.local_window  # not-always-kept keys: sink_tokens <= j <= free_hi
     free = max(0, free_hi - a.sink_tokens + 1)
-    if a.block_size is None:
-        rows = n + forced + min(a.topk, free)
-    else:
+
+    def rows(budget: int | None) -> int:
+        if a.block_size is None:
+            return n + forced + min(a.topk, free)
         bs = a.block_size
         own = p // bs
         eligible = 0 if free == 0 else max(0, min(own - 1, free_hi // bs) - a.sink_tokens // bs + 1)
         own_free = max(0, min(free_hi, p) - max(own * bs, a.sink_tokens) + 1)
-        cand = min(free, min(a.block_budget, eligible) * bs + own_free)
-        rows = 2 * eligible + forced + cand + forced + min(a.topk, cand)
-    sparse_layers = max(0, n_layers - a.dense_layers)
-    return (sparse_layers * rows + (n_layers - sparse_layers) * 2 * n) / (n_layers * 2 * n)
+        cand = min(free, min(budget, eligible) * bs + own_free)
+        return 2 * eligible + forced + cand + forced + min(a.topk, cand)
+
+    total = sum(2 * n if layer < a.dense_layers else rows(a.budget_of(layer)) for layer in range(n_layers))
+    return total / (n_layers * 2 * n)
 
 
 @torch.no_grad()

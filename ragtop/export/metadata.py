@@ -93,6 +93,11 @@ def genai_config(
                 "sink_tokens": spec.sink_tokens,
                 "local_window": spec.local_window,
                 "dense_layers": spec.dense_layers,
+                **(
+                    {"layer_budgets": list(cfg.attention.layer_budgets)}
+                    if spec.attention_mode == "block" and cfg.attention.layer_budgets
+                    else {}
+                ),
                 "scale": cfg.head_dim**-0.5,
                 "rope_theta": cfg.rope_theta,
             },

@@ -327,7 +327,10 @@ class ExportGraph(nn.Module):
             "topk": spec.topk,
             "scale": float(attn.scale),
             "block_size": spec.block_size,
-            "block_budget": spec.block_budget,
+            # per layer when the model has layer budgets (spec.block_budget is their maximum)
+            "block_budget": attn.block_budget
+            if isinstance(attn, TopKAttention) and spec.block_size
+            else spec.block_budget,
         }
         if spec.attention_mode != "dense":
             attrs.update(sink_tokens=spec.sink_tokens, local_window=spec.local_window)

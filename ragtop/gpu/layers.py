@@ -36,8 +36,8 @@ class TritonBlockTopKAttention(TopKAttention):
     those rows of its buffers).
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
+        super().__init__(cfg, layer)
         if self.block_size is None:
             raise ValueError("TritonBlockTopKAttention needs block selection (block_size and block_budget)")
         self.kmin: Tensor | None = None
@@ -100,9 +100,9 @@ class TritonPath:
     def __init__(self, model: Transformer) -> None:
         cfg = model.config
         self.attention: list[TritonBlockTopKAttention] = []
-        for layer in model.layers:
+        for i, layer in enumerate(model.layers):
             if type(layer.attn) is TopKAttention and layer.attn.block_size is not None:
-                layer.attn = _replace(layer.attn, TritonBlockTopKAttention(cfg))
+                layer.attn = _replace(layer.attn, TritonBlockTopKAttention(cfg, i))
                 self.attention.append(layer.attn)
         self.embedding = type(model.embed) is RaggedEmbedding
         if self.embedding:

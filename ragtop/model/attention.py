@@ -153,10 +153,10 @@ class TopKAttention(Attention):
     every block is exactly `TopKAttention` without blocks.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__(cfg)
         a = cfg.attention
-        self.topk, self.block_size, self.block_budget = a.topk, a.block_size, a.block_budget
+        self.topk, self.block_size, self.block_budget = a.topk, a.block_size, a.budget_of(layer)
         self.sink_tokens, self.local_window = a.sink_tokens, a.local_window
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
@@ -218,4 +218,6 @@ def make_attention(cfg: ModelConfig, layer: int = 0) -> Attention:
     """The attention of layer `layer`: dense in the first `dense_layers` layers of a top-k model."""
     if cfg.attention.kind == "topk" and layer < cfg.attention.dense_layers:
         return DenseAttention(cfg)
-    return {"dense": DenseAttention, "topk": TopKAttention}[cfg.attention.kind](cfg)
+    if cfg.attention.kind == "topk":
+        return TopKAttention(cfg, layer)
+    return DenseAttention(cfg)

@@ -31,7 +31,11 @@ class AttentionConfig:
     Always-kept keys (top-k only): the first `sink_tokens` tokens (attention sinks) and
     the last `local_window` tokens up to each query are kept on top of the selection; top-k
     and the block budget are spent on the other keys. `dense_layers`: the first N layers
-    attend densely (Quest keeps the first two).
+    attend densely (Quest keeps the first two). `layer_budgets`: a block budget per layer
+    (layer i keeps layer_budgets[i] blocks; empty: every layer keeps `block_budget`), spent
+    where attention is least concentrated (`ragtop allocate-budgets`); `block_budget` is
+    then their maximum, so a `topk` of (block_budget + 1) * block_size keeps every key of
+    every layer's chosen blocks.
     """
 
     kind: Literal["dense", "topk"] = "dense"
@@ -41,8 +45,23 @@ class AttentionConfig:
     sink_tokens: int = 0
     local_window: int = 0
     dense_layers: int = 0
+    layer_budgets: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layer_budgets, tuple):  # a JSON list
+            try:
+                object.__setattr__(self, "layer_budgets", tuple(int(b) for b in self.layer_budgets))
+            except (TypeError, ValueError):
+                raise ConfigError(f"layer_budgets must be a list of integers, got {self.layer_budgets!r}") from None
+        if self.layer_budgets:
+            if self.kind != "topk" or self.block_size is None:
+                raise ConfigError("layer_budgets needs block selection (kind 'topk' with block_size)")
+            if min(self.layer_budgets) < 1:
+                raise ConfigError(f"every layer budget must be >= 1, got {list(self.layer_budgets)}")
+            if self.block_budget != max(self.layer_budgets):
+                raise ConfigError(
+                    f"block_budget ({self.block_budget}) must be the largest layer budget ({max(self.layer_budgets)})"
+                )
         if self.kind not in ("dense", "topk"):
             raise ConfigError(f"attention kind must be 'dense' or 'topk', got {self.kind!r}")
         if self.kind == "topk":
@@ -63,6 +82,10 @@ class AttentionConfig:
             raise ConfigError(
                 "dense attention takes no topk / block_size / block_budget / sinks / window / dense_layers"
             )
+
+    def budget_of(self, layer: int) -> int | None:
+        """The block budget of layer `layer` (None without block selection)."""
+        return self.layer_budgets[layer] if self.layer_budgets else self.block_budget
 
 
 @dataclass(frozen=True)
@@ -127,6 +150,10 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.attention.layer_budgets and len(self.attention.layer_budgets) != self.n_layers:
+            raise ConfigError(
+                f"layer_budgets has {len(self.attention.layer_budgets)} entries for {self.n_layers} layers"
+            )
         if self.embedding.kind == "ragged" and sum(self.embedding.tier_sizes) != self.vocab_size:
             raise ConfigError(
                 f"tiers cover {sum(self.embedding.tier_sizes)} tokens but the vocabulary has "
@@ -138,6 +165,10 @@ class ModelConfig:
         d = asdict(self)
         d["embedding"]["tier_sizes"] = list(self.embedding.tier_sizes)
         d["embedding"]["tier_widths"] = list(self.embedding.tier_widths)
+        if self.attention.layer_budgets:
+            d["attention"]["layer_budgets"] = list(self.attention.layer_budgets)
+        else:  # files written before per-layer budgets read the same
+            del d["attention"]["layer_budgets"]
         return d
 
     @classmethod

@@ -40,6 +40,7 @@ SETTINGS = [
     "k=5,bs=4,budget=4,sink=0,window=0",
     "k=all,bs=16,budget=1,sink=16,window=8,dense=0",
     "k=7",  # exact top-k: every block a candidate
+    "k=all,bs=4,budgets=1/5/2,sink=2,window=3",  # a block budget per layer
 ]
 
 
@@ -95,6 +96,7 @@ def test_rewritten_graph_equals_a_fresh_export_and_the_reference(evaluator, spec
     allocate(r, CONTEXT)
     got = score_positions(r, x[:-1], x[1:], chunk=24)  # chunks not aligned to blocks
     fresh_export = a if a.block_size else AttentionConfig("topk", topk=a.topk, block_size=4, block_budget=CONTEXT // 4)
+    # (per-layer budgets: the fresh export carries them as node attributes, one per layer)
     fresh = OnnxEvaluator(export(tmp_path, fresh_export, tokenizer_json), threads=1)
     f = fresh.runner(fresh_export)
     allocate(f, CONTEXT)
@@ -157,3 +159,20 @@ def test_calibration_rows_and_greedy(evaluator):
         from ragtop.bench.retrieval import greedy
 
         assert out == greedy(tiny(setting.attention()), x[:40].tolist(), 5)
+
+
+def test_layer_budgets_are_per_layer(evaluator):
+    """Budgets (1, 5, 2) score as no single budget does, and equal budgets as one budget."""
+    x = ids(CONTEXT + 1, seed=4)
+
+    def nll(spec: str) -> np.ndarray:
+        r = evaluator.runner(parse_setting(spec).attention())
+        allocate(r, CONTEXT)
+        return score_positions(r, x[:-1], x[1:], chunk=32)
+
+    np.testing.assert_allclose(nll("k=all,bs=4,budgets=3/3/3"), nll("k=all,bs=4,budget=3"), rtol=1e-6, atol=1e-6)
+    mixed = nll("k=all,bs=4,budgets=1/5/2")
+    for b in (1, 2, 5):
+        assert not np.allclose(mixed, nll(f"k=all,bs=4,budget={b}"), rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match="2 layer budgets for a model of 3 layers"):
+        evaluator.runner(parse_setting("k=all,bs=4,budgets=1/5").attention())

@@ -158,3 +158,13 @@ def test_cli_convert_sinks_window_dense_layers(tmp_path, capsys):
     assert (a.topk, a.block_size, a.block_budget, a.sink_tokens, a.local_window, a.dense_layers) == (8, 4, 2, 4, 16, 1)
     assert main(["convert", str(src), "--out", str(out), "--local-window", "16"]) == 2
     assert "need --attention topk" in capsys.readouterr().err
+    # a block budget per layer (the model has 2 layers)
+    base = ["convert", str(src), "--out", str(out), "--attention", "topk", "--block-size", "4", "--topk", "16"]
+    assert main([*base, "--layer-budgets", "1,3"]) == 0
+    a = load_checkpoint(out).config.attention
+    assert (a.layer_budgets, a.block_budget) == ((1, 3), 3)
+    assert main([*base, "--layer-budgets", "1,3,2"]) == 2
+    assert "3 entries for 2 layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--layer-budgets", "1,0"])
+    assert "every layer budget must be an integer >= 1" in capsys.readouterr().err

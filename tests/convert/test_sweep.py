@@ -92,6 +92,17 @@ def test_parse_setting_and_kv_read():
     assert kv_read_fraction(half, 2, 8192) == (kv_read_fraction(blocks, 1, 8192) + 1) / 2
     # a window covering everything reads at least everything
     assert kv_read_fraction(AttentionConfig("topk", topk=8, local_window=64), 1, 64) >= 1.0
+    # a budget per layer: the mean of the layers' reads; "budgets=" in a setting
+    per_layer = parse_setting("k=all,bs=32,budgets=4/28,sink=32,window=256")
+    assert per_layer.name == "all bs32x16/layer sink32 win256"
+    a = per_layer.attention()
+    assert a.layer_budgets == (4, 28) and a.block_budget == 28 and a.topk == 29 * 32
+    one = [parse_setting(f"k=all,bs=32,budget={b},sink=32,window=256").attention() for b in (4, 28)]
+    assert kv_read_fraction(a, 2, 8192) == (kv_read_fraction(one[0], 1, 8192) + kv_read_fraction(one[1], 1, 8192)) / 2
+    with pytest.raises(RagtopError, match="not both"):
+        parse_setting("k=all,bs=32,budget=4,budgets=4/28")
+    with pytest.raises(RagtopError, match="bad value"):
+        parse_setting("k=all,bs=32,budgets=4/x")
 
 
 def test_calibration_rows_and_table(tmp_path):

@@ -203,3 +203,39 @@ def test_sink_window_config_is_validated():
     for key in ("sink_tokens", "local_window", "dense_layers"):  # config.json written before these fields
         del old["attention"][key]
     assert ModelConfig.from_dict(old).attention == AttentionConfig("topk", topk=4)
+
+
+@torch.no_grad()
+def test_layer_budgets_give_each_layer_its_own_budget():
+    """layer_budgets (1, 3): layer 0 selects like a budget-1 model's, layer 1 like budget 3's;
+    equal layer budgets are one budget; the config round-trips and is validated."""
+    from ragtop.model import ConfigError
+
+    dense = model("dense")
+    blocks = dict(topk=16, block_size=4, sink_tokens=1, local_window=2)
+    per_layer = AttentionConfig("topk", block_budget=3, layer_budgets=(1, 3), **blocks)
+    m = same_weights(Transformer(dense.config.with_attention(per_layer)).eval(), dense)
+    assert [layer.attn.block_budget for layer in m.layers] == [1, 3]
+    ids = torch.randint(0, 64, (1, 48))
+    one = {
+        b: same_weights(
+            Transformer(dense.config.with_attention(AttentionConfig("topk", block_budget=b, **blocks))), dense
+        )
+        for b in (1, 3)
+    }
+    for other in one.values():
+        assert (m(ids) - other(ids)).abs().max() > 1e-4
+    same = AttentionConfig("topk", block_budget=3, layer_budgets=(3, 3), **blocks)
+    assert_close(same_weights(Transformer(dense.config.with_attention(same)).eval(), dense)(ids), one[3](ids))
+    cfg = dense.config.with_attention(per_layer)
+    assert cfg.to_dict()["attention"]["layer_budgets"] == [1, 3]
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert "layer_budgets" not in BASE.to_dict()["attention"]  # files without it read the same
+    with pytest.raises(ConfigError, match="3 entries for 2 layers"):
+        dense.config.with_attention(AttentionConfig("topk", block_budget=3, layer_budgets=(1, 3, 2), **blocks))
+    with pytest.raises(ConfigError, match="largest layer budget"):
+        AttentionConfig("topk", block_budget=2, layer_budgets=(1, 3), **blocks)
+    with pytest.raises(ConfigError, match=">= 1"):
+        AttentionConfig("topk", block_budget=3, layer_budgets=(0, 3), **blocks)
+    with pytest.raises(ConfigError, match="needs block selection"):
+        AttentionConfig("topk", topk=4, layer_budgets=(1, 3))
