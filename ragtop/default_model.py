@@ -24,7 +24,8 @@ from pathlib import Path
 from .convert.defaults import DEFAULT_ACCURACY_LEVEL, DEFAULT_KV_DTYPE, DEFAULT_WEIGHTS
 from .errors import RagtopError
 
-NAME = "smollm2-135m-instruct-blocks32x32"  # the served conversion (convert/defaults.py); a new one gets a new folder
+# the served conversion (convert/defaults.py); a new one gets a new folder
+NAME = "smollm2-135m-instruct-blocks64-layerbudgets20"
 SERVED_NAME = "SmolLM2-135M-Instruct"  # the model id clients send
 
 

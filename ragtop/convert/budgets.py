@@ -14,9 +14,9 @@ the query's own block and the b eligible blocks with the largest Quest bound, so
 renormalised over them), projected by the layer's output matrix and divided by the squared
 norm of the residual stream entering the layer: E ||W_o (o_b - o)||^2 / ||x||^2, the
 relative change the selection makes to what the layer adds to the residual stream. (The
-attention mass the selection misses is a worse guide: layers whose attention is spread thin
-miss much of it while their output barely moves; allocating by it did not beat one budget
-for every layer.)
+attention mass the selection misses, `--objective mass`, is a worse guide: layers whose
+attention is spread thin miss much of it while their output barely moves; allocating by it
+did not beat one budget for every layer.)
 """
 
 from __future__ import annotations
@@ -81,8 +81,12 @@ def attention_inputs(model: Transformer, ids: Tensor, queries: Tensor) -> list[d
     return captured
 
 
-def selection_errors(c: dict, queries: Tensor, shape: SelectionShape) -> np.ndarray:
-    """[max_budget + 1]: the relative output change of one layer at each block budget."""
+OBJECTIVES = ("output", "mass")
+
+
+def selection_errors(c: dict, queries: Tensor, shape: SelectionShape, objective: str = "output") -> np.ndarray:
+    """[max_budget + 1]: the relative output change of one layer at each block budget
+    (objective "mass": the share of dense attention probability the selection drops)."""
     q, k, v, wo = c["q"], c["k"], c["v"], c["wo"]
     H, Q, _ = q.shape
     L, bs = k.shape[1], shape.block_size
@@ -122,6 +126,9 @@ def selection_errors(c: dict, queries: Tensor, shape: SelectionShape) -> np.ndar
         m, o = base_mass, base_out
         if b:
             m, o = m + mass[..., min(b, nb) - 1], o + out[:, :, min(b, nb) - 1]
+        if objective == "mass":
+            errors[b] = float((1 - m).mean())
+            continue
         delta = (o / m[..., None] - dense_out).transpose(0, 1).reshape(Q, -1) @ wo.T  # [Q, D]
         errors[b] = float(((delta**2).sum(-1) / c["resid"]).mean())
     return errors
@@ -134,17 +141,23 @@ def nn_pad(t: Tensor, pad: int) -> Tensor:
 
 @torch.no_grad()
 def layer_errors(
-    model: Transformer, passages: Sequence[Passage], shape: SelectionShape, query_stride: int = 32
+    model: Transformer,
+    passages: Sequence[Passage],
+    shape: SelectionShape,
+    query_stride: int = 32,
+    objective: str = "output",
 ) -> np.ndarray:
     """[n_layers, max_budget + 1]: each layer's selection error at each budget, averaged over
     the passages' queries from the middle of each window on (every `query_stride`-th)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     total = np.zeros((model.config.n_layers, shape.max_budget + 1))
     for p in passages:
         ids = p.ids[None, :-1]
         n = ids.shape[1]
         queries = torch.arange(n // 2, n, query_stride)
         for i, c in enumerate(attention_inputs(model, ids, queries)):
-            total[i] += selection_errors(c, queries, shape)
+            total[i] += selection_errors(c, queries, shape, objective)
     return total / len(passages)
 
 

@@ -167,6 +167,13 @@ def add_parsers(sub, default_data_dir: Callable[[], Path]) -> None:
         help="blocks per sparse layer on average (the KV bytes read: as --block-budget of this value); repeatable",
     )
     b.add_argument("--floor", type=int, default=1, help="the smallest budget of any layer (default 1)")
+    b.add_argument(
+        "--objective",
+        choices=["output", "mass"],
+        default="output",
+        help="what a block saves: output = the change of each layer's output (default); mass = the "
+        "attention probability the selection drops (a worse guide, kept for comparison)",
+    )
     b.add_argument("--length", type=int, default=8192, help="window length in tokens (default 8192)")
     b.add_argument("--passages", type=int, default=2, help="training speeches measured (default 2)")
     b.add_argument("--json", type=Path, default=None, help="write the errors per layer and budget here")
@@ -266,7 +273,7 @@ def served_defaults(a: ConversionOptions) -> ConversionOptions:
             sink_tokens=defaults.DEFAULT_SINK_TOKENS,
             local_window=defaults.DEFAULT_LOCAL_WINDOW,
             dense_layers=defaults.DEFAULT_DENSE_LAYERS,
-            layer_budgets=defaults.DEFAULT_LAYER_BUDGETS or None,
+            layer_budgets=defaults.DEFAULT_LAYER_BUDGETS,
         )
     return a
 
@@ -275,6 +282,9 @@ def convert_model(model: Transformer, tokenizer, a: ConversionOptions) -> tuple[
     """Apply the conversion options; returns (model, conversion metadata, tiers metadata)."""
     if a.served_defaults:
         a = served_defaults(a)
+        if a.layer_budgets == defaults.DEFAULT_LAYER_BUDGETS and len(a.layer_budgets) != model.config.n_layers:
+            # SmolLM2-135M's budgets do not fit another model: their mean in every layer
+            a = replace(a, layer_budgets=None, block_budget=defaults.DEFAULT_UNIFORM_BUDGET)
     attention, embedding, topk, tiers = a.attention, a.embedding, a.topk, a.tiers
     done: dict = {}
     tiers_meta = None
@@ -417,7 +427,7 @@ def run_allocate_budgets(a: argparse.Namespace) -> int:
         raise RagtopError(f"no training speech has {a.length} tokens")
     print(f"measuring {len(passages)} training window(s) of {a.length} tokens: {', '.join(p.title for p in passages)}")
     shape = SelectionShape(a.block_size, a.sink_tokens, a.local_window, max_budget=top)
-    errors = layer_errors(ckpt.model, passages, shape)
+    errors = layer_errors(ckpt.model, passages, shape, objective=a.objective)
     out = {
         "shape": vars(shape) | {"dense_layers": a.dense_layers, "length": a.length},
         "windows": [p.title for p in passages],

@@ -44,6 +44,12 @@ def test_errors_fall_to_zero_when_the_budget_covers_every_block():
     assert (errors[:, 0] > 1e-6).all()  # sinks + window + own block alone change the output
     np.testing.assert_allclose(errors[:, -1], 0.0, atol=1e-10)  # 20 blocks of 8 >= 160 keys
     assert (np.diff(errors, axis=1) <= 1e-9).mean() > 0.9  # more blocks, (nearly always) less error
+    mass = layer_errors(tiny(), [passage()], SHAPE, query_stride=4, objective="mass")
+    assert (mass[:, 0] > 0.01).all() and (mass <= 1).all()
+    np.testing.assert_allclose(mass[:, -1], 0.0, atol=1e-6)  # every key kept: no mass dropped
+    assert (np.diff(mass, axis=1) <= 1e-7).all()  # kept sets only grow with the budget
+    with pytest.raises(ValueError, match="objective"):
+        layer_errors(tiny(), [passage()], SHAPE, objective="loss")
 
 
 @torch.no_grad()

@@ -221,6 +221,9 @@ def test_import_with_served_defaults(tiny, tmp_path):
     cfg = load_checkpoint(out).config
     assert (cfg.attention.kind, cfg.attention.topk) == (defaults.DEFAULT_ATTENTION, defaults.DEFAULT_TOPK)
     assert cfg.embedding.kind == defaults.DEFAULT_EMBEDDING
+    # SmolLM2-135M's per-layer budgets do not fit this model's layers: their mean in each
+    assert len(defaults.DEFAULT_LAYER_BUDGETS) != cfg.n_layers
+    assert (cfg.attention.layer_budgets, cfg.attention.block_budget) == ((), defaults.DEFAULT_UNIFORM_BUDGET)
 
 
 CFG_Q = dataclasses.replace(CFG, d_ff=64)  # every matrix whole blocks of 32
