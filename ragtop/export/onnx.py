@@ -80,6 +80,7 @@ class ExportSpec:
     local_window: int = 0  # always-kept last tokens up to each query (top-k modes)
     dense_layers: int = 0  # the first N layers' nodes attend densely (top-k modes)
     kv_dtype: str = "fp32"  # fp32 | fp16: the key/value cache (summaries keep the activations' type)
+    layer_budgets: tuple[int, ...] = ()  # block mode: one budget per layer (block_budget: their maximum)
 
     @property
     def cache_torch_dtype(self) -> torch.dtype:
@@ -137,6 +138,7 @@ def make_spec(
                 "sink_tokens": a.sink_tokens,
                 "local_window": a.local_window,
                 "dense_layers": min(a.dense_layers, cfg.n_layers),
+                **({"layer_budgets": a.layer_budgets} if mode == "block" else {}),
             }
         ),
     )
