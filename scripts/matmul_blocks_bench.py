@@ -1,0 +1,138 @@
+"""ragtop::MatMulBlocks (the plugin kernel) vs the subgraph it replaces (com.microsoft::MatMulNBits
++ the per-block minimum term), one node, per call, at the SmolLM2 export's shapes.
+
+    python scripts/matmul_blocks_bench.py [--threads 1] [--level 4] [--rows 1,2,5,8,16,64,256]
+
+Random Q4_1-like blocks (4-bit codes, scale, minimum) for the linear layers and Q8_0-like
+8-bit blocks for the tied head. Each (shape, M) times the two sessions interleaved (A B A B
+...), best of --repeats rounds, and checks that the two agree. Prints a markdown table of
+microseconds per call and the ratio standard / plugin (> 1: the plugin is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from ragtop.export import functions, ops
+
+# (name, K, N, bits, mins): SmolLM2-135M's stacked projections and the tied 8-bit head
+SHAPES = [
+    ("qkv 576x960", 576, 960, 4, True),
+    ("o 576x576", 576, 576, 4, True),
+    ("gate+up 576x3072", 576, 3072, 4, True),
+    ("down 1536x576", 1536, 576, 4, True),
+    ("head 576x49152 (8-bit)", 576, 49152, 8, False),
+]
+PLUGIN = Path(__file__).resolve().parent.parent / "ragtop" / "_native" / "libragtop_ort.so"
+
+
+def node_model(K: int, N: int, bits: int, mins: bool, level: int, custom: bool, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    nb = -(-K // 32)
+    B = rng.integers(0, 256, size=(N, nb, 32 * bits // 8), dtype=np.uint8)
+    S = (rng.random((N, nb), dtype=np.float32) * 0.02 + 0.001).astype(np.float32)
+    inits = [numpy_helper.from_array(B, "B"), numpy_helper.from_array(S, "S")]
+    attrs = dict(K=K, N=N, bits=bits, block_size=32, accuracy_level=level)
+    if mins:
+        inits.append(numpy_helper.from_array((rng.standard_normal((nb, N)) * 0.02).astype(np.float32), "mins"))
+    opset = 21
+    functions_ = []
+    if custom:
+        nodes = [
+            helper.make_node(
+                ops.MATMUL_BLOCKS, ["A", "B", "S", "", *(["mins"] if mins else [])], ["Y"], domain=ops.DOMAIN, **attrs
+            )
+        ]
+        if mins:
+            nodes[0].overload = ops.MATMUL_BLOCKS_MINS
+        functions_.append(functions.matmul_blocks_function(opset, mins, padded=K % 32 != 0))
+    else:  # what onnx.py emitted before MatMulBlocks: MatMulNBits + Reshape/ReduceSum/MatMul/Add
+        f = functions.matmul_blocks_function(opset, mins, padded=K % 32 != 0)
+        nodes = []
+        for n in f.node:
+            n = onnx.NodeProto.FromString(n.SerializeToString())
+            for a in n.attribute:
+                if a.ref_attr_name:
+                    a.CopyFrom(helper.make_attribute(a.ref_attr_name, attrs[a.ref_attr_name]))
+            ren = {"A": "A", "B": "B", "scales": "S", "zero_points": "", "mins": "mins", "Y": "Y"}
+            n.input[:] = [ren.get(i, i) for i in n.input]
+            n.output[:] = [ren.get(o, o) for o in n.output]
+            nodes.append(n)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(
+        graph,
+        opset_imports=[
+            helper.make_opsetid("", opset),
+            helper.make_opsetid(ops.MS_DOMAIN, 1),
+            helper.make_opsetid(ops.DOMAIN, 1),
+        ],
+        functions=functions_,
+        ir_version=10,
+    )
+
+
+def session(model: onnx.ModelProto, threads: int, plugin: bool) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    if plugin:
+        so.register_custom_ops_library(str(PLUGIN))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def best_us(s: ort.InferenceSession, a: np.ndarray, calls: int) -> float:
+    t = time.perf_counter()
+    for _ in range(calls):
+        s.run(None, {"A": a})
+    return (time.perf_counter() - t) / calls * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--level", type=int, default=4)
+    p.add_argument("--rows", default="1,2,5,8,16,64,256")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--shapes", default="", help="comma-separated substrings of the shape names (default: all)")
+    a = p.parse_args()
+    rows = [int(r) for r in a.rows.split(",")]
+    shapes = [s for s in SHAPES if not a.shapes or any(k in s[0] for k in a.shapes.split(","))]
+    print(
+        f"threads {a.threads}, accuracy level {a.level}; us per call, standard (MatMulNBits + minima) / "
+        f"plugin (MatMulBlocks); ratio > 1: the plugin is faster\n"
+    )
+    print("| matrix | " + " | ".join(f"M={m}" for m in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    rng = np.random.default_rng(1)
+    for name, K, N, bits, mins in shapes:
+        std = session(node_model(K, N, bits, mins, a.level, custom=False), a.threads, plugin=False)
+        plg = session(node_model(K, N, bits, mins, a.level, custom=True), a.threads, plugin=True)
+        cells = []
+        for M in rows:
+            x = rng.standard_normal((M, K)).astype(np.float32)
+            ys, yp = std.run(None, {"A": x})[0], plg.run(None, {"A": x})[0]
+            err = float(np.abs(ys - yp).max() / max(np.abs(ys).max(), 1e-30))
+            calls = max(3, int(2e5 / (K * N * max(M, 1) / 64 + 1e3)))
+            ts, tp = [], []
+            for _ in range(a.repeats):  # interleaved: a slow spell hits both
+                ts.append(best_us(std, x, calls))
+                tp.append(best_us(plg, x, calls))
+            s, q = min(ts), min(tp)
+            cells.append(f"{s:.0f} / {q:.0f} = **{s / q:.2f}x**" + (f" (err {err:.1e})" if err > 1e-4 else ""))
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
