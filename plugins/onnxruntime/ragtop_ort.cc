@@ -988,10 +988,21 @@ static inline __attribute__((always_inline)) float round_block(const float* x, i
   return amax / 127.f;
 }
 
+static void prepare_vnni(const float* x, int64_t M, const Weights& W, Act& a);
+
 RAGTOP_HOT512 static void prepare(const float* x, int64_t M, const Weights& W, bool level4, bool vnni, Act& a) {
   const int64_t G = blocks_per_group(W.bits), nb = W.nb, K = W.K;
   a.M = M, a.nb = nb, a.groups = (nb + G - 1) / G;
   a.xsum.resize(M * nb);
+  if (level4 && vnni) {
+    a.scale.resize(M * nb);
+    a.qsum.resize(M * nb);
+    a.record = W.bits == 4 ? 256 : 192;
+    const int64_t tiles = (M + kMaxRows - 1) / kMaxRows;
+    a.storage.assign(tiles * a.groups * kMaxRows * a.record + 64, 0);
+    a.pack = a.storage.data() + (64 - reinterpret_cast<uintptr_t>(a.storage.data()) % 64) % 64;
+    return prepare_vnni(x, M, W, a);
+  }
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + m * K + b * kBlock;
@@ -1049,7 +1060,9 @@ RAGTOP_HOT512 static void prepare(const float* x, int64_t M, const Weights& W, b
 
 // The terms after the block dot products, for rows [m0, m1) and columns [n0, n1):
 // explicit zero points (level 4) and the per-block minima (both levels' x sums in fp32).
-RAGTOP_HOT512 static void finish(const Weights& W, const Act& a, bool level4, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+static void mins_avx512(const Weights& W, const Act& a, int64_t M, int64_t n0, int64_t n1, float* y);
+
+RAGTOP_HOT512 static void finish(const Weights& W, const Act& a, bool level4, bool vnni, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                    float* y) {
   const int64_t N = W.N, nb = W.nb;
   if (level4 && W.zp) {
@@ -1062,7 +1075,9 @@ RAGTOP_HOT512 static void finish(const Weights& W, const Act& a, bool level4, in
         y[m * N + n] += c;
       }
   }
-  if (W.mins && level4) {
+  if (W.mins && level4 && vnni) {
+    mins_avx512(W, a, m1, n0, n1, y);
+  } else if (W.mins && level4) {
     for (int64_t m = m0; m < m1; ++m) {
       float* __restrict yr = y + m * N;
       for (int64_t b = 0; b < nb; ++b) {
@@ -1200,6 +1215,82 @@ static void rows_vnni(const Weights& W, const Act& a, int64_t m0, int64_t m1, in
   }
 }
 
+// y[m, n0:n1] += sum_b xsum[m, b] * mins[b, n0:n1] (the minima term; mins is [nb, N]):
+// 8 rows x 16 columns of accumulators, one load of a mins row and 8 broadcast FMAs per block.
+RAGTOP_VNNI static void mins_avx512(const Weights& W, const Act& a, int64_t M, int64_t n0, int64_t n1, float* y) {
+  const int64_t N = W.N, nb = W.nb;
+  for (int64_t c = n0; c < n1; c += 16) {
+    const __mmask16 k = n1 - c >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n1 - c)) - 1);
+    for (int64_t m = 0; m < M; m += kMaxRows) {
+      const int64_t R = std::min(kMaxRows, M - m);
+      const float* xs = a.xsum.data() + m * nb;
+      __m512 acc[kMaxRows];
+      for (int r = 0; r < kMaxRows; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m512 mn = _mm512_maskz_loadu_ps(k, W.mins + b * N + c);
+        for (int r = 0; r < kMaxRows; ++r)
+          if (r < R) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * nb + b]), mn, acc[r]);
+      }
+      for (int r = 0; r < R; ++r) {
+        float* yr = y + (m + r) * N + c;
+        _mm512_mask_storeu_ps(yr, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, yr), acc[r]));
+      }
+    }
+  }
+}
+
+// prepare() for the VNNI path, vectorised: per block two 16-float loads, max |x|, the
+// rounding (vrndscaleps to nearest even, as MLAS), the even/odd split by permutes.
+RAGTOP_VNNI static void prepare_vnni(const float* x, int64_t M, const Weights& W, Act& a) {
+  const int64_t G = blocks_per_group(W.bits), nb = W.nb, K = W.K;
+  const int32_t zp = W.zp ? 0 : (1 << (W.bits - 1));
+  alignas(64) int32_t ev[16], od[16];
+  for (int i = 0; i < 16; ++i) ev[i] = 2 * i, od[i] = 2 * i + 1;
+  const __m512i even_idx = _mm512_load_si512(ev), odd_idx = _mm512_load_si512(od);
+  alignas(64) int32_t t[32];
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      const int64_t n = std::min(kBlock, K - b * kBlock);
+      const __mmask16 k0 = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+      const __mmask16 k1 = n >= 32 ? static_cast<__mmask16>(0xFFFF)
+                                   : (n > 16 ? static_cast<__mmask16>((1u << (n - 16)) - 1) : static_cast<__mmask16>(0));
+      const __m512 v0 = _mm512_maskz_loadu_ps(k0, xb), v1 = _mm512_maskz_loadu_ps(k1, xb + 16);
+      a.xsum[m * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const __m512 inv = _mm512_set1_ps(amax != 0.f ? 127.f / amax : 0.f);
+      const float s = amax / 127.f;
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v0, inv), _MM_FROUND_TO_NEAREST_INT));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v1, inv), _MM_FROUND_TO_NEAREST_INT));
+      a.scale[m * nb + b] = s;
+      a.qsum[m * nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      const int64_t g = b / G, p = b % G;
+      uint8_t* rec = a.pack + (((m / kMaxRows) * a.groups + g) * kMaxRows + m % kMaxRows) * a.record;
+      int32_t* bias = reinterpret_cast<int32_t*>(rec + a.record - 128);
+      float* lane_scale = reinterpret_cast<float*>(rec + a.record - 64);
+      if (W.bits == 4) {
+        const __m512i e = _mm512_permutex2var_epi32(q0, even_idx, q1), o = _mm512_permutex2var_epi32(q0, odd_idx, q1);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(rec + p * 16), _mm512_cvtepi32_epi8(e));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(rec + 64 + p * 16), _mm512_cvtepi32_epi8(o));
+        _mm512_store_si512(t, _mm512_add_epi32(e, o));  // lane l of the block meets t[4l .. 4l+3]
+        for (int l = 0; l < 4; ++l) {
+          bias[p * 4 + l] = -zp * (t[4 * l] + t[4 * l + 1] + t[4 * l + 2] + t[4 * l + 3]);
+          lane_scale[p * 4 + l] = s;
+        }
+      } else {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(rec + p * 32), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(rec + p * 32 + 16), _mm512_cvtepi32_epi8(q1));
+        _mm512_store_si512(t, q0);
+        _mm512_store_si512(t + 16, q1);
+        for (int l = 0; l < 8; ++l) {
+          bias[p * 8 + l] = -zp * (t[4 * l] + t[4 * l + 1] + t[4 * l + 2] + t[4 * l + 3]);
+          lane_scale[p * 8 + l] = s;
+        }
+      }
+    }
+  }
+}
+
 static bool cpu_has_vnni() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -1209,6 +1300,8 @@ static bool cpu_has_vnni() {
 #else
 template <int BITS>
 static void rows_vnni(const Weights&, const Act&, int64_t, int64_t, int64_t, int64_t, float*) {}
+static void mins_avx512(const Weights&, const Act&, int64_t, int64_t, int64_t, float*) {}
+static void prepare_vnni(const float*, int64_t, const Weights&, Act&) {}
 static bool cpu_has_vnni() { return false; }
 #endif
 
@@ -1303,7 +1396,7 @@ struct MatMulBlocksKernel {
         mmb::rows_vnni<8>(W, a, 0, M, n0, n1, y);
       else
         mmb::tile_int8_generic(W, a, 0, M, n0, n1, y);
-      mmb::finish(W, a, level4, 0, M, n0, n1, y);
+      mmb::finish(W, a, level4, vnni, 0, M, n0, n1, y);
     });
     return Ort::Status(nullptr);
   }

@@ -249,7 +249,7 @@ class ExportGraph(nn.Module):
             attrs.update(N=N, bits=qb.bits)
             inputs = [x, getattr(self, f"{key}{suffix}_q"), getattr(self, f"{key}{suffix}_scales")]
             zp = getattr(self, f"{key}{suffix}_zp") if qb.zero_points is not None else None
-            if self.spec.matmul == "custom":
+            if self.spec.matmul == "custom" and qb.bits == 4:  # 8-bit: MatMulNBits measured as fast (docs/kernels.md)
                 mins = getattr(self, f"{key}{suffix}_mins") if qb.mins is not None else None
                 part = torch.onnx.ops.symbolic(
                     f"{ops.DOMAIN}::{ops.MATMUL_BLOCKS}",
