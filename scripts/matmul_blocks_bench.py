@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 
-from ragtop.export import functions, ops
+from ragtop.bench.graphs import matmul_blocks_model
+from ragtop.quant import QBlocks
 
 # (name, K, N, bits, mins): SmolLM2-135M's stacked projections and the tied 8-bit head
 SHAPES = [
@@ -37,64 +36,23 @@ SHAPES = [
 PLUGIN = Path(__file__).resolve().parent.parent / "ragtop" / "_native" / "libragtop_ort.so"
 
 
-def node_model(K: int, N: int, bits: int, mins: bool, level: int, custom: bool, seed: int = 0) -> onnx.ModelProto:
+def node_model(K: int, N: int, bits: int, mins: bool, level: int, custom: bool, seed: int = 0) -> bytes:
+    """Random blocks of the given form; custom: the MatMulBlocks node, else its body inlined."""
     rng = np.random.default_rng(seed)
     nb = -(-K // 32)
-    B = rng.integers(0, 256, size=(N, nb, 32 * bits // 8), dtype=np.uint8)
-    S = (rng.random((N, nb), dtype=np.float32) * 0.02 + 0.001).astype(np.float32)
-    inits = [numpy_helper.from_array(B, "B"), numpy_helper.from_array(S, "S")]
-    attrs = dict(K=K, N=N, bits=bits, block_size=32, accuracy_level=level)
-    if mins:
-        inits.append(numpy_helper.from_array((rng.standard_normal((nb, N)) * 0.02).astype(np.float32), "mins"))
-    opset = 21
-    functions_ = []
-    if custom:
-        nodes = [
-            helper.make_node(
-                ops.MATMUL_BLOCKS, ["A", "B", "S", "", *(["mins"] if mins else [])], ["Y"], domain=ops.DOMAIN, **attrs
-            )
-        ]
-        if mins:
-            nodes[0].overload = ops.MATMUL_BLOCKS_MINS
-        functions_.append(functions.matmul_blocks_function(opset, mins, padded=K % 32 != 0))
-    else:  # what onnx.py emitted before MatMulBlocks: MatMulNBits + Reshape/ReduceSum/MatMul/Add
-        f = functions.matmul_blocks_function(opset, mins, padded=K % 32 != 0)
-        nodes = []
-        for n in f.node:
-            n = onnx.NodeProto.FromString(n.SerializeToString())
-            for a in n.attribute:
-                if a.ref_attr_name:
-                    a.CopyFrom(helper.make_attribute(a.ref_attr_name, attrs[a.ref_attr_name]))
-            ren = {"A": "A", "B": "B", "scales": "S", "zero_points": "", "mins": "mins", "Y": "Y"}
-            n.input[:] = [ren.get(i, i) for i in n.input]
-            n.output[:] = [ren.get(o, o) for o in n.output]
-            nodes.append(n)
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-        inits,
-    )
-    return helper.make_model(
-        graph,
-        opset_imports=[
-            helper.make_opsetid("", opset),
-            helper.make_opsetid(ops.MS_DOMAIN, 1),
-            helper.make_opsetid(ops.DOMAIN, 1),
-        ],
-        functions=functions_,
-        ir_version=10,
-    )
+    codes = rng.integers(0, 1 << bits, size=(N, nb * 32)).astype(np.uint8)
+    scales = (rng.random((N, nb), dtype=np.float32) * 0.02 + 0.001).astype(np.float32)
+    m = (rng.standard_normal((N, nb)) * 0.02).astype(np.float32) if mins else None
+    return matmul_blocks_model(QBlocks(bits, codes, scales, None, m), K, level, standard=not custom)
 
 
-def session(model: onnx.ModelProto, threads: int, plugin: bool, profile: bool = False) -> ort.InferenceSession:
+def session(model: bytes, threads: int, plugin: bool, profile: bool = False) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.enable_profiling = profile
     if plugin:
         so.register_custom_ops_library(str(PLUGIN))
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
 def wall_us(s: ort.InferenceSession, a: np.ndarray, calls: int) -> float:

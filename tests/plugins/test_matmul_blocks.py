@@ -166,7 +166,7 @@ def test_unsupported_block_size_is_a_clear_error():
 def test_portable_loops_match_the_vnni_kernel():
     """RAGTOP_MATMUL_ISA=generic (the path of CPUs without AVX-512 VNNI) computes the same."""
     code = (
-        "import numpy as np, sys; sys.path.insert(0, %r)\n"
+        f"import numpy as np, sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "from test_matmul_blocks import blocks, close, matmul_blocks_model, reference, session\n"
         "for fmt in ('q4_1', 'rtn4', 'q8_0'):\n"
         "    for k in (48, 160):\n"
@@ -176,7 +176,7 @@ def test_portable_loops_match_the_vnni_kernel():
         "            x = np.random.default_rng(M).standard_normal((M, k)).astype(np.float32)\n"
         "            close(s.run(None, {'A': x})[0], reference(q, x, 4))\n"
         "print('ok')\n"
-    ) % os.path.dirname(__file__)
+    )
     env = {**os.environ, "RAGTOP_MATMUL_ISA": "generic"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
