@@ -1154,63 +1154,101 @@ RAGTOP_HOT static void tile_fp32(const Weights& W, const float* x, int64_t M, in
 // one or two vpdpbusd give 16 lanes of exact integer partial dot products (started from the
 // lane's -zp * sum(xq)), converted and scaled by scale_w * scale_x into a float accumulator.
 // One horizontal sum per (row, column) at the end.
-template <int R, int BITS>
+// Four vectors' horizontal sums as one 128-bit vector [sum a0, sum a1, sum a2, sum a3].
+RAGTOP_VNNI static inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m256 r0 = _mm256_add_ps(_mm512_castps512_ps256(a0), _mm512_extractf32x8_ps(a0, 1));
+  const __m256 r1 = _mm256_add_ps(_mm512_castps512_ps256(a1), _mm512_extractf32x8_ps(a1, 1));
+  const __m256 r2 = _mm256_add_ps(_mm512_castps512_ps256(a2), _mm512_extractf32x8_ps(a2, 1));
+  const __m256 r3 = _mm256_add_ps(_mm512_castps512_ps256(a3), _mm512_extractf32x8_ps(a3, 1));
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(r0, r1), _mm256_hadd_ps(r2, r3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// One group of code bytes (64 per weight row: 4 blocks of 4-bit codes, 2 of 8-bit) of C
+// weight rows against R rows of x (records at p + r * record); LAST: the partial last group.
+template <int R, int C, int BITS, bool LAST>
+RAGTOP_VNNI static inline __attribute__((always_inline)) void vnni_group(
+    const uint8_t* const* cr, const float* const* sw, int64_t b0, const uint8_t* p, __m512 (&acc)[R][C],
+    __mmask64 tail_codes, __mmask8 tail_scales, __m512i idx, __m512i low4) {
+  constexpr int64_t bpb = kBlock * BITS / 8, rec = BITS == 4 ? 256 : 192, xbytes = rec - 128;
+  __m512i lo[C], hi[C];
+  __m512 s[C];
+  for (int c = 0; c < C; ++c) {
+    const __m512i code =
+        LAST ? _mm512_maskz_loadu_epi8(tail_codes, cr[c] + b0 * bpb) : _mm512_loadu_si512(cr[c] + b0 * bpb);
+    const __m128 sv = LAST ? _mm_maskz_loadu_ps(tail_scales, sw[c] + b0) : _mm_loadu_ps(sw[c] + b0);
+    s[c] = _mm512_permutexvar_ps(idx, _mm512_zextps128_ps512(sv));
+    if constexpr (BITS == 4) {
+      lo[c] = _mm512_and_si512(code, low4);
+      hi[c] = _mm512_and_si512(_mm512_srli_epi16(code, 4), low4);
+    } else {
+      lo[c] = code;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* q = p + r * rec;
+    const __m512i bias = _mm512_load_si512(q + xbytes);
+    const __m512 xs = _mm512_load_ps(reinterpret_cast<const float*>(q + xbytes + 64));
+    const __m512i x0 = _mm512_load_si512(q);
+    for (int c = 0; c < C; ++c) {
+      __m512i d = _mm512_dpbusd_epi32(bias, lo[c], x0);
+      if constexpr (BITS == 4) d = _mm512_dpbusd_epi32(d, hi[c], _mm512_load_si512(q + 64));
+      acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s[c], xs), acc[r][c]);
+    }
+  }
+}
+
+// R rows of x (a tile starting at m0, a multiple of kMaxRows) times C weight rows at a time
+// (C = 4 for a single row of x: four columns share the loads of x and one 4-way reduction).
+template <int R, int C, int BITS>
 RAGTOP_VNNI static void tile_vnni(const Weights& W, const Act& a, int64_t m0, int64_t n0, int64_t n1, float* y) {
   constexpr int64_t G = BITS == 4 ? 4 : 2, bpb = kBlock * BITS / 8, lanes_per_block = 16 / G;
   constexpr int64_t rec = BITS == 4 ? 256 : 192, xbytes = rec - 128;  // record: int8 x, bias, scale
-  const int64_t nb = W.nb, step = kMaxRows * rec;  // one group further
-  const uint8_t* tile = a.pack + (m0 / kMaxRows) * a.groups * step;  // m0: a multiple of kMaxRows
+  const int64_t nb = W.nb, N = W.N, groups = a.groups, full = nb / G, tail = nb - full * G;
+  const int64_t step = kMaxRows * rec;  // one group further
+  const uint8_t* tile = a.pack + (m0 / kMaxRows) * groups * step;
+  const __mmask64 tail_codes = tail ? ((__mmask64{1} << (tail * bpb)) - 1) : 0;
+  const __mmask8 tail_scales = static_cast<__mmask8>((1u << tail) - 1);
   alignas(64) int32_t idx_v[16];
   for (int i = 0; i < 16; ++i) idx_v[i] = i / static_cast<int>(lanes_per_block);
   const __m512i idx = _mm512_load_si512(idx_v);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* cr = W.codes + n * nb * bpb;
-    const float* sw = W.scales + n * nb;
+  int64_t n = n0;
+  for (; n + C <= n1; n += C) {
+    const uint8_t* cr[C];
+    const float* sw[C];
+    for (int c = 0; c < C; ++c) cr[c] = W.codes + (n + c) * nb * bpb, sw[c] = W.scales + (n + c) * nb;
+    __m512 acc[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
     const uint8_t* p = tile;
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < a.groups; ++g, p += step) {
-      const int64_t b0 = g * G, nblk = std::min(G, nb - b0);
-      const __mmask64 cm = nblk == G ? ~__mmask64{0} : ((__mmask64{1} << (nblk * bpb)) - 1);
-      const __m512i c = _mm512_maskz_loadu_epi8(cm, cr + b0 * bpb);
-      const __m512 s = _mm512_permutexvar_ps(
-          idx, _mm512_zextps128_ps512(_mm_maskz_loadu_ps(static_cast<__mmask8>((1u << nblk) - 1), sw + b0)));
-      if constexpr (BITS == 4) {
-        const __m512i lo = _mm512_and_si512(c, low4);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low4);
-        for (int r = 0; r < R; ++r) {
-          const uint8_t* q = p + r * rec;
-          __m512i d = _mm512_load_si512(q + xbytes);
-          d = _mm512_dpbusd_epi32(d, lo, _mm512_load_si512(q));
-          d = _mm512_dpbusd_epi32(d, hi, _mm512_load_si512(q + 64));
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, _mm512_load_ps(reinterpret_cast<const float*>(q + xbytes + 64))), acc[r]);
-        }
+    for (int64_t g = 0; g < full; ++g, p += step)
+      vnni_group<R, C, BITS, false>(cr, sw, g * G, p, acc, tail_codes, tail_scales, idx, low4);
+    if (tail) vnni_group<R, C, BITS, true>(cr, sw, full * G, p, acc, tail_codes, tail_scales, idx, low4);
+    for (int r = 0; r < R; ++r) {
+      float* yr = y + (m0 + r) * N + n;
+      if constexpr (C == 4) {
+        _mm_storeu_ps(yr, reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
       } else {
-        for (int r = 0; r < R; ++r) {
-          const uint8_t* q = p + r * rec;
-          __m512i d = _mm512_load_si512(q + xbytes);
-          d = _mm512_dpbusd_epi32(d, c, _mm512_load_si512(q));
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, _mm512_load_ps(reinterpret_cast<const float*>(q + xbytes + 64))), acc[r]);
-        }
+        for (int c = 0; c < C; ++c) yr[c] = _mm512_reduce_add_ps(acc[r][c]);
       }
     }
-    for (int r = 0; r < R; ++r) y[(m0 + r) * W.N + n] = _mm512_reduce_add_ps(acc[r]);
   }
+  if (n < n1) tile_vnni<R, 1, BITS>(W, a, m0, n, n1, y);
 }
 
 template <int BITS>
 static void rows_vnni(const Weights& W, const Act& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y) {
   for (int64_t m = m0; m < m1; m += kMaxRows) {
     switch (std::min(kMaxRows, m1 - m)) {
-      case 1: tile_vnni<1, BITS>(W, a, m, n0, n1, y); break;
-      case 2: tile_vnni<2, BITS>(W, a, m, n0, n1, y); break;
-      case 3: tile_vnni<3, BITS>(W, a, m, n0, n1, y); break;
-      case 4: tile_vnni<4, BITS>(W, a, m, n0, n1, y); break;
-      case 5: tile_vnni<5, BITS>(W, a, m, n0, n1, y); break;
-      case 6: tile_vnni<6, BITS>(W, a, m, n0, n1, y); break;
-      case 7: tile_vnni<7, BITS>(W, a, m, n0, n1, y); break;
-      default: tile_vnni<8, BITS>(W, a, m, n0, n1, y); break;
+      case 1: tile_vnni<1, 4, BITS>(W, a, m, n0, n1, y); break;
+      case 2: tile_vnni<2, 2, BITS>(W, a, m, n0, n1, y); break;
+      case 3: tile_vnni<3, 2, BITS>(W, a, m, n0, n1, y); break;
+      case 4: tile_vnni<4, 2, BITS>(W, a, m, n0, n1, y); break;
+      case 5: tile_vnni<5, 2, BITS>(W, a, m, n0, n1, y); break;
+      case 6: tile_vnni<6, 2, BITS>(W, a, m, n0, n1, y); break;
+      case 7: tile_vnni<7, 2, BITS>(W, a, m, n0, n1, y); break;
+      default: tile_vnni<8, 2, BITS>(W, a, m, n0, n1, y); break;
     }
   }
 }
