@@ -31,6 +31,9 @@ from .weights import WEIGHTS
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 23, 23  # 23: RMSNormalization + RotaryEmbedding nodes
 MARKERS = ("genai_config.json", "model.onnx", "export_report.json")  # what makes a folder an export
 DEFAULT_ACCURACY_LEVEL = 0
+# int4/int8 matrices as ragtop::MatMulBlocks (the plugin's kernel; the body is MatMulNBits):
+# faster at every row count measured, decode 1.12x, prefill 1.27x (docs/kernels.md)
+DEFAULT_MATMUL = "custom"
 DEFAULT_ATOL = 1e-4
 LEVEL4_RTOL = 0.25  # see tolerances()
 FP16_CACHE_RTOL = 2e-3  # --kv-dtype fp16 under fp32 activations: see tolerances()
@@ -62,7 +65,7 @@ class ExportOptions:
     data_dir: Path | None = None
     overwrite: bool = False
     paged_kv: bool = False
-    matmul: str = "standard"
+    matmul: str = DEFAULT_MATMUL
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> ExportOptions:
@@ -110,11 +113,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--matmul",
         choices=["custom", "standard"],
-        default="standard",
-        help="int4/int8 matrices: custom = ragtop::MatMulBlocks nodes (the plugin's kernel: each weight "
-        "block unpacked once for all rows, the Q4_1 minima fused; the function body is the standard "
-        "subgraph, so the file runs without the plugin); standard = com.microsoft::MatMulNBits "
-        "(+ the minima nodes) (default standard)",
+        default=DEFAULT_MATMUL,
+        help="int4/int8 matrices at --accuracy-level 4: custom = 4-bit matrices as ragtop::MatMulBlocks nodes "
+        "(the plugin's kernel: each weight block unpacked once for all rows, the Q4_1 minima fused; its function "
+        "body is the standard subgraph, so the file runs without the plugin; 8-bit matrices and level 0 stay "
+        "MatMulNBits, where the kernel is not faster); standard = com.microsoft::MatMulNBits (+ the minima nodes) "
+        f"(default {DEFAULT_MATMUL})",
     )
     p.add_argument(
         "--ops",

@@ -80,7 +80,7 @@ class ExportSpec:
     local_window: int = 0  # always-kept last tokens up to each query (top-k modes)
     dense_layers: int = 0  # the first N layers' nodes attend densely (top-k modes)
     kv_dtype: str = "fp32"  # fp32 | fp16: the key/value cache (summaries keep the activations' type)
-    matmul: str = "standard"  # block-quantized matrices: standard (MatMulNBits) | custom (ragtop::MatMulBlocks)
+    matmul: str = "custom"  # block-quantized matrices: custom (ragtop::MatMulBlocks) | standard (MatMulNBits)
 
     @property
     def cache_torch_dtype(self) -> torch.dtype:
@@ -107,7 +107,7 @@ def make_spec(
     weights: str | None = None,
     accuracy_level: int = 0,
     kv_dtype: str | None = None,
-    matmul: str = "standard",
+    matmul: str = "custom",
 ) -> ExportSpec:
     """kv_dtype: the key/value cache's type, default the activations' (fp16 under fp32
     activations halves the cache; fp32 under fp16 activations is refused)."""
@@ -132,7 +132,7 @@ def make_spec(
         weights=weights or dtype,
         accuracy_level=accuracy_level if weights in ("int4", "int8") else 0,
         kv_dtype=kv_dtype or dtype,
-        matmul=matmul if weights in ("int4", "int8") else "standard",
+        matmul=matmul if weights in ("int4", "int8") and accuracy_level == 4 else "standard",  # see linear()
         **(
             {}
             if mode == "dense"
@@ -249,7 +249,9 @@ class ExportGraph(nn.Module):
             attrs.update(N=N, bits=qb.bits)
             inputs = [x, getattr(self, f"{key}{suffix}_q"), getattr(self, f"{key}{suffix}_scales")]
             zp = getattr(self, f"{key}{suffix}_zp") if qb.zero_points is not None else None
-            if self.spec.matmul == "custom" and qb.bits == 4:  # 8-bit: MatMulNBits measured as fast (docs/kernels.md)
+            # where the kernel measured faster (docs/kernels.md): 4-bit matrices at accuracy level 4;
+            # 8-bit ones and level 0 (MLAS's fp32 path dequantises once and runs an SGEMM) stay MatMulNBits
+            if self.spec.matmul == "custom" and qb.bits == 4 and self.spec.accuracy_level == 4:
                 mins = getattr(self, f"{key}{suffix}_mins") if qb.mins is not None else None
                 part = torch.onnx.ops.symbolic(
                     f"{ops.DOMAIN}::{ops.MATMUL_BLOCKS}",

@@ -103,17 +103,19 @@ def test_plan_and_reference():
     assert torch.equal(model.state_dict()["layers.1.attn.o_proj.weight"], w)  # the original is untouched
 
 
-def nbits_nodes(path) -> list[tuple[int, int]]:
-    """(bits, accuracy_level) of every MatMulNBits node."""
+def matmul_nodes(path) -> list[tuple[str, str, int, int]]:
+    """(op_type, overload, bits, accuracy_level) of every block-quantized matmul node."""
     m = onnx.load(str(path))
-    return [
+    return sorted(
         (
+            n.op_type,
+            n.overload,
             next(a.i for a in n.attribute if a.name == "bits"),
             next(a.i for a in n.attribute if a.name == "accuracy_level"),
         )
         for n in m.graph.node
-        if n.op_type == "MatMulNBits"
-    ]
+        if n.op_type in ("MatMulNBits", "MatMulBlocks")
+    )
 
 
 @pytest.mark.parametrize("variant", [("dense", "uniform"), ("block", "ragged")])
@@ -133,7 +135,8 @@ def test_quantized_export_validates(make_checkpoint, tmp_path, capsys, variant, 
     assert (config["weights"], config["dtype"], config["matmul_accuracy_level"]) == (weights, "fp32", 0)
     matrices = 4 * 2 + (variant[1] == "uniform")  # 4 nodes per layer (q/k/v and gate/up stacked), + the tied head
     eight_bit = matrices if weights == "int8" else (variant[1] == "uniform")  # the head is 8-bit in int4
-    assert sorted(nbits_nodes(out / "model.onnx")) == [(4, 0)] * (matrices + eight_bit)
+    nodes = matmul_nodes(out / "model.onnx")  # level 0: MatMulNBits, also under --matmul custom (the default)
+    assert [(op, bits, level) for op, _, bits, level in nodes] == [("MatMulNBits", 4, 0)] * (matrices + eight_bit)
     m = onnx.load(str(out / "model.onnx"))
     floats = [
         i for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and min(i.dims) > 1
@@ -154,7 +157,10 @@ def test_int8_compute_level_4(make_checkpoint, tmp_path, capsys):
     out = tmp_path / "q"
     rc = export_model_main([str(ckpt), str(out), "--weights", "int4", "--accuracy-level", "4"])
     assert rc == 0, capsys.readouterr().err
-    assert sorted(set(nbits_nodes(out / "model.onnx"))) == [(4, 4), (8, 4)]
+    assert {(op, bits, level) for op, _, bits, level in matmul_nodes(out / "model.onnx")} == {
+        ("MatMulBlocks", 4, 4),
+        ("MatMulNBits", 8, 4),
+    }
     report = json.loads((out / "export_report.json").read_text())
     v, v0 = report["validation"], report["validation_level0"]
     assert v["passed"] and v["greedy_match"] and v["rtol"] == 0.25
@@ -236,27 +242,12 @@ def test_plugin_runs_quantized_graph(make_checkpoint, tmp_path):
     assert plain == with_plugin
 
 
-def matmul_nodes(path) -> list[tuple[str, str, int, int]]:
-    """(op_type, overload, bits, accuracy_level) of every block-quantized matmul node."""
-    m = onnx.load(str(path))
-    return sorted(
-        (
-            n.op_type,
-            n.overload,
-            next(a.i for a in n.attribute if a.name == "bits"),
-            next(a.i for a in n.attribute if a.name == "accuracy_level"),
-        )
-        for n in m.graph.node
-        if n.op_type in ("MatMulNBits", "MatMulBlocks")
-    )
-
-
 @pytest.mark.parametrize("level", [4, 0])
 def test_matmul_custom_export(make_checkpoint, tmp_path, capsys, level):
-    """--matmul custom: the 4-bit matrices become ragtop::MatMulBlocks nodes (the 8-bit head stays
-    MatMulNBits); the file validates without the plugin (the function bodies are the standard
-    subgraph), and with the plugin's kernel it decodes the same greedy tokens as the standard
-    export, with or without the plugin."""
+    """--matmul custom: at level 4 the 4-bit matrices become ragtop::MatMulBlocks nodes (the
+    8-bit head stays MatMulNBits), at level 0 nothing changes; the file validates without the
+    plugin (the function bodies are the standard subgraph), and with the plugin's kernel it
+    decodes the same greedy tokens as the standard export, with or without the plugin."""
     from ragtop.checkpoint import load_checkpoint
     from ragtop.export import mobile
     from ragtop.export.onnx import make_spec
@@ -269,12 +260,15 @@ def test_matmul_custom_export(make_checkpoint, tmp_path, capsys, level):
         args = [str(ckpt), str(outs[matmul]), "--weights", "int4", "--accuracy-level", str(level), "--matmul", matmul]
         assert export_model_main(args) == 0, capsys.readouterr().err
     custom = matmul_nodes(outs["custom"] / "model.onnx")
-    head = [("MatMulNBits", "", 8, 4)] if level == 4 else [("MatMulBlocks", "", 4, 0), ("MatMulBlocks", "mins", 4, 0)]
-    assert custom == sorted([("MatMulBlocks", "", 4, level)] * 8 + head)  # 4 per layer; at level 0 the head's halves
+    if level == 4:  # 4 per layer (q/k/v and gate/up stacked) + the 8-bit head
+        assert custom == sorted([("MatMulBlocks", "", 4, 4)] * 8 + [("MatMulNBits", "", 8, 4)])
+    else:  # the head as its two 4-bit halves
+        assert custom == [("MatMulNBits", "", 4, 0)] * 10
     assert all(op == "MatMulNBits" for op, *_ in matmul_nodes(outs["standard"] / "model.onnx"))
     report = json.loads((outs["custom"] / "export_report.json").read_text())
     assert report["validation"]["passed"] and report["options"]["matmul"] == "custom"
-    assert json.loads((outs["custom"] / "genai_config.json").read_text())["model"]["decoder"]["matmul"] == "custom"
+    written = json.loads((outs["custom"] / "genai_config.json").read_text())["model"]["decoder"]["matmul"]
+    assert written == ("custom" if level == 4 else "standard")
 
     plugin = mobile.find_plugin_library(None)
     model = load_checkpoint(ckpt).model
