@@ -990,10 +990,49 @@ static inline __attribute__((always_inline)) float round_block(const float* x, i
 
 static void prepare_vnni(const float* x, int64_t M, const Weights& W, Act& a);
 
-RAGTOP_HOT512 static void prepare(const float* x, int64_t M, const Weights& W, bool level4, bool vnni, Act& a) {
+// The 256-bit records (4-bit codes; see RAGTOP_TILE256), with the portable rounding.
+RAGTOP_HOT static void prepare_256(const float* x, int64_t M, const Weights& W, Act& a) {
+  const int64_t nb = W.nb, K = W.K;
+  const int32_t zp = W.zp ? 0 : 8;
+  a.groups = (nb + 1) / 2, a.record = 128;
+  const int64_t tiles = (M + kMaxRows - 1) / kMaxRows;
+  a.storage.assign(tiles * a.groups * kMaxRows * a.record + 64, 0);
+  a.pack = a.storage.data() + (64 - reinterpret_cast<uintptr_t>(a.storage.data()) % 64) % 64;
+  a.scale.resize(M * nb);
+  a.qsum.resize(M * nb);
+  int8_t q[kBlock];
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      const int64_t n = std::min(kBlock, K - b * kBlock);
+      float xs = 0.f;
+      for (int64_t i = 0; i < n; ++i) xs += xb[i];
+      a.xsum[m * nb + b] = xs;
+      const float s = round_block(xb, n, q);
+      int32_t sum = 0;
+      for (int i = 0; i < kBlock; ++i) sum += q[i];
+      a.scale[m * nb + b] = s, a.qsum[m * nb + b] = sum;
+      const int64_t g = b / 2, p = b % 2;
+      uint8_t* rec = a.pack + (((m / kMaxRows) * a.groups + g) * kMaxRows + m % kMaxRows) * a.record;
+      int8_t* xq = reinterpret_cast<int8_t*>(rec);
+      int32_t* bias = reinterpret_cast<int32_t*>(rec + 64);
+      float* lane_scale = reinterpret_cast<float*>(rec + 96);
+      for (int j = 0; j < 16; ++j) xq[p * 16 + j] = q[2 * j], xq[32 + p * 16 + j] = q[2 * j + 1];
+      for (int l = 0; l < 4; ++l) {
+        int32_t ls = 0;
+        for (int j = 8 * l; j < 8 * l + 8; ++j) ls += q[j];
+        bias[p * 4 + l] = -zp * ls;
+        lane_scale[p * 4 + l] = s;
+      }
+    }
+}
+
+RAGTOP_HOT512 static void prepare(const float* x, int64_t M, const Weights& W, bool level4, bool vnni, Act& a,
+                                  bool records256 = false) {
   const int64_t G = blocks_per_group(W.bits), nb = W.nb, K = W.K;
   a.M = M, a.nb = nb, a.groups = (nb + G - 1) / G;
   a.xsum.resize(M * nb);
+  if (level4 && records256) return prepare_256(x, M, W, a);
   if (level4 && vnni) {
     a.scale.resize(M * nb);
     a.qsum.resize(M * nb);
@@ -1329,13 +1368,116 @@ RAGTOP_VNNI static void prepare_vnni(const float* x, int64_t M, const Weights& W
   }
 }
 
+// Level 4 on AVX2 (vpmaddubsw + vpmaddwd) or AVX-VNNI (the 256-bit vpdpbusd), 4-bit codes:
+// the AVX-512 design at half width. A group is 32 code bytes (2 blocks); records of 128
+// bytes per (group, row): [32 B even elements][32 B odd][8 x int32 bias][8 x f32 scale],
+// tiles of 8 rows contiguous. Without VNNI, codes (<= 15) times int8 input (|x| <= 127)
+// summed in pairs, then the two nibbles' pairs, fit int16 (<= 4 * 15 * 127) exactly.
+#define RAGTOP_TILE256(NAME, TARGET, DOT)                                                                  \
+  template <int R, int C>                                                                                  \
+  __attribute__((target(TARGET))) static void NAME(const Weights& W, const Act& a, int64_t m0, int64_t n0, \
+                                                   int64_t n1, float* y) {                                 \
+    constexpr int64_t rec = 128, step = kMaxRows * rec;                                                    \
+    const int64_t nb = W.nb, N = W.N, full = nb / 2, tail = nb % 2;                                        \
+    const uint8_t* tile = a.pack + (m0 / kMaxRows) * a.groups * step;                                      \
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1);                            \
+    const __m256i idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);                                         \
+    (void)ones16;                                                                                          \
+    for (int64_t n = n0; n < n1; n += C) {                                                                 \
+      const int64_t cols = std::min<int64_t>(C, n1 - n);                                                   \
+      __m256 acc[R][C];                                                                                    \
+      for (int r = 0; r < R; ++r)                                                                          \
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();                                       \
+      const uint8_t* p = tile;                                                                             \
+      for (int64_t g = 0; g < full + tail; ++g, p += step) {                                               \
+        __m256i lo[C], hi[C];                                                                              \
+        __m256 s[C];                                                                                       \
+        for (int c = 0; c < C; ++c) {                                                                      \
+          const int64_t col = n + std::min<int64_t>(c, cols - 1); /* past the end: a repeat, not stored */ \
+          const uint8_t* cr = W.codes + col * nb * 16 + g * 32;                                            \
+          const float* sw = W.scales + col * nb + g * 2;                                                   \
+          __m256i code;                                                                                    \
+          __m128 sv;                                                                                       \
+          if (g < full) {                                                                                  \
+            code = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cr));                               \
+            sv = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sw)));                          \
+          } else {                                                                                         \
+            code = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cr)));          \
+            sv = _mm_load_ss(sw);                                                                          \
+          }                                                                                                \
+          s[c] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(sv), idx);                                \
+          lo[c] = _mm256_and_si256(code, low4);                                                            \
+          hi[c] = _mm256_and_si256(_mm256_srli_epi16(code, 4), low4);                                      \
+        }                                                                                                  \
+        for (int r = 0; r < R; ++r) {                                                                      \
+          const uint8_t* q = p + r * rec;                                                                  \
+          const __m256i bias = _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 64));                \
+          const __m256 xs = _mm256_load_ps(reinterpret_cast<const float*>(q + 96));                        \
+          const __m256i xe = _mm256_load_si256(reinterpret_cast<const __m256i*>(q));                       \
+          const __m256i xo = _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32));                  \
+          for (int c = 0; c < C; ++c) {                                                                    \
+            const __m256i d = DOT;                                                                         \
+            acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s[c], xs), acc[r][c]);        \
+          }                                                                                                \
+        }                                                                                                  \
+      }                                                                                                    \
+      for (int r = 0; r < R; ++r)                                                                          \
+        for (int c = 0; c < cols; ++c) {                                                                   \
+          const __m256 v = acc[r][c];                                                                      \
+          __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));                   \
+          t = _mm_add_ps(t, _mm_movehl_ps(t, t));                                                          \
+          t = _mm_add_ss(t, _mm_movehdup_ps(t));                                                           \
+          y[(m0 + r) * N + n + c] = _mm_cvtss_f32(t);                                                      \
+        }                                                                                                  \
+    }                                                                                                      \
+  }
+
+RAGTOP_TILE256(tile_avx2, "avx2,fma",
+               _mm256_add_epi32(bias, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[c], xe),
+                                                                         _mm256_maddubs_epi16(hi[c], xo)),
+                                                        ones16)))
+RAGTOP_TILE256(tile_avxvnni, "avx2,fma,avxvnni",
+               _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(bias, lo[c], xe), hi[c], xo))
+
+template <bool VNNI>
+static void rows_256(const Weights& W, const Act& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y) {
+  for (int64_t m = m0; m < m1; m += kMaxRows) {
+    const int64_t R = std::min(kMaxRows, m1 - m);
+#define RAGTOP_ROWS256(RR, CC) \
+  case RR: VNNI ? tile_avxvnni<RR, CC>(W, a, m, n0, n1, y) : tile_avx2<RR, CC>(W, a, m, n0, n1, y); break;
+    switch (R) {
+      RAGTOP_ROWS256(1, 4)
+      RAGTOP_ROWS256(2, 2)
+      RAGTOP_ROWS256(3, 2)
+      RAGTOP_ROWS256(4, 2)
+      RAGTOP_ROWS256(5, 1)
+      RAGTOP_ROWS256(6, 1)
+      RAGTOP_ROWS256(7, 1)
+      default: VNNI ? tile_avxvnni<8, 1>(W, a, m, n0, n1, y) : tile_avx2<8, 1>(W, a, m, n0, n1, y); break;
+    }
+#undef RAGTOP_ROWS256
+  }
+}
+
 static bool cpu_has_vnni() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512vnni");
 }
+static bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+static bool cpu_has_avxvnni() {
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
+}
 #else
+template <bool VNNI>
+static void rows_256(const Weights&, const Act&, int64_t, int64_t, int64_t, int64_t, float*) {}
+static bool cpu_has_avx2() { return false; }
+static bool cpu_has_avxvnni() { return false; }
 template <int BITS>
 static void rows_vnni(const Weights&, const Act&, int64_t, int64_t, int64_t, int64_t, float*) {}
 static void mins_avx512(const Weights&, const Act&, int64_t, int64_t, int64_t, float*) {}
@@ -1343,11 +1485,19 @@ static void prepare_vnni(const float*, int64_t, const Weights&, Act&) {}
 static bool cpu_has_vnni() { return false; }
 #endif
 
-// RAGTOP_MATMUL_ISA=generic forces the portable loops (tests compare both paths).
-static bool use_vnni() {
-  static const bool v = [] {
+// The level-4 inner loop: the best the CPU has, or RAGTOP_MATMUL_ISA = generic | avx2 |
+// avxvnni | avx512vnni when the CPU has it (tests run every path the machine can).
+enum class Isa { Generic, Avx2, AvxVnni, Avx512Vnni };
+static Isa isa() {
+  static const Isa v = [] {
     const char* e = std::getenv("RAGTOP_MATMUL_ISA");
-    return cpu_has_vnni() && !(e && std::string(e) == "generic");
+    const std::string want = e ? e : "";
+    if (want == "generic") return Isa::Generic;
+    if (want == "avx2" && cpu_has_avx2()) return Isa::Avx2;
+    if (want == "avxvnni" && cpu_has_avxvnni()) return Isa::AvxVnni;
+    if (cpu_has_vnni()) return Isa::Avx512Vnni;
+    if (cpu_has_avxvnni()) return Isa::AvxVnni;
+    return cpu_has_avx2() ? Isa::Avx2 : Isa::Generic;
   }();
   return v;
 }
@@ -1416,9 +1566,11 @@ struct MatMulBlocksKernel {
     for (size_t i = 0; i + 1 < xs.size(); ++i) M *= xs[i];
     if (M == 0) return Ort::Status(nullptr);
     const float* x = xv.GetTensorData<float>();
-    const bool level4 = level == 4, vnni = level4 && mmb::use_vnni();
+    const mmb::Isa isa = mmb::isa();
+    const bool level4 = level == 4, vnni = level4 && isa == mmb::Isa::Avx512Vnni;
+    const bool r256 = level4 && bits == 4 && (isa == mmb::Isa::Avx2 || isa == mmb::Isa::AvxVnni);
     mmb::Act& a = mmb::scratch_act();
-    mmb::prepare(x, M, W, level4, vnni, a);
+    mmb::prepare(x, M, W, level4, vnni, a, r256);
     // columns in chunks of a multiple of 16 (whole vector lanes for the minima) holding
     // ~8 KB of codes: a chunk's codes stay in L1 while every tile of rows passes over them
     const int64_t row_bytes = nb * W.bytes_per_block();
@@ -1432,6 +1584,10 @@ struct MatMulBlocksKernel {
         mmb::rows_vnni<4>(W, a, 0, M, n0, n1, y);
       else if (vnni)
         mmb::rows_vnni<8>(W, a, 0, M, n0, n1, y);
+      else if (r256 && isa == mmb::Isa::AvxVnni)
+        mmb::rows_256<true>(W, a, 0, M, n0, n1, y);
+      else if (r256)
+        mmb::rows_256<false>(W, a, 0, M, n0, n1, y);
       else
         mmb::tile_int8_generic(W, a, 0, M, n0, n1, y);
       mmb::finish(W, a, level4, vnni, 0, M, n0, n1, y);

@@ -3,8 +3,8 @@ body (com.microsoft::MatMulNBits + the per-block minima), for every block format
 emits: Q4_1-like 4-bit codes with per-block minima (default zero point 8), 4-bit codes with
 explicit zero points (round-to-nearest), 8-bit codes (Q8_0, zero point 128); at accuracy
 level 4 (int8-rounded input, as MLAS rounds it) and 0 (fp32). Skipped when the library is
-not built. The portable loops are checked too (RAGTOP_MATMUL_ISA=generic, a subprocess: the
-choice is made once per process).
+not built. The other instruction-set paths are checked too (RAGTOP_MATMUL_ISA, in a subprocess:
+the choice is made once per process).
 """
 
 from __future__ import annotations
@@ -163,8 +163,11 @@ def test_unsupported_block_size_is_a_clear_error():
         session(m.SerializeToString()).run(None, {"A": np.zeros((1, 64), np.float32)})
 
 
-def test_portable_loops_match_the_vnni_kernel():
-    """RAGTOP_MATMUL_ISA=generic (the path of CPUs without AVX-512 VNNI) computes the same."""
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avxvnni"])
+def test_other_instruction_sets_match_the_reference(isa):
+    """RAGTOP_MATMUL_ISA=generic (portable loops), avx2 (vpmaddubsw) and avxvnni (256-bit
+    vpdpbusd): the paths of CPUs without AVX-512 VNNI compute the same (a path this CPU lacks
+    falls back to the best it has, which the test then checks again)."""
     code = (
         f"import numpy as np, sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "from test_matmul_blocks import blocks, close, matmul_blocks_model, reference, session\n"
@@ -172,11 +175,11 @@ def test_portable_loops_match_the_vnni_kernel():
         "    for k in (48, 160):\n"
         "        q = blocks(fmt, 40, k)\n"
         "        s = session(matmul_blocks_model(q, k, 4))\n"
-        "        for M in (1, 17):\n"
+        "        for M in (1, 3, 17):\n"
         "            x = np.random.default_rng(M).standard_normal((M, k)).astype(np.float32)\n"
         "            close(s.run(None, {'A': x})[0], reference(q, x, 4))\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "RAGTOP_MATMUL_ISA": "generic"}
+    env = {**os.environ, "RAGTOP_MATMUL_ISA": isa}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
