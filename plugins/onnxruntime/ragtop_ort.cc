@@ -1,4 +1,5 @@
-// ragtop's ONNX Runtime custom-op library: ragtop::TopKAttention and ragtop::RaggedEmbedding.
+// ragtop's ONNX Runtime custom-op library: ragtop::TopKAttention, ragtop::RaggedEmbedding and
+// ragtop::MatMulBlocks (the block-quantized matmul; its section below has its own notes).
 //
 // The contract (inputs, outputs, attributes, semantics) is ragtop/export/ops.py; the
 // reference semantics are TopKAttention / RaggedEmbedding in ragtop/model/. This file
@@ -933,8 +934,9 @@ struct RaggedEmbeddingKernel {
 // rows and applied to all of them (decode M = 1, speculative verification M = 5, prefill
 // chunks M = 256 alike), the columns split over onnxruntime's thread pool. The level-4
 // inner loop uses AVX-512 VNNI (vpdpbusd: unsigned codes times signed int8 input, four
-// products per 32-bit lane) where the CPU has it, picked at load time; elsewhere portable
-// loops that the compiler vectorises (target_clones: AVX2 where present).
+// products per 32-bit lane) where the CPU has it; else, for 4-bit codes, the same at 256
+// bits (AVX-VNNI, or AVX2 vpmaddubsw + vpmaddwd); else portable loops that the compiler
+// vectorises (target_clones). Picked once at load time (isa(); no AMX).
 namespace mmb {
 
 constexpr int64_t kBlock = 32;
@@ -956,8 +958,8 @@ struct Weights {
 };
 
 // The rounded input, prepared once per call. Portable path: `xq` [M, nb * 32] int8 in
-// natural order. VNNI path: `pack`, one record per (group of 64 code bytes = 4 blocks of
-// 4-bit codes or 2 of 8-bit, row m), laid out [M / 8 tiles][groups][8 rows]: a tile of
+// natural order. AVX-512 VNNI path: `pack`, one record per (group of 64 code bytes = 4 blocks
+// of 4-bit codes or 2 of 8-bit, row m), laid out [M / 8 tiles][groups][8 rows]: a tile of
 // rows reads one contiguous span, its rows at fixed offsets from one pointer:
 //   4-bit: [64 B even elements of the 4 blocks][64 B odd elements][16 x int32 bias][16 x f32 scale]
 //   8-bit: [64 B elements of the 2 blocks][16 x int32 bias][16 x f32 scale]
@@ -965,11 +967,12 @@ struct Weights {
 // low nibbles meet the even elements and the high nibbles the odd ones in the same 32-bit
 // lane; a lane's bias is -zp * (the sum of the input values it meets) with the default zero
 // point (explicit ones are corrected in finish()), its scale the block's input scale.
-// Padding blocks of the last group are zero.
+// Padding blocks of the last group are zero. The 256-bit paths use half-width records
+// (prepare_256). Every path also gets the per-block scale, sum of xq and fp32 sum of x.
 struct Act {
   int64_t M = 0, nb = 0, groups = 0, record = 0;
   std::vector<int8_t> xq;        // portable: [M, nb * 32]
-  std::vector<uint8_t> storage;  // VNNI: [groups, M, record], 64-byte aligned via pack
+  std::vector<uint8_t> storage;  // vector paths: [tiles, groups, 8, record], 64-byte aligned via pack
   uint8_t* pack = nullptr;
   std::vector<float> scale;      // [M, nb] input scale per block
   std::vector<int32_t> qsum;     // [M, nb] sum of the block's xq
@@ -1215,7 +1218,10 @@ RAGTOP_VNNI static inline __attribute__((always_inline)) void vnni_group(
   for (int c = 0; c < C; ++c) {
     const __m512i code =
         LAST ? _mm512_maskz_loadu_epi8(tail_codes, cr[c] + b0 * bpb) : _mm512_loadu_si512(cr[c] + b0 * bpb);
-    const __m128 sv = LAST ? _mm_maskz_loadu_ps(tail_scales, sw[c] + b0) : _mm_loadu_ps(sw[c] + b0);
+    // a full group's G scales (4, or 2 for 8-bit codes: never read past the row's last block)
+    const __m128 sv = LAST          ? _mm_maskz_loadu_ps(tail_scales, sw[c] + b0)
+                      : BITS == 4 ? _mm_loadu_ps(sw[c] + b0)
+                                  : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sw[c] + b0)));
     s[c] = _mm512_permutexvar_ps(idx, _mm512_zextps128_ps512(sv));
     if constexpr (BITS == 4) {
       lo[c] = _mm512_and_si512(code, low4);

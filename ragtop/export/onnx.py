@@ -22,7 +22,8 @@ input) and is written into the cache there; bind present.* to the same buffers a
 past_key_values.* (IO binding) and nothing is copied. `logits_indices` chooses the logits:
 [[S-1]] (or each sequence's last real token) for serving, arange(S) for evaluation.
 
-`--ops custom` emits ragtop::TopKAttention and ragtop::RaggedEmbedding nodes with a
+`--ops custom` emits ragtop::TopKAttention and ragtop::RaggedEmbedding nodes (and, with
+int4/int8 weights at accuracy level 4 and `--matmul custom`, ragtop::MatMulBlocks) with a
 standard-op FunctionProto each (functions.py); `--ops standard` inlines those functions, so
 the file holds standard ops only. ragtop/model stays free of export code: the module below
 reuses the model's submodules and only replaces the attention and embedding calls.
