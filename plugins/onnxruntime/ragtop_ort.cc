@@ -1,4 +1,5 @@
-// ragtop's ONNX Runtime custom-op library: ragtop::TopKAttention and ragtop::RaggedEmbedding.
+// ragtop's ONNX Runtime custom-op library: ragtop::TopKAttention, ragtop::RaggedEmbedding and
+// ragtop::MatMulBlocks (the block-quantized matmul; its section below has its own notes).
 //
 // The contract (inputs, outputs, attributes, semantics) is ragtop/export/ops.py; the
 // reference semantics are TopKAttention / RaggedEmbedding in ragtop/model/. This file
@@ -45,6 +46,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -62,6 +64,12 @@
 #define RAGTOP_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define RAGTOP_HOT
+#endif
+// the same with an AVX-512 clone too (x86-64-v4), for loops that profit from it
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(RAGTOP_NO_CLONES)
+#define RAGTOP_HOT512 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RAGTOP_HOT512
 #endif
 
 namespace ragtop {
@@ -909,6 +917,713 @@ struct RaggedEmbeddingKernel {
   }
 };
 
+// ---------------------------------------------------------------------------------------
+// MatMulBlocks: y = x @ W^T for a block-quantized W in MatMulNBits' layout (ops.py), with
+// the per-block minimum term of Q4_1 blocks fused in. What it computes is what the node's
+// function body (com.microsoft::MatMulNBits + the minima subgraph) computes:
+//
+//   level 4:  x is rounded per row and block of 32 to int8 as MLAS's CompInt8 path rounds
+//             it (scale = amax / 127, codes = round-half-even(x * (127 / amax))), each
+//             block's integer dot product with the codes is exact, and
+//             y = sum_b scale_w * scale_x * (sum_i q_i xq_i - zp * sum_i xq_i)
+//                 + sum_b mins[b, n] * sum_i x_i          (the fp32, unrounded input)
+//   level 0:  fp32 on the dequantised weights: y = sum_k x_k (scale (q_k - zp) + min).
+//
+// Equal to the body up to float summation order. Speed: MatMulNBits unpacks every weight
+// block again for every row of x; here each block is unpacked once per tile of up to 8
+// rows and applied to all of them (decode M = 1, speculative verification M = 5, prefill
+// chunks M = 256 alike), the columns split over onnxruntime's thread pool. The level-4
+// inner loop uses AVX-512 VNNI (vpdpbusd: unsigned codes times signed int8 input, four
+// products per 32-bit lane) where the CPU has it; else, for 4-bit codes, the same at 256
+// bits (AVX-VNNI, or AVX2 vpmaddubsw + vpmaddwd); else portable loops that the compiler
+// vectorises (target_clones). Picked once at load time (isa(); no AMX).
+namespace mmb {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kMaxRows = 8;  // rows of x sharing one unpacked weight block
+
+struct Weights {
+  const uint8_t* codes;  // [N, nb, 32 * bits / 8]: 4-bit codes two per byte, low nibble first
+  const float* scales;   // [N, nb]
+  const uint8_t* zp;     // MatMulNBits' packing, or null: the default 2^(bits - 1)
+  const float* mins;     // [nb, N], or null
+  int64_t N, K, nb, bits;
+  int64_t bytes_per_block() const { return kBlock * bits / 8; }
+  int zero_point(int64_t n, int64_t b) const {
+    if (!zp) return 1 << (bits - 1);
+    if (bits == 8) return zp[n * nb + b];
+    const uint8_t byte = zp[n * ((nb + 1) / 2) + b / 2];
+    return (b & 1) ? byte >> 4 : byte & 0x0F;
+  }
+};
+
+// The rounded input, prepared once per call. Portable path: `xq` [M, nb * 32] int8 in
+// natural order. AVX-512 VNNI path: `pack`, one record per (group of 64 code bytes = 4 blocks
+// of 4-bit codes or 2 of 8-bit, row m), laid out [M / 8 tiles][groups][8 rows]: a tile of
+// rows reads one contiguous span, its rows at fixed offsets from one pointer:
+//   4-bit: [64 B even elements of the 4 blocks][64 B odd elements][16 x int32 bias][16 x f32 scale]
+//   8-bit: [64 B elements of the 2 blocks][16 x int32 bias][16 x f32 scale]
+// Byte j of a packed 4-bit block holds elements 2j (low nibble) and 2j + 1 (high), so the
+// low nibbles meet the even elements and the high nibbles the odd ones in the same 32-bit
+// lane; a lane's bias is -zp * (the sum of the input values it meets) with the default zero
+// point (explicit ones are corrected in finish()), its scale the block's input scale.
+// Padding blocks of the last group are zero. The 256-bit paths use half-width records
+// (prepare_256). Every path also gets the per-block scale, sum of xq and fp32 sum of x.
+struct Act {
+  int64_t M = 0, nb = 0, groups = 0, record = 0;
+  std::vector<int8_t> xq;        // portable: [M, nb * 32]
+  std::vector<uint8_t> storage;  // vector paths: [tiles, groups, 8, record], 64-byte aligned via pack
+  uint8_t* pack = nullptr;
+  std::vector<float> scale;      // [M, nb] input scale per block
+  std::vector<int32_t> qsum;     // [M, nb] sum of the block's xq
+  std::vector<float> xsum;       // [M, nb] fp32 sum of the block's (unrounded) x
+};
+
+static int64_t blocks_per_group(int64_t bits) { return bits == 4 ? 4 : 2; }
+
+// Round row-block `x` (n <= 32 values, the rest zero) as MLAS does: the same two float
+// operations, so the int8 values are bit for bit MatMulNBits' own.
+static inline __attribute__((always_inline)) float round_block(const float* x, int64_t n, int8_t* q) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float inv = amax != 0.f ? 127.f / amax : 0.f;
+  for (int64_t i = 0; i < kBlock; ++i) q[i] = i < n ? static_cast<int8_t>(std::nearbyint(x[i] * inv)) : 0;
+  return amax / 127.f;
+}
+
+static void prepare_vnni(const float* x, int64_t M, const Weights& W, Act& a);
+
+// The 256-bit records (4-bit codes; see RAGTOP_TILE256), with the portable rounding.
+RAGTOP_HOT static void prepare_256(const float* x, int64_t M, const Weights& W, Act& a) {
+  const int64_t nb = W.nb, K = W.K;
+  const int32_t zp = W.zp ? 0 : 8;
+  a.groups = (nb + 1) / 2, a.record = 128;
+  const int64_t tiles = (M + kMaxRows - 1) / kMaxRows;
+  a.storage.assign(tiles * a.groups * kMaxRows * a.record + 64, 0);
+  a.pack = a.storage.data() + (64 - reinterpret_cast<uintptr_t>(a.storage.data()) % 64) % 64;
+  a.scale.resize(M * nb);
+  a.qsum.resize(M * nb);
+  int8_t q[kBlock];
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      const int64_t n = std::min(kBlock, K - b * kBlock);
+      float xs = 0.f;
+      for (int64_t i = 0; i < n; ++i) xs += xb[i];
+      a.xsum[m * nb + b] = xs;
+      const float s = round_block(xb, n, q);
+      int32_t sum = 0;
+      for (int i = 0; i < kBlock; ++i) sum += q[i];
+      a.scale[m * nb + b] = s, a.qsum[m * nb + b] = sum;
+      const int64_t g = b / 2, p = b % 2;
+      uint8_t* rec = a.pack + (((m / kMaxRows) * a.groups + g) * kMaxRows + m % kMaxRows) * a.record;
+      int8_t* xq = reinterpret_cast<int8_t*>(rec);
+      int32_t* bias = reinterpret_cast<int32_t*>(rec + 64);
+      float* lane_scale = reinterpret_cast<float*>(rec + 96);
+      for (int j = 0; j < 16; ++j) xq[p * 16 + j] = q[2 * j], xq[32 + p * 16 + j] = q[2 * j + 1];
+      for (int l = 0; l < 4; ++l) {
+        int32_t ls = 0;
+        for (int j = 8 * l; j < 8 * l + 8; ++j) ls += q[j];
+        bias[p * 4 + l] = -zp * ls;
+        lane_scale[p * 4 + l] = s;
+      }
+    }
+}
+
+RAGTOP_HOT512 static void prepare(const float* x, int64_t M, const Weights& W, bool level4, bool vnni, Act& a,
+                                  bool records256 = false) {
+  const int64_t G = blocks_per_group(W.bits), nb = W.nb, K = W.K;
+  a.M = M, a.nb = nb, a.groups = (nb + G - 1) / G;
+  a.xsum.resize(M * nb);
+  if (level4 && records256) return prepare_256(x, M, W, a);
+  if (level4 && vnni) {
+    a.scale.resize(M * nb);
+    a.qsum.resize(M * nb);
+    a.record = W.bits == 4 ? 256 : 192;
+    const int64_t tiles = (M + kMaxRows - 1) / kMaxRows;
+    a.storage.assign(tiles * a.groups * kMaxRows * a.record + 64, 0);
+    a.pack = a.storage.data() + (64 - reinterpret_cast<uintptr_t>(a.storage.data()) % 64) % 64;
+    return prepare_vnni(x, M, W, a);
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      const int64_t n = std::min(kBlock, K - b * kBlock);
+      float s = 0.f;
+      for (int64_t i = 0; i < n; ++i) s += xb[i];
+      a.xsum[m * nb + b] = s;
+    }
+  if (!level4) return;
+  a.scale.resize(M * nb);
+  a.qsum.resize(M * nb);
+  if (vnni) {
+    a.record = W.bits == 4 ? 256 : 192;
+    const int64_t tiles = (M + kMaxRows - 1) / kMaxRows;
+    a.storage.assign(tiles * a.groups * kMaxRows * a.record + 64, 0);
+    a.pack = a.storage.data() + (64 - reinterpret_cast<uintptr_t>(a.storage.data()) % 64) % 64;
+  } else {
+    a.xq.assign(M * nb * kBlock, 0);
+  }
+  const int lanes_per_block = 16 / static_cast<int>(G);
+  const int32_t zp = W.zp ? 0 : (1 << (W.bits - 1));
+  int8_t q[kBlock];
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float s = round_block(x + m * K + b * kBlock, std::min(kBlock, K - b * kBlock), q);
+      int32_t sum = 0;
+      for (int i = 0; i < kBlock; ++i) sum += q[i];
+      a.scale[m * nb + b] = s, a.qsum[m * nb + b] = sum;
+      if (!vnni) {
+        std::memcpy(a.xq.data() + (m * nb + b) * kBlock, q, kBlock);
+        continue;
+      }
+      const int64_t g = b / G, p = b % G;
+      uint8_t* rec = a.pack + (((m / kMaxRows) * a.groups + g) * kMaxRows + m % kMaxRows) * a.record;
+      int8_t* xs = reinterpret_cast<int8_t*>(rec);
+      int32_t* bias = reinterpret_cast<int32_t*>(rec + a.record - 128);
+      float* lane_scale = reinterpret_cast<float*>(rec + a.record - 64);
+      if (W.bits == 4) {
+        for (int j = 0; j < 16; ++j) xs[p * 16 + j] = q[2 * j], xs[64 + p * 16 + j] = q[2 * j + 1];
+      } else {
+        std::memcpy(xs + p * kBlock, q, kBlock);
+      }
+      for (int l = 0; l < lanes_per_block; ++l) {
+        int32_t ls = 0;  // the input values lane l of this block meets
+        if (W.bits == 4)
+          for (int j = 4 * l; j < 4 * l + 4; ++j) ls += q[2 * j] + q[2 * j + 1];
+        else
+          for (int j = 4 * l; j < 4 * l + 4; ++j) ls += q[j];
+        bias[p * lanes_per_block + l] = -zp * ls;
+        lane_scale[p * lanes_per_block + l] = s;
+      }
+    }
+  }
+}
+
+// The terms after the block dot products, for rows [m0, m1) and columns [n0, n1):
+// explicit zero points (level 4) and the per-block minima (both levels' x sums in fp32).
+static void mins_avx512(const Weights& W, const Act& a, int64_t M, int64_t n0, int64_t n1, float* y);
+
+RAGTOP_HOT512 static void finish(const Weights& W, const Act& a, bool level4, bool vnni, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                   float* y) {
+  const int64_t N = W.N, nb = W.nb;
+  if (level4 && W.zp) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = m0; m < m1; ++m) {
+        float c = 0.f;
+        for (int64_t b = 0; b < nb; ++b)
+          c += W.scales[n * nb + b] * a.scale[m * nb + b] *
+               static_cast<float>(-W.zero_point(n, b) * a.qsum[m * nb + b]);
+        y[m * N + n] += c;
+      }
+  }
+  if (W.mins && level4 && vnni) {
+    mins_avx512(W, a, m1, n0, n1, y);
+  } else if (W.mins && level4) {
+    for (int64_t m = m0; m < m1; ++m) {
+      float* __restrict yr = y + m * N;
+      for (int64_t b = 0; b < nb; ++b) {
+        const float s = a.xsum[m * nb + b];
+        const float* __restrict mr = W.mins + b * N;
+#pragma omp simd
+        for (int64_t n = n0; n < n1; ++n) yr[n] += s * mr[n];
+      }
+    }
+  }
+}
+
+// Portable level 4: each weight row unpacked once into int8 codes, then every row of x.
+RAGTOP_HOT static void tile_int8_generic(const Weights& W, const Act& a, int64_t m0, int64_t m1, int64_t n0,
+                                         int64_t n1, float* y) {
+  const int64_t nb = W.nb, bpb = W.bytes_per_block(), row = nb * kBlock;
+  std::vector<uint8_t> codes(nb * kBlock);
+  std::vector<float> ws(nb);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* src = W.codes + n * nb * bpb;
+    if (W.bits == 8) {
+      std::memcpy(codes.data(), src, nb * kBlock);
+    } else {
+      for (int64_t j = 0; j < nb * 16; ++j) codes[2 * j] = src[j] & 0x0F, codes[2 * j + 1] = src[j] >> 4;
+    }
+    for (int64_t m = m0; m < m1; ++m) {
+      const int8_t* xr = a.xq.data() + m * row;
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* c = codes.data() + b * kBlock;
+        const int8_t* xb = xr + b * kBlock;
+        int32_t d = 0;
+#pragma omp simd reduction(+ : d)
+        for (int i = 0; i < kBlock; ++i) d += static_cast<int32_t>(c[i]) * xb[i];
+        if (!W.zp) d -= (1 << (W.bits - 1)) * a.qsum[m * nb + b];  // explicit zero points: finish()
+        acc += W.scales[n * nb + b] * a.scale[m * nb + b] * static_cast<float>(d);
+      }
+      y[m * W.N + n] = acc;
+    }
+  }
+}
+
+// Level 0: a chunk of weight rows dequantised to fp32 (minima included), then every row of x.
+RAGTOP_HOT static void tile_fp32(const Weights& W, const float* x, int64_t M, int64_t n0, int64_t n1, float* y) {
+  const int64_t nb = W.nb, K = W.K, bpb = W.bytes_per_block();
+  constexpr int64_t kChunk = 16;
+  std::vector<float> w(kChunk * K);
+  for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
+    const int64_t c1 = std::min(n1, c0 + kChunk);
+    for (int64_t n = c0; n < c1; ++n) {
+      float* wr = w.data() + (n - c0) * K;
+      const uint8_t* src = W.codes + n * nb * bpb;
+      for (int64_t b = 0; b < nb; ++b) {
+        const float s = W.scales[n * nb + b], z = static_cast<float>(W.zero_point(n, b));
+        const float mn = W.mins ? W.mins[b * W.N + n] : 0.f;
+        const int64_t len = std::min(kBlock, K - b * kBlock);
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t j = b * bpb + (W.bits == 8 ? i : i / 2);
+          const int code = W.bits == 8 ? src[j] : ((i & 1) ? src[j] >> 4 : src[j] & 0x0F);
+          wr[b * kBlock + i] = s * (static_cast<float>(code) - z) + mn;
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = c0; n < c1; ++n) y[m * W.N + n] = dot(x + m * K, w.data() + (n - c0) * K, K);
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define RAGTOP_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+// Level 4 on AVX-512 VNNI: per weight row n, per group of 64 code bytes (4 blocks of 4-bit
+// codes / 2 of 8-bit), the codes are loaded and unpacked once, then for each of R rows of x
+// one or two vpdpbusd give 16 lanes of exact integer partial dot products (started from the
+// lane's -zp * sum(xq)), converted and scaled by scale_w * scale_x into a float accumulator.
+// One horizontal sum per (row, column) at the end.
+// Four vectors' horizontal sums as one 128-bit vector [sum a0, sum a1, sum a2, sum a3].
+RAGTOP_VNNI static inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m256 r0 = _mm256_add_ps(_mm512_castps512_ps256(a0), _mm512_extractf32x8_ps(a0, 1));
+  const __m256 r1 = _mm256_add_ps(_mm512_castps512_ps256(a1), _mm512_extractf32x8_ps(a1, 1));
+  const __m256 r2 = _mm256_add_ps(_mm512_castps512_ps256(a2), _mm512_extractf32x8_ps(a2, 1));
+  const __m256 r3 = _mm256_add_ps(_mm512_castps512_ps256(a3), _mm512_extractf32x8_ps(a3, 1));
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(r0, r1), _mm256_hadd_ps(r2, r3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// One group of code bytes (64 per weight row: 4 blocks of 4-bit codes, 2 of 8-bit) of C
+// weight rows against R rows of x (records at p + r * record); LAST: the partial last group.
+template <int R, int C, int BITS, bool LAST>
+RAGTOP_VNNI static inline __attribute__((always_inline)) void vnni_group(
+    const uint8_t* const* cr, const float* const* sw, int64_t b0, const uint8_t* p, __m512 (&acc)[R][C],
+    __mmask64 tail_codes, __mmask8 tail_scales, __m512i idx, __m512i low4) {
+  constexpr int64_t bpb = kBlock * BITS / 8, rec = BITS == 4 ? 256 : 192, xbytes = rec - 128;
+  __m512i lo[C], hi[C];
+  __m512 s[C];
+  for (int c = 0; c < C; ++c) {
+    const __m512i code =
+        LAST ? _mm512_maskz_loadu_epi8(tail_codes, cr[c] + b0 * bpb) : _mm512_loadu_si512(cr[c] + b0 * bpb);
+    // a full group's G scales (4, or 2 for 8-bit codes: never read past the row's last block)
+    const __m128 sv = LAST          ? _mm_maskz_loadu_ps(tail_scales, sw[c] + b0)
+                      : BITS == 4 ? _mm_loadu_ps(sw[c] + b0)
+                                  : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sw[c] + b0)));
+    s[c] = _mm512_permutexvar_ps(idx, _mm512_zextps128_ps512(sv));
+    if constexpr (BITS == 4) {
+      lo[c] = _mm512_and_si512(code, low4);
+      hi[c] = _mm512_and_si512(_mm512_srli_epi16(code, 4), low4);
+    } else {
+      lo[c] = code;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* q = p + r * rec;
+    const __m512i bias = _mm512_load_si512(q + xbytes);
+    const __m512 xs = _mm512_load_ps(reinterpret_cast<const float*>(q + xbytes + 64));
+    const __m512i x0 = _mm512_load_si512(q);
+    for (int c = 0; c < C; ++c) {
+      __m512i d = _mm512_dpbusd_epi32(bias, lo[c], x0);
+      if constexpr (BITS == 4) d = _mm512_dpbusd_epi32(d, hi[c], _mm512_load_si512(q + 64));
+      acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s[c], xs), acc[r][c]);
+    }
+  }
+}
+
+// R rows of x (a tile starting at m0, a multiple of kMaxRows) times C weight rows at a time
+// (C = 4 for a single row of x: four columns share the loads of x and one 4-way reduction).
+template <int R, int C, int BITS>
+RAGTOP_VNNI static void tile_vnni(const Weights& W, const Act& a, int64_t m0, int64_t n0, int64_t n1, float* y) {
+  constexpr int64_t G = BITS == 4 ? 4 : 2, bpb = kBlock * BITS / 8, lanes_per_block = 16 / G;
+  constexpr int64_t rec = BITS == 4 ? 256 : 192, xbytes = rec - 128;  // record: int8 x, bias, scale
+  const int64_t nb = W.nb, N = W.N, groups = a.groups, full = nb / G, tail = nb - full * G;
+  const int64_t step = kMaxRows * rec;  // one group further
+  const uint8_t* tile = a.pack + (m0 / kMaxRows) * groups * step;
+  const __mmask64 tail_codes = tail ? ((__mmask64{1} << (tail * bpb)) - 1) : 0;
+  const __mmask8 tail_scales = static_cast<__mmask8>((1u << tail) - 1);
+  alignas(64) int32_t idx_v[16];
+  for (int i = 0; i < 16; ++i) idx_v[i] = i / static_cast<int>(lanes_per_block);
+  const __m512i idx = _mm512_load_si512(idx_v);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  int64_t n = n0;
+  for (; n + C <= n1; n += C) {
+    const uint8_t* cr[C];
+    const float* sw[C];
+    for (int c = 0; c < C; ++c) cr[c] = W.codes + (n + c) * nb * bpb, sw[c] = W.scales + (n + c) * nb;
+    __m512 acc[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+    const uint8_t* p = tile;
+    for (int64_t g = 0; g < full; ++g, p += step)
+      vnni_group<R, C, BITS, false>(cr, sw, g * G, p, acc, tail_codes, tail_scales, idx, low4);
+    if (tail) vnni_group<R, C, BITS, true>(cr, sw, full * G, p, acc, tail_codes, tail_scales, idx, low4);
+    for (int r = 0; r < R; ++r) {
+      float* yr = y + (m0 + r) * N + n;
+      if constexpr (C == 4) {
+        _mm_storeu_ps(yr, reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+      } else {
+        for (int c = 0; c < C; ++c) yr[c] = _mm512_reduce_add_ps(acc[r][c]);
+      }
+    }
+  }
+  if (n < n1) tile_vnni<R, 1, BITS>(W, a, m0, n, n1, y);
+}
+
+template <int BITS>
+static void rows_vnni(const Weights& W, const Act& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y) {
+  for (int64_t m = m0; m < m1; m += kMaxRows) {
+    switch (std::min(kMaxRows, m1 - m)) {
+      case 1: tile_vnni<1, 4, BITS>(W, a, m, n0, n1, y); break;
+      case 2: tile_vnni<2, 2, BITS>(W, a, m, n0, n1, y); break;
+      case 3: tile_vnni<3, 2, BITS>(W, a, m, n0, n1, y); break;
+      case 4: tile_vnni<4, 2, BITS>(W, a, m, n0, n1, y); break;
+      case 5: tile_vnni<5, 2, BITS>(W, a, m, n0, n1, y); break;
+      case 6: tile_vnni<6, 2, BITS>(W, a, m, n0, n1, y); break;
+      case 7: tile_vnni<7, 2, BITS>(W, a, m, n0, n1, y); break;
+      default: tile_vnni<8, 2, BITS>(W, a, m, n0, n1, y); break;
+    }
+  }
+}
+
+// y[m, n0:n1] += sum_b xsum[m, b] * mins[b, n0:n1] (the minima term; mins is [nb, N]):
+// 8 rows x 16 columns of accumulators, one load of a mins row and 8 broadcast FMAs per block.
+RAGTOP_VNNI static void mins_avx512(const Weights& W, const Act& a, int64_t M, int64_t n0, int64_t n1, float* y) {
+  const int64_t N = W.N, nb = W.nb;
+  for (int64_t c = n0; c < n1; c += 16) {
+    const __mmask16 k = n1 - c >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n1 - c)) - 1);
+    for (int64_t m = 0; m < M; m += kMaxRows) {
+      const int64_t R = std::min(kMaxRows, M - m);
+      const float* xs = a.xsum.data() + m * nb;
+      __m512 acc[kMaxRows];
+      for (int r = 0; r < kMaxRows; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m512 mn = _mm512_maskz_loadu_ps(k, W.mins + b * N + c);
+        for (int r = 0; r < kMaxRows; ++r)
+          if (r < R) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * nb + b]), mn, acc[r]);
+      }
+      for (int r = 0; r < R; ++r) {
+        float* yr = y + (m + r) * N + c;
+        _mm512_mask_storeu_ps(yr, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, yr), acc[r]));
+      }
+    }
+  }
+}
+
+// prepare() for the VNNI path, vectorised: per block two 16-float loads, max |x|, the
+// rounding (vrndscaleps to nearest even, as MLAS), the even/odd split by permutes.
+RAGTOP_VNNI static void prepare_vnni(const float* x, int64_t M, const Weights& W, Act& a) {
+  const int64_t G = blocks_per_group(W.bits), nb = W.nb, K = W.K;
+  const int32_t zp = W.zp ? 0 : (1 << (W.bits - 1));
+  alignas(64) int32_t ev[16], od[16];
+  for (int i = 0; i < 16; ++i) ev[i] = 2 * i, od[i] = 2 * i + 1;
+  const __m512i even_idx = _mm512_load_si512(ev), odd_idx = _mm512_load_si512(od);
+  alignas(64) int32_t t[32];
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      const int64_t n = std::min(kBlock, K - b * kBlock);
+      const __mmask16 k0 = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+      const __mmask16 k1 = n >= 32 ? static_cast<__mmask16>(0xFFFF)
+                                   : (n > 16 ? static_cast<__mmask16>((1u << (n - 16)) - 1) : static_cast<__mmask16>(0));
+      const __m512 v0 = _mm512_maskz_loadu_ps(k0, xb), v1 = _mm512_maskz_loadu_ps(k1, xb + 16);
+      a.xsum[m * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const __m512 inv = _mm512_set1_ps(amax != 0.f ? 127.f / amax : 0.f);
+      const float s = amax / 127.f;
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v0, inv), _MM_FROUND_TO_NEAREST_INT));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v1, inv), _MM_FROUND_TO_NEAREST_INT));
+      a.scale[m * nb + b] = s;
+      a.qsum[m * nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      const int64_t g = b / G, p = b % G;
+      uint8_t* rec = a.pack + (((m / kMaxRows) * a.groups + g) * kMaxRows + m % kMaxRows) * a.record;
+      int32_t* bias = reinterpret_cast<int32_t*>(rec + a.record - 128);
+      float* lane_scale = reinterpret_cast<float*>(rec + a.record - 64);
+      if (W.bits == 4) {
+        const __m512i e = _mm512_permutex2var_epi32(q0, even_idx, q1), o = _mm512_permutex2var_epi32(q0, odd_idx, q1);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(rec + p * 16), _mm512_cvtepi32_epi8(e));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(rec + 64 + p * 16), _mm512_cvtepi32_epi8(o));
+        _mm512_store_si512(t, _mm512_add_epi32(e, o));  // lane l of the block meets t[4l .. 4l+3]
+        for (int l = 0; l < 4; ++l) {
+          bias[p * 4 + l] = -zp * (t[4 * l] + t[4 * l + 1] + t[4 * l + 2] + t[4 * l + 3]);
+          lane_scale[p * 4 + l] = s;
+        }
+      } else {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(rec + p * 32), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(rec + p * 32 + 16), _mm512_cvtepi32_epi8(q1));
+        _mm512_store_si512(t, q0);
+        _mm512_store_si512(t + 16, q1);
+        for (int l = 0; l < 8; ++l) {
+          bias[p * 8 + l] = -zp * (t[4 * l] + t[4 * l + 1] + t[4 * l + 2] + t[4 * l + 3]);
+          lane_scale[p * 8 + l] = s;
+        }
+      }
+    }
+  }
+}
+
+// Level 4 on AVX2 (vpmaddubsw + vpmaddwd) or AVX-VNNI (the 256-bit vpdpbusd), 4-bit codes:
+// the AVX-512 design at half width. A group is 32 code bytes (2 blocks); records of 128
+// bytes per (group, row): [32 B even elements][32 B odd][8 x int32 bias][8 x f32 scale],
+// tiles of 8 rows contiguous. Without VNNI, codes (<= 15) times int8 input (|x| <= 127)
+// summed in pairs, then the two nibbles' pairs, fit int16 (<= 4 * 15 * 127) exactly.
+#define RAGTOP_TILE256(NAME, TARGET, DOT)                                                                  \
+  template <int R, int C>                                                                                  \
+  __attribute__((target(TARGET))) static void NAME(const Weights& W, const Act& a, int64_t m0, int64_t n0, \
+                                                   int64_t n1, float* y) {                                 \
+    constexpr int64_t rec = 128, step = kMaxRows * rec;                                                    \
+    const int64_t nb = W.nb, N = W.N, full = nb / 2, tail = nb % 2;                                        \
+    const uint8_t* tile = a.pack + (m0 / kMaxRows) * a.groups * step;                                      \
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones16 = _mm256_set1_epi16(1);                            \
+    const __m256i idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);                                         \
+    (void)ones16;                                                                                          \
+    for (int64_t n = n0; n < n1; n += C) {                                                                 \
+      const int64_t cols = std::min<int64_t>(C, n1 - n);                                                   \
+      __m256 acc[R][C];                                                                                    \
+      for (int r = 0; r < R; ++r)                                                                          \
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();                                       \
+      const uint8_t* p = tile;                                                                             \
+      for (int64_t g = 0; g < full + tail; ++g, p += step) {                                               \
+        __m256i lo[C], hi[C];                                                                              \
+        __m256 s[C];                                                                                       \
+        for (int c = 0; c < C; ++c) {                                                                      \
+          const int64_t col = n + std::min<int64_t>(c, cols - 1); /* past the end: a repeat, not stored */ \
+          const uint8_t* cr = W.codes + col * nb * 16 + g * 32;                                            \
+          const float* sw = W.scales + col * nb + g * 2;                                                   \
+          __m256i code;                                                                                    \
+          __m128 sv;                                                                                       \
+          if (g < full) {                                                                                  \
+            code = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cr));                               \
+            sv = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sw)));                          \
+          } else {                                                                                         \
+            code = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cr)));          \
+            sv = _mm_load_ss(sw);                                                                          \
+          }                                                                                                \
+          s[c] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(sv), idx);                                \
+          lo[c] = _mm256_and_si256(code, low4);                                                            \
+          hi[c] = _mm256_and_si256(_mm256_srli_epi16(code, 4), low4);                                      \
+        }                                                                                                  \
+        for (int r = 0; r < R; ++r) {                                                                      \
+          const uint8_t* q = p + r * rec;                                                                  \
+          const __m256i bias = _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 64));                \
+          const __m256 xs = _mm256_load_ps(reinterpret_cast<const float*>(q + 96));                        \
+          const __m256i xe = _mm256_load_si256(reinterpret_cast<const __m256i*>(q));                       \
+          const __m256i xo = _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32));                  \
+          for (int c = 0; c < C; ++c) {                                                                    \
+            const __m256i d = DOT;                                                                         \
+            acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s[c], xs), acc[r][c]);        \
+          }                                                                                                \
+        }                                                                                                  \
+      }                                                                                                    \
+      for (int r = 0; r < R; ++r)                                                                          \
+        for (int c = 0; c < cols; ++c) {                                                                   \
+          const __m256 v = acc[r][c];                                                                      \
+          __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));                   \
+          t = _mm_add_ps(t, _mm_movehl_ps(t, t));                                                          \
+          t = _mm_add_ss(t, _mm_movehdup_ps(t));                                                           \
+          y[(m0 + r) * N + n + c] = _mm_cvtss_f32(t);                                                      \
+        }                                                                                                  \
+    }                                                                                                      \
+  }
+
+RAGTOP_TILE256(tile_avx2, "avx2,fma",
+               _mm256_add_epi32(bias, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[c], xe),
+                                                                         _mm256_maddubs_epi16(hi[c], xo)),
+                                                        ones16)))
+RAGTOP_TILE256(tile_avxvnni, "avx2,fma,avxvnni",
+               _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(bias, lo[c], xe), hi[c], xo))
+
+template <bool VNNI>
+static void rows_256(const Weights& W, const Act& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y) {
+  for (int64_t m = m0; m < m1; m += kMaxRows) {
+    const int64_t R = std::min(kMaxRows, m1 - m);
+#define RAGTOP_ROWS256(RR, CC) \
+  case RR: VNNI ? tile_avxvnni<RR, CC>(W, a, m, n0, n1, y) : tile_avx2<RR, CC>(W, a, m, n0, n1, y); break;
+    switch (R) {
+      RAGTOP_ROWS256(1, 4)
+      RAGTOP_ROWS256(2, 2)
+      RAGTOP_ROWS256(3, 2)
+      RAGTOP_ROWS256(4, 2)
+      RAGTOP_ROWS256(5, 1)
+      RAGTOP_ROWS256(6, 1)
+      RAGTOP_ROWS256(7, 1)
+      default: VNNI ? tile_avxvnni<8, 1>(W, a, m, n0, n1, y) : tile_avx2<8, 1>(W, a, m, n0, n1, y); break;
+    }
+#undef RAGTOP_ROWS256
+  }
+}
+
+static bool cpu_has_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+static bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+static bool cpu_has_avxvnni() {
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
+}
+#else
+template <bool VNNI>
+static void rows_256(const Weights&, const Act&, int64_t, int64_t, int64_t, int64_t, float*) {}
+static bool cpu_has_avx2() { return false; }
+static bool cpu_has_avxvnni() { return false; }
+template <int BITS>
+static void rows_vnni(const Weights&, const Act&, int64_t, int64_t, int64_t, int64_t, float*) {}
+static void mins_avx512(const Weights&, const Act&, int64_t, int64_t, int64_t, float*) {}
+static void prepare_vnni(const float*, int64_t, const Weights&, Act&) {}
+static bool cpu_has_vnni() { return false; }
+#endif
+
+// The level-4 inner loop: the best the CPU has, or RAGTOP_MATMUL_ISA = generic | avx2 |
+// avxvnni | avx512vnni when the CPU has it (tests run every path the machine can).
+enum class Isa { Generic, Avx2, AvxVnni, Avx512Vnni };
+static Isa isa() {
+  static const Isa v = [] {
+    const char* e = std::getenv("RAGTOP_MATMUL_ISA");
+    const std::string want = e ? e : "";
+    if (want == "generic") return Isa::Generic;
+    if (want == "avx2" && cpu_has_avx2()) return Isa::Avx2;
+    if (want == "avxvnni" && cpu_has_avxvnni()) return Isa::AvxVnni;
+    if (cpu_has_vnni()) return Isa::Avx512Vnni;
+    if (cpu_has_avxvnni()) return Isa::AvxVnni;
+    return cpu_has_avx2() ? Isa::Avx2 : Isa::Generic;
+  }();
+  return v;
+}
+
+static Act& scratch_act() {
+  thread_local Act a;
+  return a;
+}
+
+}  // namespace mmb
+
+struct MatMulBlocksKernel {
+  int64_t K, N, bits, block_size, level;
+
+  MatMulBlocksKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    K = attr_int(api, info, "K", 0, false);
+    N = attr_int(api, info, "N", 0, false);
+    bits = attr_int(api, info, "bits", 4, false);
+    block_size = attr_int(api, info, "block_size", 32, false);
+    level = attr_int(api, info, "accuracy_level", 0, false);
+    if (K < 1 || N < 1) ORT_CXX_API_THROW("ragtop::MatMulBlocks: K and N must be >= 1", ORT_INVALID_ARGUMENT);
+    if (bits != 4 && bits != 8) ORT_CXX_API_THROW("ragtop::MatMulBlocks: bits must be 4 or 8", ORT_INVALID_ARGUMENT);
+    if (block_size != mmb::kBlock)
+      ORT_CXX_API_THROW("ragtop::MatMulBlocks: block_size must be 32", ORT_INVALID_ARGUMENT);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Ort::Status st = run(context);
+      return st.release();
+    } catch (const std::exception& e) {
+      return Ort::Status(e).release();
+    }
+  }
+
+  Ort::Status run(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const size_t n_in = ctx.GetInputCount();
+    auto input = [&](size_t i) -> Ort::ConstValue { return i < n_in ? ctx.GetInput(i) : Ort::ConstValue{nullptr}; };
+    Ort::ConstValue xv = input(0), bv = input(1), sv = input(2), zv = input(3), mv = input(4);
+    RAGTOP_CHECK(xv && bv && sv, "MatMulBlocks: inputs A, B and scales are required");
+    const std::vector<int64_t> xs = xv.GetTensorTypeAndShapeInfo().GetShape();
+    RAGTOP_CHECK(!xs.empty() && xs.back() == K, "MatMulBlocks: A " + shape_str(xs) + " must end in K = " + std::to_string(K));
+    const int64_t nb = (K + mmb::kBlock - 1) / mmb::kBlock;
+    mmb::Weights W{bv.GetTensorData<uint8_t>(), sv.GetTensorData<float>(), nullptr, nullptr, N, K, nb, bits};
+    RAGTOP_CHECK(static_cast<int64_t>(bv.GetTensorTypeAndShapeInfo().GetElementCount()) == N * nb * W.bytes_per_block(),
+                 "MatMulBlocks: B must hold N * ceil(K / 32) * " + std::to_string(W.bytes_per_block()) + " bytes");
+    RAGTOP_CHECK(static_cast<int64_t>(sv.GetTensorTypeAndShapeInfo().GetElementCount()) == N * nb,
+                 "MatMulBlocks: scales must hold N * ceil(K / 32) values");
+    if (zv) {
+      const int64_t want = bits == 8 ? N * nb : N * ((nb + 1) / 2);
+      RAGTOP_CHECK(static_cast<int64_t>(zv.GetTensorTypeAndShapeInfo().GetElementCount()) == want,
+                   "MatMulBlocks: zero_points must hold " + std::to_string(want) + " bytes");
+      W.zp = zv.GetTensorData<uint8_t>();
+    }
+    if (mv) {
+      RAGTOP_CHECK(static_cast<int64_t>(mv.GetTensorTypeAndShapeInfo().GetElementCount()) == N * nb,
+                   "MatMulBlocks: mins must be [ceil(K / 32), N]");
+      W.mins = mv.GetTensorData<float>();
+    }
+    std::vector<int64_t> ys(xs);
+    ys.back() = N;
+    Ort::UnownedValue yv = ctx.GetOutput(0, ys);
+    float* y = yv.GetTensorMutableData<float>();
+    int64_t M = 1;
+    for (size_t i = 0; i + 1 < xs.size(); ++i) M *= xs[i];
+    if (M == 0) return Ort::Status(nullptr);
+    const float* x = xv.GetTensorData<float>();
+    const mmb::Isa isa = mmb::isa();
+    const bool level4 = level == 4, vnni = level4 && isa == mmb::Isa::Avx512Vnni;
+    const bool r256 = level4 && bits == 4 && (isa == mmb::Isa::Avx2 || isa == mmb::Isa::AvxVnni);
+    mmb::Act& a = mmb::scratch_act();
+    mmb::prepare(x, M, W, level4, vnni, a, r256);
+    // columns in chunks of a multiple of 16 (whole vector lanes for the minima) holding
+    // ~8 KB of codes: a chunk's codes stay in L1 while every tile of rows passes over them
+    const int64_t row_bytes = nb * W.bytes_per_block();
+    const int64_t chunk = std::max<int64_t>(16, (8192 / row_bytes) / 16 * 16);
+    const int64_t tasks = (N + chunk - 1) / chunk;
+    parallel_for(context, static_cast<size_t>(tasks), [&](size_t t) {
+      const int64_t n0 = static_cast<int64_t>(t) * chunk, n1 = std::min(N, n0 + chunk);
+      if (!level4)
+        mmb::tile_fp32(W, x, M, n0, n1, y);
+      else if (vnni && bits == 4)
+        mmb::rows_vnni<4>(W, a, 0, M, n0, n1, y);
+      else if (vnni)
+        mmb::rows_vnni<8>(W, a, 0, M, n0, n1, y);
+      else if (r256 && isa == mmb::Isa::AvxVnni)
+        mmb::rows_256<true>(W, a, 0, M, n0, n1, y);
+      else if (r256)
+        mmb::rows_256<false>(W, a, 0, M, n0, n1, y);
+      else
+        mmb::tile_int8_generic(W, a, 0, M, n0, n1, y);
+      mmb::finish(W, a, level4, vnni, 0, M, n0, n1, y);
+    });
+    return Ort::Status(nullptr);
+  }
+};
+
+struct MatMulBlocksOp : Ort::CustomOpBase<MatMulBlocksOp, MatMulBlocksKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new MatMulBlocksKernel(&api, info);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return Ort::Status(e).release();
+    }
+  }
+  const char* GetName() const { return "MatMulBlocks"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return (i == 1 || i == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 }  // namespace ragtop
 
 // ---------------------------------------------------------------------------------------
@@ -927,6 +1642,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   static std::mutex mu;
   static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> attn, attn16, embed;
   static std::unique_ptr<Ort::CustomOpDomain> domain;
+  static std::unique_ptr<ragtop::MatMulBlocksOp> matmul;
   try {
     std::lock_guard<std::mutex> lock(mu);
     if (!domain) {  // one domain object, alive as long as the library, shared by sessions
@@ -939,6 +1655,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       domain->Add(attn.get());
       domain->Add(attn16.get());  // same name, float16 cache: onnxruntime picks by input types
       domain->Add(embed.get());
+      matmul = std::make_unique<ragtop::MatMulBlocksOp>();
+      domain->Add(matmul.get());
     }
     Ort::UnownedSessionOptions(options).Add(*domain);
   } catch (const std::exception& e) {

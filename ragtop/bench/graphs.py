@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.inliner
 from onnx import TensorProto, helper
 
 from ragtop.export import ops
@@ -120,6 +121,42 @@ def ragged_embedding_model(tables, projs, tier_of, row_of) -> bytes:
         {ops.DOMAIN: ops.OPSET_VERSION},
         inits,
     )
+
+
+def matmul_blocks_model(q, k: int, level: int, standard: bool = False) -> bytes:
+    """One ragtop::MatMulBlocks node, y = A [M, k] @ W^T for W given as quant.QBlocks (codes,
+    scales, optional zero points and mins as initializers), with its function body; or,
+    `standard`, that body inlined: com.microsoft::MatMulNBits (+ the minima nodes), the
+    subgraph an export without the op holds (export --matmul standard)."""
+    from ragtop.export.functions import matmul_blocks_function
+
+    n, nb = q.scales.shape
+    inits = [onnx.numpy_helper.from_array(q.packed_codes(), "B"), onnx.numpy_helper.from_array(q.scales, "scales")]
+    names = ["A", "B", "scales", ""]
+    if q.zero_points is not None:
+        inits.append(onnx.numpy_helper.from_array(q.packed_zero_points(), "zero_points"))
+        names[3] = "zero_points"
+    if q.mins is not None:
+        inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(q.mins.T), "mins"))  # [nb, N]
+        names.append("mins")
+    attrs = dict(K=k, N=n, bits=q.bits, block_size=ops.MATMUL_BLOCK, accuracy_level=level)
+    node = helper.make_node(ops.MATMUL_BLOCKS, names, ["Y"], domain=ops.DOMAIN, **attrs)
+    if q.mins is not None:
+        node.overload = ops.MATMUL_BLOCKS_MINS
+    body = matmul_blocks_function(21, q.mins is not None, padded=k % ops.MATMUL_BLOCK != 0)
+    model = onnx.ModelProto.FromString(
+        _model(
+            [node],
+            [helper.make_tensor_value_info("A", F, ["M", k])],
+            [helper.make_tensor_value_info("Y", F, ["M", n])],
+            {ops.DOMAIN: ops.OPSET_VERSION, ops.MS_DOMAIN: 1},
+            inits,
+            [body],
+        )
+    )
+    if standard:
+        model = onnx.inliner.inline_local_functions(model)
+    return model.SerializeToString()
 
 
 def fallback_attention_model(

@@ -31,6 +31,9 @@ from .weights import WEIGHTS
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 23, 23  # 23: RMSNormalization + RotaryEmbedding nodes
 MARKERS = ("genai_config.json", "model.onnx", "export_report.json")  # what makes a folder an export
 DEFAULT_ACCURACY_LEVEL = 0
+# int4/int8 matrices as ragtop::MatMulBlocks (the plugin's kernel; the body is MatMulNBits):
+# faster at every row count measured; decode 1.03-1.12x, 1k prefill 1.23-1.27x (docs/kernels.md)
+DEFAULT_MATMUL = "custom"
 DEFAULT_ATOL = 1e-4
 LEVEL4_RTOL = 0.25  # see tolerances()
 FP16_CACHE_RTOL = 2e-3  # --kv-dtype fp16 under fp32 activations: see tolerances()
@@ -62,6 +65,7 @@ class ExportOptions:
     data_dir: Path | None = None
     overwrite: bool = False
     paged_kv: bool = False
+    matmul: str = DEFAULT_MATMUL
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> ExportOptions:
@@ -105,6 +109,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="MatMulNBits accuracy_level with int4/int8 weights: 0/1 = fp32 compute on the exact "
         "weights (8-bit matrices as two 4-bit halves); 4 = inputs rounded to int8 per "
         f"block of 32, as llama.cpp computes (faster kernels) (default {DEFAULT_ACCURACY_LEVEL})",
+    )
+    p.add_argument(
+        "--matmul",
+        choices=["custom", "standard"],
+        default=DEFAULT_MATMUL,
+        help="int4/int8 matrices at --accuracy-level 4: custom = 4-bit matrices as ragtop::MatMulBlocks nodes "
+        "(the plugin's kernel: each weight block unpacked once for all rows, the Q4_1 minima fused; its function "
+        "body is the standard subgraph, so the file runs without the plugin; 8-bit matrices and level 0 stay "
+        "MatMulNBits, where the kernel is not faster); standard = com.microsoft::MatMulNBits (+ the minima nodes) "
+        f"(default {DEFAULT_MATMUL})",
     )
     p.add_argument(
         "--ops",
@@ -282,7 +296,7 @@ def export(a: ExportOptions) -> int:
     ckpt = load_checkpoint(a.checkpoint)
     cfg, model = ckpt.config, ckpt.model
     context = a.max_context or cfg.max_seq_len
-    spec = make_spec(model, context, a.ops, a.dtype, a.opset, a.weights, a.accuracy_level, a.kv_dtype)
+    spec = make_spec(model, context, a.ops, a.dtype, a.opset, a.weights, a.accuracy_level, a.kv_dtype, a.matmul)
     atol, rtol = tolerances(a, spec.attention_mode)
     planned = qweights.plan(model, a.weights, load_file_blocks(ckpt.path))
     if planned:
@@ -393,13 +407,16 @@ def export(a: ExportOptions) -> int:
 
 
 def write_level0_twin(onnx_path: Path) -> Path:
-    """model.onnx with every MatMulNBits at accuracy level 0, written beside it (sharing its
-    external weights file) for validation; the caller deletes it."""
+    """model.onnx with every MatMulNBits and ragtop::MatMulBlocks at accuracy level 0,
+    written beside it (sharing its external weights file) for validation; the caller
+    deletes it. (A MatMulBlocks body reads the node's accuracy_level, so it follows.)"""
     import onnx
+
+    from . import ops
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
     for node in proto.graph.node:
-        if node.op_type == "MatMulNBits":
+        if node.op_type == "MatMulNBits" or (node.domain == ops.DOMAIN and node.op_type == ops.MATMUL_BLOCKS):
             for attr in node.attribute:
                 if attr.name == "accuracy_level":
                     attr.i = 0

@@ -88,6 +88,48 @@ def ragged_embedding_function(num_tiers: int, opset: int) -> FunctionProto:
     )
 
 
+def matmul_blocks_function(opset: int, mins: bool, padded: bool = False) -> FunctionProto:
+    """ragtop::MatMulBlocks (ops.py) as the subgraph it replaces: com.microsoft::MatMulNBits
+    on the codes, scales and optional zero points (every attribute referenced from the
+    node, so rewriting a node's accuracy_level rewrites its body), plus, for the `mins`
+    overload, the per-block minimum term sum_b mins[b, n] * sum_{k in block b} x[k]: the
+    input's per-block sums (fp32, unrounded; zero-padded to whole blocks when `padded`)
+    times mins [nb, N]. The same nodes onnx.py emitted before the op existed."""
+    b = _Body("m")
+    inputs = ["A", "B", "scales", "zero_points"] + (["mins"] if mins else [])
+    attrs = ("K", "N", "bits", "block_size", "accuracy_level")
+    node = helper.make_node(
+        "MatMulNBits", ["A", "B", "scales", "zero_points"], ["Y" if not mins else "m_nbits"], domain=ops.MS_DOMAIN
+    )
+    for name in attrs:
+        node.attribute.append(helper.make_attribute_ref(name, AttributeProto.INT))
+    b.nodes.append(node)
+    if mins:
+        c = b.const
+        x = "A"
+        nb = b.dim(b.op("Shape", "mins"), 0)  # [1]
+        if padded:  # x zero-padded to nb * 32 along its last axis
+            width = b.op("Mul", nb, c([ops.MATMUL_BLOCK]))
+            pad = b.op("Sub", width, b.op("Shape", "A", start=-1))
+            x = b.op("Pad", "A", b.op("Concat", c([0]), pad, axis=0), "", c([-1]))
+        lead = b.op("Shape", "A", end=-1)
+        blocks = b.op("Reshape", x, b.op("Concat", lead, nb, c([ops.MATMUL_BLOCK]), axis=0))  # [..., nb, 32]
+        sums = b.op("ReduceSum", blocks, c([-1]), keepdims=0)  # [..., nb]
+        b.op("Add", "m_nbits", b.op("MatMul", sums, "mins"), out="Y")
+    f = helper.make_function(
+        ops.DOMAIN,
+        ops.MATMUL_BLOCKS,
+        inputs,
+        ["Y"],
+        b.nodes,
+        [helper.make_opsetid("", opset), helper.make_opsetid(ops.MS_DOMAIN, 1)],
+        attributes=list(attrs),
+    )
+    if mins:
+        f.overload = ops.MATMUL_BLOCKS_MINS
+    return f
+
+
 def attention_mode(topk: int | None, block_size: int | None, context_limit: int) -> str:
     """dense when topk covers every key the model may ever see; else exact or block."""
     if topk is None or topk >= context_limit:

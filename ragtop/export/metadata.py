@@ -57,6 +57,7 @@ def genai_config(
                 "dtype": spec.dtype,
                 "weights": spec.weights,
                 "matmul_accuracy_level": spec.accuracy_level if spec.weights in ("int4", "int8") else None,
+                "matmul": spec.matmul if spec.weights in ("int4", "int8") else None,
                 "hidden_size": cfg.d_model,
                 "head_size": cfg.head_dim,
                 "num_attention_heads": cfg.n_heads,

@@ -22,7 +22,8 @@ input) and is written into the cache there; bind present.* to the same buffers a
 past_key_values.* (IO binding) and nothing is copied. `logits_indices` chooses the logits:
 [[S-1]] (or each sequence's last real token) for serving, arange(S) for evaluation.
 
-`--ops custom` emits ragtop::TopKAttention and ragtop::RaggedEmbedding nodes with a
+`--ops custom` emits ragtop::TopKAttention and ragtop::RaggedEmbedding nodes (and, with
+int4/int8 weights at accuracy level 4 and `--matmul custom`, ragtop::MatMulBlocks) with a
 standard-op FunctionProto each (functions.py); `--ops standard` inlines those functions, so
 the file holds standard ops only. ragtop/model stays free of export code: the module below
 reuses the model's submodules and only replaces the attention and embedding calls.
@@ -81,6 +82,7 @@ class ExportSpec:
     dense_layers: int = 0  # the first N layers' nodes attend densely (top-k modes)
     kv_dtype: str = "fp32"  # fp32 | fp16: the key/value cache (summaries keep the activations' type)
     layer_budgets: tuple[int, ...] = ()  # block mode: one budget per layer (block_budget: their maximum)
+    matmul: str = "custom"  # block-quantized matrices: custom (ragtop::MatMulBlocks) | standard (MatMulNBits)
 
     @property
     def cache_torch_dtype(self) -> torch.dtype:
@@ -107,6 +109,7 @@ def make_spec(
     weights: str | None = None,
     accuracy_level: int = 0,
     kv_dtype: str | None = None,
+    matmul: str = "custom",
 ) -> ExportSpec:
     """kv_dtype: the key/value cache's type, default the activations' (fp16 under fp32
     activations halves the cache; fp32 under fp16 activations is refused)."""
@@ -131,6 +134,7 @@ def make_spec(
         weights=weights or dtype,
         accuracy_level=accuracy_level if weights in ("int4", "int8") else 0,
         kv_dtype=kv_dtype or dtype,
+        matmul=matmul if weights in ("int4", "int8") and accuracy_level == 4 else "standard",  # see linear()
         **(
             {}
             if mode == "dense"
@@ -232,23 +236,40 @@ class ExportGraph(nn.Module):
         return m.logits(h), *presents
 
     def linear(self, prefix: str, module: nn.Module, x: Tensor) -> Tensor:
-        """x @ W^T: a com.microsoft::MatMulNBits node (+ the per-block minimum term) when W
-        is quantized, else the module itself."""
+        """x @ W^T: when W is quantized, a com.microsoft::MatMulNBits node (+ the per-block
+        minimum term), or with `--matmul custom` one ragtop::MatMulBlocks node per part
+        (ops.py: the same inputs, the minima fused; its function body is that subgraph);
+        else the module itself."""
         entry = self.quantized.get(f"{prefix}.weight")
         if entry is None:
             return module(x)
         key, parts = entry
         K = x.shape[-1]
         y = None
+        attrs = {"K": K, "bits": 0, "block_size": BLOCK, "accuracy_level": self.spec.accuracy_level}
         for suffix, qb in parts:
             N, Kp = qb.shape
+            attrs.update(N=N, bits=qb.bits)
             inputs = [x, getattr(self, f"{key}{suffix}_q"), getattr(self, f"{key}{suffix}_scales")]
-            if qb.zero_points is not None:
-                inputs.append(getattr(self, f"{key}{suffix}_zp"))
+            zp = getattr(self, f"{key}{suffix}_zp") if qb.zero_points is not None else None
+            # where the kernel measured faster (docs/kernels.md): 4-bit matrices at accuracy level 4;
+            # 8-bit ones and level 0 (MLAS's fp32 path dequantises once and runs an SGEMM) stay MatMulNBits
+            if self.spec.matmul == "custom" and qb.bits == 4 and self.spec.accuracy_level == 4:
+                mins = getattr(self, f"{key}{suffix}_mins") if qb.mins is not None else None
+                part = torch.onnx.ops.symbolic(
+                    f"{ops.DOMAIN}::{ops.MATMUL_BLOCKS}",
+                    [*inputs, zp, mins] if mins is not None else [*inputs, zp],
+                    attrs,
+                    dtype=x.dtype,
+                    shape=[*x.shape[:-1], N],
+                    version=ops.OPSET_VERSION,
+                )
+                y = part if y is None else y + part
+                continue
             part = torch.onnx.ops.symbolic(
                 "com.microsoft::MatMulNBits",
-                inputs,
-                {"K": K, "N": N, "bits": qb.bits, "block_size": BLOCK, "accuracy_level": self.spec.accuracy_level},
+                inputs if zp is None else [*inputs, zp],
+                attrs,
                 dtype=x.dtype,
                 shape=[*x.shape[:-1], N],
                 version=1,
@@ -445,6 +466,8 @@ def finish_model(proto: onnx.ModelProto, spec: ExportSpec) -> onnx.ModelProto:
         proto.functions.append(functions.topk_attention_function(spec.attention_mode, spec.opset, dense_flag, kv_cast))
     if (ops.DOMAIN, ops.RAGGED_EMBEDDING) in used:
         proto.functions.append(functions.ragged_embedding_function(spec.num_tiers, spec.opset))
+    if (ops.DOMAIN, ops.MATMUL_BLOCKS) in used:
+        add_matmul_blocks_functions(proto, spec.opset)
     if not any(o.domain == ops.DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION))
     if spec.ops == "standard":
@@ -463,6 +486,24 @@ def finish_model(proto: onnx.ModelProto, spec: ExportSpec) -> onnx.ModelProto:
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
     return proto
+
+
+def add_matmul_blocks_functions(proto: onnx.ModelProto, opset: int) -> None:
+    """Give each ragtop::MatMulBlocks node its function body: a node with `mins` (input 4)
+    the overload ops.MATMUL_BLOCKS_MINS, the others the default; the bodies pad x to whole
+    blocks only when some node's K needs it."""
+    nodes = [n for n in proto.graph.node if n.domain == ops.DOMAIN and n.op_type == ops.MATMUL_BLOCKS]
+    with_mins = [n for n in nodes if len(n.input) > 4 and n.input[4]]
+    for n in with_mins:
+        n.overload = ops.MATMUL_BLOCKS_MINS
+    if len(with_mins) < len(nodes):
+        proto.functions.append(functions.matmul_blocks_function(opset, mins=False))
+    if with_mins:
+        padded = any(next(a.i for a in n.attribute if a.name == "K") % BLOCK for n in with_mins)
+        proto.functions.append(functions.matmul_blocks_function(opset, mins=True, padded=padded))
+    if not any(o.domain == ops.MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(ops.MS_DOMAIN, 1))
+    proto.ir_version = max(proto.ir_version, 10)  # function overloads
 
 
 def add_dense_flag(proto: onnx.ModelProto, spec: ExportSpec) -> None:

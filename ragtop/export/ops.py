@@ -90,6 +90,33 @@ ragtop::RaggedEmbedding (version 1) -- frequency-tiered embedding lookup
       0 embeddings [B, S, D] = proj_i @ table_i[row_of[id]] for id's tier i
     attributes
       num_tiers: int
+
+ragtop::MatMulBlocks (version 1) -- y = x @ W^T for a block-quantized W (export --matmul custom)
+    inputs (com.microsoft::MatMulNBits' own, plus the per-block minima)
+      0 A            [..., K]            float
+      1 B            [N, nb, 32*bits/8]  uint8  nb = ceil(K / 32); 4-bit codes two per byte,
+                                                low nibble first (element 2j low, 2j+1 high)
+      2 scales       [N, nb]             float
+      3 zero_points  packed as MatMulNBits' uint8 ([N * ceil(nb/2)] 4-bit, [N * nb] 8-bit),
+                                         optional ("" = the default 2^(bits-1))
+      4 mins         [nb, N]             float, optional: per-block additive term (Q4_1's
+                                         m + 8d, quant.FileBlocks.matmul_blocks)
+    outputs
+      0 Y            [..., N]            float
+    attributes (MatMulNBits' names and meanings)
+      K, N: int; bits: 4 or 8; block_size: 32 (the only one the kernel takes);
+      accuracy_level: 4 = the input rounded to int8 per row and block of 32 before the
+      block products, exactly as MLAS's CompInt8 path rounds it (scale = amax / 127, codes
+      round-half-even(x * (127 / amax))); anything else = fp32 compute on the exact weights
+    semantics
+      w[n, k] = scales[n, b] * (code[n, k] - zero_point[n, b]) with b = k // 32, and
+      y = A~ @ w^T + sum_b mins[b, :] * (sum of A over block b, fp32, unrounded, zero-padded
+      past K), A~ = A rounded as above at level 4, A itself otherwise. This is what the
+      function body computes: MatMulNBits(A, B, scales, zero_points) plus, in the overload
+      MATMUL_BLOCKS_MINS ("mins"), the per-block sums of A times mins (a node with input 4
+      carries that overload; one without, the default body). The plugin's kernel computes
+      the same up to float summation order: each weight block is unpacked once per tile of
+      rows of A (MatMulNBits unpacks it again per row), and the minima are fused in.
 """
 
 DOMAIN = "ragtop"
@@ -103,3 +130,8 @@ BLOCK_TABLE = "block_table"
 NO_BLOCK_SUMMARY = "ragtop.no_block_summary"  # float [0] initializer: inputs 6-7 of an exact-mode node with input 8
 # TopKAttention attributes that may be absent (files written before them): default 0
 TOPK_ATTENTION_DEFAULT_ZERO = ("sink_tokens", "local_window")
+# ragtop::MatMulBlocks (see above): its block length, and the overload of a node with `mins`
+MATMUL_BLOCKS = "MatMulBlocks"
+MATMUL_BLOCKS_MINS = "mins"
+MATMUL_BLOCK = 32
+MS_DOMAIN = "com.microsoft"  # MatMulNBits, which the MatMulBlocks function bodies call

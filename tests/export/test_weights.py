@@ -103,17 +103,19 @@ def test_plan_and_reference():
     assert torch.equal(model.state_dict()["layers.1.attn.o_proj.weight"], w)  # the original is untouched
 
 
-def nbits_nodes(path) -> list[tuple[int, int]]:
-    """(bits, accuracy_level) of every MatMulNBits node."""
+def matmul_nodes(path) -> list[tuple[str, str, int, int]]:
+    """(op_type, overload, bits, accuracy_level) of every block-quantized matmul node."""
     m = onnx.load(str(path))
-    return [
+    return sorted(
         (
+            n.op_type,
+            n.overload,
             next(a.i for a in n.attribute if a.name == "bits"),
             next(a.i for a in n.attribute if a.name == "accuracy_level"),
         )
         for n in m.graph.node
-        if n.op_type == "MatMulNBits"
-    ]
+        if n.op_type in ("MatMulNBits", "MatMulBlocks")
+    )
 
 
 @pytest.mark.parametrize("variant", [("dense", "uniform"), ("block", "ragged")])
@@ -133,7 +135,8 @@ def test_quantized_export_validates(make_checkpoint, tmp_path, capsys, variant, 
     assert (config["weights"], config["dtype"], config["matmul_accuracy_level"]) == (weights, "fp32", 0)
     matrices = 4 * 2 + (variant[1] == "uniform")  # 4 nodes per layer (q/k/v and gate/up stacked), + the tied head
     eight_bit = matrices if weights == "int8" else (variant[1] == "uniform")  # the head is 8-bit in int4
-    assert sorted(nbits_nodes(out / "model.onnx")) == [(4, 0)] * (matrices + eight_bit)
+    nodes = matmul_nodes(out / "model.onnx")  # level 0: MatMulNBits, also under --matmul custom (the default)
+    assert [(op, bits, level) for op, _, bits, level in nodes] == [("MatMulNBits", 4, 0)] * (matrices + eight_bit)
     m = onnx.load(str(out / "model.onnx"))
     floats = [
         i for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and min(i.dims) > 1
@@ -154,7 +157,10 @@ def test_int8_compute_level_4(make_checkpoint, tmp_path, capsys):
     out = tmp_path / "q"
     rc = export_model_main([str(ckpt), str(out), "--weights", "int4", "--accuracy-level", "4"])
     assert rc == 0, capsys.readouterr().err
-    assert sorted(set(nbits_nodes(out / "model.onnx"))) == [(4, 4), (8, 4)]
+    assert {(op, bits, level) for op, _, bits, level in matmul_nodes(out / "model.onnx")} == {
+        ("MatMulBlocks", 4, 4),
+        ("MatMulNBits", 8, 4),
+    }
     report = json.loads((out / "export_report.json").read_text())
     v, v0 = report["validation"], report["validation_level0"]
     assert v["passed"] and v["greedy_match"] and v["rtol"] == 0.25
@@ -234,3 +240,100 @@ def test_plugin_runs_quantized_graph(make_checkpoint, tmp_path):
     plain = greedy_onnx(session(out / "model.onnx"), spec, PROMPT, 16, 32)
     with_plugin = greedy_onnx(session(out / "model.onnx", custom_op_library=str(plugin)), spec, PROMPT, 16, 32)
     assert plain == with_plugin
+
+
+@pytest.mark.parametrize("level", [4, 0])
+def test_matmul_custom_export(make_checkpoint, tmp_path, capsys, level):
+    """--matmul custom: at level 4 the 4-bit matrices become ragtop::MatMulBlocks nodes (the
+    8-bit head stays MatMulNBits), at level 0 nothing changes; the file validates without the
+    plugin (the function bodies are the standard subgraph), and with the plugin's kernel it
+    decodes the same greedy tokens as the standard export, with or without the plugin."""
+    from ragtop.checkpoint import load_checkpoint
+    from ragtop.export import mobile
+    from ragtop.export.onnx import make_spec
+    from ragtop.export.verify import greedy_onnx, session
+
+    ckpt = make_checkpoint("block-sinks", "uniform")
+    outs = {}
+    for matmul in ("custom", "standard"):
+        outs[matmul] = tmp_path / matmul
+        args = [str(ckpt), str(outs[matmul]), "--weights", "int4", "--accuracy-level", str(level), "--matmul", matmul]
+        assert export_model_main(args) == 0, capsys.readouterr().err
+    custom = matmul_nodes(outs["custom"] / "model.onnx")
+    if level == 4:  # 4 per layer (q/k/v and gate/up stacked) + the 8-bit head
+        assert custom == sorted([("MatMulBlocks", "", 4, 4)] * 8 + [("MatMulNBits", "", 8, 4)])
+    else:  # the head as its two 4-bit halves
+        assert custom == [("MatMulNBits", "", 4, 0)] * 10
+    assert all(op == "MatMulNBits" for op, *_ in matmul_nodes(outs["standard"] / "model.onnx"))
+    report = json.loads((outs["custom"] / "export_report.json").read_text())
+    assert report["validation"]["passed"] and report["options"]["matmul"] == "custom"
+    written = json.loads((outs["custom"] / "genai_config.json").read_text())["model"]["decoder"]["matmul"]
+    assert written == ("custom" if level == 4 else "standard")
+
+    plugin = mobile.find_plugin_library(None)
+    model = load_checkpoint(ckpt).model
+    spec = make_spec(model, model.config.max_seq_len, "custom", "fp32", 23, "int4", level)
+    libraries = [None] + ([str(plugin)] if plugin else [])
+    tokens = {
+        (m, lib): greedy_onnx(session(outs[m] / "model.onnx", custom_op_library=lib), spec, PROMPT, 16, 32)
+        for m in outs
+        for lib in libraries
+    }
+    assert len({tuple(t) for t in tokens.values()}) == 1, tokens
+
+
+def test_level0_twin_rewrites_matmul_blocks(make_checkpoint, tmp_path, capsys):
+    """write_level0_twin sets every MatMulBlocks node's accuracy_level to 0 too (its body reads it)."""
+    from ragtop.export.commands import write_level0_twin
+
+    out = tmp_path / "q"
+    args = [str(make_checkpoint("dense", "uniform")), str(out), "--weights", "int4", "--accuracy-level", "4"]
+    assert export_model_main([*args, "--matmul", "custom", "--no-validate"]) == 0, capsys.readouterr().err
+    twin = write_level0_twin(out / "model.onnx")
+    assert {level for *_, level in matmul_nodes(twin)} == {0}
+    assert {level for *_, level in matmul_nodes(out / "model.onnx")} == {4}
+
+
+def test_quantized_export_with_mins_and_padding(tmp_path):
+    """A model whose matrices carry per-block minima (the GGUF's Q4_1 form) and whose K is not
+    whole blocks: the MatMulBlocks export (mins overload, padded body) runs without the plugin
+    and with it to the same logits as MatMulNBits."""
+    from ragtop.export import mobile
+    from ragtop.export.onnx import export_graph, make_spec
+    from ragtop.export.verify import session
+    from ragtop.model import ModelConfig, Transformer
+    from ragtop.quant import FileBlocks
+
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(vocab_size=64, d_model=48, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=80, max_seq_len=16)
+    ).eval()
+    rng = np.random.default_rng(0)
+    quantized = {}
+    for name, w in model.state_dict().items():
+        if name.startswith("layers.") and name.endswith("proj.weight"):
+            n, k = w.shape
+            kp = -(-k // 32) * 32
+            fb = FileBlocks(
+                "q4_1",
+                rng.integers(0, 16, (n, kp)).astype(np.uint8),
+                (rng.random((n, kp // 32)) * 0.02 + 0.001).astype(np.float16),
+                (rng.standard_normal((n, kp // 32)) * 0.02).astype(np.float16),
+            )
+            quantized[name] = fb.matmul_blocks()
+    ids = {"input_ids": np.arange(7)[None], "past_lengths": np.zeros(1, np.int64), "logits_indices": np.arange(7)[None]}
+    plugin = mobile.find_plugin_library(None)
+    logits = []
+    for matmul in ("standard", "custom"):
+        spec = make_spec(model, 16, "custom", "fp32", 23, "int4", 4, matmul=matmul)
+        path = tmp_path / f"{matmul}.onnx"
+        onnx.save(export_graph(model, spec, quantized=quantized), str(path))
+        feeds = dict(ids)
+        for i in session(path).get_inputs()[3:]:
+            feeds[i.name] = np.zeros(
+                [1 if d == "batch" else 16 if not isinstance(d, int) else d for d in i.shape], np.float32
+            )
+        for kw in [{}] + ([{"custom_op_library": str(plugin)}] if plugin else []):
+            logits.append(session(path, **kw).run(["logits"], feeds)[0])
+    for y in logits[1:]:
+        np.testing.assert_allclose(y, logits[0], rtol=0, atol=1e-5 * float(np.abs(logits[0]).max()))
