@@ -47,10 +47,10 @@ DEFAULT_TIERS = "16384:576,*:288"
 # the previous default per CPU-second: docs/export.md, "The lean graph")
 DEFAULT_WEIGHTS = "int4"
 DEFAULT_ACCURACY_LEVEL = 4
-# The export's 4-bit matrices are ragtop::MatMulBlocks nodes (export.commands.DEFAULT_MATMUL,
-# `--matmul custom`): the plugin's kernel computes what MatMulNBits + the Q4_1 minima nodes
-# compute (their subgraph is the node's function body) with each weight block unpacked once
-# for all rows: decode 1.03-1.12x per CPU-second, prefill 1.23-1.27x at 1k tokens
+# On a CPU with AVX-512 VNNI the export's 4-bit matrices are ragtop::MatMulBlocks nodes
+# (export.commands.DEFAULT_MATMUL, `--matmul auto`): the plugin's kernel computes what
+# MatMulNBits + the Q4_1 minima nodes compute (their subgraph is the node's function body)
+# with each weight block unpacked once for all rows: decode 1.03-1.12x per CPU-second, prefill 1.23-1.27x at 1k tokens
 # (docs/kernels.md, "MatMulBlocks: measured"). A default export cached before it keeps
 # MatMulNBits (same values, slower) until ~/.cache/ragtop/models is cleared.
 # `export-model --kv-dtype` of the served model. float16 halves the cache (47,520 -> 24,480

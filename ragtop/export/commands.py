@@ -31,9 +31,22 @@ from .weights import WEIGHTS
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 23, 23  # 23: RMSNormalization + RotaryEmbedding nodes
 MARKERS = ("genai_config.json", "model.onnx", "export_report.json")  # what makes a folder an export
 DEFAULT_ACCURACY_LEVEL = 0
-# int4/int8 matrices as ragtop::MatMulBlocks (the plugin's kernel; the body is MatMulNBits):
-# faster at every row count measured; decode 1.03-1.12x, 1k prefill 1.23-1.27x (docs/kernels.md)
-DEFAULT_MATMUL = "custom"
+# int4/int8 matrices as ragtop::MatMulBlocks (the plugin's kernel; the body is MatMulNBits)
+# where it was measured faster -- a CPU with AVX-512 VNNI: every row count, decode 1.03-1.12x,
+# 1k prefill 1.23-1.27x (docs/kernels.md) -- else MatMulNBits ("auto"; its AVX2 path was not
+# measured against MLAS's own AVX2 kernels)
+DEFAULT_MATMUL = "auto"
+
+
+def matmul_for_this_cpu() -> str:
+    """`--matmul auto`: custom on a CPU with AVX-512 VNNI (Linux /proc/cpuinfo), else standard."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "standard"
+    return "custom" if "avx512_vnni" in flags else "standard"
+
+
 DEFAULT_ATOL = 1e-4
 LEVEL4_RTOL = 0.25  # see tolerances()
 FP16_CACHE_RTOL = 2e-3  # --kv-dtype fp16 under fp32 activations: see tolerances()
@@ -112,9 +125,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--matmul",
-        choices=["custom", "standard"],
+        choices=["auto", "custom", "standard"],
         default=DEFAULT_MATMUL,
-        help="int4/int8 matrices at --accuracy-level 4: custom = 4-bit matrices as ragtop::MatMulBlocks nodes "
+        help="int4/int8 matrices at --accuracy-level 4: auto = custom on a CPU with AVX-512 VNNI (where it "
+        "was measured faster), else standard; custom = 4-bit matrices as ragtop::MatMulBlocks nodes "
         "(the plugin's kernel: each weight block unpacked once for all rows, the Q4_1 minima fused; its function "
         "body is the standard subgraph, so the file runs without the plugin; 8-bit matrices and level 0 stay "
         "MatMulNBits, where the kernel is not faster); standard = com.microsoft::MatMulNBits (+ the minima nodes) "
@@ -296,7 +310,8 @@ def export(a: ExportOptions) -> int:
     ckpt = load_checkpoint(a.checkpoint)
     cfg, model = ckpt.config, ckpt.model
     context = a.max_context or cfg.max_seq_len
-    spec = make_spec(model, context, a.ops, a.dtype, a.opset, a.weights, a.accuracy_level, a.kv_dtype, a.matmul)
+    matmul = matmul_for_this_cpu() if a.matmul == "auto" else a.matmul
+    spec = make_spec(model, context, a.ops, a.dtype, a.opset, a.weights, a.accuracy_level, a.kv_dtype, matmul)
     atol, rtol = tolerances(a, spec.attention_mode)
     planned = qweights.plan(model, a.weights, load_file_blocks(ckpt.path))
     if planned:
