@@ -487,6 +487,7 @@ struct Scratch {
   std::vector<float> tile;  // scores of one key tile
   std::vector<Cand> forced; // always-kept keys of one row
   std::vector<float> row;   // one widened half cache row
+  std::vector<float> acc, m, l, vtile;  // dense mode: running outputs, maxima, sums; a widened value tile
 };
 static Scratch& scratch() {
   thread_local Scratch sc;
@@ -544,6 +545,70 @@ static void attend_exact(const AttnProblem& P, const AttnItem& it) {
     const int64_t s = it.s0 + r / it.nh, h = it.h0 + r % it.nh;
     const int64_t nf = forced_keys(qs + r * Dh, keys, Dh, len + s, P.sink, P.window, sc.forced.data(), sc.row.data());
     softmax_gather(sel[r], vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh, sc.forced.data(), nf, sc.row.data());
+  }
+}
+
+// Dense mode for flagged sequences (a speculative verification pass): every visible key,
+// with an online softmax over key tiles, so each key and value tile is read once for all
+// the item's rows (attend_exact with topk = C would keep every key as a candidate and then
+// gather the values row by row, reading them once per row).
+template <typename KV>
+RAGTOP_HOT static void attend_dense(const AttnProblem& P, const AttnItem& it) {
+  const int64_t len = P.lens[it.b], Dh = P.Dh;
+  const int64_t ns = it.s1 - it.s0, R = ns * it.nh;
+  const int64_t pmax = len + it.s1 - 1;
+  const Rows<const KV> keys = P.kv(static_cast<const KV*>(P.kc), it.b, it.kvh);
+  const Rows<const KV> vals = P.kv(static_cast<const KV*>(P.vc), it.b, it.kvh);
+
+  Scratch& sc = scratch();
+  sc.q.resize(R * Dh), sc.acc.assign(R * Dh, 0.f), sc.m.assign(R, kNegInf), sc.l.assign(R, 0.f);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t s = it.s0 + r / it.nh, h = it.h0 + r % it.nh;
+    const float* src = P.q + ((it.b * P.S + s) * P.H + h) * Dh;
+    for (int64_t d = 0; d < Dh; ++d) sc.q[r * Dh + d] = src[d] * P.scale;
+  }
+  sc.tile.resize(R * kTile), sc.vtile.resize(kTile * Dh);
+  float* tile = sc.tile.data();
+  for (int64_t j0 = 0, n = 0; j0 <= pmax; j0 += n) {
+    n = std::min({kTile, pmax + 1 - j0, keys.run(j0), vals.run(j0)});  // a tile never crosses a page
+    const int64_t r0 = std::max<int64_t>(0, j0 - len - it.s0) * it.nh;  // rows that see key j0
+    score_tile(sc.q.data() + r0 * Dh, R - r0, keys.row(j0), n, Dh, tile);
+    const float* vt;  // the tile's values as floats, once for every row
+    if constexpr (std::is_same_v<KV, Half>) {
+      for (int64_t k = 0; k < n; ++k) half_row_to_float(vals.row(j0 + k), Dh, sc.vtile.data() + k * Dh);
+      vt = sc.vtile.data();
+    } else {
+      vt = vals.row(j0);  // consecutive rows within the tile
+    }
+    for (int64_t r = r0; r < R; ++r) {
+      const int64_t p = len + it.s0 + r / it.nh;
+      const int64_t cnt = std::min(n, p + 1 - j0);  // keys j0 .. p of this tile
+      const float* t = tile + (r - r0) * n;
+      float mx = t[0];
+      for (int64_t k = 1; k < cnt; ++k) mx = std::max(mx, t[k]);
+      float* acc = sc.acc.data() + r * Dh;
+      const float m_new = std::max(sc.m[r], mx);
+      if (m_new > sc.m[r]) {  // rescale what was summed under the old maximum
+        const float corr = std::exp(sc.m[r] - m_new);
+        sc.l[r] *= corr;
+#pragma omp simd
+        for (int64_t d = 0; d < Dh; ++d) acc[d] *= corr;
+        sc.m[r] = m_new;
+      }
+      for (int64_t k = 0; k < cnt; ++k) {
+        const float w = std::exp(t[k] - m_new);
+        sc.l[r] += w;
+        const float* __restrict v = vt + k * Dh;
+#pragma omp simd
+        for (int64_t d = 0; d < Dh; ++d) acc[d] += w * v[d];
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t s = it.s0 + r / it.nh, h = it.h0 + r % it.nh;
+    float* out = P.out + ((it.b * P.S + s) * P.H + h) * Dh;
+    const float inv = sc.l[r] > 0.f ? 1.f / sc.l[r] : 0.f;
+    for (int64_t d = 0; d < Dh; ++d) out[d] = sc.acc[r * Dh + d] * inv;
   }
 }
 
@@ -841,7 +906,7 @@ struct TopKAttentionKernel {
       const int64_t kvh = r % P.Hkv, b = r / P.Hkv;
       AttnItem it{b, kvh, kvh * P.G + g * nh, nh, c * qc, std::min(P.S, (c + 1) * qc)};
       if (!dense.empty() && dense[b])
-        attend_exact<KV>(dense_problem, it);
+        attend_dense<KV>(dense_problem, it);
       else if (blocks)
         attend_blocks<KV>(P, it);
       else

@@ -30,7 +30,6 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -283,7 +282,7 @@ def run_calibration_onnx(
     for s in settings:
         t0 = time.perf_counter()
         a = AttentionConfig() if s is None else s.attention()
-        row = {"setting": "dense" if s is None else s.name, "attention": asdict(a), "runner": "onnx", "lengths": {}}
+        row = {"setting": "dense" if s is None else s.name, "attention": a.to_dict(), "runner": "onnx", "lengths": {}}
         r = None if s is None else ev.runner(a)
         full_nll = []
         for p in runs:

@@ -15,7 +15,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -122,7 +122,7 @@ def run_retrieval(
                 "key": p.key,
                 "answer": answer,
                 "correct": p.key in answer,
-                "attention": asdict(attention),
+                "attention": attention.to_dict(),
                 **(extra or {}),
             }
             rows.append(row)

@@ -19,7 +19,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -350,7 +350,7 @@ def run_calibration(
         t0 = time.perf_counter()
         attention = AttentionConfig() if s is None else s.attention()
         model = with_attention(ckpt.model, attention)
-        row = {"setting": "dense" if s is None else s.name, "attention": asdict(attention), "lengths": {}}
+        row = {"setting": "dense" if s is None else s.name, "attention": attention.to_dict(), "lengths": {}}
         for n, ps in sets.items():
             row["lengths"][str(n)] = {**score(model, ps), "kv_read": kv_read_fraction(attention, n_layers, n)}
         row["seconds"] = round(time.perf_counter() - t0, 1)

@@ -83,6 +83,16 @@ class AttentionConfig:
                 "dense attention takes no topk / block_size / block_budget / sinks / window / dense_layers"
             )
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: `layer_budgets` a list, and left out when empty (as in files written
+        before it existed, so their rows compare equal)."""
+        d = asdict(self)
+        if self.layer_budgets:
+            d["layer_budgets"] = list(self.layer_budgets)
+        else:
+            del d["layer_budgets"]
+        return d
+
     def budget_of(self, layer: int) -> int | None:
         """The block budget of layer `layer` (None without block selection)."""
         return self.layer_budgets[layer] if self.layer_budgets else self.block_budget
@@ -165,10 +175,7 @@ class ModelConfig:
         d = asdict(self)
         d["embedding"]["tier_sizes"] = list(self.embedding.tier_sizes)
         d["embedding"]["tier_widths"] = list(self.embedding.tier_widths)
-        if self.attention.layer_budgets:
-            d["attention"]["layer_budgets"] = list(self.attention.layer_budgets)
-        else:  # files written before per-layer budgets read the same
-            del d["attention"]["layer_budgets"]
+        d["attention"] = self.attention.to_dict()  # files written before layer budgets read the same
         return d
 
     @classmethod
