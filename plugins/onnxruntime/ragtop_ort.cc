@@ -894,8 +894,6 @@ struct TopKAttentionKernel {
     const int64_t total = P.B * P.Hkv * groups * nchunks;
     // flagged sequences: exact attention keeping every visible key (no selection, no
     // sink/window split); the cache and summary writes above are the same for them
-    AttnProblem dense_problem = P;
-    dense_problem.topk = P.C, dense_problem.sink = 0, dense_problem.window = 0;
     parallel_for(ctx, static_cast<size_t>(total), [&](size_t i) {
       int64_t r = static_cast<int64_t>(i);
       // the last chunks (longest causal spans) first, for load balance
@@ -906,7 +904,7 @@ struct TopKAttentionKernel {
       const int64_t kvh = r % P.Hkv, b = r / P.Hkv;
       AttnItem it{b, kvh, kvh * P.G + g * nh, nh, c * qc, std::min(P.S, (c + 1) * qc)};
       if (!dense.empty() && dense[b])
-        attend_dense<KV>(dense_problem, it);
+        attend_dense<KV>(P, it);  // every visible key: no top-k, sinks or window
       else if (blocks)
         attend_blocks<KV>(P, it);
       else

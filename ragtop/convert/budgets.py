@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..model import AttentionConfig, Transformer
-from ..model.attention import Attention, apply_rotary
+from ..model.attention import Attention, block_bounds
 from .sweep import Passage
 
 
@@ -57,12 +57,7 @@ def attention_inputs(model: Transformer, ids: Tensor, queries: Tensor) -> list[d
             captured[i]["resid"] = (x[queries] ** 2).sum(-1)
 
         def attn_hook(attn: Attention, args, i=i):
-            x, ctx = args[0], args[1]
-            B, S, _ = x.shape
-            q = attn.q_proj(x).view(B, S, attn.n_heads, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(B, S, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(B, S, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+            q, k, v = attn.project(args[0], args[1])
             captured[i].update(
                 q=q[0][:, queries],
                 k=attn.expand_kv(k)[0],
@@ -105,20 +100,11 @@ def selection_errors(c: dict, queries: Tensor, shape: SelectionShape, objective:
     )
     kb = nn_pad(k.transpose(1, 2), pad).view(H, -1, nb, bs)  # [H,Dh,nb,bs]: padding rows are zeros
     kmin, kmax = kb.amin(-1).transpose(1, 2), kb.amax(-1).transpose(1, 2)  # [H,nb,Dh]
-    bound = q.clamp(min=0) @ kmax.transpose(-1, -2) + q.clamp(max=0) @ kmin.transpose(-1, -2)  # [H,Q,nb]
-    start = torch.arange(nb) * bs
-    own = start[None, :] == queries[:, None] // bs * bs  # [Q,nb]
-    eligible = (
-        (start[None, :] <= queries[:, None])
-        & ~own
-        & (
-            start.clamp(min=shape.sink_tokens)[None, :]
-            <= torch.minimum(start + bs - 1, queries[:, None] - shape.local_window)
-        )
-    )
+    # the ranking TopKAttention.block_selection uses: bound [H,Q,nb] (-inf where not eligible)
+    bound, own, eligible = block_bounds(q, queries[:, None], kmin, kmax, bs, shape.sink_tokens, shape.local_window)
     base_mass = forced_mass + (block_mass * own).sum(-1)
     base_out = forced_out + (block_out * own[None, :, :, None]).sum(2)
-    order = torch.argsort(bound.masked_fill(~eligible, float("-inf")), dim=-1, descending=True, stable=True)
+    order = torch.argsort(bound, dim=-1, descending=True, stable=True)
     mass = torch.gather(block_mass * eligible, -1, order).cumsum(-1)
     out = torch.gather(block_out * eligible[None, :, :, None], 2, order[..., None].expand_as(block_out)).cumsum(2)
     errors = np.zeros(shape.max_budget + 1)

@@ -91,12 +91,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
+    def project(self, x: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B,H,S,Dh], k and v [B,Hkv,S,Dh] of the new tokens, rotary applied to q and k."""
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin), v
+
     def forward(self, x: Tensor, ctx: AttnContext, cache: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B,H,S,Dh]
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B,Hkv,S,Dh]
-        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        q, k, v = self.project(x, ctx)
         if cache is not None:
             k, v = write_cache(cache, k, v, ctx.write_at)  # [B,Hkv,L,Dh], updated in place
         out = self.attend(q, k, v, ctx)  # [B,H,S,Dh]
@@ -201,17 +206,26 @@ class TopKAttention(Attention):
 
     def block_selection(self, q: Tensor, pos: Tensor, summaries: tuple[Tensor, Tensor]) -> Tensor:
         """[B,H,c,nb*bs] bool: keys in the blocks chosen by queries q [B,H,c,Dh] at pos [B,1,c,1]."""
-        kmin, kmax = summaries
-        bs, nb = self.block_size, kmin.shape[2]
-        bound = q.clamp(min=0) @ kmax.transpose(-1, -2) + q.clamp(max=0) @ kmin.transpose(-1, -2)  # [B,H,c,nb]
-        start = torch.arange(nb, device=q.device) * bs
-        own = start == pos // bs * bs
-        # eligible: an earlier block holding a key j with sink_tokens <= j <= pos - local_window
-        free = start.clamp(min=self.sink_tokens) <= torch.minimum(start + bs - 1, pos - self.local_window)
-        earlier = (start <= pos) & ~own & free
-        bound = bound.masked_fill(~earlier, float("-inf"))
+        bound, own, earlier = block_bounds(q, pos, *summaries, self.block_size, self.sink_tokens, self.local_window)
         chosen = (topk_mask(bound, self.block_budget) & earlier) | own  # [B,H,c,nb]
-        return chosen.repeat_interleave(bs, dim=-1)
+        return chosen.repeat_interleave(self.block_size, dim=-1)
+
+
+def block_bounds(
+    q: Tensor, pos: Tensor, kmin: Tensor, kmax: Tensor, block_size: int, sink_tokens: int, local_window: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Block selection's ranking: (bound, own, eligible). bound [..., nb] is the upper bound of
+    q.k over each block, sum_d max(q_d * kmin_d, q_d * kmax_d), -inf where not eligible; own
+    marks the query's own block; eligible an earlier block holding a key j with
+    sink_tokens <= j <= pos - local_window. q [..., Dh] (e.g. [B,H,c,Dh]), pos broadcasting
+    to q's leading axes with a trailing 1 (e.g. [B,1,c,1]), kmin/kmax [..., nb, Dh]."""
+    bs, nb = block_size, kmin.shape[-2]
+    bound = q.clamp(min=0) @ kmax.transpose(-1, -2) + q.clamp(max=0) @ kmin.transpose(-1, -2)
+    start = torch.arange(nb, device=q.device) * bs
+    own = start == pos // bs * bs
+    free = start.clamp(min=sink_tokens) <= torch.minimum(start + bs - 1, pos - local_window)
+    eligible = (start <= pos) & ~own & free
+    return bound.masked_fill(~eligible, float("-inf")), own, eligible
 
 
 def make_attention(cfg: ModelConfig, layer: int = 0) -> Attention:
