@@ -1,6 +1,11 @@
-"""The dense-flagged ragtop::TopKAttention (a speculative verification pass) at an 8k float16
-cache, SmolLM2's shape: CPU milliseconds per call for 1 and 5 query rows, one thread, for each
-plugin library given (e.g. two builds of the kernel, interleaved).
+"""One ragtop::TopKAttention call at an 8k float16 cache, SmolLM2's shape (9 heads, 3 KV heads,
+head size 64), bound in place as the runner binds it (past_* and present_* the same buffers):
+CPU milliseconds per call, one thread, for each plugin library given (e.g. two builds of the
+kernel, interleaved).
+
+- dense S=1 / S=5: the dense-flagged op (a dense decode step / a 5-row verification);
+- blocks S=1: the served default's block selection (64-token blocks, budget 20, 64 sink
+  tokens, a 256-token window), a sparse decode step.
 
     python scripts/dense_op_bench.py ragtop/_native/libragtop_ort.so [OTHER.so ...]
 """
@@ -14,43 +19,48 @@ import onnxruntime as ort
 from ragtop.bench.graphs import topk_attention_model
 
 plugins = sys.argv[1:]
-H, Hkv, Dh, C, L = 9, 3, 64, 8256, 8000
-m = topk_attention_model(H, Hkv, Dh, 3264, 64, 50, 64, 256, attention_dense=True, kv_dtype="fp16")
+H, Hkv, Dh, C, L, BS = 9, 3, 64, 8256, 8000, 64
+m = topk_attention_model(H, Hkv, Dh, 3264, BS, 20, 64, 256, attention_dense=True, kv_dtype="fp16")
 rng = np.random.default_rng(0)
-pk = rng.standard_normal((1, Hkv, C, Dh)).astype(np.float16)
-pv = rng.standard_normal((1, Hkv, C, Dh)).astype(np.float16)
-kmin = np.full((1, Hkv, C // 64, Dh), -3, np.float32)
-kmax = -kmin
-sess = []
-for p in plugins:
+cache = {
+    "key": rng.standard_normal((1, Hkv, C, Dh)).astype(np.float16),
+    "value": rng.standard_normal((1, Hkv, C, Dh)).astype(np.float16),
+}
+blocks = cache["key"].astype(np.float32).reshape(1, Hkv, C // BS, BS, Dh)
+cache["key_min"], cache["key_max"] = blocks.min(axis=3), blocks.max(axis=3)  # true bounds of the keys
+
+
+def session(plugin: str) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
-    so.register_custom_ops_library(p)
-    sess.append(ort.InferenceSession(m, so, providers=["CPUExecutionProvider"]))
-names = [i.name for i in sess[0].get_inputs()]
+    so.register_custom_ops_library(plugin)
+    return ort.InferenceSession(m, so, providers=["CPUExecutionProvider"])
 
 
-def feeds(S):
-    f = {
+def binding(s: ort.InferenceSession, S: int, dense: bool):
+    io = s.io_binding()
+    for name, a in {
         "query": rng.standard_normal((1, S, H * Dh)).astype(np.float32),
         "key": rng.standard_normal((1, S, Hkv * Dh)).astype(np.float32),
         "value": rng.standard_normal((1, S, Hkv * Dh)).astype(np.float32),
-        "past_key": pk,
-        "past_value": pv,
         "past_lengths": np.array([L], np.int64),
-        "past_key_min": kmin,
-        "past_key_max": kmax,
-        "attention_dense": np.array([1], np.int64),
-    }
-    return {k: v for k, v in f.items() if k in names}
+    }.items():
+        io.bind_cpu_input(name, a)
+    io.bind_ortvalue_input("attention_dense", ort.OrtValue.ortvalue_from_numpy(np.array([int(dense)], np.int64)))
+    for kind, buf in cache.items():  # in place, as the runner binds the cache
+        io.bind_input(f"past_{kind}", "cpu", 0, buf.dtype.type, list(buf.shape), buf.ctypes.data)
+        io.bind_output(f"present_{kind}", "cpu", 0, buf.dtype.type, list(buf.shape), buf.ctypes.data)
+    io.bind_output("output", "cpu")
+    return io
 
 
-for S in (1, 5):
-    f = feeds(S)
+sessions = [session(p) for p in plugins]
+for label, S, dense in (("dense S=1", 1, True), ("dense S=5", 5, True), ("blocks S=1", 1, False)):
+    ios = [binding(s, S, dense) for s in sessions]
     for _round in range(2):
-        for p, s in zip(plugins, sess, strict=True):
-            s.run(None, f)
+        for p, s, io in zip(plugins, sessions, ios, strict=True):
+            s.run_with_iobinding(io)
             t = time.process_time()
-            for _ in range(20):
-                s.run(None, f)
-            print(f"S={S} {p}: {(time.process_time() - t) / 20 * 1e3:.2f} ms CPU", flush=True)
+            for _ in range(50):
+                s.run_with_iobinding(io)
+            print(f"{label} {p}: {(time.process_time() - t) / 50 * 1e3:.3f} ms CPU", flush=True)

@@ -439,6 +439,150 @@ static inline void softmax_gather(TopK& t, const Rows<const KV>& vrows, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------
+// Online softmax over key tiles: the dense path (a speculative verification, or a graph
+// whose top-k keeps every key) and block mode when its top-k keeps every key of the chosen
+// blocks. A row's state is its running maximum m, running sum l and unnormalised output
+// acc[Dh]; one tile folds in scores t[0..cnt) (q.k, already scaled) with the tile's values
+// vt (n x Dh floats, row-major) and leaves exp(t - m) in t. The AVX2 version exponentiates
+// 8 scores at once (Cephes' polynomial, ~1 ulp; glibc's expf is one call per score) and
+// keeps 64 output floats in 8 registers across the tile's keys (the value rows are loaded
+// once per row; acc is loaded and stored once per tile, not once per key).
+using SoftmaxTileFn = void (*)(float* t, int64_t cnt, const float* vt, int64_t Dh, float& m, float& l, float* acc);
+
+static void softmax_tile_generic(float* t, int64_t cnt, const float* vt, int64_t Dh, float& m, float& l,
+                                 float* acc) {
+  float mx = kNegInf;
+  for (int64_t k = 0; k < cnt; ++k) mx = std::max(mx, t[k]);
+  const float m_new = std::max(m, mx);
+  if (m_new == kNegInf) return;  // nothing visible yet
+  if (m_new > m) {               // rescale what was summed under the old maximum
+    const float corr = std::exp(m - m_new);
+    l *= corr;
+    for (int64_t d = 0; d < Dh; ++d) acc[d] *= corr;
+    m = m_new;
+  }
+  for (int64_t k = 0; k < cnt; ++k) {
+    const float w = std::exp(t[k] - m_new);
+    t[k] = w, l += w;
+    const float* __restrict v = vt + k * Dh;
+    for (int64_t d = 0; d < Dh; ++d) acc[d] += w * v[d];
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define RAGTOP_AVX2 __attribute__((target("avx2,fma")))
+// exp(x) for x <= 0 (a score minus the running maximum); 0 below -87.3 (and for -inf)
+RAGTOP_AVX2 static inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f);
+  const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n ln2 in two parts
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
+}
+RAGTOP_AVX2 static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+RAGTOP_AVX2 static inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+// lanes [0, r) of 8 (0 < r < 8) as a mask
+RAGTOP_AVX2 static inline __m256i tail_mask(int64_t r) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(r)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+RAGTOP_AVX2 static void softmax_tile_avx2(float* t, int64_t cnt, const float* vt, int64_t Dh, float& m, float& l,
+                                          float* acc) {
+  if (Dh % 8) return softmax_tile_generic(t, cnt, vt, Dh, m, l, acc);
+  const int64_t c8 = cnt - cnt % 8;
+  const __m256 ninf = _mm256_set1_ps(kNegInf);
+  const __m256i tm = tail_mask(cnt % 8);
+  __m256 mx8 = ninf;
+  for (int64_t k = 0; k < c8; k += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(t + k));
+  if (c8 < cnt) mx8 = _mm256_max_ps(mx8, _mm256_blendv_ps(ninf, _mm256_maskload_ps(t + c8, tm), _mm256_castsi256_ps(tm)));
+  const float m_new = std::max(m, hmax8(mx8));
+  if (m_new == kNegInf) return;
+  if (m_new > m) {
+    const float corr = std::exp(m - m_new);
+    l *= corr;
+    const __m256 cv = _mm256_set1_ps(corr);
+    for (int64_t d = 0; d < Dh; d += 8) _mm256_storeu_ps(acc + d, _mm256_mul_ps(cv, _mm256_loadu_ps(acc + d)));
+    m = m_new;
+  }
+  const __m256 mv = _mm256_set1_ps(m_new);
+  __m256 s8 = _mm256_setzero_ps();
+  for (int64_t k = 0; k < c8; k += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(t + k), mv));
+    _mm256_storeu_ps(t + k, e), s8 = _mm256_add_ps(s8, e);
+  }
+  if (c8 < cnt) {  // the masked-off lanes are 0 after the and
+    const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_maskload_ps(t + c8, tm), mv)), _mm256_castsi256_ps(tm));
+    _mm256_maskstore_ps(t + c8, tm, e), s8 = _mm256_add_ps(s8, e);
+  }
+  l += hsum8(s8);
+  int64_t d0 = 0;
+  for (; d0 + 64 <= Dh; d0 += 64) {  // 64 output floats in registers across the keys
+    float* a = acc + d0;
+    __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8), a2 = _mm256_loadu_ps(a + 16),
+           a3 = _mm256_loadu_ps(a + 24), a4 = _mm256_loadu_ps(a + 32), a5 = _mm256_loadu_ps(a + 40),
+           a6 = _mm256_loadu_ps(a + 48), a7 = _mm256_loadu_ps(a + 56);
+    for (int64_t k = 0; k < cnt; ++k) {
+      const __m256 w = _mm256_broadcast_ss(t + k);
+      const float* v = vt + k * Dh + d0;
+      a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), a0), a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), a1);
+      a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), a2), a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), a3);
+      a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 32), a4), a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 40), a5);
+      a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 48), a6), a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 56), a7);
+    }
+    _mm256_storeu_ps(a, a0), _mm256_storeu_ps(a + 8, a1), _mm256_storeu_ps(a + 16, a2), _mm256_storeu_ps(a + 24, a3);
+    _mm256_storeu_ps(a + 32, a4), _mm256_storeu_ps(a + 40, a5), _mm256_storeu_ps(a + 48, a6), _mm256_storeu_ps(a + 56, a7);
+  }
+  for (; d0 < Dh; d0 += 8) {  // head sizes that are not a multiple of 64: 8 at a time
+    __m256 a = _mm256_loadu_ps(acc + d0);
+    for (int64_t k = 0; k < cnt; ++k) a = _mm256_fmadd_ps(_mm256_broadcast_ss(t + k), _mm256_loadu_ps(vt + k * Dh + d0), a);
+    _mm256_storeu_ps(acc + d0, a);
+  }
+}
+static SoftmaxTileFn pick_softmax_tile() {
+  __builtin_cpu_init();
+  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? softmax_tile_avx2 : softmax_tile_generic;
+}
+#else
+static SoftmaxTileFn pick_softmax_tile() { return softmax_tile_generic; }
+#endif
+static const SoftmaxTileFn softmax_tile = pick_softmax_tile();
+
+// n consecutive cache rows (Dh each) as floats: the rows themselves, or their widened copy
+// in buf, followed by zero rows up to `padded` rows when padded > n
+static inline const float* tile_as_float(const float* rows, int64_t n, int64_t padded, int64_t Dh,
+                                         std::vector<float>& buf) {
+  if (padded <= n) return rows;
+  buf.assign(static_cast<size_t>(padded * Dh), 0.f);
+  std::memcpy(buf.data(), rows, n * Dh * sizeof(float));
+  return buf.data();
+}
+static inline const float* tile_as_float(const Half* rows, int64_t n, int64_t padded, int64_t Dh,
+                                         std::vector<float>& buf) {
+  buf.resize(static_cast<size_t>(std::max(n, padded) * Dh));
+  half_row_to_float(rows, n * Dh, buf.data());
+  std::fill(buf.begin() + n * Dh, buf.end(), 0.f);
+  return buf.data();
+}
+
+// ---------------------------------------------------------------------------------------
 // Attention problem description, shared by every work item of one Compute call.
 struct AttnProblem {
   int64_t B, S, H, Hkv, G, Dh, C;
@@ -487,7 +631,7 @@ struct Scratch {
   std::vector<float> tile;  // scores of one key tile
   std::vector<Cand> forced; // always-kept keys of one row
   std::vector<float> row;   // one widened half cache row
-  std::vector<float> acc, m, l, vtile;  // dense mode: running outputs, maxima, sums; a widened value tile
+  std::vector<float> ktile, vtile;  // a key and a value tile widened to float (half cache)
 };
 static Scratch& scratch() {
   thread_local Scratch sc;
@@ -548,68 +692,74 @@ static void attend_exact(const AttnProblem& P, const AttnItem& it) {
   }
 }
 
-// Dense mode for flagged sequences (a speculative verification pass): every visible key,
-// with an online softmax over key tiles, so each key and value tile is read once for all
-// the item's rows (attend_exact with topk = C would keep every key as a candidate and then
-// gather the values row by row, reading them once per row).
+// The partial states of an item's rows: m [rows], l [rows], acc [rows, Dh] in one buffer.
+template <typename F>  // float, or const float to read
+struct DenseState {
+  F *m, *l, *acc;
+  DenseState(F* base, int64_t rows) : m(base), l(base + rows), acc(base + 2 * rows) {}
+};
+static inline int64_t dense_state_floats(int64_t rows, int64_t Dh) { return rows * (Dh + 2); }
+
+// Dense mode: every visible key, for flagged sequences (a speculative verification pass)
+// and for graphs whose top-k keeps every key (a dense export). One item holds every head
+// of a KV head's group for a chunk of queries (rows r = (query s0 + r / nh, head h0 + r %
+// nh)) and one span of keys [ja, jb): each key and value tile is widened once and used by
+// all rows, and splitting the keys gives the pool work when there are few KV heads (as
+// flash-decoding does). The item leaves each row's softmax state (m, l, unnormalised acc)
+// for merge_dense, which combines the spans in key order.
 template <typename KV>
-RAGTOP_HOT static void attend_dense(const AttnProblem& P, const AttnItem& it) {
+RAGTOP_HOT static void attend_dense(const AttnProblem& P, const AttnItem& it, int64_t ja, int64_t jb, float* state) {
   const int64_t len = P.lens[it.b], Dh = P.Dh;
-  const int64_t ns = it.s1 - it.s0, R = ns * it.nh;
-  const int64_t pmax = len + it.s1 - 1;
+  const int64_t R = (it.s1 - it.s0) * it.nh;
+  const DenseState st(state, R);
+  float *m = st.m, *l = st.l, *acc = st.acc;
   const Rows<const KV> keys = P.kv(static_cast<const KV*>(P.kc), it.b, it.kvh);
   const Rows<const KV> vals = P.kv(static_cast<const KV*>(P.vc), it.b, it.kvh);
+  std::fill(m, m + R, kNegInf), std::fill(l, l + R, 0.f), std::fill(acc, acc + R * Dh, 0.f);
+  jb = std::min(jb, len + it.s1);  // no row sees a key past the last row's position
+  if (ja >= jb) return;
 
   Scratch& sc = scratch();
-  sc.q.resize(R * Dh), sc.acc.assign(R * Dh, 0.f), sc.m.assign(R, kNegInf), sc.l.assign(R, 0.f);
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t s = it.s0 + r / it.nh, h = it.h0 + r % it.nh;
-    const float* src = P.q + ((it.b * P.S + s) * P.H + h) * Dh;
+  sc.q.resize(R * Dh), sc.tile.resize(R * kTile);  // kTile is a multiple of 8: n8 <= kTile
+  for (int64_t r = 0; r < R; ++r) {  // query rows, pre-multiplied by the softmax scale
+    const float* src = P.q + ((it.b * P.S + it.s0 + r / it.nh) * P.H + it.h0 + r % it.nh) * Dh;
     for (int64_t d = 0; d < Dh; ++d) sc.q[r * Dh + d] = src[d] * P.scale;
   }
-  sc.tile.resize(R * kTile), sc.vtile.resize(kTile * Dh);
   float* tile = sc.tile.data();
-  for (int64_t j0 = 0, n = 0; j0 <= pmax; j0 += n) {
-    n = std::min({kTile, pmax + 1 - j0, keys.run(j0), vals.run(j0)});  // a tile never crosses a page
-    const int64_t r0 = std::max<int64_t>(0, j0 - len - it.s0) * it.nh;  // rows that see key j0
-    score_tile(sc.q.data() + r0 * Dh, R - r0, keys.row(j0), n, Dh, tile);
-    const float* vt;  // the tile's values as floats, once for every row
-    if constexpr (std::is_same_v<KV, Half>) {
-      for (int64_t k = 0; k < n; ++k) half_row_to_float(vals.row(j0 + k), Dh, sc.vtile.data() + k * Dh);
-      vt = sc.vtile.data();
-    } else {
-      vt = vals.row(j0);  // consecutive rows within the tile
-    }
+  for (int64_t j0 = ja, n = 0; j0 < jb; j0 += n) {
+    n = std::min({kTile, jb - j0, keys.run(j0), vals.run(j0)});  // a tile never crosses a page
+    const int64_t r0 = std::max<int64_t>(0, j0 - len - it.s0) * it.nh;  // the rows that see key j0
+    // scored in whole groups of 8 keys (zero rows pad the tile): a key's score, and so a
+    // row's output, never depends on where the tile ends, i.e. on the other rows' positions
+    const int64_t n8 = (n + 7) / 8 * 8;
+    score_tile(sc.q.data() + r0 * Dh, R - r0, tile_as_float(keys.row(j0), n, n8, Dh, sc.ktile), n8, Dh, tile);
+    const float* vt = tile_as_float(vals.row(j0), n, n, Dh, sc.vtile);
     for (int64_t r = r0; r < R; ++r) {
-      const int64_t p = len + it.s0 + r / it.nh;
-      const int64_t cnt = std::min(n, p + 1 - j0);  // keys j0 .. p of this tile
-      const float* t = tile + (r - r0) * n;
-      float mx = t[0];
-      for (int64_t k = 1; k < cnt; ++k) mx = std::max(mx, t[k]);
-      float* acc = sc.acc.data() + r * Dh;
-      const float m_new = std::max(sc.m[r], mx);
-      if (m_new > sc.m[r]) {  // rescale what was summed under the old maximum
-        const float corr = std::exp(sc.m[r] - m_new);
-        sc.l[r] *= corr;
-#pragma omp simd
-        for (int64_t d = 0; d < Dh; ++d) acc[d] *= corr;
-        sc.m[r] = m_new;
-      }
-      for (int64_t k = 0; k < cnt; ++k) {
-        const float w = std::exp(t[k] - m_new);
-        sc.l[r] += w;
-        const float* __restrict v = vt + k * Dh;
-#pragma omp simd
-        for (int64_t d = 0; d < Dh; ++d) acc[d] += w * v[d];
-      }
+      const int64_t cnt = std::min(n, len + it.s0 + r / it.nh + 1 - j0);  // keys j0 .. p of this tile
+      softmax_tile(tile + (r - r0) * n8, cnt, vt, Dh, m[r], l[r], acc + r * Dh);
     }
   }
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t s = it.s0 + r / it.nh, h = it.h0 + r % it.nh;
-    float* out = P.out + ((it.b * P.S + s) * P.H + h) * Dh;
-    const float inv = sc.l[r] > 0.f ? 1.f / sc.l[r] : 0.f;
-    for (int64_t d = 0; d < Dh; ++d) out[d] = sc.acc[r * Dh + d] * inv;
+}
+
+// Row r's output from the states of nspans consecutive key spans (`stride` floats apart),
+// combined in key order: each span's acc and l scaled by exp(its m - the overall maximum).
+static void merge_dense(const float* spans, int64_t nspans, int64_t stride, int64_t rows, int64_t Dh, int64_t r,
+                        float* out) {
+  float mx = kNegInf;
+  for (int64_t i = 0; i < nspans; ++i) mx = std::max(mx, DenseState(spans + i * stride, rows).m[r]);
+  std::fill(out, out + Dh, 0.f);
+  if (mx == kNegInf) return;
+  float total = 0.f;
+  for (int64_t i = 0; i < nspans; ++i) {
+    const DenseState st(spans + i * stride, rows);
+    if (st.m[r] == kNegInf) continue;  // a span this row does not see
+    const float w = std::exp(st.m[r] - mx);
+    total += w * st.l[r];
+    const float* a = st.acc + r * Dh;
+    for (int64_t d = 0; d < Dh; ++d) out[d] += w * a[d];
   }
+  const float inv = 1.f / total;
+  for (int64_t d = 0; d < Dh; ++d) out[d] *= inv;
 }
 
 // Block mode: per row, rank the earlier blocks by their upper bound (reads only the
@@ -659,6 +809,7 @@ RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
       };
       int64_t nkeys = 0, j0, j1;
       for (int64_t bi = 0; bi < nblk; ++bi) span(blocks[bi], j0, j1), nkeys += std::max<int64_t>(0, j1 - j0);
+      float* out = P.out + ((it.b * P.S + s) * P.H + h) * Dh;
       keysel.reset(sc.cand.data(), std::min<int64_t>(P.topk, nkeys));
       for (int64_t bi = 0; bi < nblk; ++bi) {
         span(blocks[bi], j0, j1);
@@ -669,8 +820,7 @@ RAGTOP_HOT static void attend_blocks(const AttnProblem& P, const AttnItem& it) {
         }
       }
       const int64_t nf = forced_keys(qs, keys, Dh, p, P.sink, P.window, sc.forced.data(), sc.row.data());
-      softmax_gather(keysel, vals, Dh, P.out + ((it.b * P.S + s) * P.H + h) * Dh, sc.forced.data(), nf,
-                     sc.row.data());
+      softmax_gather(keysel, vals, Dh, out, sc.forced.data(), nf, sc.row.data());
     }
   }
 }
@@ -880,10 +1030,44 @@ struct TopKAttentionKernel {
       }
     });
 
-    // 2. Attention. Items: (sequence, KV head, head group, query chunk). Prefill chunks
-    //    hold up to 32 queries (bounded scratch: rows x 2k candidates); when there are too
-    //    few items to keep the pool busy (decode with few KV heads), the GQA group is split
-    //    into single heads.
+    // 2. Attention. Dense sequences (flagged, or all of them when the top-k keeps every key:
+    //    a dense export) take dense items: (sequence, KV head, query chunk, key span), every
+    //    head of the group. Spans are kDenseSpan keys at fixed positions, so a row's sums do
+    //    not depend on how many rows share the call (a verification's rows add up exactly
+    //    as the same positions decoded one at a time).
+    const bool all_dense = !blocks && P.topk >= P.C;
+    auto is_dense = [&](int64_t b) { return all_dense || (!dense.empty() && dense[b]); };
+    const int64_t dq = std::max<int64_t>(1, 96 / P.G);  // queries per dense chunk: <= 96 rows of state
+    const int64_t span = P.S <= 16 ? 512 : 2048;        // decode and verification: 512
+    struct DenseItem {
+      AttnItem it;
+      int64_t ja, jb;  // keys
+    };
+    struct DenseGroup {
+      AttnItem it;
+      int64_t first, nspans;
+    };
+    std::vector<DenseItem> ditems;
+    std::vector<DenseGroup> dgroups;
+    for (int64_t b = 0; b < P.B; ++b) {
+      if (!is_dense(b)) continue;
+      for (int64_t kvh = 0; kvh < P.Hkv; ++kvh)
+        for (int64_t s0 = 0; s0 < P.S; s0 += dq) {
+          const AttnItem it{b, kvh, kvh * P.G, P.G, s0, std::min(P.S, s0 + dq)};
+          const int64_t visible = lens[b] + it.s1;  // keys [0, visible) for the chunk's last row
+          const DenseGroup g{it, static_cast<int64_t>(ditems.size()), (visible + span - 1) / span};
+          for (int64_t i = 0; i < g.nspans; ++i)
+            ditems.push_back({it, i * span, std::min(visible, (i + 1) * span)});
+          dgroups.push_back(g);
+        }
+    }
+    const int64_t stride = dense_state_floats(dq * P.G, P.Dh);
+    std::vector<float> states(ditems.size() * static_cast<size_t>(stride));
+
+    //    Other sequences: (sequence, KV head, head group, query chunk). Prefill chunks hold
+    //    up to 32 queries (bounded scratch: rows x 2k candidates); when there are too few
+    //    items to keep the pool busy (decode with few KV heads), the GQA group is split into
+    //    single heads.
     const int64_t kmax_entries = std::min<int64_t>(P.topk, P.C);
     int64_t qc = std::clamp<int64_t>((int64_t{1} << 21) / std::max<int64_t>(1, P.G * kmax_entries), 1, 32);
     if (blocks) qc = 16;
@@ -891,24 +1075,36 @@ struct TopKAttentionKernel {
     const int64_t hw = std::max<int64_t>(2, std::thread::hardware_concurrency());
     const int64_t nh = (P.B * P.Hkv * nchunks < 2 * hw) ? 1 : P.G;
     const int64_t groups = P.G / nh;
-    const int64_t total = P.B * P.Hkv * groups * nchunks;
-    // flagged sequences: exact attention keeping every visible key (no selection, no
-    // sink/window split); the cache and summary writes above are the same for them
-    parallel_for(ctx, static_cast<size_t>(total), [&](size_t i) {
-      int64_t r = static_cast<int64_t>(i);
+    const int64_t total = all_dense ? 0 : P.B * P.Hkv * groups * nchunks;
+    const int64_t nd = static_cast<int64_t>(ditems.size());
+    parallel_for(ctx, static_cast<size_t>(nd + total), [&](size_t i) {
+      if (static_cast<int64_t>(i) < nd) {
+        const DenseItem& d = ditems[i];
+        return attend_dense<KV>(P, d.it, d.ja, d.jb, states.data() + i * stride);
+      }
+      int64_t r = static_cast<int64_t>(i) - nd;
       // the last chunks (longest causal spans) first, for load balance
       const int64_t c = nchunks - 1 - r % nchunks;
       r /= nchunks;
       const int64_t g = r % groups;
       r /= groups;
       const int64_t kvh = r % P.Hkv, b = r / P.Hkv;
-      AttnItem it{b, kvh, kvh * P.G + g * nh, nh, c * qc, std::min(P.S, (c + 1) * qc)};
-      if (!dense.empty() && dense[b])
-        attend_dense<KV>(P, it);  // every visible key: no top-k, sinks or window
-      else if (blocks)
+      if (is_dense(b)) return;  // a dense item's
+      const AttnItem it{b, kvh, kvh * P.G + g * nh, nh, c * qc, std::min(P.S, (c + 1) * qc)};
+      if (blocks)
         attend_blocks<KV>(P, it);
       else
         attend_exact<KV>(P, it);
+    });
+    //    Dense outputs: each row's spans combined
+    parallel_for(ctx, dgroups.size(), [&](size_t gi) {
+      const DenseGroup& g = dgroups[gi];
+      const int64_t rows = (g.it.s1 - g.it.s0) * g.it.nh;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t s = g.it.s0 + r / g.it.nh, h = g.it.h0 + r % g.it.nh;
+        merge_dense(states.data() + g.first * stride, g.nspans, stride, rows, P.Dh, r,
+                    P.out + ((g.it.b * P.S + s) * P.H + h) * P.Dh);
+      }
     });
     return Ort::Status(nullptr);
   }

@@ -328,6 +328,43 @@ def test_dense_flag_kernel_body_and_reference_agree(B, S, H, Hkv, Dh, C, lens, t
         np.testing.assert_allclose(sess.run(None, feeds)[0], sparse, **TOL)
 
 
+DENSE_PATH_CASES = [  # S, Dh, C, lens, kv_dtype: the kernel's dense path (online softmax over key spans)
+    (1, 64, 1408, [1300, 517], "fp32"),  # decode: 512-key spans, 64 output floats in registers
+    (5, 64, 1408, [1024, 1], "fp16"),  # a verification: rows ending on a span boundary, a nearly empty cache
+    (3, 72, 704, [600, 30], "fp32"),  # head size 64 + 8
+    (2, 12, 608, [515, 7], "fp32"),  # head size not a multiple of 8 (portable path)
+    (40, 16, 2208, [2100, 0], "fp16"),  # prefill: 2048-key spans, more queries than one chunk (96 / G)
+]
+
+
+@pytest.mark.parametrize("S,Dh,C,lens,kv_dtype", DENSE_PATH_CASES)
+def test_dense_path_over_key_spans(S, Dh, C, lens, kv_dtype):
+    """Dense attention as the kernel computes it (keys split into spans, each span's softmax
+    state merged in key order) equals the reference: for a dense export (top-k >= C) and for
+    flagged sequences of a block graph. And a row's output does not depend on how many
+    other rows share the call: a 5-row verification gives, row for row, what the same
+    positions give decoded one at a time (bit for bit), as the lossless mode relies on."""
+    H, Hkv, B = 4, 2, 2
+    rng = np.random.default_rng(S * 7 + Dh)
+    case = half_case if kv_dtype == "fp16" else random_case
+    q, k, v, past_k, past_v, lens = case(rng, B, S, H, Hkv, Dh, C, lens)
+    want = reference(q, k, v, past_k, past_v, lens, H, Hkv, 10 * C)[0]  # top-k beyond every key: dense
+    dense_export = session(topk_attention_model(H, Hkv, Dh, C, kv_dtype=kv_dtype))
+    np.testing.assert_allclose(run_plugin(dense_export, q, k, v, past_k, past_v, lens)[0], want, **TOL)
+    blocks = topk_attention_model(H, Hkv, Dh, 8, 16, 2, 4, 8, attention_dense=True, kv_dtype=kv_dtype)
+    sums = half_summaries(past_k, lens, 16)  # float or half keys: bounds of the stored keys
+    feeds = dict(query=q, key=k, value=v, past_key=past_k, past_value=past_v, past_lengths=lens)
+    feeds.update(past_key_min=sums[0], past_key_max=sums[1], attention_dense=np.ones(B, np.int64))
+    got = session(blocks).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, **TOL)
+    if S <= 16:  # one position at a time, on the cache the earlier steps wrote
+        sess, pk, pv = dense_export, past_k.copy(), past_v.copy()
+        for s in range(S):
+            one = run_plugin(sess, q[:, s : s + 1], k[:, s : s + 1], v[:, s : s + 1], pk, pv, lens + s)
+            np.testing.assert_array_equal(one[0][:, 0], run_plugin(sess, q, k, v, past_k, past_v, lens)[0][:, s])
+            pk, pv = one[1], one[2]
+
+
 def test_dense_flag_of_a_wrong_length_is_a_clear_error():
     sess = session(topk_attention_model(2, 2, 8, 4, attention_dense=True))
     q, k, v, past_k, past_v, lens = random_case(np.random.default_rng(0), 2, 1, 2, 2, 8, 16, [3, 5])
