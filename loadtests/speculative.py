@@ -40,6 +40,8 @@ from typing import Any
 
 import httpx
 
+from ragtop.convert import defaults
+
 from .multiturn import document
 from .server import ServerProcess
 from .sweeps import ModelSpec, base_checkpoint, ragtop_cmd, sh
@@ -179,26 +181,40 @@ def format_row(r: dict[str, Any]) -> str:
 
 
 SHORT = {
+    "topk": "k",
     "block_size": "bs",
     "block_budget": "budget",
     "sink_tokens": "sink",
     "local_window": "win",
     "dense_layers": "dense",
+    "layer_budgets": "budgets",
 }
 
 
 def build_models(a: argparse.Namespace) -> tuple[Path, Path]:
-    """(sparse export, dense export) of one base model, converted and exported here (cached)."""
+    """(sparse export, dense export) of one base model, converted and exported here (cached).
+    The draft is `ragtop convert --attention topk` with the flags given, or with none: the
+    served default's setting (ragtop/convert/defaults.py)."""
     work, logs = a.out / "work", a.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     max_context = max(int(c) for c in a.contexts.split(",")) + a.new_tokens + 128
     spec = ModelSpec(Path(a.source).name if a.source not in ("smollm2", "tiny") else a.source, a.source, max_context)
     base = base_checkpoint(spec, work, logs)
-    draft, slug = ["--attention", "topk", "--topk", str(a.topk)], f"k{a.topk}"
-    for flag in ("block_size", "block_budget", "sink_tokens", "local_window", "dense_layers"):
-        if getattr(a, flag) is not None:
-            draft += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
-            slug += f"-{SHORT[flag]}{getattr(a, flag)}"
+    given = {flag: getattr(a, flag) for flag in SHORT if getattr(a, flag) is not None}
+    slug = "-".join(f"{SHORT[f]}{str(v).replace(',', '.')}" for f, v in given.items()) or "served"
+    if not given:  # the served default's setting (a model without 30 layers: their mean in every layer)
+        given = {
+            "topk": defaults.DEFAULT_TOPK,
+            "block_size": defaults.DEFAULT_BLOCK_SIZE,
+            "sink_tokens": defaults.DEFAULT_SINK_TOKENS,
+            "local_window": defaults.DEFAULT_LOCAL_WINDOW,
+            "dense_layers": defaults.DEFAULT_DENSE_LAYERS,
+            "layer_budgets": ",".join(map(str, defaults.DEFAULT_LAYER_BUDGETS)),
+        }
+        if json.loads((base / "config.json").read_text())["model"]["n_layers"] != len(defaults.DEFAULT_LAYER_BUDGETS):
+            given["block_budget"] = defaults.DEFAULT_UNIFORM_BUDGET
+            del given["layer_budgets"]
+    draft = ["--attention", "topk"] + [x for f, v in given.items() for x in (f"--{f.replace('_', '-')}", str(v))]
     # one folder per draft setting: the exports' cache (sweeps.exported) keys on the checkpoint path
     dense_ckpt, sparse_ckpt = work / "checkpoints" / f"{spec.name}-dense", work / "checkpoints" / f"{spec.name}-{slug}"
     if json.loads((base / "config.json").read_text())["model"]["attention"]["kind"] == "dense":
@@ -211,15 +227,15 @@ def build_models(a: argparse.Namespace) -> tuple[Path, Path]:
             sh(ragtop_cmd("convert", str(base), "--out", str(out), *args), logs / f"{out.name}-convert.log")
             stamp.write_text(json.dumps([str(base), *args]))
     return (
-        export(sparse_ckpt, work / "exports" / f"{sparse_ckpt.name}-{a.weights}", max_context, a.weights, logs),
-        export(dense_ckpt, work / "exports" / f"{dense_ckpt.name}-{a.weights}", max_context, a.weights, logs),
+        export(sparse_ckpt, work / "exports" / f"{sparse_ckpt.name}-{a.weights}", max_context, a, logs),
+        export(dense_ckpt, work / "exports" / f"{dense_ckpt.name}-{a.weights}", max_context, a, logs),
     )
 
 
-def export(ckpt: Path, out: Path, max_context: int, weights: str, logs: Path) -> Path:
-    """`ragtop export` once per (checkpoint, context, weights); reused by later runs."""
+def export(ckpt: Path, out: Path, max_context: int, a: argparse.Namespace, logs: Path) -> Path:
+    """`ragtop export` once per (checkpoint, context, weights, cache type); reused by later runs."""
     stamp = out / "loadtests-speculative.json"
-    want = {"checkpoint": str(ckpt.resolve()), "max_context": max_context, "weights": weights}
+    want = {"checkpoint": str(ckpt.resolve()), "max_context": max_context, "weights": a.weights, "kv": a.kv_dtype}
     if stamp.is_file() and json.loads(stamp.read_text()) == want and (out / "model.onnx").is_file():
         return out
     sh(
@@ -230,7 +246,9 @@ def export(ckpt: Path, out: Path, max_context: int, weights: str, logs: Path) ->
             "--max-context",
             str(max_context),
             "--weights",
-            weights,
+            a.weights,
+            "--kv-dtype",
+            a.kv_dtype,
             "--no-validate",
             "--overwrite",
         ),
@@ -275,19 +293,28 @@ def add_arguments(sub) -> None:
         "--dense", type=Path, default=None, help="dense export of the same weights, the baseline (default: built)"
     )
     p.add_argument("--source", default="smollm2", help="without --model/--dense: smollm2, tiny or a checkpoint folder")
-    g = p.add_argument_group("the draft setting built from --source (ragtop convert's flags)")
-    g.add_argument("--topk", type=int, default=256)
-    g.add_argument("--block-size", type=int, default=32)
-    g.add_argument("--block-budget", type=int, default=16)
+    g = p.add_argument_group(
+        "the draft setting built from --source (ragtop convert's flags; none given: the served default's)"
+    )
+    g.add_argument("--topk", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=None)
+    g.add_argument("--block-budget", type=int, default=None)
     g.add_argument("--sink-tokens", type=int, default=None)
     g.add_argument("--local-window", type=int, default=None)
     g.add_argument("--dense-layers", type=int, default=None)
+    g.add_argument("--layer-budgets", default=None, help="B0,B1,... (ragtop convert --layer-budgets)")
     g.add_argument(
         "--weights",
         choices=["fp32", "int4", "int8"],
         default="int4",
         help="both exports' weights (default int4, as served: speculation pays where the KV cache, "
         "not the weights, dominates the bytes read per token)",
+    )
+    g.add_argument(
+        "--kv-dtype",
+        choices=["fp32", "fp16"],
+        default=defaults.DEFAULT_KV_DTYPE,
+        help="both exports' key/value cache (default %(default)s, as served)",
     )
     p.add_argument("--contexts", default="4096,8192,16384", help="prompt tokens, comma-separated (default %(default)s)")
     p.add_argument("--gammas", default="2,4", help="drafts per dense pass, comma-separated (default %(default)s)")
