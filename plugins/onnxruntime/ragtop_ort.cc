@@ -1032,13 +1032,14 @@ struct TopKAttentionKernel {
 
     // 2. Attention. Dense sequences (flagged, or all of them when the top-k keeps every key:
     //    a dense export) take dense items: (sequence, KV head, query chunk, key span), every
-    //    head of the group. Spans are kDenseSpan keys at fixed positions, so a row's sums do
-    //    not depend on how many rows share the call (a verification's rows add up exactly
-    //    as the same positions decoded one at a time).
+    //    head of the group. Spans are 512 keys at fixed positions while a call has at most 32
+    //    queries (decode steps and verifications; 2048 for prefill chunks), so a row's sums
+    //    do not depend on how many rows share the call: a verification's rows add up exactly
+    //    as the same positions decoded one at a time.
     const bool all_dense = !blocks && P.topk >= P.C;
     auto is_dense = [&](int64_t b) { return all_dense || (!dense.empty() && dense[b]); };
     const int64_t dq = std::max<int64_t>(1, 96 / P.G);  // queries per dense chunk: <= 96 rows of state
-    const int64_t span = P.S <= 16 ? 512 : 2048;        // decode and verification: 512
+    const int64_t span = P.S <= 32 ? 512 : 2048;
     struct DenseItem {
       AttnItem it;
       int64_t ja, jb;  // keys
@@ -1507,7 +1508,7 @@ RAGTOP_VNNI static inline __attribute__((always_inline)) void vnni_group(
 template <int R, int C, int BITS>
 RAGTOP_VNNI static void tile_vnni(const Weights& W, const Act& a, int64_t m0, int64_t n0, int64_t n1, float* y) {
   constexpr int64_t G = BITS == 4 ? 4 : 2, bpb = kBlock * BITS / 8, lanes_per_block = 16 / G;
-  constexpr int64_t rec = BITS == 4 ? 256 : 192, xbytes = rec - 128;  // record: int8 x, bias, scale
+  constexpr int64_t rec = BITS == 4 ? 256 : 192;  // record: int8 x (128 bytes), bias, scale
   const int64_t nb = W.nb, N = W.N, groups = a.groups, full = nb / G, tail = nb - full * G;
   const int64_t step = kMaxRows * rec;  // one group further
   const uint8_t* tile = a.pack + (m0 / kMaxRows) * groups * step;

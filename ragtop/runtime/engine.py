@@ -52,6 +52,9 @@ class EngineConfig:
     cache_memory_bytes: int | None = None  # KV-cache budget; default: one slot per batch row
     prefix_caching: bool = True  # reuse cached prompt prefixes (kv_cache.py)
     speculative_tokens: int = 0  # default draft length of self-speculative decoding (0: off)
+    # prompts attend densely, decoding sparsely (Quest's serving mode), where the model can
+    # attend densely on demand (runner spec.dense_chunks); docs/runtime.md
+    dense_prefill: bool = False
 
     def __post_init__(self) -> None:
         check_speculative_tokens(self.speculative_tokens, EngineError)
@@ -198,6 +201,8 @@ class LLMEngine:
         self.scheduler = Scheduler(sc, self.cache)
         if self.config.speculative_tokens and not spec.dense_chunks:
             raise EngineError(self._no_speculation_reason())
+        # a model without the on-demand dense mode (a dense one, or an old export) prefills as it decodes
+        self._dense_prefill = self.config.dense_prefill and spec.dense_chunks
         self._lock = threading.Lock()
         self._aborts: list[str] = []
         self._groups: dict[str, SequenceGroup] = {}
@@ -370,7 +375,8 @@ class LLMEngine:
         verifies them in one dense chunk over [last token, drafts] at the round's start."""
         seq = c.seq
         spec = seq.group.data.seqs[seq.index].spec
-        plain = Chunk(seq.slot, c.tokens, c.start, "last" if c.samples else "none", dense=spec is not None)
+        dense = spec is not None or (self._dense_prefill and seq.status == "prefill")
+        plain = Chunk(seq.slot, c.tokens, c.start, "last" if c.samples else "none", dense=dense)
         if spec is None or seq.status != "decode":
             return _Call(c, plain)
         gamma = self._round_gamma(seq, spec)

@@ -62,6 +62,7 @@ def engine_config(s: ServerSettings) -> EngineConfig:
         cache_memory_bytes=None if s.cache_memory_mb is None else s.cache_memory_mb << 20,
         prefix_caching=s.prefix_caching,
         speculative_tokens=s.speculative_tokens,
+        dense_prefill=s.dense_prefill,
     )
 
 

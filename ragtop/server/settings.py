@@ -75,6 +75,12 @@ class ServerSettings:
         "one dense pass verifies them; greedy output identical to dense, sampled output "
         "distributed as dense's (0: off; a request's num_speculative_tokens overrides it; docs/server.md)",
     )
+    dense_prefill: bool = setting(
+        True,
+        "prefill prompts with the sparse attention decoding uses, instead of densely (by default "
+        "a sparse model that can attend densely on demand prefills densely and decodes sparsely, "
+        "as Quest serves: faster prompts, the same or better quality; docs/runtime.md)",
+    )
     max_body_bytes: int = setting(4 << 20, "larger request bodies get HTTP 413", minimum=1, default_text="4 MiB")
     shutdown_grace_s: float = setting(30.0, "on SIGTERM: seconds in-flight requests may take to finish")
     cors_origins: tuple[str, ...] = setting(
