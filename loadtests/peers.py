@@ -365,14 +365,28 @@ def run_ragtop_engine(
     export_dir: Path, context: int, new_tokens: int, threads: int | None, tokenizer_json: Path
 ) -> dict[str, Any]:
     """ragtop's LLMEngine in this process on an export: the served mode without HTTP."""
-    from ragtop.runtime import EngineConfig, Request, SamplingParams, SchedulerConfig, load_model
+    from ragtop.runtime import (
+        SERVED_DENSE_DECODE_TOKENS,
+        SERVED_DENSE_PREFILL_TOKENS,
+        EngineConfig,
+        Request,
+        SamplingParams,
+        SchedulerConfig,
+        load_model,
+    )
 
     m = load_model(str(export_dir), threads=threads)
     prompt = prompt_ids(tokenizer_json, context)
 
     def generate(ids: list[int], n: int) -> tuple[float, list[float]]:
         e = m.engine(
-            EngineConfig(SchedulerConfig(max_batch_size=1), context_limit=len(ids) + n + 16, prefix_caching=False)
+            EngineConfig(
+                SchedulerConfig(max_batch_size=1),
+                context_limit=len(ids) + n + 16,
+                prefix_caching=False,
+                dense_prefill_tokens=SERVED_DENSE_PREFILL_TOKENS,  # as `ragtop serve` attends
+                dense_decode_tokens=SERVED_DENSE_DECODE_TOKENS,
+            )
         )
         t0 = time.perf_counter()
         e.add_request(Request("peer", ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))

@@ -10,6 +10,8 @@ loader (plugin.py). The server imports only what this module exports.
 from .detokenize import IncrementalDetokenizer, StopStringMatcher
 from .engine import (
     MAX_SPECULATIVE_TOKENS,
+    SERVED_DENSE_DECODE_TOKENS,
+    SERVED_DENSE_PREFILL_TOKENS,
     AsyncEngine,
     CompletionDelta,
     EngineConfig,
@@ -30,6 +32,8 @@ from .stats import FinishedRequestStats, IterationStats
 __all__ = [
     "MAX_LOGPROBS",
     "MAX_SPECULATIVE_TOKENS",
+    "SERVED_DENSE_DECODE_TOKENS",
+    "SERVED_DENSE_PREFILL_TOKENS",
     "AsyncEngine",
     "CachePlan",
     "CacheUsage",

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import RagtopError
 from ..model import Transformer
-from .engine import EngineConfig, LLMEngine, Request
+from .engine import SERVED_DENSE_DECODE_TOKENS, SERVED_DENSE_PREFILL_TOKENS, EngineConfig, LLMEngine, Request
 from .loader import LoadedModel, load_model
 from .sampling import SamplingParams
 from .scheduler import SchedulerConfig
@@ -69,7 +69,14 @@ def make_engine(model: LoadedModel, cfg: BenchConfig) -> LLMEngine:
     sched = SchedulerConfig(
         max_batch_size=streams, max_tokens_per_step=max(512, streams), prefill_chunk=512, max_waiting=streams
     )
-    return model.engine(EngineConfig(sched, context_limit=limit))
+    return model.engine(
+        EngineConfig(
+            sched,
+            context_limit=limit,
+            dense_prefill_tokens=SERVED_DENSE_PREFILL_TOKENS,  # attends as `ragtop serve` does
+            dense_decode_tokens=SERVED_DENSE_DECODE_TOKENS,
+        )
+    )
 
 
 def single_stream_decode(engine: LLMEngine, prompt: list[int], n: int) -> float:

@@ -52,15 +52,24 @@ class EngineConfig:
     cache_memory_bytes: int | None = None  # KV-cache budget; default: one slot per batch row
     prefix_caching: bool = True  # reuse cached prompt prefixes (kv_cache.py)
     speculative_tokens: int = 0  # default draft length of self-speculative decoding (0: off)
-    # prompts attend densely, decoding sparsely (Quest's serving mode), where the model can
-    # attend densely on demand (runner spec.dense_chunks); docs/runtime.md
-    dense_prefill: bool = False
+    # A sparse model that can attend densely on demand (runner spec.dense_chunks) attends
+    # densely where sparse attention saves no time: prompt chunks whose context ends at or
+    # below dense_prefill_tokens, decode steps at contexts up to dense_decode_tokens (0: never;
+    # docs/runtime.md, "Dense where sparse does not pay")
+    dense_prefill_tokens: int = 0
+    dense_decode_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_speculative_tokens(self.speculative_tokens, EngineError)
 
 
 MAX_SPECULATIVE_TOKENS = 16  # drafts per round: more costs a longer dense pass for little gain
+# `ragtop serve`'s dense_prefill_tokens / dense_decode_tokens: where dense attention was measured
+# as fast as block selection on SmolLM2 (docs/runtime.md, "Dense where sparse attention does not
+# pay": dense prefill faster up to ~6k tokens and even at 8k; sparse decoding 1.01-1.04x dense
+# up to 2k, 1.15x at 4k)
+SERVED_DENSE_PREFILL_TOKENS = 8192
+SERVED_DENSE_DECODE_TOKENS = 2048
 
 
 def check_speculative_tokens(gamma: int, error: type[Exception] = InvalidRequest) -> None:
@@ -201,8 +210,11 @@ class LLMEngine:
         self.scheduler = Scheduler(sc, self.cache)
         if self.config.speculative_tokens and not spec.dense_chunks:
             raise EngineError(self._no_speculation_reason())
-        # a model without the on-demand dense mode (a dense one, or an old export) prefills as it decodes
-        self._dense_prefill = self.config.dense_prefill and spec.dense_chunks
+        # a model without the on-demand dense mode (a dense one, or an old export) attends as it is
+        self._dense_up_to = {
+            "prefill": self.config.dense_prefill_tokens if spec.dense_chunks else 0,
+            "decode": self.config.dense_decode_tokens if spec.dense_chunks else 0,
+        }
         self._lock = threading.Lock()
         self._aborts: list[str] = []
         self._groups: dict[str, SequenceGroup] = {}
@@ -369,13 +381,14 @@ class LLMEngine:
 
     # -- self-speculative decoding ------------------------------------------------------
     def _call(self, c: ScheduledChunk) -> _Call:
-        """What the runner computes for a scheduled chunk. A speculating sequence prefills
+        """What the runner computes for a scheduled chunk. A chunk attends densely up to the
+        config's dense_prefill_tokens / dense_decode_tokens. A speculating sequence prefills
         densely, then per round drafts up to gamma tokens one step at a time with the sparse
         model (one-token chunks in the decode batch, beside everyone else's decodes), then
         verifies them in one dense chunk over [last token, drafts] at the round's start."""
         seq = c.seq
         spec = seq.group.data.seqs[seq.index].spec
-        dense = spec is not None or (self._dense_prefill and seq.status == "prefill")
+        dense = spec is not None or c.start + len(c.tokens) <= self._dense_up_to.get(seq.status, 0)
         plain = Chunk(seq.slot, c.tokens, c.start, "last" if c.samples else "none", dense=dense)
         if spec is None or seq.status != "decode":
             return _Call(c, plain)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from .engine import EngineConfig, Request
+from .engine import SERVED_DENSE_DECODE_TOKENS, SERVED_DENSE_PREFILL_TOKENS, EngineConfig, Request
 from .loader import RunnerKind, load_model
 from .sampling import SamplingParams
 from .scheduler import SchedulerConfig
@@ -29,6 +29,8 @@ def generate(
         EngineConfig(
             SchedulerConfig(max_batch_size=1, max_tokens_per_step=512, prefill_chunk=512),
             context_limit=min(model.runner.spec.max_model_len, len(ids) + params.max_tokens),
+            dense_prefill_tokens=SERVED_DENSE_PREFILL_TOKENS,  # attends as `ragtop serve` does
+            dense_decode_tokens=SERVED_DENSE_DECODE_TOKENS,
         )
     )
     engine.add_request(Request("generate", ids, params))

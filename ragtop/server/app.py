@@ -62,7 +62,8 @@ def engine_config(s: ServerSettings) -> EngineConfig:
         cache_memory_bytes=None if s.cache_memory_mb is None else s.cache_memory_mb << 20,
         prefix_caching=s.prefix_caching,
         speculative_tokens=s.speculative_tokens,
-        dense_prefill=s.dense_prefill,
+        dense_prefill_tokens=s.dense_prefill_tokens,
+        dense_decode_tokens=s.dense_decode_tokens,
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RagtopError
-from ..runtime import MAX_SPECULATIVE_TOKENS
+from ..runtime import MAX_SPECULATIVE_TOKENS, SERVED_DENSE_DECODE_TOKENS, SERVED_DENSE_PREFILL_TOKENS
 
 ENV_PREFIX = "RAGTOP_"
 FLAG_GROUPS = {
@@ -75,11 +75,16 @@ class ServerSettings:
         "one dense pass verifies them; greedy output identical to dense, sampled output "
         "distributed as dense's (0: off; a request's num_speculative_tokens overrides it; docs/server.md)",
     )
-    dense_prefill: bool = setting(
-        True,
-        "prefill prompts with the sparse attention decoding uses, instead of densely (by default "
-        "a sparse model that can attend densely on demand prefills densely and decodes sparsely, "
-        "as Quest serves: faster prompts, the same or better quality; docs/runtime.md)",
+    dense_prefill_tokens: int = setting(
+        SERVED_DENSE_PREFILL_TOKENS,
+        "a sparse model attends densely to prompt chunks whose context ends at or below this many "
+        "tokens (where dense prefill is as fast or faster, with dense quality; 0: prompts attend "
+        "sparsely; docs/runtime.md)",
+    )
+    dense_decode_tokens: int = setting(
+        SERVED_DENSE_DECODE_TOKENS,
+        "a sparse model decodes densely while the context is at most this many tokens (where sparse "
+        "attention saves no time; 0: always sparse; docs/runtime.md)",
     )
     max_body_bytes: int = setting(4 << 20, "larger request bodies get HTTP 413", minimum=1, default_text="4 MiB")
     shutdown_grace_s: float = setting(30.0, "on SIGTERM: seconds in-flight requests may take to finish")
@@ -120,6 +125,9 @@ class ServerSettings:
         for name in ("max_batch_size", "max_waiting", "max_tokens_per_step", "prefill_chunk", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise RagtopError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("dense_prefill_tokens", "dense_decode_tokens"):
+            if getattr(self, name) < 0:
+                raise RagtopError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         if not 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             raise RagtopError(
                 f"speculative_tokens must be in 0..{MAX_SPECULATIVE_TOKENS} (0: off), got {self.speculative_tokens}"

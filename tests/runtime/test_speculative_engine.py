@@ -62,13 +62,19 @@ class DenseEverywhere:
         return getattr(self.inner, name)
 
 
-def engine(path: Path, gamma: int = 0, dense: bool = False, dense_prefill: bool = False, **sched):
+def engine(path: Path, gamma: int = 0, dense: bool = False, dense_up_to: tuple[int, int] = (0, 0), **sched):
     model = load_model(path, threads=1)
     if dense:
         model.runner = DenseEverywhere(model.runner)
     config = SchedulerConfig(**{"max_batch_size": 4, "prefill_chunk": 16, "max_tokens_per_step": 64, **sched})
     eng = model.engine(
-        EngineConfig(config, context_limit=CONTEXT, speculative_tokens=gamma, dense_prefill=dense_prefill)
+        EngineConfig(
+            config,
+            context_limit=CONTEXT,
+            speculative_tokens=gamma,
+            dense_prefill_tokens=dense_up_to[0],
+            dense_decode_tokens=dense_up_to[1],
+        )
     )
     eng.stats = []
     eng.stats_listeners.append(eng.stats.append)
@@ -119,11 +125,13 @@ def test_greedy_output_is_dense_for_every_gamma(exported, variant):
         assert drafted > 0 and 0 < accepted <= drafted
 
 
-def test_dense_prefill_then_sparse_decode(exported):
-    """dense_prefill (Quest's serving mode): prompt chunks attend densely, decode steps
-    sparsely. Three requests batched with chunked prefills give, token for token, what the
-    runner gives one prompt at a time (one dense prefill, then sparse greedy steps); the first
-    token is the dense model's. A dense model (no on-demand mode) ignores the setting."""
+@pytest.mark.parametrize("dense_up_to", [(CONTEXT, 0), (CONTEXT, 50), (0, 50)])
+def test_dense_where_sparse_does_not_pay(exported, dense_up_to):
+    """dense_prefill_tokens / dense_decode_tokens: prompt chunks ending at or below the first
+    attend densely, decode steps at contexts up to the second too, the rest sparsely. Three
+    requests batched with chunked prefills give, token for token, what the runner gives one
+    prompt at a time under the same rule (prompts of 9-61 tokens, 30 new tokens: decoding
+    crosses context 50). A dense model (no on-demand mode) ignores the settings."""
     import numpy as np
 
     from ragtop.runtime.runners.base import Chunk
@@ -131,25 +139,23 @@ def test_dense_prefill_then_sparse_decode(exported):
     path = exported["topk-block"]
     ps = prompts()
     requests = [Request(str(i), p, GREEDY) for i, p in enumerate(ps)]
-    got = generate(engine(path, dense_prefill=True), requests)
-    dense = generate(engine(path, dense=True), requests)
-    assert got != generate(engine(path), requests) and got != dense  # neither all sparse nor all dense
+    got = generate(engine(path, dense_up_to=dense_up_to), requests)
+    assert got != generate(engine(path), requests)  # the setting changes this output
+    assert got != generate(engine(path, dense=True), requests)
 
     runner = load_model(path, threads=1).runner
     runner.allocate(1, CONTEXT)
     for i, p in enumerate(ps):
         runner.rollback(0, 0, 0)
-        (logits,) = runner.forward([Chunk(0, p, 0, "last", dense=True)])
+        (logits,) = runner.forward([Chunk(0, p, 0, "last", dense=len(p) <= dense_up_to[0])])
         tokens = []
         for _ in range(GREEDY.max_tokens):
             tokens.append(int(np.argmax(np.asarray(logits).reshape(-1))))
-            (logits,) = runner.forward([Chunk(0, tokens[-1:], len(p) + len(tokens) - 1, "last")])
+            context = len(p) + len(tokens)
+            (logits,) = runner.forward([Chunk(0, tokens[-1:], context - 1, "last", dense=context <= dense_up_to[1])])
         assert list(got[str(i)][0][2]) == tokens, i
-        assert got[str(i)][0][2][0] == dense[str(i)][0][2][0]
-    requests = [Request(str(i), p, GREEDY) for i, p in enumerate(ps)]
-    assert generate(engine(exported["dense"], dense_prefill=True), requests) == generate(
-        engine(exported["dense"]), requests
-    )
+    dense_model = exported["dense"]
+    assert generate(engine(dense_model, dense_up_to=dense_up_to), requests) == generate(engine(dense_model), requests)
 
 
 def test_speculating_and_plain_requests_share_steps(exported):
