@@ -700,8 +700,9 @@ struct DenseState {
 };
 static inline int64_t dense_state_floats(int64_t rows, int64_t Dh) { return rows * (Dh + 2); }
 
-// Dense mode: every visible key, for flagged sequences (a speculative verification pass)
-// and for graphs whose top-k keeps every key (a dense export). One item holds every head
+// Dense mode: every visible key, for flagged sequences (a speculative verification, or a
+// prefill / decode step the engine runs densely) and for nodes whose top-k keeps every key
+// (a dense export, a sparse model's dense layers). One item holds every head
 // of a KV head's group for a chunk of queries (rows r = (query s0 + r / nh, head h0 + r %
 // nh)) and one span of keys [ja, jb): each key and value tile is widened once and used by
 // all rows, and splitting the keys gives the pool work when there are few KV heads (as
@@ -1030,13 +1031,13 @@ struct TopKAttentionKernel {
       }
     });
 
-    // 2. Attention. Dense sequences (flagged, or all of them when the top-k keeps every key:
-    //    a dense export) take dense items: (sequence, KV head, query chunk, key span), every
+    // 2. Attention. Dense sequences (flagged, or all of them when the top-k and the block
+    //    budget keep every key: a dense export, a sparse model's dense layers) take dense items: (sequence, KV head, query chunk, key span), every
     //    head of the group. Spans are 512 keys at fixed positions while a call has at most 32
     //    queries (decode steps and verifications; 2048 for prefill chunks), so a row's sums
     //    do not depend on how many rows share the call: a verification's rows add up exactly
     //    as the same positions decoded one at a time.
-    const bool all_dense = !blocks && P.topk >= P.C;
+    const bool all_dense = P.topk >= P.C && (!blocks || P.budget >= P.nb);  // keeps every key (a dense layer)
     auto is_dense = [&](int64_t b) { return all_dense || (!dense.empty() && dense[b]); };
     const int64_t dq = std::max<int64_t>(1, 96 / P.G);  // queries per dense chunk: <= 96 rows of state
     const int64_t span = P.S <= 32 ? 512 : 2048;
