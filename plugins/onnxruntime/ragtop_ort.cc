@@ -632,6 +632,7 @@ struct Scratch {
   std::vector<Cand> forced; // always-kept keys of one row
   std::vector<float> row;   // one widened half cache row
   std::vector<float> ktile, vtile;  // a key and a value tile widened to float (half cache)
+  std::vector<float> qT, rowvec;     // the AVX-512 prefill path: queries as columns; per-row vectors
 };
 static Scratch& scratch() {
   thread_local Scratch sc;
@@ -692,6 +693,146 @@ static void attend_exact(const AttnProblem& P, const AttnItem& it) {
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Dense prefill tiles on AVX-512 (calls with more than 32 queries: a prefill chunk has up to
+// 96 rows per item). The rows are the vector lanes: qT [Dh, Rp] holds the item's scaled
+// queries transposed (Rp = rows rounded up to 16, zero rows after), and the scores of a
+// tile are computed key by key, ST[k, r] = sum_d K[k, d] qT[d, r], 4 keys x up to 6 row
+// vectors of accumulators, so no horizontal sum is needed; maxima, rescaling and
+// exponentials run 16 rows at a time, and the value sums take two rows per pass (8
+// accumulator chains). Decode steps and verifications keep the AVX2 path above, so a
+// verification's rows still add up exactly as single decode steps.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define RAGTOP_AVX512 __attribute__((target("avx512f")))
+constexpr int64_t kMaxRowVecs = 6;  // 96 rows
+
+// exp(x) for x <= 0 on 16 lanes (exp8's polynomial); 0 below -87.3
+RAGTOP_AVX512 static inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.33654f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+  x = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mov_ps(keep, _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
+}
+
+// ST[k * Rp + 16v ..] = K[k] . qT[:, 16v ..] for KB keys and NV row vectors
+template <int KB, int NV>
+RAGTOP_AVX512 static void scores_kr(const float* kt, const float* qT, int64_t Rp, int64_t Dh, float* ST) {
+  __m512 acc[KB][NV];
+  for (int k = 0; k < KB; ++k)
+    for (int v = 0; v < NV; ++v) acc[k][v] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < Dh; ++d) {
+    __m512 qv[NV];
+    for (int v = 0; v < NV; ++v) qv[v] = _mm512_loadu_ps(qT + d * Rp + 16 * v);
+    for (int k = 0; k < KB; ++k) {
+      const __m512 kb = _mm512_set1_ps(kt[k * Dh + d]);
+      for (int v = 0; v < NV; ++v) acc[k][v] = _mm512_fmadd_ps(kb, qv[v], acc[k][v]);
+    }
+  }
+  for (int k = 0; k < KB; ++k)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(ST + k * Rp + 16 * v, acc[k][v]);
+}
+template <int NV>
+RAGTOP_AVX512 static void scores_tile_kr(const float* kt, int64_t n, const float* qT, int64_t Rp, int64_t Dh,
+                                         float* ST) {
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) scores_kr<4, NV>(kt + k * Dh, qT, Rp, Dh, ST + k * Rp);
+  for (; k < n; ++k) scores_kr<1, NV>(kt + k * Dh, qT, Rp, Dh, ST + k * Rp);
+}
+
+// acc[r + i] = corr[r + i] acc[r + i] + sum_k P[k, r + i] V[k] for i < ROWS (Dh a multiple
+// of 64: 4 vectors of 16 outputs per row in registers across the keys)
+template <int ROWS>
+RAGTOP_AVX512 static void value_rows(const float* P, int64_t Rp, const float* vt, int64_t n, int64_t Dh,
+                                     const float* lim, const float* corr, int64_t r, float* acc) {
+  float last = lim[r];
+  for (int i = 1; i < ROWS; ++i) last = std::max(last, lim[r + i]);
+  const int64_t cnt = std::min<int64_t>(n, static_cast<int64_t>(last) + 1);  // keys any of the rows sees
+  for (int64_t d0 = 0; d0 < Dh; d0 += 64) {
+    __m512 a[ROWS][4];
+    for (int i = 0; i < ROWS; ++i) {
+      const __m512 c = _mm512_set1_ps(corr[r + i]);
+      for (int j = 0; j < 4; ++j) a[i][j] = _mm512_mul_ps(c, _mm512_loadu_ps(acc + (r + i) * Dh + d0 + 16 * j));
+    }
+    for (int64_t k = 0; k < cnt; ++k) {
+      const float* x = vt + k * Dh + d0;
+      const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16), x2 = _mm512_loadu_ps(x + 32),
+                   x3 = _mm512_loadu_ps(x + 48);
+      for (int i = 0; i < ROWS; ++i) {
+        const __m512 p = _mm512_set1_ps(P[k * Rp + r + i]);
+        a[i][0] = _mm512_fmadd_ps(p, x0, a[i][0]), a[i][1] = _mm512_fmadd_ps(p, x1, a[i][1]);
+        a[i][2] = _mm512_fmadd_ps(p, x2, a[i][2]), a[i][3] = _mm512_fmadd_ps(p, x3, a[i][3]);
+      }
+    }
+    for (int i = 0; i < ROWS; ++i)
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc + (r + i) * Dh + d0 + 16 * j, a[i][j]);
+  }
+}
+
+// One tile of n keys for the item's rows: scores from qT, online softmax per row (lanes), and
+// the value sums. lim[r] = the last key of the tile row r sees, relative to the tile's first
+// (-1: none), as floats; m / l: Rp running maxima / sums; acc: [R, Dh] row-major.
+RAGTOP_AVX512 static void dense_tile_rows_avx512(const float* qT, int64_t R, int64_t Rp, const float* kt,
+                                                  const float* vt, int64_t n, int64_t Dh, const float* lim,
+                                                  float* m, float* l, float* acc, float* ST, float* corr) {
+  const int64_t nv = Rp / 16;
+  switch (nv) {
+    case 1: scores_tile_kr<1>(kt, n, qT, Rp, Dh, ST); break;
+    case 2: scores_tile_kr<2>(kt, n, qT, Rp, Dh, ST); break;
+    case 3: scores_tile_kr<3>(kt, n, qT, Rp, Dh, ST); break;
+    case 4: scores_tile_kr<4>(kt, n, qT, Rp, Dh, ST); break;
+    case 5: scores_tile_kr<5>(kt, n, qT, Rp, Dh, ST); break;
+    default: scores_tile_kr<6>(kt, n, qT, Rp, Dh, ST); break;
+  }
+  const __m512 ninf = _mm512_set1_ps(kNegInf);
+  for (int64_t v = 0; v < nv; ++v) {  // 16 rows at a time: mask, maximum, rescale, exponentials, sums
+    const __m512 lv = _mm512_loadu_ps(lim + 16 * v);
+    __m512 mx = ninf;
+    for (int64_t k = 0; k < n; ++k) {
+      const __mmask16 seen = _mm512_cmp_ps_mask(_mm512_set1_ps(static_cast<float>(k)), lv, _CMP_LE_OQ);
+      mx = _mm512_mask_max_ps(mx, seen, mx, _mm512_loadu_ps(ST + k * Rp + 16 * v));
+    }
+    const __m512 m_old = _mm512_loadu_ps(m + 16 * v);
+    const __m512 m_new = _mm512_max_ps(m_old, mx);
+    const __mmask16 live = _mm512_cmp_ps_mask(m_new, ninf, _CMP_NEQ_OQ);  // rows that have seen a key
+    // exp(m_old - m_new): 1 where the maximum did not move, 0 where m_old was -inf
+    const __m512 c = _mm512_mask_blend_ps(live, _mm512_set1_ps(1.f), exp16(_mm512_sub_ps(m_old, m_new)));
+    _mm512_storeu_ps(corr + 16 * v, c);
+    _mm512_storeu_ps(m + 16 * v, m_new);
+    __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(l + 16 * v), c);
+    for (int64_t k = 0; k < n; ++k) {
+      const __mmask16 seen =
+          _mm512_cmp_ps_mask(_mm512_set1_ps(static_cast<float>(k)), lv, _CMP_LE_OQ) & live;
+      const __m512 p = _mm512_maskz_mov_ps(seen, exp16(_mm512_sub_ps(_mm512_loadu_ps(ST + k * Rp + 16 * v), m_new)));
+      _mm512_storeu_ps(ST + k * Rp + 16 * v, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    _mm512_storeu_ps(l + 16 * v, sum);
+  }
+  int64_t r = 0;  // value sums, two rows per pass
+  for (; r + 2 <= R; r += 2) value_rows<2>(ST, Rp, vt, n, Dh, lim, corr, r, acc);
+  if (r < R) value_rows<1>(ST, Rp, vt, n, Dh, lim, corr, r, acc);
+}
+static bool has_avx512f() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+}
+static const bool kPrefillAvx512 = has_avx512f();
+#else
+static const bool kPrefillAvx512 = false;
+#endif
+
 // The partial states of an item's rows: m [rows], l [rows], acc [rows, Dh] in one buffer.
 template <typename F>  // float, or const float to read
 struct DenseState {
@@ -699,6 +840,34 @@ struct DenseState {
   DenseState(F* base, int64_t rows) : m(base), l(base + rows), acc(base + 2 * rows) {}
 };
 static inline int64_t dense_state_floats(int64_t rows, int64_t Dh) { return rows * (Dh + 2); }
+
+// attend_dense's prefill path on AVX-512 (dense_tile_rows_avx512): the item's rows as lanes.
+template <typename KV>
+static void dense_rows_avx512(const AttnProblem& P, const AttnItem& it, int64_t ja, int64_t jb,
+                              const Rows<const KV>& keys, const Rows<const KV>& vals, const DenseState<float>& st) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  const int64_t len = P.lens[it.b], Dh = P.Dh, R = (it.s1 - it.s0) * it.nh, Rp = (R + 15) / 16 * 16;
+  Scratch& sc = scratch();
+  sc.qT.assign(Dh * Rp, 0.f), sc.rowvec.assign(4 * Rp, 0.f), sc.tile.resize(kTile * Rp);
+  float *mv = sc.rowvec.data(), *lv = mv + Rp, *lim = lv + Rp, *corr = lim + Rp;
+  for (int64_t r = 0; r < R; ++r) {  // query rows, scaled, as columns
+    const float* src = P.q + ((it.b * P.S + it.s0 + r / it.nh) * P.H + it.h0 + r % it.nh) * Dh;
+    for (int64_t d = 0; d < Dh; ++d) sc.qT[d * Rp + r] = src[d] * P.scale;
+  }
+  std::fill(mv, mv + Rp, kNegInf);
+  for (int64_t j0 = ja, n = 0; j0 < jb; j0 += n) {
+    n = std::min({kTile, jb - j0, keys.run(j0), vals.run(j0)});  // a tile never crosses a page
+    for (int64_t r = 0; r < Rp; ++r)  // the tile's last key row r sees (-1: none)
+      lim[r] = r < R ? static_cast<float>(std::max<int64_t>(-1, len + it.s0 + r / it.nh - j0)) : -1.f;
+    const float* kt = tile_as_float(keys.row(j0), n, n, Dh, sc.ktile);
+    const float* vt = tile_as_float(vals.row(j0), n, n, Dh, sc.vtile);
+    dense_tile_rows_avx512(sc.qT.data(), R, Rp, kt, vt, n, Dh, lim, mv, lv, st.acc, sc.tile.data(), corr);
+  }
+  std::copy(mv, mv + R, st.m), std::copy(lv, lv + R, st.l);
+#else
+  (void)P, (void)it, (void)ja, (void)jb, (void)keys, (void)vals, (void)st;
+#endif
+}
 
 // Dense mode: every visible key, for flagged sequences (a speculative verification, or a
 // prefill / decode step the engine runs densely) and for nodes whose top-k keeps every key
@@ -719,6 +888,7 @@ RAGTOP_HOT static void attend_dense(const AttnProblem& P, const AttnItem& it, in
   std::fill(m, m + R, kNegInf), std::fill(l, l + R, 0.f), std::fill(acc, acc + R * Dh, 0.f);
   jb = std::min(jb, len + it.s1);  // no row sees a key past the last row's position
   if (ja >= jb) return;
+  if (kPrefillAvx512 && P.S > 32 && Dh % 64 == 0) return dense_rows_avx512<KV>(P, it, ja, jb, keys, vals, st);
 
   Scratch& sc = scratch();
   sc.q.resize(R * Dh), sc.tile.resize(R * kTile);  // kTile is a multiple of 8: n8 <= kTile

@@ -328,23 +328,25 @@ def test_dense_flag_kernel_body_and_reference_agree(B, S, H, Hkv, Dh, C, lens, t
         np.testing.assert_allclose(sess.run(None, feeds)[0], sparse, **TOL)
 
 
-DENSE_PATH_CASES = [  # S, Dh, C, lens, kv_dtype: the kernel's dense path (online softmax over key spans)
-    (1, 64, 1408, [1300, 517], "fp32"),  # decode: 512-key spans, 64 output floats in registers
-    (5, 64, 1408, [1024, 1], "fp16"),  # a verification: rows ending on a span boundary, a nearly empty cache
-    (3, 72, 704, [600, 30], "fp32"),  # head size 64 + 8
-    (2, 12, 608, [515, 7], "fp32"),  # head size not a multiple of 8 (portable path)
-    (40, 16, 2208, [2100, 0], "fp16"),  # prefill: 2048-key spans, more queries than one chunk (96 / G)
+DENSE_PATH_CASES = [  # S, H, Hkv, Dh, C, lens, kv_dtype: the kernel's dense path (online softmax over key spans)
+    (1, 4, 2, 64, 1408, [1300, 517], "fp32"),  # decode: 512-key spans, 64 output floats in registers
+    (5, 4, 2, 64, 1408, [1024, 1], "fp16"),  # a verification: rows ending on a span boundary, a nearly empty cache
+    (3, 4, 2, 72, 704, [600, 30], "fp32"),  # head size 64 + 8
+    (2, 4, 2, 12, 608, [515, 7], "fp32"),  # head size not a multiple of 8 (portable path)
+    (40, 4, 2, 16, 2208, [2100, 0], "fp16"),  # prefill: 2048-key spans, more queries than one chunk (96 / G)
+    (40, 4, 2, 64, 2208, [2100, 0], "fp16"),  # prefill on AVX-512 (rows as lanes) where the CPU has it
+    (35, 3, 1, 128, 400, [300, 5], "fp32"),  # ... head size 128, chunks of 32 and 3 queries (96 and 9 rows)
 ]
 
 
-@pytest.mark.parametrize("S,Dh,C,lens,kv_dtype", DENSE_PATH_CASES)
-def test_dense_path_over_key_spans(S, Dh, C, lens, kv_dtype):
+@pytest.mark.parametrize("S,H,Hkv,Dh,C,lens,kv_dtype", DENSE_PATH_CASES)
+def test_dense_path_over_key_spans(S, H, Hkv, Dh, C, lens, kv_dtype):
     """Dense attention as the kernel computes it (keys split into spans, each span's softmax
     state merged in key order) equals the reference: for a dense export (top-k >= C) and for
     flagged sequences of a block graph. And a row's output does not depend on how many
     other rows share the call: a 5-row verification gives, row for row, what the same
     positions give decoded one at a time (bit for bit), as the lossless mode relies on."""
-    H, Hkv, B = 4, 2, 2
+    B = 2
     rng = np.random.default_rng(S * 7 + Dh)
     case = half_case if kv_dtype == "fp16" else random_case
     q, k, v, past_k, past_v, lens = case(rng, B, S, H, Hkv, Dh, C, lens)
