@@ -55,7 +55,7 @@ class EngineConfig:
     # A sparse model that can attend densely on demand (runner spec.dense_chunks) attends
     # densely where sparse attention saves no time: prompt chunks whose context ends at or
     # below dense_prefill_tokens, decode steps at contexts up to dense_decode_tokens (0: never;
-    # docs/runtime.md, "Dense where sparse does not pay")
+    # docs/runtime.md, "Dense where sparse attention does not pay")
     dense_prefill_tokens: int = 0
     dense_decode_tokens: int = 0
 
@@ -66,8 +66,8 @@ class EngineConfig:
 MAX_SPECULATIVE_TOKENS = 16  # drafts per round: more costs a longer dense pass for little gain
 # `ragtop serve`'s dense_prefill_tokens / dense_decode_tokens: where dense attention was measured
 # as fast as block selection on SmolLM2 (docs/runtime.md, "Dense where sparse attention does not
-# pay": dense prefill faster up to ~6k tokens and even at 8k; sparse decoding 1.01-1.04x dense
-# up to 2k, 1.15x at 4k)
+# pay", scripts/dense_sparse_crossover.py: dense prefill faster up to ~6k tokens and as fast at
+# 8k; sparse decoding 0.99-1.00x dense up to 2k, 1.11x at 4k)
 SERVED_DENSE_PREFILL_TOKENS = 8192
 SERVED_DENSE_DECODE_TOKENS = 2048
 
